@@ -1,0 +1,42 @@
+"""llmtune: LLM fine-tuning, quantization, evaluation and GPU-memory planning as a library.
+
+``import llmtune`` is light (no torch, no transformers): backends import their libraries when used.
+
+    import llmtune
+    rouge = llmtune.get_metric("rouge")
+    rouge.compute(["it is very cold outside."], ["it is cold outside."]).scores
+"""
+
+from llmtune._version import __version__
+from llmtune.core import (
+    Backend,
+    BackendInfo,
+    BackendUnavailableError,
+    ConfigError,
+    GPURequiredError,
+    InvalidOptionError,
+    LlmtuneError,
+    Metric,
+    MetricResult,
+    MissingDependencyError,
+    PluginError,
+    Quantizer,
+    Trainer,
+    TrainResult,
+    UnknownBackendError,
+    UnknownOptionError,
+    get_metric,
+    get_quantizer,
+    get_trainer,
+    list_backends,
+    register_metric,
+    register_quantizer,
+    register_trainer,
+)
+
+__all__ = [
+    "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError", "InvalidOptionError",
+    "LlmtuneError", "Metric", "MetricResult", "MissingDependencyError", "PluginError", "Quantizer",
+    "TrainResult", "Trainer", "UnknownBackendError", "UnknownOptionError", "__version__", "get_metric",
+    "get_quantizer", "get_trainer", "list_backends", "register_metric", "register_quantizer", "register_trainer",
+]

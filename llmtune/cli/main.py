@@ -1,0 +1,49 @@
+"""Entry point of the `llmtune` console script; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from llmtune._version import __version__
+from llmtune.cli import backends
+
+app = typer.Typer(
+    name="llmtune",
+    help="LLM fine-tuning, quantization, evaluation and GPU-memory planning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """llmtune: fine-tune, quantize, evaluate and size LLMs."""
+
+
+backends.register(app)
+
+
+def main() -> None:
+    """Run the CLI; an `LlmtuneError` becomes a one-line message and exit code 2."""
+    from llmtune.core.errors import LlmtuneError
+
+    try:
+        app()
+    except LlmtuneError as exc:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The core: interfaces, result types, registry and errors. Knows no backend, imports nothing heavy."""
+
+from llmtune.core.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    GPURequiredError,
+    InvalidOptionError,
+    LlmtuneError,
+    MissingDependencyError,
+    PluginError,
+    UnknownBackendError,
+    UnknownOptionError,
+)
+from llmtune.core.interfaces import Backend, Metric, Quantizer, Trainer
+from llmtune.core.registry import (
+    REGISTRY,
+    BackendInfo,
+    get_metric,
+    get_quantizer,
+    get_trainer,
+    list_backends,
+    register_metric,
+    register_quantizer,
+    register_trainer,
+)
+from llmtune.core.results import LazyMapping, MetricResult, TrainResult
+
+__all__ = [
+    "REGISTRY", "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError",
+    "InvalidOptionError", "LazyMapping", "LlmtuneError", "Metric", "MetricResult", "MissingDependencyError",
+    "PluginError", "Quantizer", "TrainResult", "Trainer", "UnknownBackendError", "UnknownOptionError",
+    "get_metric", "get_quantizer", "get_trainer", "list_backends", "register_metric", "register_quantizer",
+    "register_trainer",
+]

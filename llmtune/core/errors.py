@@ -1,0 +1,57 @@
+"""Typed errors. Every one derives from `LlmtuneError` and says what to do next."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LlmtuneError(Exception):
+    """Base of every error llmtune raises on purpose."""
+
+
+class UnknownBackendError(LlmtuneError, LookupError):
+    """A name or backend that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # LookupError/KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(LlmtuneError, ImportError):
+    """A backend whose optional dependency is not installed; names the pip extra."""
+
+
+class BackendUnavailableError(LlmtuneError, RuntimeError):
+    """A backend that is installed but cannot run here (incompatible versions, broken plugin)."""
+
+
+class GPURequiredError(LlmtuneError, RuntimeError):
+    """A path that needs a CUDA GPU, asked for on a machine without one."""
+
+
+class UnknownOptionError(LlmtuneError, TypeError):
+    """An option a backend does not take: never silently ignored."""
+
+
+class InvalidOptionError(LlmtuneError, ValueError):
+    """An option with a value the backend cannot use."""
+
+
+class ConfigError(LlmtuneError, ValueError):
+    """A configuration file or data file that cannot be used; names file, line and field."""
+
+
+class PluginError(LlmtuneError):
+    """A plugin that failed to load or registered something inconsistent."""
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like `word`, or None when nothing is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """' Did you mean 'x'?' when something is close, else ''."""
+    match = closest(word, candidates)
+    return f" Did you mean {match!r}?" if match else ""

@@ -1,0 +1,98 @@
+"""Sessions: tests (CPU, what CI runs), property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
+bench-gpu. Each installs what it needs itself."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+#: The torch build for CPU sessions. `torch==2.13.0` is the CPU wheel on our machines; set LLMTUNE_TORCH
+#: (e.g. "torch==2.13.0+cpu") elsewhere. A bare `torch` would pull a multi-GB CUDA build.
+TORCH_CPU = os.environ.get("LLMTUNE_TORCH", "torch==2.13.0")
+PLUGINS = ["tests/plugins/example_plugin", "tests/plugins/broken_plugin"]
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(TORCH_CPU)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole CPU test suite: unit, property (fixed-seed profile), integration; gpu tests skip."""
+    _install(session, "test")
+    session.install(*PLUGINS)
+    session.run("pytest", "tests", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
+
+
+@nox.session(name="property-long")
+def property_long(session: nox.Session) -> None:
+    """The property tests with many more examples and random seeds."""
+    _install(session, "test")
+    session.run("pytest", "tests/property", *session.posargs, env={"HYPOTHESIS_PROFILE": "long"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "llmtune", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the package."""
+    _install(session, "test")
+    session.install("mypy>=1.10", "types-PyYAML")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation, failing on any warning."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The end-to-end demo on CPU: pretrain a tiny model, LoRA fine-tune, evaluate."""
+    _install(session, "all")
+    session.run("llmtune", "demo", "--out", session.posargs[0] if session.posargs else "demo-run")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """CPU benchmarks (metric speed, quantization quality); one JSON line per result."""
+    _install(session, "all")
+    session.run("python", "benchmarks/metrics_speed.py")
+    session.run("python", "benchmarks/quantization_quality.py")
+
+
+@nox.session
+def unsloth(session: nox.Session) -> None:
+    """The Unsloth backend through its CPU fallback, in its own environment (Unsloth pins its stack)."""
+    session.install("torch==2.14.1", "torchvision==0.29.1")
+    session.install("-e", ".[unsloth,metrics]", "pytest>=8", "hypothesis>=6.100")
+    session.run("pytest", "tests/integration", "-k", "unsloth", *session.posargs,
+                env={"LLMTUNE_REQUIRE_UNSLOTH": "1"})
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """GPTQModel/transformers load a checkpoint written by our GPTQ (heavy: GPTQModel needs torch>=2.14.1)."""
+    session.install("torch==2.14.1")
+    session.install("-e", ".[gptq,test]")
+    session.run("pytest", "tests/integration", "-k", "interop", *session.posargs,
+                env={"GPTQMODEL_CPU_WORKERS": "2", "LLMTUNE_REQUIRE_GPTQMODEL": "1"})
+
+
+@nox.session(name="bench-gpu", venv_backend="none")
+def bench_gpu(session: nox.Session) -> None:
+    """All GPU benchmarks in one go (< 10 minutes on one H100), in the current environment."""
+    session.run("bash", "benchmarks/run_gpu.sh", *session.posargs, external=True)
