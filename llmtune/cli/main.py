@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmtune._version import __version__
-from llmtune.cli import backends
+import importlib
 
 app = typer.Typer(
     name="llmtune",
@@ -29,7 +29,10 @@ def _root(
     """llmtune: fine-tune, quantize, evaluate and size LLMs."""
 
 
-backends.register(app)
+#: Subcommand modules under llmtune.cli; each defines ``register(app)``. Add yours here.
+_COMMANDS = ("backends",)
+for _name in _COMMANDS:
+    importlib.import_module(f"llmtune.cli.{_name}").register(app)
 
 
 def main() -> None:
