@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         import dataclasses
 
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from llmtune.core.registry import list_backends
@@ -31,5 +32,5 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, overflow="fold")
         for r in rows:
             table.add_row(r.kind, r.name, r.backend, "yes" if r.default else "",
-                          "[green]yes[/]" if r.available else "[red]no[/]", r.reason or "")
+                          "[green]yes[/]" if r.available else "[red]no[/]", escape(r.reason or ""))
         Console().print(table)
