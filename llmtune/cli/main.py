@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
 from llmtune._version import __version__
-import importlib
 
 app = typer.Typer(
     name="llmtune",
@@ -43,8 +44,9 @@ def main() -> None:
         app()
     except LlmtuneError as exc:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise SystemExit(2) from None
 
 

@@ -17,7 +17,7 @@ from llmtune.core.options import NoOptions, build_options
 from llmtune.core.results import MetricResult, TrainResult
 
 
-class Backend(abc.ABC):
+class Backend(abc.ABC):  # noqa: B024 - abstract through its three subclasses
     """Common base: identity, typed options and an availability check."""
 
     kind: ClassVar[str] = ""
@@ -27,7 +27,7 @@ class Backend(abc.ABC):
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, **options: Any) -> None:
-        self.options = build_options(self.Options, options, where=self.describe())
+        self.options: Any = build_options(self.Options, options, where=self.describe())
 
     @classmethod
     def describe(cls) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.metadata
 import importlib.util
 import threading
 import warnings
@@ -70,8 +69,9 @@ class _Entry:
             raise BackendUnavailableError(f"{self.kind} {self.name!r} backend {self.backend!r}: {self.error}")
         if isinstance(self.target, str):
             module_name, _, attr = self.target.partition(":")
-            cls = getattr(importlib.import_module(module_name), attr)
+            cls: type[Backend] = getattr(importlib.import_module(module_name), attr)
             self.target = cls
+            return cls
         return self.target
 
 
@@ -164,6 +164,8 @@ class Registry:
             self._load_entry_points(kind)
 
     def _load_entry_points(self, kind: str) -> None:
+        import importlib.metadata  # only when a registry is first consulted: it is slow to import
+
         group = ENTRY_POINT_GROUPS[kind]
         for ep in importlib.metadata.entry_points(group=group):
             dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
