@@ -13,7 +13,8 @@ declare("quantizer", "gptq", "llmtune", "llmtune.quantizers.gptq:GPTQQuantizer",
         extra="peft", default=True)
 declare("quantizer", "gptq", "gptqmodel", "llmtune.quantizers.gptq.delegates:GPTQModelQuantizer",
         requires=(*_TORCH, "gptqmodel"), extra="gptq")
+# auto-gptq: no module requirement, so its unavailable_reason (dead, breaks on transformers>=5) is shown.
 declare("quantizer", "gptq", "auto-gptq", "llmtune.quantizers.gptq.delegates:AutoGPTQQuantizer",
-        requires=(*_TORCH, "auto_gptq"), extra="gptq")
+        requires=_TORCH, extra=None)
 declare("quantizer", "rtn", "llmtune", "llmtune.quantizers.gptq:RTNQuantizer", requires=_TORCH,
         extra="peft", default=True)
