@@ -1,0 +1,221 @@
+"""The YAML training configuration (``llmtune train CONFIG.yaml``): schema, validation with line numbers, run.
+
+A config names the model, the data, and the trainer (and optionally the quantizer) with their options::
+
+    model: ./models/my-llama          # local directory or hub id
+    data: data/train.jsonl            # .jsonl / .json / .csv
+    eval_data: data/heldout.jsonl     # optional: answered and scored (ROUGE/BLEU) before/after
+    output_dir: runs/kopitiam
+    trainer:
+      name: lora                      # registry name (default "lora")
+      backend: peft                   # default backend of that name when left out
+      rank: 16
+      lr: 2.0e-4
+    quantizer: nf4                    # or {name: nf4, double_quant: true, ...} -> QLoRA
+
+Every key is checked: an unknown key, a wrong type or a bad value is a `ConfigError` naming the file and line.
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError, UnknownOptionError, did_you_mean
+
+#: Top-level keys: name -> (required, description).
+TOP_LEVEL: dict[str, tuple[bool, str]] = {
+    "model": (True, "base model: a local directory or a hub id"),
+    "tokenizer": (False, "tokenizer directory or hub id (default: the model's)"),
+    "data": (True, "training data: .jsonl, .json or .csv (instruction, chat or text records)"),
+    "eval_data": (False, "held-out data answered and scored with ROUGE/BLEU before, during and after training"),
+    "output_dir": (False, "where the adapter, checkpoints and log.jsonl go (default: the trainer's output_dir)"),
+    "resume": (False, "false, true/'auto' (newest checkpoint in output_dir), or a checkpoint path"),
+    "trainer": (False, "the trainer: name, backend, and that backend's options"),
+    "quantizer": (False, "quantize the base model (QLoRA): a name like nf4, or name/backend/options"),
+}
+_PATH_KEYS = ("data", "eval_data", "output_dir")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A validated training config: what `run` needs."""
+
+    path: Path
+    model: str
+    data: str
+    trainer: Any                    # a llmtune Trainer instance
+    tokenizer: str | None = None
+    eval_data: str | None = None
+    output_dir: str | None = None
+    resume: bool | str = False
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], where: str) -> None:
+    """Record the line of every mapping key (1-based), rejecting duplicate keys."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{where}:{line}: duplicate key {'.'.join((*prefix, key))!r}")
+        seen.add(key)
+        out[(*prefix, key)] = line
+        _marks(value_node, (*prefix, key), out, where)
+
+
+def _option_field(message: str) -> str | None:
+    m = re.search(r"option (\w+)", message)
+    return m.group(1) if m else None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Parse and validate a YAML training config; every problem is a `ConfigError` with ``file:line``."""
+    import yaml
+
+    from llmtune.core.registry import REGISTRY, get_quantizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    where = str(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise ConfigError(f"{where}: the config is empty; it needs at least 'model' and 'data'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}:1: the config must be a mapping of keys (model, data, trainer, ...), "
+                          f"not a {type(data).__name__}")
+    lines: dict[tuple[str, ...], int] = {}
+    _marks(root, (), lines, where)
+
+    def at(*key: str) -> str:
+        for n in range(len(key), 0, -1):
+            if key[:n] in lines:
+                return f"{where}:{lines[key[:n]]}"
+        return where
+
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{at(str(key))}: unknown key {key!r}.{did_you_mean(str(key), TOP_LEVEL)} "
+                              f"Valid top-level keys: {', '.join(TOP_LEVEL)}")
+    for key, (required, _doc) in TOP_LEVEL.items():
+        if required and key not in data:
+            raise ConfigError(f"{where}: missing required key {key!r} ({TOP_LEVEL[key][1]})")
+    for key in ("model", "tokenizer", "data", "eval_data", "output_dir"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{at(key)}: {key!r} must be a string (a path or hub id), not {data[key]!r}")
+    resume = data.get("resume", False)
+    if not isinstance(resume, (bool, str)):
+        raise ConfigError(f"{at('resume')}: 'resume' must be false, true, 'auto' or a checkpoint path, not {resume!r}")
+
+    base = path.parent
+
+    def resolve(value: str) -> str:
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    def local_or_hub(value: str) -> str:
+        p = base / value
+        return str(p) if not Path(value).is_absolute() and p.exists() else value
+
+    # -- quantizer
+    quantizer = None
+    if data.get("quantizer") is not None:
+        qspec = data["quantizer"]
+        if isinstance(qspec, str):
+            qspec = {"name": qspec}
+        if not isinstance(qspec, dict):
+            raise ConfigError(f"{at('quantizer')}: 'quantizer' must be a name (nf4) or a mapping with 'name'")
+        quantizer = _build(REGISTRY, "quantizer", qspec, at, "quantizer", get_quantizer)
+    # -- trainer
+    tspec = data.get("trainer") or {}
+    if not isinstance(tspec, dict):
+        raise ConfigError(f"{at('trainer')}: 'trainer' must be a mapping (name, backend, options)")
+    tspec = {"name": "lora", **tspec}
+    if quantizer is not None:
+        if "quantizer" in tspec:
+            raise ConfigError(f"{at('trainer', 'quantizer')}: give the quantizer once, at the top level")
+        tspec["quantizer"] = quantizer
+    from llmtune.core.registry import get_trainer
+
+    trainer = _build(REGISTRY, "trainer", tspec, at, "trainer", get_trainer)
+    resume_value: bool | str = resume
+    if isinstance(resume, str) and resume != "auto":
+        resume_value = resolve(resume)
+    return TrainConfig(
+        path=path, model=local_or_hub(data["model"]), data=resolve(data["data"]), trainer=trainer,
+        tokenizer=local_or_hub(data["tokenizer"]) if data.get("tokenizer") else None,
+        eval_data=resolve(data["eval_data"]) if data.get("eval_data") else None,
+        output_dir=resolve(data["output_dir"]) if data.get("output_dir") else None,
+        resume=resume_value, raw=data,
+    )
+
+
+def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: str, factory: Any) -> Any:
+    """Create a backend from ``{name, backend, **options}``, mapping every error to its line."""
+    from llmtune.core.options import option_names
+
+    name = spec.get("name")
+    backend = spec.get("backend")
+    if not isinstance(name, str):
+        raise ConfigError(f"{at(section, 'name')}: {section}.name must be a string, not {name!r}")
+    if backend is not None and not isinstance(backend, str):
+        raise ConfigError(f"{at(section, 'backend')}: {section}.backend must be a string, not {backend!r}")
+    try:
+        cls = registry.get_class(kind, name, backend)
+    except LlmtuneError as exc:
+        raise ConfigError(f"{at(section, 'backend' if backend else 'name')}: {exc}") from None
+    options = {k: v for k, v in spec.items() if k not in ("name", "backend")}
+    valid = option_names(cls.Options)
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"{at(section, key)}: unknown {section} option {key!r} for {cls.describe()}."
+                              f"{did_you_mean(key, valid)} Valid options: {', '.join(valid)}")
+    try:
+        return factory(name, backend, **options)
+    except (InvalidOptionError, UnknownOptionError) as exc:
+        field = _option_field(str(exc))
+        loc = at(section, field) if field else at(section)
+        raise ConfigError(f"{loc}: {exc}") from None
+
+
+def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
+    """Train as the config says; returns the trainer's `TrainResult`."""
+    tokenizer = None
+    if config.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    return config.trainer.train(
+        config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
+        output_dir=config.output_dir, resume=config.resume if resume is None else resume,
+    )
+
+
+def schema() -> dict[str, Any]:
+    """The config schema as data (top-level keys, and the options of every registered trainer backend)."""
+    from llmtune.core.options import option_names
+    from llmtune.core.registry import REGISTRY
+
+    trainers = {}
+    for info in REGISTRY.list("trainer"):
+        if info.available:
+            cls = REGISTRY.get_class("trainer", info.name, info.backend)
+            trainers[f"{info.name}/{info.backend}"] = option_names(cls.Options)
+    return {"top_level": {k: {"required": r, "doc": d} for k, (r, d) in TOP_LEVEL.items()}, "trainers": trainers}
