@@ -1,0 +1,523 @@
+"""BLEU from scratch (NumPy n-gram statistics), equal to sacrebleu or, with ``definition="nltk"``, to NLTK.
+
+Two definitions share one statistics engine:
+
+* ``definition="sacrebleu"`` (default): tokenizers ``13a``/``intl``/``char``/``none``, smoothing ``exp``/
+  ``floor``/``add-k``/``none``, ``lowercase``, ``effective_order``, ``max_ngram_order``; scores 0-100, equal to
+  ``sacrebleu.metrics.BLEU(**options).corpus_score`` and, per example, ``.sentence_score``.
+* ``definition="nltk"``: whitespace tokens, ``smoothing`` 0-7 (``SmoothingFunction().methodK``), ``weights``,
+  ``auto_reweigh``; scores 0-1, equal to ``nltk.translate.bleu_score.corpus_bleu`` / ``sentence_bleu``.
+
+The integer statistics (clipped n-gram matches, n-gram totals, lengths) are exact whatever the method; the
+final scalars are computed with the same Python operations, in the same order, as the official libraries
+(see docs/metrics-bleu.md), so results are bit-identical on the same Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from itertools import chain, repeat
+from typing import Any, ClassVar
+
+import numpy as np
+
+from llmtune._version import __version__
+from llmtune.core.errors import InvalidOptionError
+from llmtune.core.interfaces import Metric
+from llmtune.core.options import check_choice, check_type
+from llmtune.core.results import LazyMapping, MetricResult
+from llmtune.metrics._bleu_tokenizers import tokenize as _tokenize
+from llmtune.metrics._inputs import normalize_inputs
+
+#: sacrebleu version whose behaviour (and signature format) this module reproduces.
+SACREBLEU_COMPAT = "2.6.0"
+#: NLTK version whose ``bleu_score`` this module reproduces.
+NLTK_COMPAT = "3.10.4"
+
+DEFINITIONS = ("sacrebleu", "nltk")
+TOKENIZERS = ("13a", "intl", "char", "none")
+SMOOTH_METHODS = ("exp", "floor", "add-k", "none")
+SMOOTH_DEFAULTS: dict[str, float | int | None] = {"none": None, "floor": 0.1, "add-k": 1, "exp": None}
+_SACRE_ONLY = ("tokenize", "smooth_method", "smooth_value", "lowercase", "effective_order", "max_ngram_order")
+_NLTK_ONLY = ("smoothing", "weights", "auto_reweigh")
+
+
+@dataclasses.dataclass(frozen=True)
+class BleuOptions:
+    """Options of every ``bleu`` backend; ``None`` means "the definition's default".
+
+    sacrebleu definition: ``tokenize`` ('13a'), ``smooth_method`` ('exp'), ``smooth_value`` (floor 0.1,
+    add-k 1), ``lowercase`` (False), ``effective_order`` (False), ``max_ngram_order`` (4).
+    nltk definition: ``smoothing`` (0 = method0), ``weights`` ((0.25,)*4), ``auto_reweigh`` (False).
+    Giving an option of the other definition is an error (it would be silently meaningless).
+    """
+
+    definition: str = "sacrebleu"
+    tokenize: str | None = None
+    smooth_method: str | None = None
+    smooth_value: float | None = None
+    lowercase: bool | None = None
+    effective_order: bool | None = None
+    max_ngram_order: int | None = None
+    smoothing: int | None = None
+    weights: tuple[float, ...] | None = None
+    auto_reweigh: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("definition", self.definition, DEFINITIONS)
+        other = _NLTK_ONLY if self.definition == "sacrebleu" else _SACRE_ONLY
+        for field in other:
+            if getattr(self, field) is not None:
+                owner = "nltk" if self.definition == "sacrebleu" else "sacrebleu"
+                raise InvalidOptionError(
+                    f"option {field!r} applies only to definition={owner!r}, but definition={self.definition!r}"
+                    f" (pass definition={owner!r}, or drop {field!r})"
+                )
+        if self.definition == "sacrebleu":
+            self._check_sacrebleu()
+        else:
+            self._check_nltk()
+
+    def _check_sacrebleu(self) -> None:
+        if self.tokenize is not None:
+            check_choice("tokenize", self.tokenize, TOKENIZERS)
+        if self.smooth_method is not None:
+            check_choice("smooth_method", self.smooth_method, SMOOTH_METHODS)
+        for field in ("lowercase", "effective_order"):
+            if getattr(self, field) is not None:
+                check_type(field, getattr(self, field), bool)
+        if self.max_ngram_order is not None:
+            check_type("max_ngram_order", self.max_ngram_order, int)
+            if self.max_ngram_order < 1:
+                raise InvalidOptionError(f"option max_ngram_order={self.max_ngram_order} must be >= 1")
+        if self.smooth_value is not None:
+            check_type("smooth_value", self.smooth_value, (int, float))
+            method = self.smooth_method or "exp"
+            if SMOOTH_DEFAULTS[method] is None:
+                raise InvalidOptionError(
+                    f"option smooth_value={self.smooth_value!r} has no effect with smooth_method={method!r}: "
+                    "it applies only to 'floor' and 'add-k'"
+                )
+            if not math.isfinite(self.smooth_value) or self.smooth_value < 0:
+                raise InvalidOptionError(f"option smooth_value={self.smooth_value!r} must be a finite number >= 0")
+
+    def _check_nltk(self) -> None:
+        if self.smoothing is not None:
+            check_type("smoothing", self.smoothing, int)
+            check_choice("smoothing", self.smoothing, tuple(range(8)))
+        if self.auto_reweigh is not None:
+            check_type("auto_reweigh", self.auto_reweigh, bool)
+        if self.weights is not None:
+            if isinstance(self.weights, (str, bytes)) or not isinstance(self.weights, Sequence):
+                raise InvalidOptionError(f"option weights={self.weights!r} must be a sequence of numbers")
+            if not self.weights:
+                raise InvalidOptionError("option weights=() must give at least one n-gram weight")
+            for i, w in enumerate(self.weights):
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                    raise InvalidOptionError(f"option weights[{i}]={w!r} must be a finite number")
+            object.__setattr__(self, "weights", tuple(self.weights))
+
+    # Resolved values -----------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> str:
+        """The sacrebleu tokenizer name in effect."""
+        return self.tokenize or "13a"
+
+    @property
+    def smooth(self) -> str:
+        """The sacrebleu smoothing method in effect."""
+        return self.smooth_method or "exp"
+
+    @property
+    def smooth_val(self) -> float | int | None:
+        """The smoothing value in effect (sacrebleu's default for the method when not given)."""
+        return self.smooth_value if self.smooth_value is not None else SMOOTH_DEFAULTS[self.smooth]
+
+    @property
+    def order(self) -> int:
+        """Maximum n-gram order: ``max_ngram_order`` (sacrebleu) or ``len(weights)`` (nltk)."""
+        if self.definition == "nltk":
+            return len(self.nltk_weights)
+        return self.max_ngram_order if self.max_ngram_order is not None else 4
+
+    @property
+    def nltk_weights(self) -> tuple[float, ...]:
+        """The NLTK weights in effect."""
+        return self.weights if self.weights is not None else (0.25, 0.25, 0.25, 0.25)
+
+    def sacrebleu_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``sacrebleu.metrics.BLEU`` giving the same definition."""
+        return {"tokenize": self.tokenizer, "smooth_method": self.smooth, "smooth_value": self.smooth_value,
+                "lowercase": bool(self.lowercase), "effective_order": bool(self.effective_order),
+                "max_ngram_order": self.order}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# N-gram statistics
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SegmentStats:
+    """Per-segment BLEU sufficient statistics (int64 arrays; ``correct``/``total`` have shape (S, N))."""
+
+    hyp_len: np.ndarray
+    ref_len: np.ndarray  # closest reference length, ties -> shorter (sacrebleu and NLTK agree)
+    correct: np.ndarray
+    total: np.ndarray
+    n_refs: list[int]
+
+
+def _unique_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.sort(codes, kind="stable")
+    if codes.size == 0:
+        return codes, codes.copy()
+    edge = np.empty(codes.size, dtype=bool)
+    edge[0] = True
+    np.not_equal(codes[1:], codes[:-1], out=edge[1:])
+    starts = np.flatnonzero(edge)
+    counts = np.diff(np.append(starts, codes.size))
+    return codes[starts], counts
+
+
+def segment_stats(hyps: list[list[str]], refs: list[list[list[str]]], max_order: int) -> SegmentStats:
+    """Clipped n-gram matches (max count over references), n-gram totals and lengths per segment.
+
+    Tokens become integer ids (hypothesis tokens first, so a reference token that no hypothesis uses has an
+    id >= V and its n-grams are dropped: they can never match); the n-gram of order n starting at position
+    i is ``key_n[i] = key_{n-1}[i] * V + id[i+n-1]`` (re-numbered densely when it would not fit in int64),
+    and counts per (segment, n-gram) come from one sort per order.
+    """
+    n_seg = len(hyps)
+    ref_lines = [r for group in refs for r in group]
+    n_refs = [len(group) for group in refs]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(chain.from_iterable(hyps)))}
+    v = max(len(vocab), 1)
+    lines = hyps + ref_lines
+    lens = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+    n_tok = int(lens.sum())
+    # every hypothesis token is in vocab; a reference token that is not gets id v (never matches)
+    ids = np.fromiter(map(vocab.get, chain.from_iterable(lines), repeat(v)), dtype=np.int64, count=n_tok)
+    starts = np.zeros(len(lines), dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    line_of = np.repeat(np.arange(len(lines), dtype=np.int64), lens)
+    room = (starts + lens)[line_of] - np.arange(n_tok, dtype=np.int64)  # tokens left in the line from here
+    # segment of every line: hypotheses 0..S-1, then each reference's segment
+    seg_of_line = np.concatenate([np.arange(n_seg, dtype=np.int64),
+                                  np.repeat(np.arange(n_seg, dtype=np.int64), n_refs)])
+    n_hyp_tok = int(lens[:n_seg].sum())
+    multi = any(k > 1 for k in n_refs)
+
+    hyp_len = lens[:n_seg].copy()
+    ref_lens = lens[n_seg:]
+    # closest reference length, ties -> the shorter one
+    diff = np.abs(ref_lens - np.repeat(hyp_len, n_refs))
+    big = int(ref_lens.max(initial=0)) + 1
+    keyed = diff * big + ref_lens
+    first = np.zeros(n_seg, dtype=np.int64)
+    np.cumsum(np.asarray(n_refs[:-1], dtype=np.int64), out=first[1:])
+    ref_len = np.minimum.reduceat(keyed, first) % big if n_seg else np.zeros(0, dtype=np.int64)
+
+    correct = np.zeros((n_seg, max_order), dtype=np.int64)
+    total = np.maximum(hyp_len[:, None] - np.arange(max_order, dtype=np.int64)[None, :], 0)
+
+    in_vocab = ids < v
+    key = np.where(in_vocab, ids, 0)
+    ok = in_vocab
+    space = v  # keys of the current order lie in [0, space)
+    for n in range(1, max_order + 1):
+        if n > 1:
+            m = n_tok - n + 1
+            if m <= 0:
+                break
+            if space * v >= 2**62:
+                _, inv = np.unique(np.where(ok[:m + 1], key[:m + 1], -1), return_inverse=True)
+                key = inv.reshape(-1).astype(np.int64)
+                space = int(key.max(initial=0)) + 1
+            key = key[:m] * v + np.where(in_vocab[n - 1:], ids[n - 1:], 0)
+            ok = ok[:m] & in_vocab[n - 1:]
+            space *= v
+        valid = (room[:key.size] >= n) & ok
+        hyp_pos = np.flatnonzero(valid[:n_hyp_tok])
+        if hyp_pos.size == 0:
+            continue
+        ref_pos = np.flatnonzero(valid[n_hyp_tok:]) + n_hyp_tok
+        if space * max(n_seg, len(lines)) >= 2**62:  # re-number so that (line, key) codes fit in int64
+            both = np.concatenate([key[hyp_pos], key[ref_pos]])
+            uniq, inv = np.unique(both, return_inverse=True)
+            inv = inv.reshape(-1).astype(np.int64)
+            hk, rk, width = inv[:hyp_pos.size], inv[hyp_pos.size:], int(uniq.size)
+        else:
+            hk, rk, width = key[hyp_pos], key[ref_pos], space
+        h_codes, h_counts = _unique_counts(line_of[hyp_pos] * width + hk)
+        if multi:
+            r_line_codes, r_line_counts = _unique_counts(line_of[ref_pos] * width + rk)
+            r_seg_codes = seg_of_line[r_line_codes // width] * width + r_line_codes % width
+            order = np.lexsort((r_line_counts, r_seg_codes))
+            r_sorted = r_seg_codes[order]
+            last = np.ones(r_sorted.size, dtype=bool)
+            if r_sorted.size:
+                np.not_equal(r_sorted[1:], r_sorted[:-1], out=last[:-1])
+            r_codes, r_counts = r_sorted[last], r_line_counts[order][last]
+        else:
+            r_codes, r_counts = _unique_counts(seg_of_line[line_of[ref_pos]] * width + rk)
+        if r_codes.size == 0:
+            continue
+        idx = np.searchsorted(r_codes, h_codes)
+        idx[idx == r_codes.size] = 0
+        matched = np.where(r_codes[idx] == h_codes, np.minimum(h_counts, r_counts[idx]), 0)
+        correct[:, n - 1] = np.bincount(h_codes // width, weights=matched, minlength=n_seg).astype(np.int64)
+    return SegmentStats(hyp_len, ref_len, correct, total, n_refs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sacrebleu's final formula
+# ------------------------------------------------------------------------------------------------------------
+def _my_log(num: float) -> float:
+    return -9999999999 if num == 0.0 else math.log(num)
+
+
+def sacrebleu_score(
+    correct: list[int], total: list[int], sys_len: int, ref_len: int, options: BleuOptions
+) -> tuple[float, list[float], float]:
+    """``(score, precisions, bp)`` exactly as ``sacrebleu.metrics.BLEU.compute_bleu`` (2.1+) computes them."""
+    method, value, max_order = options.smooth, options.smooth_val, options.order
+    correct = list(correct)
+    total = list(total)
+    bp = 1.0
+    if sys_len < ref_len:
+        bp = math.exp(1 - ref_len / sys_len) if sys_len > 0 else 0.0
+    precisions = [0.0] * max_order
+    if not any(correct):
+        return 0.0, precisions, bp
+    smooth_mteval = 1.0
+    eff_order = max_order
+    for n in range(1, max_order + 1):
+        if method == "add-k" and n > 1:
+            assert value is not None
+            correct[n - 1] += value  # type: ignore[assignment]  # float when smooth_value is a float, as in sacrebleu
+            total[n - 1] += value  # type: ignore[assignment]
+        if total[n - 1] == 0:
+            break
+        if options.effective_order:
+            eff_order = n
+        if correct[n - 1] == 0:
+            if method == "exp":
+                smooth_mteval *= 2
+                precisions[n - 1] = 100.0 / (smooth_mteval * total[n - 1])
+            elif method == "floor":
+                assert value is not None
+                precisions[n - 1] = 100.0 * value / total[n - 1]
+        else:
+            precisions[n - 1] = 100.0 * correct[n - 1] / total[n - 1]
+    # builtin sum over a list, as sacrebleu (naive on Python <= 3.11, compensated on >= 3.12: same as sacrebleu)
+    score = bp * math.exp(sum([_my_log(p) for p in precisions[:eff_order]]) / eff_order)
+    return score, precisions, bp
+
+
+# ------------------------------------------------------------------------------------------------------------
+# NLTK's final formula (nltk.translate.bleu_score.corpus_bleu and SmoothingFunction)
+# ------------------------------------------------------------------------------------------------------------
+class Method6Error(ValueError):
+    """NLTK's smoothing method 6 needs a non-zero trigram precision (NLTK itself fails an assert)."""
+
+
+def _modified_precision(refs: list[list[str]], hyp: list[str], n: int) -> tuple[int, int]:
+    """NLTK ``modified_precision`` as (numerator, denominator) of one segment."""
+    counts = Counter(zip(*[hyp[i:] for i in range(n)])) if len(hyp) >= n else Counter()
+    max_counts: dict[tuple[str, ...], int] = {}
+    for ref in refs:
+        ref_counts = Counter(zip(*[ref[i:] for i in range(n)])) if len(ref) >= n else Counter()
+        for g in counts:
+            max_counts[g] = max(max_counts.get(g, 0), ref_counts[g])
+    num = sum(min(c, max_counts[g]) for g, c in counts.items())
+    return num, max(1, sum(counts.values()))
+
+
+def nltk_score(
+    num: list[int], den: list[int], hyp_len: int, ref_len: int, last_hyp: list[str], last_refs: list[list[str]],
+    options: BleuOptions,
+) -> float:
+    """NLTK ``corpus_bleu`` from its corpus sums: ``num``/``den`` (den includes ``max(1, .)`` per segment).
+
+    ``last_hyp``/``last_refs`` are the last segment's tokens: NLTK passes them to the smoothing function
+    (methods 4-7 use them). Values are Fractions where NLTK has Fractions and floats where it has floats.
+    """
+    weights = options.nltk_weights
+    if num[0] == 0:
+        return 0.0
+    bp: float = 1 if hyp_len > ref_len else (0 if hyp_len == 0 else math.exp(1 - ref_len / hyp_len))
+    p_n: list[Any] = [Fraction(a, b) for a, b in zip(num, den)]
+    method = options.smoothing or 0
+    k_nltk, epsilon, alpha = 5, 0.1, 5
+    if method == 0:
+        p_n = [p if a != 0 else sys.float_info.min for p, a in zip(p_n, num)]
+    elif method == 1:
+        p_n = [(a + epsilon) / b if a == 0 else p for p, a, b in zip(p_n, num, den)]
+    elif method == 2:
+        p_n = [Fraction(a + 1, b + 1) if i != 0 else p for i, (p, a, b) in enumerate(zip(p_n, num, den))]
+    elif method == 3:
+        inc = 1
+        for i, (a, b) in enumerate(zip(num, den)):
+            if a == 0:
+                p_n[i] = 1 / (2**inc * b)
+                inc += 1
+    if method in (4, 7):
+        inc = 1
+        for i, (a, b) in enumerate(zip(num, den)):
+            if a == 0 and hyp_len > 1:
+                numerator = 1 / (2**inc * k_nltk / math.log(hyp_len))
+                p_n[i] = numerator / b
+                inc += 1
+    if method in (5, 7):
+        a5, b5 = _modified_precision(last_refs, last_hyp, 5)
+        plus1 = [*p_n, Fraction(a5, b5)]
+        prev = p_n[0] + 1
+        for i, p in enumerate(p_n):
+            p_n[i] = (prev + p + plus1[i + 1]) / 3
+            prev = p_n[i]
+    if method == 6:
+        if len(p_n) < 3 or not p_n[2]:
+            raise Method6Error(
+                "NLTK smoothing method 6 needs at least 3 weights and a non-zero trigram precision "
+                "(NLTK raises AssertionError here)"
+            )
+        for i in range(2, len(p_n)):
+            pi0 = 0 if p_n[i - 2] == 0 else p_n[i - 1] ** 2 / p_n[i - 2]
+            length = max(0, len(last_hyp) - i)
+            p_n[i] = (num[i] + alpha * pi0) / (length + alpha)
+    if options.auto_reweigh and hyp_len < 4 and weights == (0.25, 0.25, 0.25, 0.25):
+        weights = (1 / hyp_len,) * hyp_len
+    s = (w_i * math.log(p_i) for w_i, p_i in zip(weights, p_n) if p_i > 0)
+    return bp * math.exp(math.fsum(s))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Signature
+# ------------------------------------------------------------------------------------------------------------
+def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str) -> str:
+    """sacrebleu-style signature: ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0|impl:...``.
+
+    The sacrebleu part has sacrebleu's keys, order and formats; ``version`` is the sacrebleu version the
+    numbers equal. The nltk definition uses ``nrefs|def:nltk|smooth:methodK|weights:...|version:<nltk>``.
+    ``impl`` says which code computed the numbers (``llmtune-numpy-<version>`` or the official library).
+    """
+    counts = set(n_refs)
+    nrefs = str(counts.pop()) if len(counts) == 1 else "var"
+    if options.definition == "nltk":
+        weights = ",".join(repr(float(w)) for w in options.nltk_weights)
+        parts = [f"nrefs:{nrefs}", "def:nltk", f"smooth:method{options.smoothing or 0}", f"weights:{weights}"]
+        if options.auto_reweigh:
+            parts.append("reweigh:yes")
+        return "|".join([*parts, f"version:{NLTK_COMPAT}", f"impl:{impl}"])
+    smooth = options.smooth
+    if SMOOTH_DEFAULTS[smooth] is not None:
+        smooth += f"[{options.smooth_val:.2f}]"
+    parts = [f"nrefs:{nrefs}", f"case:{'lc' if options.lowercase else 'mixed'}",
+             f"eff:{'yes' if options.effective_order else 'no'}", f"tok:{options.tokenizer}", f"smooth:{smooth}"]
+    if options.order != 4:
+        parts.append(f"ngram:{options.order}")
+    return "|".join([*parts, f"version:{SACREBLEU_COMPAT}", f"impl:{impl}"])
+
+
+def result_keys(options: BleuOptions) -> list[str]:
+    """The corpus keys of a BLEU result for ``options``."""
+    if options.definition == "nltk":
+        return ["bleu"]
+    return ["bleu", "bp", "sys_len", "ref_len", *[f"precision_{n}" for n in range(1, options.order + 1)]]
+
+
+def check_corpus(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
+                 ) -> tuple[list[str], list[list[str]]]:
+    """`normalize_inputs`, plus: an empty corpus is an error (sacrebleu raises IndexError, NLTK divides by 0)."""
+    preds, refs = normalize_inputs(predictions, references)
+    if not preds:
+        raise ValueError("predictions is empty: BLEU needs at least one prediction")
+    return preds, refs
+
+
+class NumpyBleu(Metric):
+    """BLEU from scratch: sacrebleu's definition (default) or NLTK's (``definition="nltk"``), exactly."""
+
+    name: ClassVar[str] = "bleu"
+    backend: ClassVar[str] = "numpy"
+    Options: ClassVar[type] = BleuOptions
+    options: BleuOptions
+
+    def compute(
+        self,
+        predictions: Sequence[str],
+        references: Sequence[str] | Sequence[Sequence[str]],
+    ) -> MetricResult:
+        """Corpus BLEU in ``scores``; sentence BLEU per prediction in ``per_example["bleu"]`` (lazy)."""
+        preds, refs = check_corpus(predictions, references)
+        opts = self.options
+        if opts.definition == "nltk":
+            hyp_toks = [p.split() for p in preds]
+            ref_toks = [[r.split() for r in group] for group in refs]
+        else:
+            flat = _tokenize(preds + [r for group in refs for r in group], opts.tokenizer, bool(opts.lowercase))
+            hyp_toks = flat[:len(preds)]
+            ref_toks = []
+            pos = len(preds)
+            for group in refs:
+                ref_toks.append(flat[pos:pos + len(group)])
+                pos += len(group)
+        st = segment_stats(hyp_toks, ref_toks, opts.order)
+        impl = f"llmtune-numpy-{__version__}"
+        if opts.definition == "nltk":
+            scores = {"bleu": _nltk_corpus(st, hyp_toks, ref_toks, opts)}
+            per = LazyMapping(["bleu"], lambda: {"bleu": _nltk_sentences(st, hyp_toks, ref_toks, opts)})
+        else:
+            scores = _sacre_corpus(st, opts)
+            per = LazyMapping(["bleu"], lambda: {"bleu": _sacre_sentences(st, opts)})
+        return MetricResult(scores=scores, per_example=per, signature=bleu_signature(opts, st.n_refs, impl))
+
+
+def _sacre_corpus(st: SegmentStats, opts: BleuOptions) -> dict[str, float]:
+    correct = [int(x) for x in st.correct.sum(axis=0)]
+    total = [int(x) for x in st.total.sum(axis=0)]
+    sys_len, ref_len = int(st.hyp_len.sum()), int(st.ref_len.sum())
+    score, precisions, bp = sacrebleu_score(correct, total, sys_len, ref_len, opts)
+    out: dict[str, float] = {"bleu": score, "bp": bp, "sys_len": sys_len, "ref_len": ref_len}
+    out.update({f"precision_{n}": p for n, p in enumerate(precisions, start=1)})
+    return out
+
+
+def _sacre_sentences(st: SegmentStats, opts: BleuOptions) -> np.ndarray:
+    correct, total = st.correct.tolist(), st.total.tolist()
+    hyp_len, ref_len = st.hyp_len.tolist(), st.ref_len.tolist()
+    return np.array([sacrebleu_score(c, t, h, r, opts)[0] for c, t, h, r in zip(correct, total, hyp_len, ref_len)],
+                    dtype=np.float64)
+
+
+def _nltk_corpus(st: SegmentStats, hyps: list[list[str]], refs: list[list[list[str]]], opts: BleuOptions) -> float:
+    num = [int(x) for x in st.correct.sum(axis=0)]
+    den = [int(x) for x in np.maximum(st.total, 1).sum(axis=0)]
+    try:
+        return nltk_score(num, den, int(st.hyp_len.sum()), int(st.ref_len.sum()), hyps[-1], refs[-1], opts)
+    except Method6Error as exc:
+        raise ValueError(f"corpus BLEU: {exc}") from None
+
+
+def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[list[str]]],
+                    opts: BleuOptions) -> np.ndarray:
+    """Sentence BLEU per segment; NaN where NLTK's method 6 would fail its assert."""
+    correct, total = st.correct.tolist(), np.maximum(st.total, 1).tolist()
+    hyp_len, ref_len = st.hyp_len.tolist(), st.ref_len.tolist()
+    out = np.empty(len(hyps), dtype=np.float64)
+    for i in range(len(hyps)):
+        try:
+            out[i] = nltk_score(correct[i], total[i], hyp_len[i], ref_len[i], hyps[i], refs[i], opts)
+        except Method6Error:
+            out[i] = math.nan
+    return out
+
+
+__all__ = ["BleuOptions", "NumpyBleu", "bleu_signature", "nltk_score", "result_keys", "sacrebleu_score",
+           "segment_stats"]
+
+_ = Mapping  # re-exported type for annotations in other modules
