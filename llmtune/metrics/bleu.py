@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 from itertools import chain, repeat
 from typing import Any, ClassVar
@@ -155,6 +156,13 @@ class BleuOptions:
         return {"tokenize": self.tokenizer, "smooth_method": self.smooth, "smooth_value": self.smooth_value,
                 "lowercase": bool(self.lowercase), "effective_order": bool(self.effective_order),
                 "max_ngram_order": self.order}
+
+
+@dataclasses.dataclass(frozen=True)
+class NltkBleuOptions(BleuOptions):
+    """`BleuOptions` whose default definition is NLTK's (the ``nltk`` backend computes nothing else)."""
+
+    definition: str = "nltk"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -398,12 +406,13 @@ def nltk_score(
 # ------------------------------------------------------------------------------------------------------------
 # Signature
 # ------------------------------------------------------------------------------------------------------------
-def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str) -> str:
+def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str, version: str | None = None) -> str:
     """sacrebleu-style signature: ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0|impl:...``.
 
     The sacrebleu part has sacrebleu's keys, order and formats; ``version`` is the sacrebleu version the
     numbers equal. The nltk definition uses ``nrefs|def:nltk|smooth:methodK|weights:...|version:<nltk>``.
-    ``impl`` says which code computed the numbers (``llmtune-numpy-<version>`` or the official library).
+    ``impl`` says which code computed the numbers (``llmtune-numpy-<version>`` or the official library);
+    ``version`` overrides the reproduced library version (the official backends pass the installed one).
     """
     counts = set(n_refs)
     nrefs = str(counts.pop()) if len(counts) == 1 else "var"
@@ -412,7 +421,7 @@ def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str) -> str:
         parts = [f"nrefs:{nrefs}", "def:nltk", f"smooth:method{options.smoothing or 0}", f"weights:{weights}"]
         if options.auto_reweigh:
             parts.append("reweigh:yes")
-        return "|".join([*parts, f"version:{NLTK_COMPAT}", f"impl:{impl}"])
+        return "|".join([*parts, f"version:{version or NLTK_COMPAT}", f"impl:{impl}"])
     smooth = options.smooth
     if SMOOTH_DEFAULTS[smooth] is not None:
         smooth += f"[{options.smooth_val:.2f}]"
@@ -420,7 +429,7 @@ def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str) -> str:
              f"eff:{'yes' if options.effective_order else 'no'}", f"tok:{options.tokenizer}", f"smooth:{smooth}"]
     if options.order != 4:
         parts.append(f"ngram:{options.order}")
-    return "|".join([*parts, f"version:{SACREBLEU_COMPAT}", f"impl:{impl}"])
+    return "|".join([*parts, f"version:{version or SACREBLEU_COMPAT}", f"impl:{impl}"])
 
 
 def result_keys(options: BleuOptions) -> list[str]:
@@ -497,10 +506,28 @@ def _sacre_sentences(st: SegmentStats, opts: BleuOptions) -> np.ndarray:
 def _nltk_corpus(st: SegmentStats, hyps: list[list[str]], refs: list[list[list[str]]], opts: BleuOptions) -> float:
     num = [int(x) for x in st.correct.sum(axis=0)]
     den = [int(x) for x in np.maximum(st.total, 1).sum(axis=0)]
+    warn_method0(opts, num)
     try:
         return nltk_score(num, den, int(st.hyp_len.sum()), int(st.ref_len.sum()), hyps[-1], refs[-1], opts)
     except Method6Error as exc:
         raise ValueError(f"corpus BLEU: {exc}") from None
+
+
+def warn_method0(opts: BleuOptions, num: list[int]) -> None:
+    """One UserWarning when NLTK's method0 replaces zero corpus precisions by ``sys.float_info.min``."""
+    if not opts.smoothing and num and num[0] != 0:
+        warn_zero_orders([n for n, a in enumerate(num, start=1) if a == 0])
+
+
+def warn_zero_orders(orders: list[int]) -> None:
+    """The warning of `warn_method0` for the given zero-match orders (none: no warning)."""
+    if orders:
+        warnings.warn(
+            f"BLEU (nltk definition, smoothing=0): no matching {'/'.join(map(str, orders))}-grams in the corpus, "
+            "so NLTK's method0 uses sys.float_info.min for those precisions and the score is tiny (near 0), not 0. "
+            "Pass smoothing=1..7 for a usable sentence-level score.",
+            UserWarning, stacklevel=4,
+        )
 
 
 def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[list[str]]],
@@ -517,7 +544,6 @@ def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[lis
     return out
 
 
-__all__ = ["BleuOptions", "NumpyBleu", "bleu_signature", "nltk_score", "result_keys", "sacrebleu_score",
-           "segment_stats"]
-
-_ = Mapping  # re-exported type for annotations in other modules
+__all__ = ["BleuOptions", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature", "check_corpus",
+           "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "warn_method0",
+           "warn_zero_orders"]
