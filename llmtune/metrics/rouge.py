@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -133,11 +133,14 @@ def rouge_signature(options: RougeOptions, refs: str, impl: str) -> str:
 
 
 class _Encoder:
-    """Maps texts to lists of integer token ids (after stemming), memoising every distinct word."""
+    """Maps words to integer token ids (after stemming), memoising every distinct word."""
+
+    NEWLINE = -1  # id of a line break (rougeLsum's sentence separator)
+    TEXT_END = -2  # id of the separator put between the texts of a corpus
 
     def __init__(self, use_stemmer: bool) -> None:
         self.use_stemmer = use_stemmer
-        self.word_ids: dict[str, int] = {}
+        self.word_ids: dict[str, int] = {"\n": self.NEWLINE, _TEXT_SEP: self.TEXT_END}
         self.token_ids: dict[str, int] = {}
 
     def _add(self, words: list[str]) -> None:
@@ -149,35 +152,74 @@ class _Encoder:
                 tok = stem(w) if self.use_stemmer and len(w) > 3 else w
                 word_ids[w] = token_ids.setdefault(tok, len(token_ids))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, as rouge-score's tokenizer would split it."""
-        words = _WORD_RE.findall(text.lower())
+    def ids(self, words: list[str]) -> list[int]:
+        """The ids of already-split words (``"\n"`` -> NEWLINE, the text separator -> TEXT_END)."""
         try:
             return list(map(self.word_ids.__getitem__, words))
         except KeyError:
             self._add(words)
             return list(map(self.word_ids.__getitem__, words))
 
-    def encode_sentences(self, text: str) -> list[list[int]]:
-        """rougeLsum's view of ``text``: one id list per non-empty ``"\\n"``-separated line (lines may have 0 tokens)."""
-        return [self.encode(s) for s in text.split("\n") if s]
+
+_TEXT_SEP = "\x00"
+_SPLIT_RE = re.compile(r"[a-z0-9]+|\x00")
+_SPLIT_LINES_RE = re.compile(r"[a-z0-9]+|[\n\x00]")
 
 
-class _Text:
-    """One tokenized text with the statistics every ROUGE type needs (computed once, reused per pair)."""
+class _Corpus:
+    """Every text of a corpus tokenized once: token ids per text, per line (for rougeLsum), and flat.
 
-    __slots__ = ("ids", "sents", "ngrams")
+    All texts are lower-cased and split with one regex call over their concatenation (separated by
+    NUL, which is a non-alphanumeric separator for rouge-score too); this is equal to tokenizing each
+    text alone because ``str.lower`` only looks at neighbours for the Greek final sigma (never ASCII).
+    Lines without tokens are left out of ``lines``: they add nothing to rougeLsum.
+    """
 
-    def __init__(self, ids: list[int], sents: list[list[int]] | None, orders: Sequence[int]) -> None:
-        self.ids = ids
-        self.sents = sents
-        self.ngrams = {n: _ngram_counts(ids, n) for n in orders}
+    def __init__(self, texts: list[str], enc: _Encoder, want_lines: bool) -> None:
+        joined = _TEXT_SEP.join(texts)
+        if joined.count(_TEXT_SEP) == len(texts) - 1:
+            ids = enc.ids((_SPLIT_LINES_RE if want_lines else _SPLIT_RE).findall(joined.lower()))
+        else:  # a text contains NUL itself: tokenize each text alone
+            regex = _SPLIT_LINES_RE if want_lines else _WORD_RE
+            ids = []
+            for k, text in enumerate(texts):
+                if k:
+                    ids.append(enc.TEXT_END)
+                ids += enc.ids(regex.findall(text.lower().replace(_TEXT_SEP, " ")))
+        arr = np.asarray(ids, dtype=np.int64)
+        ends = np.flatnonzero(arr == enc.TEXT_END)
+        if want_lines:
+            self.lines = _split_lines(ids, np.flatnonzero(arr < 0).tolist(), len(texts))
+            self.ids = [ln[0] if len(ln) == 1 else list(chain.from_iterable(ln)) for ln in self.lines]
+        else:
+            bounds = [-1, *ends.tolist(), len(ids)]
+            self.ids = [ids[bounds[k] + 1:bounds[k + 1]] for k in range(len(texts))]
+            self.lines = []
+        keep = arr >= 0
+        #: all token ids without separators, the text each belongs to, and each text's length
+        self.flat = arr[keep]
+        self.text_of = np.cumsum(arr == enc.TEXT_END)[keep]
+        self.lengths = np.bincount(self.text_of, minlength=len(texts))
+        self.vocab_size = max(len(enc.token_ids), 1)
 
 
-def _ngram_counts(ids: list[int], n: int) -> Counter[Any]:
-    if n == 1:
-        return Counter(ids)
-    return Counter(zip(*(ids[k:] for k in range(n))))
+def _split_lines(ids: list[int], marks: list[int], n_texts: int) -> list[list[list[int]]]:
+    """Cut ``ids`` at separator positions ``marks`` into per-text lists of non-empty lines."""
+    out: list[list[list[int]]] = []
+    lines: list[list[int]] = []
+    prev = 0
+    for m in marks:
+        if m > prev:
+            lines.append(ids[prev:m])
+        if ids[m] == _Encoder.TEXT_END:
+            out.append(lines)
+            lines = []
+        prev = m + 1
+    if len(ids) > prev:
+        lines.append(ids[prev:])
+    out.append(lines)
+    assert len(out) == n_texts
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,17 +227,42 @@ def _ngram_counts(ids: list[int], n: int) -> Counter[Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _overlap(a: Counter[Any], b: Counter[Any]) -> int:
-    """Clipped n-gram overlap ``sum(min(a[g], b[g]))``."""
-    if len(a) > len(b):
-        a, b = b, a
-    get = b.get
-    total = 0
-    for gram, count in a.items():
-        other = get(gram)
-        if other:
-            total += count if count < other else other
-    return total
+def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.ndarray) -> np.ndarray:
+    """Per row, the clipped n-gram overlap ``sum_g min(count_pred(g), count_ref(g))``, for all rows at once.
+
+    Each n-gram gets an integer code (pairs of codes re-ranked with ``np.unique`` so nothing overflows),
+    ``(text, code)`` occurrences are counted with one sort, and each row looks up its reference's
+    n-grams in its prediction's counts with ``searchsorted``. Integer-exact.
+    """
+    flat, text_of = corpus.flat, corpus.text_of
+    n_texts = len(corpus.lengths)
+    code = flat
+    for k in range(1, n):
+        if len(code) <= 1:
+            code = code[:0]
+            break
+        combined = code[:-1] * corpus.vocab_size + flat[k:]
+        _, code = np.unique(combined, return_inverse=True)
+        code = code.reshape(-1)
+    starts = np.arange(len(code))
+    valid = text_of[starts] == text_of[starts + n - 1] if len(code) else np.zeros(0, dtype=bool)
+    n_codes = int(code.max()) + 1 if len(code) else 1
+    keys = text_of[starts[valid]] * n_codes + code[valid]
+    ukeys, counts = np.unique(keys, return_counts=True)
+    first = np.searchsorted(ukeys, np.arange(n_texts + 1) * n_codes)
+    # expand every row into the distinct n-grams of its reference
+    lo, hi = first[ref_text], first[ref_text + 1]
+    sizes = hi - lo
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros(len(ref_text), dtype=np.int64)
+    row = np.repeat(np.arange(len(ref_text)), sizes)
+    entry = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes) + np.repeat(lo, sizes)
+    query = pred_text[row] * n_codes + ukeys[entry] % n_codes
+    pos = np.minimum(np.searchsorted(ukeys, query), len(ukeys) - 1)
+    pred_counts = np.where(ukeys[pos] == query, counts[pos], 0)
+    overlap = np.minimum(pred_counts, counts[entry])
+    return np.bincount(row, weights=overlap, minlength=len(ref_text)).astype(np.int64)
 
 
 def _masks(seq: list[int]) -> dict[int, int]:
@@ -227,65 +294,76 @@ def _lcs_length(a: list[int], b: list[int]) -> int:
     return len(a) - (v & full).bit_count()
 
 
-def _lcs_indices(ref: list[int], cand: list[int], masks: dict[int, int]) -> list[int]:
-    """rouge-score's ``lcs_ind(ref, cand)``: the indices into ``ref`` of *its* LCS (same back-tracking).
+def _summary_lcs_hits(ref_lines: list[list[int]], cand_lines: list[list[int]]) -> int:
+    """rougeLsum's hit count, exactly as rouge-score's ``_summary_level_lcs`` (lines without tokens dropped).
 
-    Column j of rouge-score's table is recovered from the bit vector after j candidate tokens:
-    ``t[i][j] = i - popcount(V_j & (2**i - 1))``.
+    rouge-score takes, for each reference line ``r``, the union over candidate lines ``c`` of the
+    indices of the LCS that its table back-tracking picks (``lcs_ind(r, c)``), then counts each token
+    at most as often as it is still unused in both texts, reference lines in order.
+
+    We lay all reference lines side by side in one Python int, one guard bit between lines (carries
+    stop there), and run the bit-parallel LCS (Hyyro) once per candidate line for all reference lines
+    at once. Column ``V_j`` (after ``j`` candidate tokens) has bit ``i-1`` of a line's segment set
+    exactly when ``t[i][j] = t[i-1][j]`` in rouge-score's table, which is all its back-tracking needs:
+    on equal tokens it goes diagonally, else left when ``t[i][j-1] > t[i-1][j]`` (iff that bit is 0),
+    else up; a run of up-moves jumps to the highest row below that is a match or has a 0 bit.
     """
+    if not ref_lines or not cand_lines:
+        return 0
+    if len(ref_lines) == 1 and len(cand_lines) == 1:  # the union is one LCS, and every LCS token is a hit
+        return _lcs_length(ref_lines[0], cand_lines[0])
+    masks: dict[int, int] = {}
     get = masks.get
-    v = (1 << len(ref)) - 1
-    cols = [v]
-    changed = False
-    for tok in cand:
+    starts: list[int] = []
+    full = 0
+    pos = 0
+    for line in ref_lines:
+        starts.append(pos)
+        bit = 1 << pos
+        for tok in line:
+            masks[tok] = get(tok, 0) | bit
+            bit <<= 1
+        full |= bit - (1 << pos)
+        pos += len(line) + 1  # one guard bit
+    union = 0  # bit set of reference positions in some line's union LCS (lines occupy disjoint bits)
+    for cand in cand_lines:
+        v = full
+        cols = [v]
+        for tok in cand:
+            mt = get(tok)
+            if mt:
+                u = v & mt
+                v = ((v + u) | (v - u)) & full
+            cols.append(v)
+        if v == full:  # nothing in common with any reference line
+            continue
+        n_cand = len(cand)
+        for k, line in enumerate(ref_lines):
+            lo = 1 << starts[k]
+            i = starts[k] + len(line)
+            segment = (1 << i) - lo
+            if v & segment == segment:
+                continue
+            j = n_cand
+            while j:
+                match = get(cand[j - 1], 0)
+                stop = (~cols[j] | match) & ((1 << i) - lo)
+                if not stop:
+                    break
+                i = stop.bit_length()
+                if (match >> (i - 1)) & 1:
+                    i -= 1
+                    union |= 1 << i
+                j -= 1
+    # rouge-score walks the union tokens line by line, counting a hit while the token is unused in both
+    # texts. A token x occurs at most count_ref(x) times in the unions, so that greedy count is simply
+    # min(occurrences of x in the unions, count_cand(x)), whatever the order.
+    hits = 0
+    for tok, count in Counter(chain.from_iterable(cand_lines)).items():
         mt = get(tok)
         if mt:
-            u = v & mt
-            v = (v + u) | (v - u)
-            changed = True
-        cols.append(v)
-    if not changed:
-        return []
-    out: list[int] = []
-    i, j = len(ref), len(cand)
-    while i > 0 and j > 0:
-        if ref[i - 1] == cand[j - 1]:
-            i -= 1
-            j -= 1
-            out.append(i)
-        else:
-            low = (1 << (i - 1)) - 1
-            # t[i][j-1] > t[i-1][j]  <=>  i - pc(V[j-1] & (low|bit)) > i - 1 - pc(V[j] & low)
-            if (cols[j] & low).bit_count() + 1 > (cols[j - 1] & ((low << 1) | 1)).bit_count():
-                j -= 1
-            else:
-                i -= 1
-    return out
-
-
-def _summary_lcs_hits(ref_sents: list[list[int]], cand_sents: list[list[int]]) -> int:
-    """rougeLsum's hit count: per reference line, the union LCS against every candidate line, each token
-    counted at most as often as it occurs in both texts (rouge-score's ``_summary_level_lcs``)."""
-    refs = [s for s in ref_sents if s]
-    cands = [s for s in cand_sents if s]
-    if not refs or not cands:
-        return 0
-    if len(refs) == 1 and len(cands) == 1:  # one line each: the union is a single LCS, every token a hit
-        return _lcs_length(refs[0], cands[0])
-    cnt_r = Counter(chain.from_iterable(refs))
-    cnt_c = Counter(chain.from_iterable(cands))
-    hits = 0
-    for ref in refs:
-        masks = _masks(ref)
-        union: set[int] = set()
-        for cand in cands:
-            union.update(_lcs_indices(ref, cand, masks))
-        for idx in sorted(union):
-            tok = ref[idx]
-            if cnt_c[tok] > 0 and cnt_r[tok] > 0:
-                hits += 1
-                cnt_c[tok] -= 1
-                cnt_r[tok] -= 1
+            in_union = (union & mt).bit_count()
+            hits += in_union if in_union < count else count
     return hits
 
 
@@ -338,49 +416,36 @@ class NumpyRouge(Metric):
     def _per_example(
         preds: list[str], refs: list[list[str]], types: tuple[str, ...], use_stemmer: bool,
     ) -> dict[str, np.ndarray]:
-        orders = sorted({int(t[5:]) for t in types if t not in ("rougeL", "rougeLsum")})
         want_lsum = "rougeLsum" in types
-        enc = _Encoder(use_stemmer)
+        corpus = _Corpus([*preds, *chain.from_iterable(refs)], _Encoder(use_stemmer), want_lsum)
+        # One row per (prediction, reference); texts are numbered predictions first, then references.
+        group = np.repeat(np.arange(len(preds)), [len(g) for g in refs])
+        pred_text = group
+        ref_text = np.arange(len(preds), len(preds) + len(group))
+        n_pred = corpus.lengths[pred_text]
+        n_ref = corpus.lengths[ref_text]
 
-        def prepare(text: str) -> _Text:
-            if want_lsum:
-                sents = enc.encode_sentences(text)
-                return _Text(list(chain.from_iterable(sents)), sents, orders)
-            return _Text(enc.encode(text), None, orders)
-
-        n_rows = sum(len(g) for g in refs)
-        # Integer statistics per (prediction, reference) row: hits, prediction length, reference length.
-        stats = {t: np.zeros((3, n_rows), dtype=np.int64) for t in types}
-        group = np.empty(n_rows, dtype=np.int64)
-        row = 0
-        for i, (pred_text, group_refs) in enumerate(zip(preds, refs)):
-            pred = prepare(pred_text)
-            n_pred = len(pred.ids)
-            for ref_text in group_refs:
-                ref = prepare(ref_text)
-                n_ref = len(ref.ids)
-                group[row] = i
-                for t in types:
-                    if t == "rougeL":
-                        hits, a, b = _lcs_length(ref.ids, pred.ids), n_pred, n_ref
-                    elif t == "rougeLsum":
-                        assert ref.sents is not None and pred.sents is not None
-                        hits, a, b = _summary_lcs_hits(ref.sents, pred.sents), n_pred, n_ref
-                    else:
-                        n = int(t[5:])
-                        hits = _overlap(ref.ngrams[n], pred.ngrams[n])
-                        a, b = max(n_pred - n + 1, 0), max(n_ref - n + 1, 0)
-                    s = stats[t]
-                    s[0, row] = hits
-                    s[1, row] = a
-                    s[2, row] = b
-                row += 1
+        stats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for t in types:
+            if t in ("rougeL", "rougeLsum"):
+                continue
+            n = int(t[5:])
+            hits = _ngram_hits(corpus, n, pred_text, ref_text)
+            stats[t] = (hits, np.maximum(n_pred - n + 1, 0), np.maximum(n_ref - n + 1, 0))
+        ids = corpus.ids
+        pairs = list(zip(pred_text.tolist(), ref_text.tolist()))
+        if "rougeL" in types:
+            lcs = [_lcs_length(ids[r], ids[p]) for p, r in pairs]
+            stats["rougeL"] = (np.asarray(lcs, dtype=np.int64), n_pred, n_ref)
+        if want_lsum:
+            lines = corpus.lines
+            hits_lsum = [_summary_lcs_hits(lines[r], lines[p]) for p, r in pairs]
+            stats["rougeLsum"] = (np.asarray(hits_lsum, dtype=np.int64), n_pred, n_ref)
 
         out: dict[str, np.ndarray] = {}
-        multi = n_rows != len(preds)
+        multi = len(group) != len(preds)
         for t in types:
-            s = stats[t]
-            p, r, f = _prf(s[0], s[1], s[2])
+            p, r, f = _prf(*stats[t])
             if multi:
                 chosen = _best_rows(f, group, len(preds))
                 p, r, f = p[chosen], r[chosen], f[chosen]
