@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _corpus import make_corpus  # noqa: E402
+from _corpus import make_corpus
 
 TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
