@@ -7,11 +7,14 @@ solver's error feedback sees are bit-for-bit the weights the packed layer dequan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 
+from llmtune.core.errors import InvalidOptionError
 from llmtune.quantizers.gptq.packing import SUPPORTED_BITS
 
 
@@ -37,9 +40,9 @@ class QuantResult:
 def check_bits_and_group(bits: int, group_size: int, in_features: int, where: str = "weight") -> None:
     """Raise ValueError when ``bits`` or ``group_size`` cannot be used for a layer with ``in_features`` inputs."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{where}: bits={bits} is not one of {SUPPORTED_BITS}")
+        raise InvalidOptionError(f"{where}: bits={bits} is not one of {SUPPORTED_BITS}")
     if group_size != -1 and (group_size <= 0 or in_features % group_size):
-        raise ValueError(
+        raise InvalidOptionError(
             f"{where}: group_size={group_size} does not divide in_features={in_features} "
             f"(use a divisor of {in_features}, or -1 for one group per output channel)"
         )
@@ -127,6 +130,12 @@ class GPTQ:
         block_size: int = 128,
     ) -> QuantResult:
         """Quantize ``weight`` ``[out, in]`` column by column, spreading each rounding error over the rest."""
+        with _few_threads(weight.numel(), self.H.device):
+            return self._quantize(weight, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                                  static_groups=static_groups, damp_percent=damp_percent, block_size=block_size)
+
+    def _quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, act_order: bool,
+                  static_groups: bool, damp_percent: float, block_size: int) -> QuantResult:
         if self.nsamples == 0:
             raise ValueError("GPTQ needs calibration inputs: add_batch was never called with any token")
         W = weight.detach().to(device=self.H.device, dtype=torch.float32).clone()
@@ -222,6 +231,20 @@ class GPTQ:
             loss=float(losses.sum()),
             damp_percent=used_damp,
         )
+
+
+@contextlib.contextmanager
+def _few_threads(numel: int, device: torch.device) -> Iterator[None]:
+    """One CPU thread for small layers: the column loop is many tiny ops, where threads only add overhead."""
+    if torch.device(device).type != "cpu" or numel > 1 << 20 or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:

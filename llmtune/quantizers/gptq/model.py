@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmtune.quantizers.gptq.algorithm import GPTQ, QuantResult, check_bits_and_group, rtn
+from llmtune.core.errors import InvalidOptionError
+from llmtune.quantizers.gptq.algorithm import GPTQ, QuantResult, _few_threads, check_bits_and_group, rtn
 from llmtune.quantizers.gptq.quant_linear import QuantLinear
 
 #: "True sequential" order inside a block (GPTQModel's for Llama-family and OPT-style names).
@@ -172,15 +173,32 @@ def quantize_model(
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Quantize every linear of every decoder block of ``model`` in place; returns a summary dict."""
+    numel = sum(p.numel() for p in model.parameters())
+    with _few_threads(numel // 16, _model_device(model)):  # tiny models: threads only add overhead
+        return _quantize_model(model, spec, method=method, calibration=calibration, skip_modules=skip_modules,
+                               progress=progress)
+
+
+def _quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    *,
+    method: str,
+    calibration: Iterable[Any] | None,
+    skip_modules: tuple[str, ...],
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
     # Validate every layer before any work, so a bad group size fails fast and names the layer.
     for i, block in enumerate(blocks):
         for name, lin in block_linears(block, f"{prefix}.{i}", skip_modules).items():
             check_bits_and_group(spec.bits, spec.group_size, lin.in_features, where=f"{prefix}.{i}.{name}")
-            if lin.in_features % 32 or (lin.out_features * spec.bits) % 32:
-                raise ValueError(f"{prefix}.{i}.{name}: in_features={lin.in_features} must be a multiple of 32 "
-                                 f"(and out_features*bits of 32) for the GPTQ int32 layout")
+            if (lin.in_features * spec.bits) % 32 or (lin.out_features * spec.bits) % 32:
+                raise InvalidOptionError(
+                    f"{prefix}.{i}.{name}: in_features*bits={lin.in_features * spec.bits} and out_features*bits="
+                    f"{lin.out_features * spec.bits} must be multiples of 32 for the GPTQ int32 layout "
+                    f"(skip it with skip_modules=[..., {name!r}])")
     losses: dict[str, float] = {}
     damps: dict[str, float] = {}
     quantized: list[str] = []

@@ -43,13 +43,17 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[n, m]`` (values in [0, 2**bits)) along dim 0 into int32 ``[n*bits/32, m]``."""
     _check_bits(bits)
     n, m = codes.shape
-    if n % 32:
-        raise ValueError(f"cannot pack {n} rows: GPTQ packing needs a multiple of 32 along the packed dimension")
+    if (n * bits) % 32:
+        raise ValueError(f"cannot pack {n} {bits}-bit codes into whole int32 words: the packed dimension "
+                         f"times bits ({n * bits}) must be a multiple of 32")
     c = codes.to(torch.int64)
-    if int(c.min()) < 0 or int(c.max()) >= (1 << bits):
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
-    c = c.reshape(n // 32, 32, m)
-    out = torch.zeros(n // 32, bits, m, dtype=torch.int64, device=codes.device)
+    chunks = -(-n // 32)
+    if chunks * 32 != n:  # pad to whole runs of 32 codes; the padding words are dropped below
+        c = torch.cat([c, c.new_zeros(chunks * 32 - n, m)])
+    c = c.reshape(chunks, 32, m)
+    out = torch.zeros(chunks, bits, m, dtype=torch.int64, device=codes.device)
     for j in range(32):
         offset = j * bits
         word, shift = divmod(offset, 32)
@@ -57,18 +61,21 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         spill = shift + bits - 32
         if spill > 0:  # the code's high bits continue in the next word
             out[:, word + 1] |= c[:, j] >> (bits - spill)
-    return _to_int32(out.reshape(n // 32 * bits, m))
+    return _to_int32(out.reshape(chunks * bits, m)[: n * bits // 32])
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_rows`: int32 ``[n*bits/32, m]`` to int32 codes ``[n, m]``."""
     _check_bits(bits)
     rows, m = packed.shape
-    if rows % bits:
-        raise ValueError(f"packed tensor has {rows} rows, not a multiple of bits={bits}")
-    w = _to_uint(packed).reshape(rows // bits, bits, m)
+    n = rows * 32 // bits
+    w = _to_uint(packed)
+    chunks = -(-rows // bits)
+    if chunks * bits != rows:
+        w = torch.cat([w, w.new_zeros(chunks * bits - rows, m)])
+    w = w.reshape(chunks, bits, m)
     mask = (1 << bits) - 1
-    out = torch.empty(rows // bits, 32, m, dtype=torch.int64, device=packed.device)
+    out = torch.empty(chunks, 32, m, dtype=torch.int64, device=packed.device)
     for j in range(32):
         word, shift = divmod(j * bits, 32)
         value = w[:, word] >> shift
@@ -76,7 +83,7 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
         if spill > 0:
             value = value | (w[:, word + 1] << (bits - spill))
         out[:, j] = value & mask
-    return out.reshape(rows // bits * 32, m).to(torch.int32)
+    return out.reshape(chunks * 32, m)[:n].to(torch.int32)
 
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -40,10 +40,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: bits={bits} is not one of {SUPPORTED_BITS}")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"QuantLinear: checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
-        if in_features % 32 or (out_features * bits) % 32:
+        if (in_features * bits) % 32 or (out_features * bits) % 32:
             raise ValueError(
-                f"QuantLinear: in_features={in_features} must be a multiple of 32 and out_features*bits="
-                f"{out_features * bits} a multiple of 32 for the GPTQ int32 layout"
+                f"QuantLinear: in_features*bits={in_features * bits} and out_features*bits="
+                f"{out_features * bits} must be multiples of 32 for the GPTQ int32 layout"
             )
         gs = in_features if group_size == -1 else group_size
         if in_features % gs:
