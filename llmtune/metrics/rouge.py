@@ -327,34 +327,41 @@ def _summary_lcs_hits(ref_lines: list[list[int]], cand_lines: list[list[int]]) -
         pos += len(line) + 1  # one guard bit
     union = 0  # bit set of reference positions in some line's union LCS (lines occupy disjoint bits)
     for cand in cand_lines:
+        col_masks = [get(tok, 0) for tok in cand]
         v = full
         cols = [v]
-        for tok in cand:
-            mt = get(tok)
+        for mt in col_masks:
             if mt:
                 u = v & mt
                 v = ((v + u) | (v - u)) & full
             cols.append(v)
         if v == full:  # nothing in common with any reference line
             continue
-        n_cand = len(cand)
         for k, line in enumerate(ref_lines):
             lo = 1 << starts[k]
             i = starts[k] + len(line)
             segment = (1 << i) - lo
             if v & segment == segment:
                 continue
-            j = n_cand
-            while j:
-                match = get(cand[j - 1], 0)
-                stop = (~cols[j] | match) & ((1 << i) - lo)
+            # Walk only the columns whose token occurs in this line: across a run of other columns the
+            # line's bits do not change, and the walk moves once to the highest 0 bit below i, then stays.
+            j = len(cand)
+            for col in [c for c in range(j, 0, -1) if col_masks[c - 1] & segment]:
+                bits = cols[col]
+                if col < j:
+                    stop = ~bits & ((1 << i) - lo)
+                    if not stop:
+                        break
+                    i = stop.bit_length()
+                match = col_masks[col - 1]
+                stop = (~bits | match) & ((1 << i) - lo)
                 if not stop:
                     break
                 i = stop.bit_length()
                 if (match >> (i - 1)) & 1:
                     i -= 1
                     union |= 1 << i
-                j -= 1
+                j = col - 1
     # rouge-score walks the union tokens line by line, counting a hit while the token is unused in both
     # texts. A token x occurs at most count_ref(x) times in the unions, so that greedy count is simply
     # min(occurrences of x in the unions, count_cand(x)), whatever the order.
