@@ -1,0 +1,21 @@
+"""Training data without `datasets`: load records, detect formats, render prompt templates, tokenize with labels.
+
+    records = load_records("orders.jsonl")                  # .jsonl / .json / .csv; errors name file:line:field
+    examples = build_examples(records, tokenizer, template="llama3", max_length=512)
+    batch = collate(examples[:8], tokenizer.pad_token_id)   # input_ids, attention_mask, labels (-100 = no loss)
+
+Importing this package imports neither torch nor transformers.
+"""
+
+from llmtune.data.examples import IGNORE_INDEX, TRUNCATION, Example, build_examples, collate, pack_examples
+from llmtune.data.formats import FORMATS, ROLES, detect_format, to_messages
+from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
+from llmtune.data.records import Records, as_records, load_records
+from llmtune.data.templates import TEMPLATES, Segment, check_template, render_prompt, render_segments, render_text
+
+__all__ = [
+    "FORMATS", "IGNORE_INDEX", "ROLES", "TEMPLATES", "TRUNCATION", "Example", "Records", "Segment", "as_records",
+    "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
+    "load_records", "pack_examples", "render_prompt", "render_segments", "render_text", "split_instructions",
+    "to_messages",
+]

@@ -1,0 +1,114 @@
+"""Load a causal LM and its tokenizer from a local directory or a hub id, failing fast and clearly when offline.
+
+* A local directory is read with ``local_files_only=True`` (never touches the network).
+* A hub id is read from the local cache only when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set or the hub
+  does not answer a quick connection probe; a miss is then an `LlmtuneError` that says what to do, not a hang.
+* ``trust_remote_code`` is off unless asked for; a model that needs it is an error that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """Whether the environment asks for no hub access (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT, default huggingface.co:443) opens in time."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether `name` is meant as a filesystem path rather than a hub id ("org/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """A torch dtype (or "auto" / None) from a dtype or its name."""
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(torch, dtype)
+    raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} or a torch.dtype")
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | Path,
+    *,
+    dtype: Any = None,
+    quantization_config: Any = None,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local directory or a hub id; a tokenizer without a pad token gets eos as pad.
+
+    `quantization_config` is passed to ``from_pretrained`` as is (e.g. a Quantizer's ``hf_quantization_config()``).
+    Raises `ConfigError` for a missing local directory and `LlmtuneError` when a hub id cannot be fetched.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(trust_remote_code, bool):
+        raise InvalidOptionError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+    torch_dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        source, local_only = str(local), True
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{local}: not a model directory (no config.json)")
+    elif isinstance(name_or_path, Path) or _looks_like_path(name) or local.exists():
+        raise ConfigError(f"{name}: no such model directory")
+    else:
+        source = name
+        local_only = hub_offline()
+        if not local_only and not hub_reachable():
+            local_only = True  # try the cache; the error below says the hub was unreachable
+    where = "the local directory" if local.is_dir() else (
+        "the local cache (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if hub_offline()
+        else "the local cache (the hub is unreachable)" if local_only else "the Hugging Face hub")
+
+    kwargs: dict[str, Any] = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
+    model_kwargs = dict(kwargs)
+    if torch_dtype is not None:
+        model_kwargs["dtype"] = torch_dtype
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        model_kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except (OSError, ValueError) as err:
+        text = str(err)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise LlmtuneError(f"{name} contains custom code; it is not run unless you pass trust_remote_code=True "
+                               "(read the code first)") from err
+        hint = ("download it on a machine with access (or unset HF_HUB_OFFLINE), or pass a local directory"
+                if local_only and not local.is_dir() else "check the name, the revision and your access rights")
+        raise LlmtuneError(f"cannot load model {name!r} from {where}: {text.splitlines()[0] if text else err!r}. "
+                           f"{hint.capitalize()}.") from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
