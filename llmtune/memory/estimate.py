@@ -1,0 +1,621 @@
+"""Serving and fine-tuning GPU-memory estimates, term by term and phase by phase (stdlib only).
+
+What is predicted is ``torch.cuda.max_memory_allocated()`` of one run (``peak_tensor_bytes``) and what the
+device shows (``device_bytes``: plus CUDA context and the caching allocator's reserve). Every term is a
+count of tensors that are alive at that moment; docs/memory.md derives each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from llmtune.core.errors import InvalidOptionError, did_you_mean
+from llmtune.memory.gpus import GPUS, gpu_bytes
+from llmtune.memory.spec import ModelSpec
+from llmtune.memory.weights import default_format, weight_terms
+
+MiB = 2**20
+GB = 10**9
+
+METHODS = ("full", "lora", "qlora", "dora")
+RECIPES = ("llmtune", "hf", "unsloth")
+ATTENTIONS = ("sdpa", "flash", "eager")
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum", "adafactor")
+PRECISIONS = ("bf16", "fp32", "mixed")
+SHARDINGS = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
+
+#: CUDA context after ``torch.cuda.init()`` on the H100 of ../shared/memory (torch 2.11, CUDA 13, lazy loading).
+DEFAULT_CUDA_CONTEXT = 527 * MiB
+#: cuBLAS workspace per handle: PyTorch's default on Hopper (":4096:8" = 32 MiB; other GPUs ~8 MiB).
+DEFAULT_WORKSPACE = 32 * MiB
+#: Caching-allocator reserve on top of the peak, as a fraction of the transient (non-static) bytes.
+DEFAULT_ALLOCATOR_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A memory estimate: the peak, what the device shows, every term, and each phase's peak."""
+
+    peak_tensor_bytes: int
+    device_bytes: int
+    breakdown: dict[str, int]
+    phases: dict[str, int]
+    peak_phase: str
+    phase_breakdowns: dict[str, dict[str, int]]
+    assumptions: tuple[str, ...] = ()
+
+    @property
+    def peak_gib(self) -> float:
+        """``peak_tensor_bytes`` in GiB."""
+        return self.peak_tensor_bytes / 2**30
+
+    @property
+    def device_gib(self) -> float:
+        """``device_bytes`` in GiB."""
+        return self.device_bytes / 2**30
+
+    def fits(self, gpu: str | int) -> bool:
+        """True when ``device_bytes`` fits in ``gpu`` (a name from GPUS or a byte count)."""
+        return self.device_bytes <= gpu_bytes(gpu)
+
+    def fitting_gpus(self) -> dict[str, bool]:
+        """For each common GPU, whether this estimate fits on one of it."""
+        return {name: self.device_bytes <= b for name, b in GPUS.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (bytes as ints)."""
+        return dataclasses.asdict(self) | {"assumptions": list(self.assumptions)}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidOptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise InvalidOptionError(f"{name}={value!r} is not one of {', '.join(choices)}.{hint}")
+    return str(value)
+
+
+def _check_nonneg_bytes(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidOptionError(f"{name} must be a byte count >= 0, got {value!r}")
+    return value
+
+
+def _check_fraction(name: str, value: object, hi: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < hi:
+        raise InvalidOptionError(f"{name} must be a number in [0, {hi}), got {value!r}")
+    return float(value)
+
+
+def _check_spec(spec: object) -> ModelSpec:
+    if not isinstance(spec, ModelSpec):
+        raise InvalidOptionError(f"spec must be a ModelSpec (ModelSpec.from_preset/from_hf_config), got {spec!r}")
+    return spec
+
+
+def rule_of_thumb_serving_gb(params: float, bits: float) -> float:
+    """The lecture's serving rule ``M = (P x 4B / (32/Q)) x 1.2`` in GB (1e9 bytes); no KV cache, no batch."""
+    if isinstance(params, bool) or not isinstance(params, (int, float)) or params <= 0:
+        raise InvalidOptionError(f"params must be a positive number, got {params!r}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
+        raise InvalidOptionError(f"bits must be a positive number, got {bits!r}")
+    return round(params * 4 / (32 / bits) * 1.2 / GB, 6)
+
+
+def resolve_lora_targets(spec: ModelSpec, targets: str | Iterable[str]) -> list[str]:
+    """Linear module names LoRA wraps: ``"all-linear"`` (PEFT: every linear but lm_head) or a list of names."""
+    names = {lin.name for lin in spec.layer_linears() if not lin.expert}
+    if targets == "all-linear":
+        return sorted(names)
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if not wanted or not all(isinstance(t, str) and t for t in wanted):
+        raise InvalidOptionError(f"lora_targets must be 'all-linear' or module names, got {targets!r}")
+    hit = sorted(names & set(wanted))
+    if not hit:
+        raise InvalidOptionError(f"lora_targets {wanted} match no linear module of {spec.name!r} "
+                                 f"(family {spec.family}); it has: {', '.join(sorted(names))}")
+    return hit
+
+
+def lora_params(spec: ModelSpec, rank: int, targets: Iterable[str], dora: bool = False) -> int:
+    """Trainable adapter parameters: r x (in + out) per wrapped linear (+ out magnitudes for DoRA)."""
+    ts = set(targets)
+    per_layer = sum(rank * (x.in_features + x.out_features) + (x.out_features if dora else 0)
+                    for x in spec.layer_linears() if x.name in ts and not x.expert)
+    return spec.num_layers * per_layer
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """How one layer is run: dtypes, what is trainable, which kernels."""
+
+    act: int  # bytes of the residual stream / activations (2 = bf16, 4 = fp32)
+    train_base: bool  # base weights trainable (full fine-tuning)
+    lora: frozenset[str]
+    lora_bytes: int  # adapter dtype (PEFT keeps adapters in fp32)
+    rank: int
+    lora_dropout: float
+    dora: bool
+    attention: str
+    kernels: str  # "hf" (eager PyTorch ops) or "unsloth" (fused Triton kernels)
+
+
+def _norm_bytes(spec: ModelSpec, c: _Ctx, width: int) -> int:
+    """Bytes per token one norm saves for backward."""
+    a = c.act
+    if c.kernels == "unsloth":  # fused RMSNorm kernel: saves its input and 1/rms
+        return a * width + 4
+    if spec.norm == "layernorm":  # native_layer_norm saves input, mean and rstd
+        return a * width + 8
+    # HF RMSNorm: x.float() (or x itself when already fp32) and rsqrt(var); with a trainable weight also
+    # the normalised tensor multiplied by it (cast back for Llama, fp32 for Gemma's (1 + w))
+    return 4 * width + 4 + ((a if spec.norm == "rms" else 4) * width if c.train_base else 0)
+
+
+def _layer_terms(spec: ModelSpec, c: _Ctx) -> tuple[dict[str, float], float, float]:
+    """Bytes per token that autograd saves for one decoder layer, by term; the eager s^2 coefficient;
+    and the bytes of the layer's first norm (not saved in layer 0 when the embedding output needs no grad).
+
+    Second value: bytes per token per key position (multiply by seq_len) for the eager attention matrix.
+    """
+    a, h, f = c.act, spec.hidden_size, spec.intermediate_size
+    t: dict[str, float] = {}
+    saved: set[str] = set()
+    quad = 0.0
+
+    def add(k: str, v: float) -> None:
+        t[k] = t.get(k, 0.0) + v
+
+    def norm(width: int) -> None:
+        add("norms", _norm_bytes(spec, c, width))
+
+    def linear(name: str, src: str, n_in: int, n_out: int) -> None:
+        if c.train_base and src not in saved:  # a trainable weight needs its input for dW
+            saved.add(src)
+            add("linear_inputs", a * n_in)
+        if name in c.lora:
+            if c.lora_dropout > 0:  # dropout output (adapter dtype) + bool mask, per module
+                add("lora_inputs", (c.lora_bytes + 1) * n_in)
+            elif c.lora_bytes != a and c.kernels != "unsloth":  # PEFT casts x to the adapter dtype: a copy per module
+                add("lora_inputs", c.lora_bytes * n_in)
+            elif src not in saved:
+                saved.add(src)
+                add("lora_inputs", a * n_in)
+            add("lora_inputs", c.lora_bytes * c.rank)  # lora_A output, saved by lora_B
+            if c.dora:  # base result and lora result are saved by DoRA's magnitude scaling
+                add("dora", (a + 2 * c.lora_bytes) * n_out)
+
+    q, kv, heads = spec.q_dim, spec.kv_dim, spec.num_heads
+    # ---- attention block
+    first_norm = float(_norm_bytes(spec, c, h))
+    norm(h)
+    if spec.fused_qkv:
+        qkv_name = "c_attn" if spec.family == "gpt2" else ("query_key_value" if spec.family in ("gpt_neox", "falcon")
+                                                           else "qkv_proj")
+        linear(qkv_name, "x_attn", h, q + 2 * kv)
+    else:
+        for n, w in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            linear(n, "x_attn", h, w)
+    if spec.qk_norm:
+        add("norms", 4 * (q + kv) + 4 * (heads + spec.num_kv_heads) + (a * (q + kv) if c.train_base else 0))
+    gqa_native = c.attention != "eager" and spec.head_dim <= 256
+    k_saved = kv if (gqa_native or kv == q) else q  # repeat_kv materialises full-head K/V otherwise
+    if spec.family == "gpt2":
+        qkv_store = a * (q + 2 * kv)  # q, k, v: views of c_attn's output (SDPA) or bmm copies (eager)
+        v_store = 0.0
+        qk_store = 0.0
+    else:
+        qkv_store = 0.0
+        qk_store = a * (q + k_saved)  # RoPE (or q/k-norm) makes new q, k tensors
+        # Phi-3 slices v out of the fused qkv output: the saved view keeps the whole output alive
+        v_store = a * (q + 2 * kv) if spec.family == "phi3" and k_saved == kv else a * k_saved
+    if c.attention == "eager":
+        add("attention", qkv_store + qk_store + v_store)
+        if spec.family == "gpt2":
+            quad += a * heads  # GPT-2 takes the softmax in the activation dtype
+        else:
+            quad += 4 * heads + (a * heads if a != 4 else 0)  # fp32 softmax output + its cast back
+        if spec.family == "gemma2":
+            quad += a * heads  # attention-logit soft-capping: tanh output
+        if spec.dropout:
+            quad += (1 + a) * heads  # attention dropout mask + output
+    else:  # flash / memory-efficient SDPA: q, k, v, output and fp32 logsumexp; no s^2 term
+        add("attention", qkv_store + qk_store + v_store + a * q + 4 * heads)
+        saved.add("attn_2d")  # the output is laid out (b, s, heads, d): o_proj's input is the same storage
+    o_name = {"gpt2": "c_proj", "gpt_neox": "dense", "falcon": "dense"}.get(spec.family, "o_proj")
+    linear(o_name, "attn_2d", q, h)
+    if spec.norms_per_layer == 4:
+        norm(h)  # Gemma 2/3 post-attention norm
+    if spec.dropout:
+        add("dropout_masks", h)
+    # ---- MLP block
+    shared_norm = spec.parallel_residual and spec.norms_per_layer == 1
+    if spec.parallel_residual and spec.norm == "layernorm" and not shared_norm:
+        add("norms", 8)  # GPT-NeoX: both LayerNorms read the same x, saved once
+    elif not shared_norm:
+        norm(h)
+    src = "x_attn" if shared_norm else "x_mlp"
+    if spec.is_moe:
+        e, k, fe = spec.num_experts, spec.experts_per_token, spec.moe_intermediate_size
+        linear("gate", src, h, e)
+        add("moe", a * e + 4 * e + 8 * k)  # router logits, fp32 softmax, top-k weights/indices
+        per_slot = a * 2 * fe + a * fe + a * h  # gate/up output, activation, weighted expert output
+        if c.train_base:
+            per_slot += a * h + a * fe  # expert inputs and down_proj input for dW
+        add("moe", k * per_slot)
+        if spec.shared_expert_intermediate_size:
+            fs = spec.shared_expert_intermediate_size
+            linear("gate_proj", src, h, fs)
+            linear("up_proj", src, h, fs)
+            add("mlp", 3 * a * fs + a * h + a)  # gate, act, up, shared output and its sigmoid gate
+            linear("down_proj", "mlp_mid", fs, h)
+    elif spec.mlp == "gated":
+        if spec.fused_gate_up:
+            linear("gate_up_proj", src, h, 2 * f)
+            add("mlp", a * 2 * f + a * f)  # gate/up are views of one tensor (kept whole) + act(gate)
+        else:
+            linear("gate_proj", src, h, f)
+            linear("up_proj", src, h, f)
+            add("mlp", (2 if c.kernels == "unsloth" else 3) * a * f)  # gate, up (+ act(gate) for mul)
+        linear("down_proj", "mlp_mid", f, h)
+    else:
+        fc = {"gpt2": "c_fc"}.get(spec.family, "dense_h_to_4h")
+        fc2 = {"gpt2": "c_proj"}.get(spec.family, "dense_4h_to_h")
+        linear(fc, src, h, f)
+        add("mlp", a * f * (4 if spec.activation == "gelu_new" else 1))  # GELU input (+ gelu_new's pieces)
+        linear(fc2, "mlp_mid", f, h)
+    if spec.norms_per_layer == 4:
+        norm(h)  # Gemma 2/3 post-feed-forward norm
+    if spec.dropout:
+        add("dropout_masks", h)
+    return t, quad, first_norm
+
+
+def _bwd_temp(spec: ModelSpec, c: _Ctx) -> float:
+    """Per-token gradient temporaries while one layer runs backward (residual grads, MLP-sized grads)."""
+    f = spec.experts_per_token * spec.moe_intermediate_size if spec.is_moe else spec.intermediate_size
+    extra = 4 * f if ("down_proj" in c.lora and c.lora_bytes != c.act and c.kernels != "unsloth") else 0
+    return 2 * c.act * spec.hidden_size + 3 * c.act * f + extra
+
+
+# ---------------------------------------------------------------------------------------------- estimate core
+def _finish(phases: dict[str, dict[str, int]], static_keys: Iterable[str], context: int, fraction: float,
+            assumptions: list[str]) -> Estimate:
+    """Pick the peak phase, add context and allocator reserve, build the Estimate."""
+    clean = {p: {k: int(v) for k, v in terms.items() if int(v) != 0} for p, terms in phases.items()}
+    totals = {p: sum(t.values()) for p, t in clean.items()}
+    peak_phase = max(totals, key=lambda p: totals[p])
+    peak = totals[peak_phase]
+    static = sum(v for k, v in clean[peak_phase].items() if k in set(static_keys))
+    reserve = int(fraction * max(0, peak - static))
+    breakdown = dict(clean[peak_phase])
+    breakdown["cuda_context"] = context
+    breakdown["allocator_reserve"] = reserve
+    return Estimate(peak_tensor_bytes=peak, device_bytes=peak + context + reserve, breakdown=breakdown,
+                    phases=totals, peak_phase=peak_phase, phase_breakdowns=clean, assumptions=tuple(assumptions))
+
+
+def estimate_training(
+    spec: ModelSpec,
+    method: str = "lora",
+    *,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = True,
+    lora_rank: int = 16,
+    lora_targets: str | Iterable[str] = "all-linear",
+    lora_dropout: float = 0.0,
+    optimizer: str = "adamw",
+    recipe: str = "llmtune",
+    attention: str = "sdpa",
+    precision: str = "bf16",
+    weight_bits: int | None = None,
+    weight_format: str | None = None,
+    gpus: int = 1,
+    sharding: str = "none",
+    loss_chunk_tokens: int = 1024,
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
+    workspace_bytes: int = DEFAULT_WORKSPACE,
+    allocator_fraction: float = DEFAULT_ALLOCATOR_FRACTION,
+) -> Estimate:
+    """Peak GPU memory of fine-tuning ``spec`` (per GPU), as the max over forward, backward and optimizer step.
+
+    ``recipe``: ``"hf"`` = plain transformers + PEFT + bitsandbytes (../shared/memory/reference_recipe.py:
+    full fp32 logits in the loss, QLoRA through ``prepare_model_for_kbit_training``); ``"llmtune"`` = llmtune's
+    peft trainer (chunked cross-entropy over ``loss_chunk_tokens`` tokens, no fp32 upcast); ``"unsloth"`` =
+    Unsloth (fused kernels, offloaded checkpoints, cut cross-entropy). ``batch_size`` is per GPU.
+    """
+    spec = _check_spec(spec)
+    method = _check_choice("method", method, METHODS)
+    recipe = _check_choice("recipe", recipe, RECIPES)
+    attention = _check_choice("attention", attention, ATTENTIONS)
+    optimizer = _check_choice("optimizer", optimizer, OPTIMIZERS)
+    precision = _check_choice("precision", precision, PRECISIONS)
+    sharding = _check_choice("sharding", sharding, SHARDINGS)
+    b = _check_int("batch_size", batch_size)
+    s = _check_int("seq_len", seq_len)
+    n_gpu = _check_int("gpus", gpus)
+    rank = _check_int("lora_rank", lora_rank)
+    chunk_tokens = _check_int("loss_chunk_tokens", loss_chunk_tokens)
+    dropout = _check_fraction("lora_dropout", lora_dropout)
+    context = _check_nonneg_bytes("cuda_context_bytes", cuda_context_bytes)
+    ws = _check_nonneg_bytes("workspace_bytes", workspace_bytes)
+    frac = _check_fraction("allocator_fraction", allocator_fraction, 10.0)
+    if not isinstance(gradient_checkpointing, bool):
+        raise InvalidOptionError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    if n_gpu == 1 and sharding not in ("none", "ddp"):
+        sharding = "none"
+    if n_gpu > 1 and sharding == "none":
+        sharding = "ddp"
+    if recipe == "unsloth" and method == "full" and sharding != "none":
+        raise InvalidOptionError("recipe='unsloth' has no FSDP/ZeRO support; use recipe='hf' or 'llmtune'")
+    if method != "full" and precision != "bf16":
+        raise InvalidOptionError(f"precision={precision!r} applies to method='full' only")
+
+    T = b * s
+    V, h = spec.vocab_size, spec.hidden_size
+    notes: list[str] = []
+    full = method == "full"
+    quant = method == "qlora"
+    # ---- weights
+    if quant:
+        fmt = weight_format or default_format(weight_bits if weight_bits is not None else 4)
+        if fmt in ("bf16", "fp16", "fp32"):
+            raise InvalidOptionError(f"method='qlora' needs a quantized weight format, got {fmt!r}")
+        bits = weight_bits if weight_bits is not None else (8 if fmt == "int8" else 4)
+    else:
+        if weight_bits not in (None, 16, 32) or weight_format not in (None, "bf16", "fp16", "fp32"):
+            raise InvalidOptionError(f"method={method!r} trains a 16/32-bit base; for a quantized base use "
+                                     "method='qlora'")
+        fmt = {"bf16": "bf16", "fp32": "fp32", "mixed": "fp32"}[precision] if full else "bf16"
+        bits = 16
+    upcast = quant and recipe == "hf"
+    wterms = weight_terms(spec, fmt, bits=bits, upcast_fp32=upcast)
+    act = 4 if (upcast or (full and precision == "fp32")) else 2
+    if upcast:
+        notes.append("hf QLoRA: prepare_model_for_kbit_training upcasts embeddings/lm_head/norms to fp32, so the "
+                     "residual stream, activations and logits are fp32")
+    # ---- trainable parameters, gradients, optimizer states
+    targets = [] if full else resolve_lora_targets(spec, lora_targets)
+    if full:
+        trainable = spec.num_params
+        p_bytes = 4 if precision in ("fp32", "mixed") else 2
+    else:
+        trainable = lora_params(spec, rank, targets, dora=method == "dora")
+        p_bytes = 4  # PEFT (and Unsloth) keep adapters in fp32
+    grad_bytes = p_bytes
+    state_bytes = {"adamw": 2 * p_bytes, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": p_bytes, "adafactor": 0}[optimizer]
+    states = trainable * state_bytes
+    if optimizer == "adamw_8bit":
+        states += trainable * 2 * 4 // 256  # bitsandbytes: one fp32 absmax per 256-value block, per state
+    if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix
+        if full:
+            states = spec.num_layers * sum(4 * (x.in_features + x.out_features) * x.count for x in spec.layer_linears())
+            states += 4 * (V + h) * (1 if spec.tie_embeddings else 2)
+        else:
+            states = spec.num_layers * sum(4 * (rank + x.in_features) + 4 * (rank + x.out_features)
+                                           for x in spec.layer_linears() if x.name in targets and not x.expert)
+    opt_temp = trainable * p_bytes if optimizer == "adamw" else 0  # foreach AdamW: sqrt(exp_avg_sq) copy
+    grads = trainable * grad_bytes
+    # ---- sharding (per GPU)
+    weights_total = sum(wterms.values())
+    master = trainable * p_bytes if not full else 0  # LoRA adapters (full: the weights are the parameters)
+    shard_terms: dict[str, int] = {}
+    if sharding in ("zero1", "zero2", "zero3", "fsdp"):
+        states //= n_gpu
+        opt_temp //= n_gpu
+    if sharding in ("zero2", "zero3", "fsdp"):
+        grads //= n_gpu
+    if sharding in ("zero3", "fsdp"):
+        wterms = {k: v // n_gpu for k, v in wterms.items()}
+        master //= n_gpu
+        layer_params = spec.layer_linear_params + spec.layer_other_params
+        shard_terms["gathered_layers"] = 2 * layer_params * (2 if fmt in ("bf16", "fp16") or precision == "mixed"
+                                                             else (4 if fmt == "fp32" else 1))
+        if full:
+            shard_terms["grad_reduce_buffer"] = layer_params * grad_bytes
+        notes.append(f"{sharding}: parameters, gradients and optimizer states sharded over {n_gpu} GPUs; "
+                     "two layers gathered at a time (current + prefetch)")
+    elif sharding == "ddp" and n_gpu > 1:
+        shard_terms["ddp_grad_buckets"] = trainable * grad_bytes
+        notes.append("DDP: gradient buckets hold a second copy of the gradients")
+    mixed_cache = {"autocast_weight_copies": spec.num_params * 2 // (n_gpu if sharding in ("zero3", "fsdp") else 1)} \
+        if (full and precision == "mixed") else {}
+    # ---- activations
+    c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if recipe != "unsloth" else act,
+             rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention,
+             kernels="unsloth" if recipe == "unsloth" else "hf")
+    layer, quad, first_norm = _layer_terms(spec, c)
+    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
+    L = spec.num_layers
+    eager_mask = act * s if attention == "eager" else 0  # (b, 1, s, s) causal mask shared by all layers
+    model_level = _norm_bytes(spec, c, h) + (act * h if full else 0)  # final norm (+ lm_head input for dW)
+    model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
+    if not full and not gradient_checkpointing:
+        model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
+    if spec.dropout:
+        model_level += h  # embedding dropout mask
+    offloaded = recipe == "unsloth" and gradient_checkpointing
+    if gradient_checkpointing:
+        per_layer_kept = 0 if offloaded else act * h  # the layer input; the rest is recomputed
+        acts = {"activations_checkpoints": L * per_layer_kept * T, "activations_model": int((model_level + eager_mask) * T)}
+        if offloaded:
+            acts["offload_buffers"] = 2 * act * h * T
+            notes.append("unsloth gradient checkpointing offloads each layer's input to CPU RAM")
+        recompute = {"activations_recomputed_layer": int(layer_pt * T)}
+    else:
+        acts = {f"activations_{k}": int(L * v * T) for k, v in layer.items()}
+        if quad:
+            acts["activations_attention_scores"] = int(L * quad * s * T)
+        acts["activations_model"] = int((model_level + eager_mask) * T)
+        recompute = {}
+    bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
+    dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
+    # ---- logits and loss, by recipe
+    softcap = spec.final_logit_softcapping is not None
+    if recipe == "hf":
+        logits = act * V * T
+        loss_fwd = {"logits": logits, "logits_prev_step": logits,
+                    "loss_fp32_logits": (4 * V * T if act != 4 else 0), "loss_log_softmax": 4 * V * T}
+        if softcap:
+            loss_fwd["logits_softcap"] = logits
+        loss_bwd = {"logits": logits, "loss_log_softmax": 4 * V * T, "loss_grad_nll": 4 * V * T,
+                    "loss_grad_log_softmax": 4 * V * T}
+        if softcap:
+            loss_bwd["logits_softcap"] = logits
+        held = {"logits": logits}  # the returned logits stay alive until the next forward overwrites `out`
+        fwd_prev = {"logits_prev_step": logits}
+        notes.append("hf: transformers' loss upcasts all logits to fp32; the recipe keeps `out` (with its logits) "
+                     "alive through backward and optimizer step and into the next forward")
+    elif recipe == "llmtune":
+        ck = min(chunk_tokens, T)
+        loss_fwd = {"loss_chunk_working_set": ck * V * (act + 8), "loss_hidden_saved": act * h * T}
+        loss_bwd = {"loss_chunk_working_set": ck * V * (act + 12), "loss_hidden_saved": act * h * T,
+                    "loss_grad_hidden": act * h * T}
+        held, fwd_prev = {}, {}
+        notes.append(f"llmtune: chunked cross-entropy, {ck} tokens per chunk recomputed in backward; "
+                     "no full logits tensor is kept")
+    else:
+        loss_fwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T}
+        loss_bwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T, "loss_grad_hidden": act * h * T}
+        held, fwd_prev = {}, {}
+        notes.append("unsloth: cut cross-entropy never materialises logits")
+    # ---- phases (steady state: optimizer states exist, gradients were set to None by zero_grad)
+    static = {**wterms, **({"lora_params": master} if master else {}), **({"optimizer_states": states} if states else {}),
+              "cublas_workspace": 2 * ws, **shard_terms}
+    grads_all = {"gradients": grads}
+    lm_head_grad = {"gradients_lm_head": V * h * grad_bytes} if full else {}
+    embed_temp = {"embedding_grad_temp": V * h * grad_bytes} if (full and spec.tie_embeddings) else {}
+    phases: dict[str, dict[str, int]] = {
+        "forward": {**static, **mixed_cache, **acts, **recompute, **fwd_prev, **dequant},
+        "loss_forward": {**static, **mixed_cache, **acts, **loss_fwd},
+        "loss_backward": {**static, **mixed_cache, **acts, **loss_bwd,
+                          **(lm_head_grad if recipe != "hf" else {})},
+        "backward_start": {**static, **mixed_cache, **acts, **recompute, **held, **bwd_temp, **lm_head_grad, **dequant},
+        "backward_end": {**static, **mixed_cache, **grads_all, **held, **bwd_temp, **recompute, **embed_temp, **dequant,
+                         "activations_model": acts.get("activations_model", 0)},
+        "optimizer_step": {**static, **grads_all, **held, **({"optimizer_temp": opt_temp} if opt_temp else {})},
+    }
+    if quant and recipe == "hf":
+        notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
+    statics = set(static) | set(mixed_cache)
+    return _finish(phases, statics, context, frac, notes)
+
+
+def estimate_serving(
+    spec: ModelSpec,
+    weight_bits: int = 16,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    kv_bits: int = 16,
+    weight_format: str | None = None,
+    group_size: int = 128,
+    double_quant: bool = True,
+    logits: str = "all",
+    gpus: int = 1,
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
+    workspace_bytes: int = DEFAULT_WORKSPACE,
+    allocator_fraction: float = DEFAULT_ALLOCATOR_FRACTION,
+) -> Estimate:
+    """Peak GPU memory of a forward pass over ``batch_size`` x ``seq_len`` tokens with a KV cache.
+
+    ``logits="all"`` is a plain ``model(input_ids)`` call (logits for every position, as measured);
+    ``"last"`` is ``generate``'s prefill (last position only, upcast to fp32). ``gpus`` > 1 = tensor parallel.
+    """
+    spec = _check_spec(spec)
+    b = _check_int("batch_size", batch_size)
+    s = _check_int("seq_len", seq_len)
+    n_gpu = _check_int("gpus", gpus)
+    _check_int("weight_bits", weight_bits)
+    if kv_bits not in (4, 8, 16, 32):
+        raise InvalidOptionError(f"kv_bits={kv_bits!r} is not one of 4, 8, 16, 32")
+    logits = _check_choice("logits", logits, ("all", "last"))
+    context = _check_nonneg_bytes("cuda_context_bytes", cuda_context_bytes)
+    ws = _check_nonneg_bytes("workspace_bytes", workspace_bytes)
+    frac = _check_fraction("allocator_fraction", allocator_fraction, 10.0)
+    fmt = weight_format or default_format(weight_bits)
+    wterms = weight_terms(spec, fmt, bits=weight_bits, group_size=group_size, double_quant=double_quant)
+    wterms = {k: v // n_gpu for k, v in wterms.items()}
+    a = 4 if fmt == "fp32" else 2
+    T = b * s
+    V, h = spec.vocab_size, spec.hidden_size
+    L = spec.num_layers
+    window = spec.sliding_window or s
+    kv_tokens = (L - spec.sliding_layers) * s + spec.sliding_layers * min(s, window)
+    kv = 2 * spec.kv_dim * kv_bits * kv_tokens * b // 8 // n_gpu
+    static = {**wterms, "cublas_workspace": ws}
+    notes = [f"KV cache: 2 x {spec.num_kv_heads} kv heads x {spec.head_dim} x {kv_bits} bits per token and layer"]
+    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window:
+        notes.append(f"{spec.sliding_layers} sliding-window layers keep only {spec.sliding_window} tokens")
+    if logits == "all":
+        lg = {"logits": a * V * T, "final_hidden": a * h * T}
+        if spec.final_logit_softcapping is not None:
+            lg["logits_softcap_temp"] = a * V * T
+    else:
+        lg = {"logits": (a + 4) * V * b, "final_hidden": a * h * T}
+    f = spec.experts_per_token * spec.moe_intermediate_size if spec.is_moe else spec.intermediate_size
+    layer_tmp = {"layer_temporaries": (3 * a * f // (1 if spec.is_moe else n_gpu) + 2 * a * h) * T}
+    if spec.is_moe:
+        layer_tmp["layer_temporaries"] += a * spec.experts_per_token * h * T
+    quant = {}
+    if fmt in ("nf4", "fp4", "gptq", "awq"):
+        quant["dequant_buffer"] = spec.largest_linear() * 2 // n_gpu
+    elif fmt == "int8":
+        quant["int8_matmul_buffers"] = (spec.hidden_size + 4 * f) * T // n_gpu
+    phases = {
+        "layers": {**static, "kv_cache": kv, **layer_tmp, **quant},
+        "logits": {**static, "kv_cache": kv, **lg},
+    }
+    return _finish(phases, static, context, frac, notes)
+
+
+# ---------------------------------------------------------------------------------------------- solvers
+def _largest(fits: Callable[[int], bool], hi: int) -> int:
+    """Largest n in [1, hi] with fits(n) (fits is monotone), or 0 when even 1 does not fit."""
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _solver(spec: ModelSpec, gpu: str | int, mode: str, solved: str, kwargs: Mapping[str, Any]) -> Callable[..., Estimate]:
+    """The estimator a solver calls; rejects a bad mode, GPU, or a keyword that the solver sets itself."""
+    _check_spec(spec)
+    if mode not in ("training", "serving"):
+        raise InvalidOptionError(f"mode={mode!r} is not 'training' or 'serving'")
+    gpu_bytes(gpu)
+    if solved in kwargs:
+        raise InvalidOptionError(f"{solved} is what this solver finds; do not pass it")
+    return estimate_training if mode == "training" else estimate_serving
+
+
+def max_batch_size(spec: ModelSpec, gpu: str | int, *, seq_len: int, mode: str = "training", limit: int = 65536,
+                   **kwargs: Any) -> int:
+    """Largest per-GPU batch at ``seq_len`` whose ``device_bytes`` fit ``gpu``; 0 when none does."""
+    fn = _solver(spec, gpu, mode, "batch_size", kwargs)
+    cap = gpu_bytes(gpu)
+    return _largest(lambda n: fn(spec, batch_size=n, seq_len=seq_len, **kwargs).device_bytes <= cap, limit)
+
+
+def max_seq_len(spec: ModelSpec, gpu: str | int, *, batch_size: int = 1, mode: str = "training",
+                limit: int = 1 << 22, **kwargs: Any) -> int:
+    """Largest sequence length at ``batch_size`` whose ``device_bytes`` fit ``gpu``; 0 when none does."""
+    fn = _solver(spec, gpu, mode, "seq_len", kwargs)
+    cap = gpu_bytes(gpu)
+    return _largest(lambda n: fn(spec, batch_size=batch_size, seq_len=n, **kwargs).device_bytes <= cap, limit)
