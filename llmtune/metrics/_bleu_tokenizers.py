@@ -12,8 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from itertools import chain
+from typing import TYPE_CHECKING
 
 from llmtune.metrics import _unicode_tables as _ut
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # --- 13a (mteval-v13a.pl, sacrebleu.tokenizers.tokenizer_13a + tokenizer_re) -------------------------------
 # Rule 1 of sacrebleu: r'([\{-\~\[-\` -\&\(-\+\:-\@\/])' -> r' \1 ' pads each of these ASCII characters with
@@ -44,6 +48,43 @@ def _pre_13a(line: str) -> str:
     return f" {line} "
 
 
+_RULE1_TABLE = str.maketrans({ch: f" {ch} " for ch in _RULE1_CHARS})
+
+
+def expand_13a(word: str) -> tuple[str, ...]:
+    """The 13a tokens of one whitespace-free word, as if it stood between spaces (see `tokenize_13a`)."""
+    if word.isalnum():  # letters and digits are never split (isalnum is False for '', which never occurs)
+        return (word,)
+    text = f" {word.translate(_RULE1_TABLE)} "
+    if "." in text or "," in text:
+        text = _RULE2.sub(_r2, text)
+        text = _RULE3.sub(_r3, text)
+    if "-" in text:
+        text = _RULE4.sub(_r2, text)
+    return tuple(text.split())
+
+
+def _joined_13a(lines: list[str]) -> str | None:
+    """The corpus after 13a's language-independent step, segments joined by ``" \\0 "`` (None if a segment
+    contains NUL). The four replacements cannot match across the separator, so one pass over the corpus
+    equals one pass per segment."""
+    text = " \0 ".join(lines)
+    if text.count("\0") != len(lines) - 1:
+        return None
+    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in text:
+        text = text.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    return text
+
+
+def words_13a(lines: list[str]) -> list[list[str]]:
+    """The whitespace-separated words of each segment after 13a's language-independent step."""
+    text = _joined_13a(lines)
+    if text is None:
+        return [_pre_13a(line).split() for line in lines]
+    return [seg.split() for seg in text.split("\0")]
+
+
 def _post_13a(text: str) -> str:
     """sacrebleu's TokenizerRegexp rules on ``text`` (one or many ``\\n``-joined padded segments)."""
     for ch in _RULE1_CHARS:
@@ -65,11 +106,8 @@ def tokenize_13a(lines: list[str]) -> list[list[str]]:
     of a match, which no other match needs. So, after the language-independent step and the padding, the
     tokens of a segment are the concatenation over its words ``w`` of ``rules(' ' + w + ' ').split()``.
     """
-    words_of = [_pre_13a(line).split() for line in lines]
-    cache: dict[str, tuple[str, ...]] = {}
-    for w in set(chain.from_iterable(words_of)):
-        # letters and digits are never split by 13a (isalnum is also False for '', so no surprise there)
-        cache[w] = (w,) if w.isalnum() else tuple(_post_13a(f" {w} ").split())
+    words_of = words_13a(lines)
+    cache = {w: expand_13a(w) for w in set(chain.from_iterable(words_of))}
     get = cache.__getitem__
     return [list(chain.from_iterable(map(get, words))) for words in words_of]
 
@@ -142,3 +180,59 @@ def tokenize(lines: list[str], name: str, lowercase: bool) -> list[list[str]]:
     else:
         lines = [line.rstrip() for line in lines]
     return TOKENIZERS[name](lines)
+
+
+def encode(lines: list[str], name: str, lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the corpus (flat int64) and the number of tokens of each line, for `tokenize` semantics.
+
+    Equal tokens get equal ids. For 13a the work is done once per distinct word: each word maps to the tuple
+    of its token ids, so no per-line token lists are built.
+    """
+    import numpy as np
+
+    if lowercase:
+        lines = [line.lower().rstrip() for line in lines]
+    else:
+        lines = [line.rstrip() for line in lines]
+    text = _joined_13a(lines) if name == "13a" and lines else None
+    if text is not None:
+        return _encode_13a_text(text, len(lines))
+    if name == "13a":
+        words_of = words_13a(lines)
+    elif name == "none":
+        words_of = [line.split() for line in lines]
+    else:
+        words_of = TOKENIZERS[name](lines)
+    words = list(chain.from_iterable(words_of))
+    word_id = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    widx = np.fromiter(map(word_id.__getitem__, words), dtype=np.int64, count=len(words))
+    n_words = np.fromiter(map(len, words_of), dtype=np.int64, count=len(words_of))
+    if name != "13a":
+        return widx, n_words
+    token_id: dict[str, int] = {}
+    word_tokens = [tuple([token_id.setdefault(t, len(token_id)) for t in expand_13a(w)]) for w in word_id]
+    word_len = np.fromiter(map(len, word_tokens), dtype=np.int64, count=len(word_tokens))[widx]
+    n_tok = int(word_len.sum())
+    ids = np.fromiter(chain.from_iterable(map(word_tokens.__getitem__, widx.tolist())), dtype=np.int64, count=n_tok)
+    ends = np.cumsum(n_words)
+    cum = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(word_len)])
+    lens = cum[ends] - cum[ends - n_words]
+    return ids, lens
+
+
+def _encode_13a_text(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
+    """`encode` for 13a from `_joined_13a`'s text: one split, one expansion per distinct word, separators -1."""
+    import numpy as np
+
+    words = text.split()
+    token_id: dict[str, int] = {}
+    tokens_of: dict[str, tuple[int, ...]] = {}
+    for w in dict.fromkeys(words):
+        tokens_of[w] = tuple([token_id.setdefault(t, len(token_id)) for t in expand_13a(w)])
+    tokens_of["\0"] = (-1,)  # "\0" only occurs as the separator (checked by _joined_13a)
+    stream = np.fromiter(chain.from_iterable(map(tokens_of.__getitem__, words)), dtype=np.int64)
+    seps = np.flatnonzero(stream < 0)
+    assert seps.size == n_lines - 1
+    bounds = np.concatenate([[-1], seps, [stream.size]])
+    lens = np.diff(bounds) - 1
+    return stream[stream >= 0], lens

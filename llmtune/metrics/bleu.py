@@ -22,7 +22,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,7 +32,7 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.core.interfaces import Metric
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import LazyMapping, MetricResult
-from llmtune.metrics._bleu_tokenizers import tokenize as _tokenize
+from llmtune.metrics._bleu_tokenizers import encode as _encode
 from llmtune.metrics._inputs import normalize_inputs
 
 #: sacrebleu version whose behaviour (and signature format) this module reproduces.
@@ -192,31 +192,39 @@ def _unique_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def segment_stats(hyps: list[list[str]], refs: list[list[list[str]]], max_order: int) -> SegmentStats:
+    """`segment_stats_ids` for token lists (hypotheses, then each segment's references)."""
+    lines = hyps + [r for group in refs for r in group]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(chain.from_iterable(lines)))}
+    ids = np.fromiter(map(vocab.__getitem__, chain.from_iterable(lines)), dtype=np.int64,
+                      count=sum(map(len, lines)))
+    lens = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+    return segment_stats_ids(ids, lens, [len(group) for group in refs], max_order)
+
+
+def segment_stats_ids(ids: np.ndarray, lens: np.ndarray, n_refs: list[int], max_order: int) -> SegmentStats:
     """Clipped n-gram matches (max count over references), n-gram totals and lengths per segment.
 
-    Tokens become integer ids (hypothesis tokens first, so a reference token that no hypothesis uses has an
-    id >= V and its n-grams are dropped: they can never match); the n-gram of order n starting at position
-    i is ``key_n[i] = key_{n-1}[i] * V + id[i+n-1]`` (re-numbered densely when it would not fit in int64),
-    and counts per (segment, n-gram) come from one sort per order.
+    ``ids``: token ids of every line, flat (the S hypotheses, then the references of segment 0, 1, ...);
+    ``lens``: tokens per line; ``n_refs``: references per segment. A token that no hypothesis uses can never
+    match, so reference n-grams containing one are dropped. The n-gram of order n starting at position i is
+    ``key_n[i] = key_{n-1}[i] * V + id[i+n-1]`` (re-numbered densely when it would not fit in int64), and
+    counts per (segment, n-gram) come from one sort per order.
     """
-    n_seg = len(hyps)
-    ref_lines = [r for group in refs for r in group]
-    n_refs = [len(group) for group in refs]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(chain.from_iterable(hyps)))}
-    v = max(len(vocab), 1)
-    lines = hyps + ref_lines
-    lens = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+    n_seg = len(n_refs)
+    n_lines = lens.size
     n_tok = int(lens.sum())
-    # every hypothesis token is in vocab; a reference token that is not gets id v (never matches)
-    ids = np.fromiter(map(vocab.get, chain.from_iterable(lines), repeat(v)), dtype=np.int64, count=n_tok)
-    starts = np.zeros(len(lines), dtype=np.int64)
+    n_hyp_tok = int(lens[:n_seg].sum())
+    v = int(ids.max(initial=0)) + 1
+    in_vocab = np.zeros(v, dtype=bool)
+    in_vocab[ids[:n_hyp_tok]] = True
+    in_vocab = in_vocab[ids]
+    starts = np.zeros(n_lines, dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
-    line_of = np.repeat(np.arange(len(lines), dtype=np.int64), lens)
+    line_of = np.repeat(np.arange(n_lines, dtype=np.int64), lens)
     room = (starts + lens)[line_of] - np.arange(n_tok, dtype=np.int64)  # tokens left in the line from here
     # segment of every line: hypotheses 0..S-1, then each reference's segment
     seg_of_line = np.concatenate([np.arange(n_seg, dtype=np.int64),
                                   np.repeat(np.arange(n_seg, dtype=np.int64), n_refs)])
-    n_hyp_tok = int(lens[:n_seg].sum())
     multi = any(k > 1 for k in n_refs)
 
     hyp_len = lens[:n_seg].copy()
@@ -232,7 +240,6 @@ def segment_stats(hyps: list[list[str]], refs: list[list[list[str]]], max_order:
     correct = np.zeros((n_seg, max_order), dtype=np.int64)
     total = np.maximum(hyp_len[:, None] - np.arange(max_order, dtype=np.int64)[None, :], 0)
 
-    in_vocab = ids < v
     key = np.where(in_vocab, ids, 0)
     ok = in_vocab
     space = v  # keys of the current order lie in [0, space)
@@ -253,7 +260,7 @@ def segment_stats(hyps: list[list[str]], refs: list[list[list[str]]], max_order:
         if hyp_pos.size == 0:
             continue
         ref_pos = np.flatnonzero(valid[n_hyp_tok:]) + n_hyp_tok
-        if space * max(n_seg, len(lines)) >= 2**62:  # re-number so that (line, key) codes fit in int64
+        if space * max(n_seg, n_lines) >= 2**62:  # re-number so that (line, key) codes fit in int64
             both = np.concatenate([key[hyp_pos], key[ref_pos]])
             uniq, inv = np.unique(both, return_inverse=True)
             inv = inv.reshape(-1).astype(np.int64)
@@ -467,15 +474,10 @@ class NumpyBleu(Metric):
         if opts.definition == "nltk":
             hyp_toks = [p.split() for p in preds]
             ref_toks = [[r.split() for r in group] for group in refs]
+            st = segment_stats(hyp_toks, ref_toks, opts.order)
         else:
-            flat = _tokenize(preds + [r for group in refs for r in group], opts.tokenizer, bool(opts.lowercase))
-            hyp_toks = flat[:len(preds)]
-            ref_toks = []
-            pos = len(preds)
-            for group in refs:
-                ref_toks.append(flat[pos:pos + len(group)])
-                pos += len(group)
-        st = segment_stats(hyp_toks, ref_toks, opts.order)
+            ids, lens = _encode(preds + [r for group in refs for r in group], opts.tokenizer, bool(opts.lowercase))
+            st = segment_stats_ids(ids, lens, [len(group) for group in refs], opts.order)
         impl = f"llmtune-numpy-{__version__}"
         if opts.definition == "nltk":
             scores = {"bleu": _nltk_corpus(st, hyp_toks, ref_toks, opts)}
@@ -545,5 +547,5 @@ def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[lis
 
 
 __all__ = ["BleuOptions", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature", "check_corpus",
-           "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "warn_method0",
+           "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "segment_stats_ids", "warn_method0",
            "warn_zero_orders"]

@@ -217,6 +217,18 @@ def test_intl_batch_and_per_line_paths_agree() -> None:
     assert fallback[-1] == _get_tokenizer("intl")()("x\u2189y.").split()
 
 
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_13a_corpus_containing_nul_takes_the_line_by_line_path(lowercase: bool) -> None:
+    """The fast 13a path joins segments with NUL; a corpus that contains NUL must give the same numbers."""
+    preds = [*ADVERSARIAL_PREDS, "nul\x00byte. x-\ny"]
+    refs = [*ADVERSARIAL_REFS, ["nul\x00byte ."]]
+    opts: dict[str, object] = {"lowercase": lowercase, "effective_order": True}
+    res = llmtune.get_metric("bleu", **opts).compute(preds, refs)
+    want, want_sent = sacre(opts, preds, refs)
+    assert list(res.scores.values()) == want
+    assert list(res.per_example["bleu"]) == want_sent
+
+
 def test_unicode_tables_equal_the_regex_module() -> None:
     """The frozen P/S/N tables equal the classes of the installed ``regex`` (what sacrebleu's intl uses)."""
     pytest.importorskip("regex")
