@@ -168,10 +168,10 @@ def pretrain(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str] | None = None,
     *,
-    steps: int = 300,
+    steps: int = 200,
     lr: float = 3e-3,
     seq_len: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 8,
     seed: int = 0,
     warmup_steps: int = 20,
     weight_decay: float = 0.01,
@@ -234,7 +234,7 @@ def pretrain(
 
 
 def pretrained_tiny(
-    *, seed: int = 0, steps: int = 300, vocab_size: int = 512, texts: Sequence[str] | None = None,
+    *, seed: int = 0, steps: int = 200, vocab_size: int = 512, texts: Sequence[str] | None = None,
     **config_overrides: Any,
 ) -> tuple[Any, PreTrainedTokenizerFast, list[float]]:
     """(model, tokenizer, losses): the tiny tokenizer, a tiny model, and `pretrain` on the bundled corpus."""
