@@ -257,3 +257,24 @@ def _quantize_model(
         model.train(was_training)
     return {"modules": quantized, "losses": losses, "damp_percent_used": damps,
             "seconds": time.perf_counter() - start}
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every `QuantLinear` back for an ``nn.Linear`` holding its dequantized weight (in place).
+
+    Used to merge a LoRA adapter into a GPTQ-quantized base (dequantize, merge, quantize again) and for
+    comparisons; the result is as large as the unquantized model.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                            device=module.qweight.device)
+            with torch.no_grad():
+                lin.weight.copy_(module.dequantize())
+                if module.bias is not None:
+                    lin.bias.copy_(module.bias.float())
+            _set_module(model, name, lin)
+    config = getattr(model, "config", None)
+    if isinstance(getattr(config, "quantization_config", None), dict):
+        delattr(config, "quantization_config")
+    return model

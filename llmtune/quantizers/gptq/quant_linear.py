@@ -23,6 +23,11 @@ from llmtune.quantizers.gptq.packing import (
 class QuantLinear(nn.Module):
     """A GPTQ-packed linear layer: buffers ``qweight``, ``qzeros``, ``scales``, ``g_idx`` (and ``bias``)."""
 
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
