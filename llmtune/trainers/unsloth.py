@@ -70,20 +70,28 @@ def _fmt(v: tuple[int, ...]) -> str:
     return ".".join(map(str, v))
 
 
+def import_order_problem(modules: Mapping[str, Any] | None = None) -> str | None:
+    """What importing Unsloth now would lose, given the loaded ``modules`` (default ``sys.modules``), or None."""
+    loaded = sys.modules if modules is None else modules
+    if "unsloth" in loaded:
+        return None
+    early = [m for m in PATCHED_MODULES if m in loaded]
+    if not early:
+        return None
+    return (f"llmtune: {', '.join(early)} was imported before Unsloth. Unsloth patches these libraries when it is "
+            "imported, so classes loaded before that keep their stock code: on a GPU, expect slower steps and "
+            "more memory than Unsloth advertises (up to plain-PEFT speed and memory for the affected parts); on "
+            "the CPU fallback nothing is lost (it runs stock transformers anyway). Create the trainer "
+            "(llmtune.get_trainer('lora', backend='unsloth')) or `import unsloth` before anything imports "
+            "transformers.")
+
+
 def import_unsloth() -> Any:
     """Import Unsloth (first, if possible) and return ``FastLanguageModel``; warn if it came too late."""
     if "unsloth" not in sys.modules:
-        early = [m for m in PATCHED_MODULES if m in sys.modules]
-        if early:
-            warnings.warn(
-                f"llmtune: {', '.join(early)} was imported before Unsloth. Unsloth patches these libraries when "
-                "it is imported, so classes loaded before that keep their stock code: on a GPU, expect slower "
-                "steps and more memory than Unsloth advertises (up to plain-PEFT speed and memory for the "
-                "affected parts); on the CPU fallback nothing is lost (it runs stock transformers anyway). "
-                "Create the trainer (llmtune.get_trainer('lora', backend='unsloth')) or `import unsloth` "
-                "before anything imports transformers.",
-                UnslothImportOrderWarning, stacklevel=3,
-            )
+        problem = import_order_problem()
+        if problem is not None:
+            warnings.warn(problem, UnslothImportOrderWarning, stacklevel=3)
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no network calls from a library
         with warnings.catch_warnings():
             # Unsloth's own import-order warning says the same as ours, without the cost on CPU.
