@@ -15,6 +15,7 @@ from llmtune.memory.estimate import (
     Estimate,
     estimate_serving,
     estimate_training,
+    estimate_weights,
     lora_params,
     max_batch_size,
     max_seq_len,
@@ -27,6 +28,6 @@ from llmtune.memory.spec import FAMILIES, ModelSpec
 
 __all__ = [
     "ATTENTIONS", "FAMILIES", "GPUS", "METHODS", "OPTIMIZERS", "PRESETS", "RECIPES", "SHARDINGS", "Estimate",
-    "ModelSpec", "estimate_serving", "estimate_training", "gpu_bytes", "lora_params", "max_batch_size",
+    "ModelSpec", "estimate_serving", "estimate_training", "estimate_weights", "gpu_bytes", "lora_params", "max_batch_size",
     "max_seq_len", "resolve_lora_targets", "rule_of_thumb_serving_gb",
 ]

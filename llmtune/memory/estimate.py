@@ -206,22 +206,22 @@ def _layer_terms(spec: ModelSpec, c: _Ctx) -> tuple[dict[str, float], float, flo
         for n, w in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             linear(n, "x_attn", h, w)
     if spec.qk_norm:
-        add("norms", 4 * (q + kv) + 4 * (heads + spec.num_kv_heads) + (a * (q + kv) if c.train_base else 0))
+        add("norms", 4 * (q + kv) + 4 * (heads + spec.num_kv_heads)
+            + (((a if spec.norm == "rms" else 4) * (q + kv)) if c.train_base else 0))
     gqa_native = c.attention != "eager" and spec.head_dim <= 256
     k_saved = kv if (gqa_native or kv == q) else q  # repeat_kv materialises full-head K/V otherwise
     if spec.family == "gpt2":
-        qkv_store = a * (q + 2 * kv)  # q, k, v: views of c_attn's output (SDPA) or bmm copies (eager)
+        qkv_store = float(a * (q + 2 * kv))  # q, k, v: views of c_attn's output (SDPA) or bmm copies (eager)
         v_store = 0.0
         qk_store = 0.0
     else:
         qkv_store = 0.0
-        qk_store = a * (q + k_saved)  # RoPE (or q/k-norm) makes new q, k tensors
-        # Phi-3 slices v out of the fused qkv output: the saved view keeps the whole output alive
-        v_store = a * (q + 2 * kv) if spec.family == "phi3" and k_saved == kv else a * k_saved
+        qk_store = float(a * (q + k_saved))  # RoPE (or q/k-norm) makes new q, k tensors
+        v_store = a * k_saved
     if c.attention == "eager":
         add("attention", qkv_store + qk_store + v_store)
-        if spec.family == "gpt2":
-            quad += a * heads  # GPT-2 takes the softmax in the activation dtype
+        if spec.family in ("gpt2", "falcon"):
+            quad += a * heads  # GPT-2 and Falcon take the softmax in the activation dtype
         else:
             quad += 4 * heads + (a * heads if a != 4 else 0)  # fp32 softmax output + its cast back
         if spec.family == "gemma2":
@@ -230,7 +230,8 @@ def _layer_terms(spec: ModelSpec, c: _Ctx) -> tuple[dict[str, float], float, flo
             quad += (1 + a) * heads  # attention dropout mask + output
     else:  # flash / memory-efficient SDPA: q, k, v, output and fp32 logsumexp; no s^2 term
         add("attention", qkv_store + qk_store + v_store + a * q + 4 * heads)
-        saved.add("attn_2d")  # the output is laid out (b, s, heads, d): o_proj's input is the same storage
+        if spec.family not in ("gpt_neox", "phi3"):  # output laid out (b, s, h, d): o_proj's input shares it
+            saved.add("attn_2d")
     o_name = {"gpt2": "c_proj", "gpt_neox": "dense", "falcon": "dense"}.get(spec.family, "o_proj")
     linear(o_name, "attn_2d", q, h)
     if spec.norms_per_layer == 4:
@@ -376,7 +377,7 @@ def estimate_training(
         if weight_bits not in (None, 16, 32) or weight_format not in (None, "bf16", "fp16", "fp32"):
             raise InvalidOptionError(f"method={method!r} trains a 16/32-bit base; for a quantized base use "
                                      "method='qlora'")
-        fmt = {"bf16": "bf16", "fp32": "fp32", "mixed": "fp32"}[precision] if full else "bf16"
+        fmt = "fp32" if (full and precision == "fp32") else "bf16"
         bits = 16
     upcast = quant and recipe == "hf"
     wterms = weight_terms(spec, fmt, bits=bits, upcast_fp32=upcast)
@@ -388,12 +389,16 @@ def estimate_training(
     targets = [] if full else resolve_lora_targets(spec, lora_targets)
     if full:
         trainable = spec.num_params
-        p_bytes = 4 if precision in ("fp32", "mixed") else 2
+        # bf16: torch optimizers keep states in the parameter dtype; fp32: everything fp32;
+        # mixed (ZeRO / Megatron / DeepSpeed): 16-bit weights and grads + fp32 master weights and states
+        p_bytes = 4 if precision == "fp32" else 2
+        state_dtype = 4 if precision in ("fp32", "mixed") else 2
     else:
         trainable = lora_params(spec, rank, targets, dora=method == "dora")
-        p_bytes = 4  # PEFT (and Unsloth) keep adapters in fp32
+        p_bytes = state_dtype = 4  # PEFT (and Unsloth) keep adapters in fp32
     grad_bytes = p_bytes
-    state_bytes = {"adamw": 2 * p_bytes, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": p_bytes, "adafactor": 0}[optimizer]
+    state_bytes = {"adamw": 2 * state_dtype, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": state_dtype,
+                   "adafactor": 0}[optimizer]
     states = trainable * state_bytes
     if optimizer == "adamw_8bit":
         states += trainable * 2 * 4 // 256  # bitsandbytes: one fp32 absmax per 256-value block, per state
@@ -404,23 +409,23 @@ def estimate_training(
         else:
             states = spec.num_layers * sum(4 * (rank + x.in_features) + 4 * (rank + x.out_features)
                                            for x in spec.layer_linears() if x.name in targets and not x.expert)
-    opt_temp = trainable * p_bytes if optimizer == "adamw" else 0  # foreach AdamW: sqrt(exp_avg_sq) copy
+    master_fp32 = trainable * 4 if (full and precision == "mixed") else 0
+    opt_temp = trainable * state_dtype if optimizer == "adamw" else 0  # foreach AdamW: sqrt(exp_avg_sq) copy
     grads = trainable * grad_bytes
     # ---- sharding (per GPU)
-    weights_total = sum(wterms.values())
-    master = trainable * p_bytes if not full else 0  # LoRA adapters (full: the weights are the parameters)
+    adapters = trainable * p_bytes if not full else 0  # LoRA adapters (full: the weights are the parameters)
     shard_terms: dict[str, int] = {}
     if sharding in ("zero1", "zero2", "zero3", "fsdp"):
         states //= n_gpu
         opt_temp //= n_gpu
+        master_fp32 //= n_gpu
     if sharding in ("zero2", "zero3", "fsdp"):
         grads //= n_gpu
     if sharding in ("zero3", "fsdp"):
         wterms = {k: v // n_gpu for k, v in wterms.items()}
-        master //= n_gpu
+        adapters //= n_gpu
         layer_params = spec.layer_linear_params + spec.layer_other_params
-        shard_terms["gathered_layers"] = 2 * layer_params * (2 if fmt in ("bf16", "fp16") or precision == "mixed"
-                                                             else (4 if fmt == "fp32" else 1))
+        shard_terms["gathered_layers"] = 2 * layer_params * {"bf16": 2, "fp32": 4}.get(fmt, 1)
         if full:
             shard_terms["grad_reduce_buffer"] = layer_params * grad_bytes
         notes.append(f"{sharding}: parameters, gradients and optimizer states sharded over {n_gpu} GPUs; "
@@ -428,8 +433,7 @@ def estimate_training(
     elif sharding == "ddp" and n_gpu > 1:
         shard_terms["ddp_grad_buckets"] = trainable * grad_bytes
         notes.append("DDP: gradient buckets hold a second copy of the gradients")
-    mixed_cache = {"autocast_weight_copies": spec.num_params * 2 // (n_gpu if sharding in ("zero3", "fsdp") else 1)} \
-        if (full and precision == "mixed") else {}
+    mixed_cache = {"master_weights_fp32": master_fp32} if master_fp32 else {}
     # ---- activations
     c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if recipe != "unsloth" else act,
              rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention,
@@ -437,8 +441,9 @@ def estimate_training(
     layer, quad, first_norm = _layer_terms(spec, c)
     layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
     L = spec.num_layers
-    eager_mask = act * s if attention == "eager" else 0  # (b, 1, s, s) causal mask shared by all layers
-    model_level = _norm_bytes(spec, c, h) + (act * h if full else 0)  # final norm (+ lm_head input for dW)
+    # (b, 1, s, s) causal mask shared by all layers: eager attention, and Falcon always passes one
+    eager_mask = act * s if (attention == "eager" or spec.family == "falcon") else 0
+    model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
     model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
     if not full and not gradient_checkpointing:
         model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
@@ -490,24 +495,24 @@ def estimate_training(
         held, fwd_prev = {}, {}
         notes.append("unsloth: cut cross-entropy never materialises logits")
     # ---- phases (steady state: optimizer states exist, gradients were set to None by zero_grad)
-    static = {**wterms, **({"lora_params": master} if master else {}), **({"optimizer_states": states} if states else {}),
+    static = {**wterms, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
               "cublas_workspace": 2 * ws, **shard_terms}
     grads_all = {"gradients": grads}
     lm_head_grad = {"gradients_lm_head": V * h * grad_bytes} if full else {}
     embed_temp = {"embedding_grad_temp": V * h * grad_bytes} if (full and spec.tie_embeddings) else {}
     phases: dict[str, dict[str, int]] = {
-        "forward": {**static, **mixed_cache, **acts, **recompute, **fwd_prev, **dequant},
-        "loss_forward": {**static, **mixed_cache, **acts, **loss_fwd},
-        "loss_backward": {**static, **mixed_cache, **acts, **loss_bwd,
+        "forward": {**static, **acts, **recompute, **fwd_prev, **dequant},
+        "loss_forward": {**static, **acts, **loss_fwd},
+        "loss_backward": {**static, **acts, **loss_bwd,
                           **(lm_head_grad if recipe != "hf" else {})},
-        "backward_start": {**static, **mixed_cache, **acts, **recompute, **held, **bwd_temp, **lm_head_grad, **dequant},
-        "backward_end": {**static, **mixed_cache, **grads_all, **held, **bwd_temp, **recompute, **embed_temp, **dequant,
+        "backward_start": {**static, **acts, **recompute, **held, **bwd_temp, **lm_head_grad, **dequant},
+        "backward_end": {**static, **grads_all, **held, **bwd_temp, **recompute, **embed_temp, **dequant,
                          "activations_model": acts.get("activations_model", 0)},
         "optimizer_step": {**static, **grads_all, **held, **({"optimizer_temp": opt_temp} if opt_temp else {})},
     }
     if quant and recipe == "hf":
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
-    statics = set(static) | set(mixed_cache)
+    statics = set(static)
     return _finish(phases, statics, context, frac, notes)
 
 
@@ -577,6 +582,33 @@ def estimate_serving(
         "logits": {**static, "kv_cache": kv, **lg},
     }
     return _finish(phases, static, context, frac, notes)
+
+
+def estimate_weights(
+    spec: ModelSpec,
+    weight_bits: int = 16,
+    *,
+    weight_format: str | None = None,
+    group_size: int = 128,
+    double_quant: bool = True,
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
+) -> Estimate:
+    """Memory of loading the weights alone: the loaded model, and the load's peak.
+
+    bitsandbytes quantizes on the GPU one weight at a time: the largest linear is briefly there in bf16
+    next to its quantized form.
+    """
+    spec = _check_spec(spec)
+    _check_int("weight_bits", weight_bits)
+    context = _check_nonneg_bytes("cuda_context_bytes", cuda_context_bytes)
+    fmt = weight_format or default_format(weight_bits)
+    wterms = weight_terms(spec, fmt, bits=weight_bits, group_size=group_size, double_quant=double_quant)
+    phases = {"loaded": dict(wterms)}
+    if fmt not in ("bf16", "fp16", "fp32"):
+        big = spec.largest_linear()
+        phases["loading"] = {**wterms, "load_bf16_weight": 2 * big,
+                             "load_quantized_copy": big if fmt == "int8" else big // 2}
+    return _finish(phases, wterms, context, 0.0, [f"weights stored as {fmt}"])
 
 
 # ---------------------------------------------------------------------------------------------- solvers

@@ -270,9 +270,9 @@ class ModelSpec:
             raise ConfigError(f"num_params must be a positive number, got {num_params!r}")
         _positive("vocab_size", vocab_size, "from_params")
         # Llama proportions: head_dim 128, about 128 hidden units per layer, SwiGLU ffn ~ 2.7 h.
-        h = max(128, int(round((num_params * 128 / 12.0) ** (1 / 3) / 128)) * 128)
+        h = max(128, round((num_params * 128 / 12.0) ** (1 / 3) / 128) * 128)
         per_layer = 4 * h * h + 3 * h * _ffn(h)
-        layers = max(1, int(round((num_params - 2 * vocab_size * h) / per_layer)))
+        layers = max(1, round((num_params - 2 * vocab_size * h) / per_layer))
         heads = max(1, h // 128)
         return cls(name=name or f"{num_params / 1e9:g}B-params", family="llama", vocab_size=vocab_size,
                    hidden_size=h, intermediate_size=_ffn(h), num_layers=layers, num_heads=heads,
@@ -281,7 +281,7 @@ class ModelSpec:
 
 def _ffn(h: int) -> int:
     """Llama's SwiGLU width: 8h/3 rounded up to a multiple of 256."""
-    return int(math.ceil(8 * h / 3 / 256)) * 256
+    return math.ceil(8 * h / 3 / 256) * 256
 
 
 def _positive(field: str, value: object, where: str) -> None:

@@ -58,7 +58,7 @@ def weight_terms(spec: ModelSpec, fmt: str, *, bits: int = 16, group_size: int =
     lin = spec.quantizable_params
     per = quantized_bytes_per_param(fmt, bits, group_size, double_quant)
     data = int(lin * (0.5 if fmt in ("nf4", "fp4") else (1.0 if fmt == "int8" else bits / 8)))
-    meta = int(round(lin * per)) - data
+    meta = round(lin * per) - data
     if fmt == "int8":  # one fp32 scale (SCB) per output row of every linear
         meta = spec.num_layers * sum(4 * x.out_features * x.count for x in spec.layer_linears())
     if fmt in ("gptq", "awq"):  # GPTQ keeps an int32 g_idx per input feature (act-order permutation)
