@@ -107,7 +107,7 @@ def split_instructions(
 
 def _read_text(name: str) -> str:
     """The text of one bundled file."""
-    return resources.files(BUNDLED_PACKAGE).joinpath("bundled", name).read_text(encoding="utf-8")
+    return resources.files(BUNDLED_PACKAGE).joinpath("bundled").joinpath(name).read_text(encoding="utf-8")
 
 
 def bundled_corpus() -> list[str]:
