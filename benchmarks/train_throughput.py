@@ -79,6 +79,16 @@ def _parse_grid(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+_RUNNING: list[subprocess.Popen[str]] = []
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    """A runner's timeout stops the driver: stop the child too, so it frees the GPU for the next benchmark."""
+    for proc in _RUNNING:
+        proc.kill()
+    raise SystemExit(128 + signum)
+
+
 def _child(python: str, args: list[str], timeout: float, sink: Any) -> list[dict[str, Any]]:
     """Run this script as a child; forward and collect its JSON lines (one per case)."""
     cmd = [python, str(Path(__file__).resolve()), *args]
@@ -89,6 +99,7 @@ def _child(python: str, args: list[str], timeout: float, sink: Any) -> list[dict
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     except OSError as exc:
         return [{"bench": "train_throughput", "error": f"cannot start {python}: {exc}"}]
+    _RUNNING[:] = [proc]
     assert proc.stdout is not None
     deadline = time.time() + timeout
     import threading
@@ -174,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.child or a.prep:
         return _run_child(a)
 
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_term)
     preset = SMOKE if a.smoke else GPU_DEFAULT
     models = (a.models or preset["models"]).split(",")
     unknown = [m for m in models if m not in MODELS]
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in recipes:
             python = (a.unsloth_python or a.python) if recipe.startswith("unsloth") else a.python
             rows += _child(python, ["--child", recipe, "--cases", json.dumps(cases), "--budget-s", str(a.budget_s)],
-                           a.budget_s + 120, sink)
+                           a.budget_s + 60, sink)
         for line in _compare(rows):
             text = json.dumps(line)
             print(text, flush=True)
