@@ -249,10 +249,13 @@ class _Corpus:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_KEY_LIMIT = 1 << 62
+
+
 def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.ndarray) -> np.ndarray:
     """Per row, the clipped n-gram overlap ``sum_g min(count_pred(g), count_ref(g))``, for all rows at once.
 
-    Each n-gram gets an integer code (pairs of codes re-ranked with ``np.unique`` so nothing overflows),
+    Each n-gram gets an integer code (re-ranked with ``np.unique`` whenever it could overflow int64),
     ``(text, code)`` occurrences are counted with one sort, and each row looks up its reference's
     n-grams in its prediction's counts with ``searchsorted``. Integer-exact.
     """
@@ -264,8 +267,11 @@ def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.nda
             code = code[:0]
             break
         combined = code[:-1] * corpus.vocab_size + flat[k:]
-        _, code = np.unique(combined, return_inverse=True)
-        code = code.reshape(-1)
+        if (int(combined.max()) + 1) * max(corpus.vocab_size, n_texts + 1) < _KEY_LIMIT:
+            code = combined  # still room to extend it and to prefix the text: no re-ranking needed
+        else:
+            _, code = np.unique(combined, return_inverse=True)
+            code = code.reshape(-1)
     starts = np.arange(len(code))
     valid = text_of[starts] == text_of[starts + n - 1] if len(code) else np.zeros(0, dtype=bool)
     n_codes = int(code.max()) + 1 if len(code) else 1
