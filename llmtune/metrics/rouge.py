@@ -9,9 +9,11 @@ Every per-example value equals ``rouge_score.rouge_scorer.RougeScorer(types, use
   with rouge-score's exact back-tracking tie-break), then ``P = k / len_pred``, ``R = k / len_ref``,
   ``F = 2 * P * R / (P + R)`` in the same float operation order.
 
-Speed comes from tokenizing each text once (words mapped to integer ids through a memoised stemmer),
-bit-parallel LCS (Allison-Dix / Hyyro) on Python integers instead of an O(m*n) table, and vectorised
-float arithmetic. Corpus scores are the means of the per-example values.
+Speed comes from tokenizing the whole corpus in one pass (words mapped to integer ids through a memoised
+stemmer), n-gram overlaps counted for all pairs at once with NumPy sorts, and the bit-parallel LCS
+(Allison-Dix / Hyyro) run for all pairs in lock-step on ``uint64`` words (`llmtune.metrics._bitlcs`),
+including the replay of rouge-score's LCS back-tracking that rougeLsum needs; sequences longer than 63
+tokens use the same algorithm on Python integers. Corpus scores are the means of the per-example values.
 """
 
 from __future__ import annotations
