@@ -11,11 +11,19 @@ from llmtune.data.examples import IGNORE_INDEX, TRUNCATION, Example, build_examp
 from llmtune.data.formats import FORMATS, ROLES, detect_format, to_messages
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
 from llmtune.data.records import Records, as_records, load_records
-from llmtune.data.templates import TEMPLATES, Segment, check_template, render_prompt, render_segments, render_text
+from llmtune.data.templates import (
+    TEMPLATES,
+    Segment,
+    check_template,
+    render_prompt,
+    render_segments,
+    render_text,
+    stop_token_ids,
+)
 
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "ROLES", "TEMPLATES", "TRUNCATION", "Example", "Records", "Segment", "as_records",
     "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
     "load_records", "pack_examples", "render_prompt", "render_segments", "render_text", "split_instructions",
-    "to_messages",
+    "stop_token_ids", "to_messages",
 ]

@@ -198,3 +198,18 @@ def render_prompt(record: dict[str, Any], template: str, tokenizer: PreTrainedTo
 def render_text(record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """The full training text of a record under `template` (prompt and answers concatenated)."""
     return "".join(s.text for s in render_segments(record, template, tokenizer))
+
+
+def stop_token_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer under `template` (pass as ``generate(eos_token_id=...)``); eos always included."""
+    check_template(template)
+    own = {"llama3": ["<|eot_id|>"], "chatml": ["<|im_end|>"], "alpaca": []}.get(template)
+    tokens = _stop_tokens(tokenizer) if own is None else own + ([tokenizer.eos_token] if tokenizer.eos_token else [])
+    vocab = tokenizer.get_vocab()
+    ids: list[int] = []
+    for token in tokens:
+        if token in vocab and vocab[token] not in ids:
+            ids.append(int(vocab[token]))
+    if not ids:
+        raise InvalidOptionError(f"the tokenizer has no token that ends an answer under template {template!r}")
+    return ids

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llmtune.core.errors import ConfigError, InvalidOptionError
-from llmtune.data import TEMPLATES, render_prompt, render_segments, render_text
+from llmtune.data import TEMPLATES, render_prompt, render_segments, render_text, stop_token_ids
 
 #: The chat template of Meta-Llama-3-8B-Instruct (tokenizer_config.json), verbatim.
 META_LLAMA3_CHAT_TEMPLATE = (
@@ -173,3 +173,11 @@ def test_unknown_template_and_missing_tokens(tok: Any) -> None:
         check_template("tokenizer", plain)
     for template in TEMPLATES:
         check_template(template, tok)
+
+
+def test_stop_token_ids(tok: Any) -> None:
+    ids = tok.convert_tokens_to_ids
+    assert stop_token_ids("llama3", tok) == ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert stop_token_ids("chatml", tok) == ids(["<|im_end|>", "<|end_of_text|>"])
+    assert stop_token_ids("alpaca", tok) == ids(["<|end_of_text|>"])
+    assert stop_token_ids("tokenizer", tok) == ids(["<|end_of_text|>", "<|eot_id|>", "<|im_end|>"])
