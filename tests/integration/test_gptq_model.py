@@ -162,3 +162,23 @@ def test_dequantize_model_gives_plain_linears_with_the_same_outputs(quantized, d
     plain = dequantize_model(copy.deepcopy(model))
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     assert torch.allclose(_logits(plain, held_out), before, atol=1e-5)
+
+
+def test_opt_family_works_too(tmp_path: Path) -> None:
+    """The GPTQ paper's OPT models: other block path (model.decoder.layers), biases, out_proj/fc1/fc2."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64,
+                                     word_embed_proj_dim=64)).eval()
+    g = torch.Generator().manual_seed(2)
+    calibration = [torch.randint(0, VOCAB, (4, 32), generator=g) for _ in range(2)]
+    held_out = torch.randint(0, VOCAB, (2, 32), generator=g)
+    ref = _logits(model, held_out)
+    q = llmtune.get_quantizer("gptq", group_size=32, quiet=True)
+    qmodel = q.quantize(copy.deepcopy(model), calibration=calibration)
+    rmodel = llmtune.get_quantizer("rtn", group_size=32, quiet=True).quantize(copy.deepcopy(model))
+    assert _rel_err(_logits(qmodel, held_out), ref) < _rel_err(_logits(rmodel, held_out), ref)
+    assert qmodel.config.quantization_config["block_name_to_quantize"] == "model.decoder.layers"
+    assert torch.equal(_logits(q.load(q.save(qmodel, tmp_path)), held_out), _logits(qmodel, held_out))

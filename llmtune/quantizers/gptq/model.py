@@ -46,6 +46,9 @@ class QuantSpec:
     checkpoint_format: str = "gptq"
 
 
+_POSITIONAL = "__llmtune_positional_args__"
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
@@ -121,6 +124,8 @@ def capture_block_inputs(
         inputs.append(hidden.detach())
         kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
         kw["use_cache"] = False
+        if len(args) > 1:  # other positional arguments (older model code): keep them, in order
+            kw[_POSITIONAL] = args[1:]
         kwargs_list.append(kw)
         raise _StopForward
 
@@ -155,7 +160,9 @@ def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[d
     outs = []
     with torch.no_grad():
         for x, kw in zip(inputs, kwargs_list):
-            y = block(x, **kw)
+            kw = dict(kw)
+            rest = kw.pop(_POSITIONAL, ())
+            y = block(x, *rest, **kw)
             outs.append(y[0] if isinstance(y, (tuple, list)) else y)
     return outs
 
