@@ -157,3 +157,46 @@ def test_packing_puts_the_first_value_in_the_high_nibble() -> None:
     packed, _ = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
     assert packed.reshape(-1)[0].item() == 0x0F
     assert ref_quantize_4bit(w, NF4_CODE, 64)[0][0].item() == 0x0F
+
+
+@pytest.mark.parametrize(("name", "options"), [("nf4", {}), ("fp4", {"double_quant": False, "blocksize": 128})])
+def test_a_quantized_model_dequantizes_like_bnb_and_the_reference(tmp_path, name, options) -> None:
+    """Read the saved safetensors as plain tensors + JSON and rebuild every weight with the reference."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import llmtune
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    q = llmtune.get_quantizer(name, **options)
+    q.quantize(model)
+    saved = q.save(model, tmp_path / name)
+    layers = model.llmtune_quantization["quantized_modules"]
+    assert len(layers) == 7
+    with safe_open(str(saved / "model.safetensors"), "pt") as f:
+        for layer_name in layers:
+            key = f"{layer_name}.weight"
+            meta = json.loads(bytes(f.get_tensor(f"{key}.quant_state.bitsandbytes__{name}").tolist()).decode())
+            assert meta["quant_type"] == name and meta["blocksize"] == q.options.blocksize
+            assert f.get_tensor(f"{key}.quant_map").tolist() == torch.tensor(CODES[name]).tolist()
+            absmax = f.get_tensor(f"{key}.absmax")
+            if q.options.double_quant:
+                absmax = ref_nested_absmax(absmax, f.get_tensor(f"{key}.nested_quant_map"),
+                                           f.get_tensor(f"{key}.nested_absmax"), meta["nested_offset"],
+                                           meta["nested_blocksize"])
+            ours = ref_dequantize_4bit(f.get_tensor(key), absmax, CODES[name], meta["blocksize"],
+                                       tuple(meta["shape"]))
+            weight = model.get_submodule(layer_name).weight
+            assert torch.equal(bnb.functional.dequantize_4bit(weight.data, weight.quant_state), ours), layer_name
+            w = original[layer_name]
+            assert ours.shape == w.shape
+            # within half the widest code gap of each block's absmax (+1% for a double-quantized absmax)
+            gap = max(b - a for a, b in zip(sorted(CODES[name]), sorted(CODES[name])[1:]))
+            block_max = w.reshape(-1, meta["blocksize"]).abs().amax(dim=1).repeat_interleave(meta["blocksize"])
+            assert bool(((ours - w).abs().reshape(-1) <= block_max * (gap / 2 + 0.01)).all()), layer_name
