@@ -1,0 +1,103 @@
+"""Check llmtune.memory's per-tensor activation terms against what autograd really saves (CPU, tiny models).
+
+For each family a tiny bf16 model is built from a config with transformers; one forward with labels runs
+under ``torch.autograd.graph.saved_tensors_hooks`` and the distinct storages saved for backward (parameters
+excluded) are summed. That sum must match the memory model's activation + loss terms for that shape. Also
+checks parameter counts against the real modules built on the meta device.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from llmtune.memory import PRESETS, ModelSpec, estimate_training  # noqa: E402
+
+B, S = 2, 64
+TINY = {
+    "llama": dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", vocab_size=1000, hidden_size=224, intermediate_size=608, num_hidden_layers=2,
+                  num_attention_heads=7, num_key_value_heads=1),
+    "qwen3": dict(model_type="qwen3", vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=128),
+    "gemma2": dict(model_type="gemma2", vocab_size=1000, hidden_size=256, intermediate_size=1024,
+                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=256),
+    "gemma3": dict(model_type="gemma3_text", vocab_size=1000, hidden_size=256, intermediate_size=1024,
+                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=32),
+    "phi3": dict(model_type="phi3", pad_token_id=0, vocab_size=1000, hidden_size=256, intermediate_size=688,
+                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8),
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=1000, hidden_size=256, intermediate_size=1024,
+                     num_hidden_layers=2, num_attention_heads=8),
+}
+# (family, method, attention): all families with SDPA; eager and full fine-tuning on a subset
+CASES = [(f, "lora", "sdpa") for f in TINY if f != "qwen2"] + [
+    ("llama", "full", "sdpa"), ("gemma3", "full", "sdpa"), ("llama", "lora", "eager"),]
+
+
+def _build(cfg: dict, attention: str):
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(torch.bfloat16)
+
+
+def _saved_bytes(model) -> int:
+    """Bytes of distinct non-parameter storages autograd saves during one training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.is_floating_point():
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    ids = torch.randint(3, 1000, (B, S), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("family,method,attention", CASES, ids=[f"{f}-{m}-{a}:tol1%" for f, m, a in CASES])
+def test_activation_terms_match_autograd(family, method, attention):
+    """Saved activations + loss (log-softmax) of one forward: predicted within 1% of autograd's saved tensors."""
+    spec = ModelSpec.from_hf_config(TINY[family])
+    model = _build(TINY[family], attention)
+    if method == "lora":
+        targets = spec.linear_module_names()
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
+                                                           target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    measured = _saved_bytes(model)
+    e = estimate_training(spec, method, batch_size=B, seq_len=S, gradient_checkpointing=False, recipe="hf",
+                          lora_rank=8, attention=attention)
+    b = e.phase_breakdowns["loss_forward"]
+    predicted = sum(v for k, v in b.items() if k.startswith("activations_")) + b["loss_log_softmax"]
+    predicted += b.get("logits_softcap", 0)  # Gemma 2: tanh output saved for the final soft-capping
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
+
+
+SAMPLE = ["qwen2.5-0.5b", "qwen3-30b-a3b", "gemma-3-1b", "phi-3-mini", "gpt2", "falcon-7b"]
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_parameter_count_matches_transformers_meta_model(name):
+    """ModelSpec.num_params equals the parameters of the real transformers module (built on 'meta')."""
+    cfg = dict(PRESETS[name].config)
+    model_type = cfg.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == ModelSpec.from_preset(name).num_params
