@@ -167,6 +167,22 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def _accelerator(mixed_precision: str) -> Any:
+    """An `Accelerator`; in one process, a second run may change the precision the first one chose."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc) or AcceleratorState().num_processes > 1:
+            raise
+        # accelerate keeps one global state per process; reset it (not the process group) for the new run
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+        return Accelerator(mixed_precision=mixed_precision)
+
+
 class _StopRequested(Exception):
     """Internal: raised at a step boundary when Ctrl-C was pressed."""
 
@@ -403,7 +419,6 @@ class PeftLoraTrainer(Trainer):
 
     def _train(self, model: Any, data: Any, *, eval_data: Any, tokenizer: Any, output_dir: Path,
                resume: bool | str | os.PathLike[str]) -> TrainResult:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from llmtune.data import collate
@@ -411,7 +426,7 @@ class PeftLoraTrainer(Trainer):
         opts = self.options
         self._precision = self._resolve_precision()
         mixed = {"bf16": "bf16", "fp16": "fp16"}.get(self._precision, "no")
-        acc = Accelerator(mixed_precision=mixed)
+        acc = _accelerator(mixed)
         self._accelerator = acc
         self._device = acc.device
         world, rank = acc.num_processes, acc.process_index

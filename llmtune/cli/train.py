@@ -1,0 +1,116 @@
+"""`llmtune train CONFIG.yaml`, `llmtune generate`, `llmtune merge`, `llmtune demo --out DIR`.
+
+Parsing and rendering only: the work is done by `llmtune.trainers` and `llmtune.demo`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _render_eval(evals: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not evals:
+        return
+    table = Table(title="held-out evaluation")
+    table.add_column("when")
+    keys = ["rougeL", "rouge1", "bleu", "exact_match", "n"]
+    for k in keys:
+        table.add_column(k, justify="right")
+    for when, scores in evals.items():
+        table.add_row(when, *(f"{scores.get(k, float('nan')):.4g}" for k in keys))
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train(
+        config: Annotated[Path, typer.Argument(help="YAML config (see docs/config.md).")],
+        resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint in output_dir) or a checkpoint "
+                                   "path; overrides the config's 'resume'."),
+        check: bool = typer.Option(False, "--check", help="Only validate the config, then exit."),
+    ) -> None:
+        """Fine-tune as a YAML config says (LoRA/DoRA/prompt tuning/QLoRA); writes adapter, checkpoints, log."""
+        from rich.console import Console
+
+        from llmtune.trainers._config import load_config, run
+
+        cfg = load_config(config)
+        if check:
+            Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
+            return
+        try:
+            result = run(cfg, resume=resume)
+        except KeyboardInterrupt:
+            Console(stderr=True).print("[yellow]interrupted[/]: checkpoint saved; rerun with --resume auto")
+            raise typer.Exit(130) from None
+        _render_eval(result.eval)
+        if result.stopped_early:
+            Console(stderr=True).print(f"[bold red]stopped early[/]: {result.stopped_early}; adapter: "
+                                       f"{result.adapter_dir}")
+            raise typer.Exit(3)
+        Console().print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir}/log.jsonl")
+
+    @app.command("generate")
+    def generate(
+        prompt: Annotated[list[str], typer.Argument(help="One or more prompts (instructions).")],
+        model: str = typer.Option(None, "--model", "-m", help="Base model dir or hub id (default: the adapter's)."),
+        adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Adapter directory written by llmtune train.")] = None,
+        template: str = typer.Option("llama3", "--template", help="llama3, chatml, alpaca, tokenizer, or 'none'."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+        as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt."),
+    ) -> None:
+        """Answer prompts greedily with a model, optionally with an adapter on top."""
+        from rich.console import Console
+
+        from llmtune.trainers._inference import generate_text, load_for_inference
+
+        m, tok = load_for_inference(model, adapter)
+        answers = generate_text(m, tok, list(prompt), template=None if template == "none" else template,
+                                max_new_tokens=max_new_tokens)
+        console = Console()
+        for p, a in zip(prompt, answers):
+            if as_json:
+                typer.echo(json.dumps({"prompt": p, "answer": a}))
+            else:
+                console.print(f"[bold]>[/] {p}\n{a}", highlight=False)
+
+    @app.command("merge")
+    def merge(
+        adapter: Annotated[Path, typer.Option("--adapter", "-a", help="LoRA/DoRA adapter directory.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Where the merged model (safetensors) goes.")],
+        model: str = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's recorded base)."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    ) -> None:
+        """Fold an adapter into its base model and save the result as safetensors."""
+        from rich.console import Console
+
+        from llmtune.trainers._inference import merge_adapter
+
+        path = merge_adapter(adapter, out, model=model, dtype=dtype)
+        Console().print(f"merged model written to {path}")
+
+    @app.command("demo")
+    def demo(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("llmtune-demo"),
+        seed: int = typer.Option(0, "--seed"),
+        pretrain_steps: int = typer.Option(None, "--pretrain-steps", min=1, help="Shorter/longer pretraining."),
+        epochs: int = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    ) -> None:
+        """Offline CPU demo: tiny model, pretraining, LoRA fine-tuning, ROUGE-L/BLEU before and after."""
+        from rich.console import Console
+
+        from llmtune.demo import run_demo
+
+        console = Console()
+        summary = run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs,
+                           progress=not no_progress, echo=lambda s: console.print(s, highlight=False))
+        _render_eval({"before": {"rougeL": summary["rougeL_before"], "bleu": summary["bleu_before"]},
+                      "after": {"rougeL": summary["rougeL_after"], "bleu": summary["bleu_after"]}})

@@ -1,0 +1,89 @@
+"""Using what the trainer wrote: load base + adapter, generate answers, merge the adapter into the base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmtune.core.errors import ConfigError
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter was trained on, as recorded in its ``adapter_config.json`` (or None)."""
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{adapter} is not an adapter directory (no adapter_config.json)")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    return str(base) if base else None
+
+
+def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *,
+                       dtype: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the base (``model`` or the adapter's recorded base) with the adapter applied.
+
+    The tokenizer comes from the adapter directory when the trainer saved one there, else from the base.
+    """
+    from transformers import AutoTokenizer
+
+    from llmtune.models.loading import load_model_and_tokenizer
+
+    if model is None:
+        if adapter is None:
+            raise ConfigError("give a model, an adapter, or both")
+        model = adapter_base(adapter)
+        if model is None:
+            raise ConfigError(f"adapter {adapter} does not record its base model; pass --model")
+    base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter)
+        if (adapter / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+        base = PeftModel.from_pretrained(base, str(adapter))
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer found with {model} or {adapter}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base.eval()
+    return base, tokenizer
+
+
+def generate_text(model: Any, tokenizer: Any, prompts: list[str], *, template: str | None = "llama3",
+                  max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers to ``prompts``, each wrapped as a user instruction in ``template`` (None: raw text)."""
+    from llmtune.trainers._evaluate import generate
+
+    ids = []
+    for prompt in prompts:
+        if template is None:
+            text = prompt
+        else:
+            from llmtune.data import render_prompt
+
+            text, _answer = render_prompt({"instruction": prompt, "input": "", "output": ""}, template, tokenizer)
+        ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = None, dtype: str = "auto",
+                  trust_remote_code: bool = False) -> Path:
+    """Fold a LoRA/DoRA adapter into its (unquantized) base and write the merged model as safetensors."""
+    import torch
+
+    torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"dtype={dtype!r} is not one of auto, fp32, bf16, fp16")
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text()) \
+        if (Path(adapter) / "adapter_config.json").is_file() else {}
+    if cfg.get("peft_type") not in (None, "LORA"):
+        raise ConfigError(f"adapter {adapter} is a {cfg.get('peft_type')} adapter; only LoRA/DoRA adapters can be "
+                          "merged into the base weights")
+    peft_model, tokenizer = load_for_inference(model, adapter, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    merged = peft_model.merge_and_unload()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
