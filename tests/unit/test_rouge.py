@@ -288,3 +288,46 @@ def test_bootstrap_is_seeded_and_keeps_the_plain_mean() -> None:
     assert set(a.per_example) == set(plain.per_example)
     assert "ci:0.95,n:200,seed:3" in a.signature
     assert not any(math.isnan(v) for v in a.scores.values())
+
+
+# --- the vectorised LCS engine -------------------------------------------------------------------------------
+
+
+def test_bit_length_and_popcount_on_64_bit_edges() -> None:
+    from llmtune.metrics._bitlcs import bit_length, popcount
+
+    values = [1, 2, 3, (1 << 53) - 1, 1 << 53, (1 << 53) + 1, (1 << 62) + 1, (1 << 63) - 1]
+    x = np.array(values, dtype=np.uint64)
+    assert bit_length(x).tolist() == [v.bit_length() for v in values]
+    assert popcount(x).tolist() == [v.bit_count() for v in values]
+
+
+def test_lcs_batch_replays_rouge_scores_backtracking() -> None:
+    """Up to 63-token sequences over 2-11 symbols: same LCS length and the same LCS indices as rouge-score."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    from llmtune.metrics._bitlcs import lcs_batch
+
+    rng = np.random.default_rng(7)
+    seqs: list[tuple[int, list[int]]] = []
+    flat: list[int] = []
+    for _ in range(400):
+        length = int(rng.integers(1, 64)) if rng.random() < 0.4 else int(rng.integers(1, 9))
+        seq = rng.integers(0, int(rng.choice([2, 3, 11])), size=length).tolist()
+        seqs.append((len(flat), seq))
+        flat += seq
+    pairs = rng.integers(0, len(seqs), size=(800, 2))
+    a = [seqs[i] for i in pairs[:, 0]]
+    b = [seqs[i] for i in pairs[:, 1]]
+    lcs, pair, pos = lcs_batch(
+        np.asarray(flat, dtype=np.int64),
+        np.array([s for s, _ in a]), np.array([len(q) for _, q in a]),
+        np.array([s for s, _ in b]), np.array([len(q) for _, q in b]),
+        vocab_size=11, backtrack=True,
+    )
+    found: dict[int, list[int]] = {}
+    for k, p in zip(pair.tolist(), pos.tolist()):
+        found.setdefault(k, []).append(p)
+    for k, ((_, ref), (_, cand)) in enumerate(zip(a, b)):
+        table = rouge_scorer._lcs_table(ref, cand)
+        assert lcs[k] == table[-1][-1]
+        assert sorted(found.get(k, [])) == rouge_scorer._backtrack_norec(table, ref, cand)
