@@ -192,7 +192,13 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
     except (InvalidOptionError, UnknownOptionError) as exc:
         field = _option_field(str(exc))
         loc = at(section, field) if field else at(section)
-        raise ConfigError(f"{loc}: {exc}") from None
+        hint = ""
+        value = options.get(field) if field else None
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            mantissa, _, exponent = value.lower().partition("e")
+            fixed = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
+            hint = f" (YAML reads {value} as text; write {fixed})"
+        raise ConfigError(f"{loc}: {exc}{hint}") from None
 
 
 def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
