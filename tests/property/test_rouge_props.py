@@ -165,7 +165,7 @@ def english_like(draw: st.DrawFn) -> str:
     return stem + "".join(suffixes)
 
 
-@settings(max_examples=BUDGET * 6)
+@settings(max_examples=BUDGET * 2)
 @given(w=st.one_of(english_like(), st.text(string.ascii_lowercase + string.digits, max_size=14),
                    st.text(max_size=6), st.sampled_from(ENGLISH)))
 def test_porter_equals_nltk(w: str) -> None:
@@ -173,13 +173,13 @@ def test_porter_equals_nltk(w: str) -> None:
 
 
 def test_porter_equals_nltk_on_a_generated_word_list() -> None:
-    """20 000 words from a fixed seed: every 1-3 letter word over a small alphabet, and suffix stacks."""
+    """10 000 words from a fixed seed: every 1-3 letter word over a small alphabet, and suffix stacks."""
     rng = random.Random(20240601)
     letters = "aeiouybcdlmnrstwxz"
     words = {a + b + c for a in letters for b in letters for c in ["", *letters]}
     sufs = ["s", "es", "ies", "ed", "eed", "ied", "ing", "y", "ational", "ation", "ness", "ful", "al", "ement",
             "ion", "ll", "e", "alli", "logi", "iviti", "ize", "ate", "ous", "ive", "bli", "fulli"]
-    while len(words) < 20000:
+    while len(words) < 10000:
         stem = "".join(rng.choice(letters) for _ in range(rng.randint(1, 7)))
         words.add(stem + "".join(rng.choice(sufs) for _ in range(rng.randint(1, 2))))
     bad = [w for w in sorted(words) if _porter.stem_uncached(w) != NLTK_STEMMER.stem(w)]
