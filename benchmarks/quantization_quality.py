@@ -5,7 +5,7 @@ held-out set); ``--model DIR`` uses a real local checkpoint instead (with ``--ev
 Perplexity follows the GPTQ paper's protocol: the held-out text joined by blank lines, cut into
 non-overlapping windows of ``--seq-len`` tokens, ``exp(mean token NLL)``. One JSON line per result.
 
-    python benchmarks/quantization_quality.py                 # tiny model, ~2-4 minutes on 2 CPU cores
+    python benchmarks/quantization_quality.py                 # tiny model, ~5-10 minutes on 2 busy CPU cores
     python benchmarks/quantization_quality.py --model ~/opt-125m --eval-file wiki.test.raw --seq-len 2048
 """
 
@@ -50,22 +50,32 @@ def _windows(tokenizer: Any, text: str, seq_len: int) -> Any:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
 
 
-def perplexity(model: Any, windows: Any, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over all windows (each window scored on its own, no context carry-over)."""
+def evaluate(model: Any, windows: Any, reference: list[Any] | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Perplexity (exp mean next-token NLL, each window on its own) and, given the fp32 model's log-probs,
+    the mean per-token KL(fp32 || model) and top-1 agreement: fidelity to the unquantized model, which
+    (unlike perplexity on a tiny corpus) an over-fitted tiny model cannot blur."""
     import torch
 
-    nll, count = 0.0, 0
+    nll, count, kl, agree = 0.0, 0, 0.0, 0
+    logps = []
     model.eval()
     with torch.no_grad():
-        for i in range(0, windows.shape[0], batch_size):
+        for j, i in enumerate(range(0, windows.shape[0], batch_size)):
             batch = windows[i:i + batch_size].to(next(model.parameters()).device)
-            logits = model(batch).logits[:, :-1].float()
+            logp = torch.log_softmax(model(batch).logits[:, :-1].float(), dim=-1)
             target = batch[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                     reduction="sum")
-            nll += float(loss)
+            nll -= float(logp.gather(-1, target[..., None]).sum())
             count += target.numel()
-    return math.exp(nll / count)
+            logps.append(logp)
+            if reference is not None:
+                ref = reference[j]
+                kl += float((ref.exp() * (ref - logp)).sum())
+                agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+    out: dict[str, Any] = {"perplexity": round(math.exp(nll / count), 4), "logprobs": logps}
+    if reference is not None:
+        out["kl_vs_fp32"] = round(kl / count, 6)
+        out["top1_agree_fp32"] = round(agree / count, 4)
+    return out
 
 
 def _largest_group(model: Any, prefer: int) -> int:
@@ -84,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="local HF checkpoint (default: pretrain a tiny Llama)")
     parser.add_argument("--eval-file", type=Path, help="held-out text for --model (default: bundled held-out)")
     parser.add_argument("--calib-file", type=Path, help="calibration text for --model (default: bundled train)")
-    parser.add_argument("--steps", type=int, default=400, help="pretraining steps of the tiny model")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per eval/calibration window")
+    parser.add_argument("--steps", type=int, default=200, help="pretraining steps of the tiny model")
+    parser.add_argument("--held-out", type=float, default=0.2, help="share of bundled paragraphs held out")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per eval/calibration window")
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
     parser.add_argument("--group-size", type=int, default=128, help="group size (largest divisor <= it is used)")
     parser.add_argument("--only", nargs="*", help="only these result names (e.g. fp32 gptq-4-g128)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for the tiny model on a busy box)")
     args = parser.parse_args(argv)
 
     import torch
@@ -97,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     from llmtune.quantizers.gptq.calibration import text_calibration
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "device": "cpu"}
     if args.model is None:
         from llmtune.models.tiny import build_tiny_model, bundled_corpus, pretrain, train_tiny_tokenizer
 
         corpus = bundled_corpus()
-        cut = int(len(corpus) * 0.9)
+        cut = int(len(corpus) * (1 - args.held_out))
         train, held_out = corpus[:cut], corpus[cut:]
         tokenizer = train_tiny_tokenizer()
         # intermediate 384 (not the tiny default 352) so that group size 128 divides every width.
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = pretrain(model, tokenizer, train, steps=args.steps, seed=0)
         source = {"model": "tiny-llama (hidden 128, 4 layers, intermediate 384)", "pretrain_steps": args.steps,
                   "pretrain_seconds": round(time.perf_counter() - start, 1), "final_train_loss": round(losses[-1], 3),
-                  "eval": "bundled corpus, last 10% of paragraphs"}
+                  "eval": f"bundled corpus, last {args.held_out:.0%} of paragraphs"}
         eval_text, calib_text = "\n\n".join(held_out), "\n\n".join(train)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             from llmtune.models.tiny import bundled_corpus
 
             corpus = bundled_corpus()
-            cut = int(len(corpus) * 0.9)
+            cut = int(len(corpus) * (1 - args.held_out))
         eval_text = args.eval_file.read_text() if args.eval_file else "\n\n".join(corpus[cut:])
         calib_text = args.calib_file.read_text() if args.calib_file else "\n\n".join(corpus[:cut])
         source = {"model": str(args.model), "eval": str(args.eval_file or "bundled held-out")}
@@ -148,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         ("int8", "int8", "bnb", {}),
     ]
     fp32_ppl = None
+    reference = None
     for label, name, backend, opts in runs:
         if args.only and label not in args.only:
             continue
@@ -163,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 qmodel = q.quantize(qmodel, calibration=calibration if name == "gptq" else None)
                 seconds = time.perf_counter() - start
-            ppl = perplexity(qmodel, windows)
-            fp32_ppl = ppl if not name else fp32_ppl
-            record.update({"perplexity": round(ppl, 4), "size_bytes": _state_bytes(qmodel),
-                           "quantize_seconds": round(seconds, 2)})
+            scores = evaluate(qmodel, windows, reference)
+            logprobs = scores.pop("logprobs")
+            if not name:
+                fp32_ppl, reference = scores["perplexity"], logprobs
+            record.update({**scores, "size_bytes": _state_bytes(qmodel), "quantize_seconds": round(seconds, 2)})
             if fp32_ppl:
-                record["ppl_vs_fp32"] = round(ppl / fp32_ppl, 4)
+                record["ppl_vs_fp32"] = round(scores["perplexity"] / fp32_ppl, 4)
         except Exception as exc:  # report and go on: one unavailable backend must not hide the others
             record["error"] = f"{type(exc).__name__}: {exc}"
         _emit(record)
