@@ -12,6 +12,7 @@
 #   PYTHON (default python3) is the interpreter; if ./device-site exists (built with
 #   ../shared/tools/device-site.sh device-site accelerate) it is put on PYTHONPATH, with the checkout itself.
 #   BENCH_ONLY="a b" runs only those steps. BENCH_FULL_GRID=1 adds the 8x1024 shape to (a) (over 10 minutes).
+#   BENCH_SMOKE=1 runs (a) on its tiny CPU grid (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -71,11 +72,13 @@ want() { case " $ONLY " in *" $1 "*) return 0;; *) return 1;; esac; }
 # (a) <5 min: 2 archs x {4x512, 1x2048} x {LoRA, QLoRA} x {plain, peft, unsloth}; each recipe child has a budget
 if want a; then
   GRID="4x512,1x2048"; [ "${BENCH_FULL_GRID:-0}" = 1 ] && GRID="4x512,1x2048,8x1024"
-  step train_throughput 290 "$PY" benchmarks/train_throughput.py --grid "$GRID" --budget-s 75 \
+  SIZE=(--grid "$GRID"); [ "${BENCH_SMOKE:-0}" = 1 ] && SIZE=(--smoke)
+  step train_throughput 290 "$PY" benchmarks/train_throughput.py "${SIZE[@]}" --budget-s 75 \
     --workdir /tmp/llmtune-bench-models
   # diagnostic: Unsloth's own recipe on the issue's shape, to see whether llmtune keeps all of its advantage
+  PLAIN_SIZE=(--models llama3.2-1b --grid 4x512); [ "${BENCH_SMOKE:-0}" = 1 ] && PLAIN_SIZE=(--smoke)
   step train_throughput_unsloth_plain 50 "$PY" benchmarks/train_throughput.py --recipes unsloth-plain \
-    --models llama3.2-1b --grid 4x512 --budget-s 30 --workdir /tmp/llmtune-bench-models
+    "${PLAIN_SIZE[@]}" --budget-s 30 --workdir /tmp/llmtune-bench-models
 fi
 # (b) ~2 min: llmtune.memory predicted vs measured (helper MEM's script)
 if want b; then

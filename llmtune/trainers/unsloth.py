@@ -230,8 +230,9 @@ class UnslothLoraTrainer(PeftLoraTrainer):
         name, local = self._model_dir(model, tokenizer)
         dtype = self._base_dtype() or torch.float32
         kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
-        if self._device.type == "cuda":
-            kwargs["device_map"] = self._device_map()
+        if self._device.type == "cuda":  # this process's GPU (one per process under accelerate launch)
+            index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+            kwargs["device_map"] = {"": index}
         try:
             loaded, loaded_tok = self._fast.from_pretrained(
                 model_name=name, max_seq_length=opts.max_length, dtype=dtype,
