@@ -172,15 +172,18 @@ def _accelerator(mixed_precision: str) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    # no GPU: say so, or accelerate ignores torch.distributed.run/`accelerate launch` processes on CPU (gloo)
+    mps = getattr(torch.backends, "mps", None)
+    cpu = not torch.cuda.is_available() and not (mps is not None and mps.is_available())
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError as exc:
         if "already been initialized" not in str(exc) or AcceleratorState().num_processes > 1:
             raise
         # accelerate keeps one global state per process; reset it (not the process group) for the new run
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 class _StopRequested(Exception):
