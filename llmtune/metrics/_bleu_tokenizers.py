@@ -1,10 +1,11 @@
 """sacrebleu's BLEU tokenizers (``13a``, ``intl``, ``char``, ``none``), re-implemented for whole corpora.
 
 Each function takes a list of raw segments and returns one token list per segment, equal to
-``sacrebleu_tokenizer(segment).split()``. The caller applies sacrebleu's pre-processing first
-(``lower()`` if asked, then ``rstrip()``). Speed comes from processing the corpus as one string:
-the rules are local (one character of context), and the separator is chosen so that no rule can
-match across it, which makes the batched result identical to tokenising segment by segment.
+``sacrebleu_tokenizer(segment).split()``; `encode` returns token ids directly. The caller-facing `tokenize`
+and `encode` apply sacrebleu's pre-processing first (``lower()`` if asked, then ``rstrip()``). Speed comes
+from tokenizing each distinct word once: the 13a and intl rules look at one character of context and never
+need a whitespace character that another match consumed, so a text's tokens are the concatenation of its
+words' tokens (each word taken with the whitespace, or line edge, around it).
 """
 
 from __future__ import annotations
@@ -119,9 +120,6 @@ def _char_class(ranges: tuple[tuple[int, int], ...], negate: bool = False) -> st
 
 
 _INTL_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] | None = None
-#: A character of category N (not P, not S, not whitespace): no intl rule can match it or next to it, so it
-#: separates segments safely (used only if it does not occur in the corpus).
-_INTL_SEP = "\u2189"
 
 
 def _intl_rules() -> list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]]:
@@ -144,14 +142,50 @@ def _post_intl(text: str) -> str:
     return text
 
 
+def _intl_word(word: str, left: bool, right: bool) -> tuple[str, ...]:
+    """intl tokens of one whitespace-free word, with or without a whitespace character on each side."""
+    if word.isalnum():  # no punctuation or symbol: no rule can match
+        return (word,)
+    return tuple(_post_intl(f"{' ' if left else ''}{word}{' ' if right else ''}").split())
+
+
+class _MiddleWords(dict):  # type: ignore[type-arg]
+    """word -> intl tokens for words with whitespace on both sides, computed on first lookup."""
+
+    def __missing__(self, word: str) -> tuple[str, ...]:
+        out = self[word] = _intl_word(word, True, True)
+        return out
+
+
 def tokenize_intl(lines: list[str]) -> list[list[str]]:
-    """intl tokens (Unicode punctuation and symbols split off, except punctuation between digits)."""
-    if not lines:
-        return []
-    text = _INTL_SEP.join(lines)
-    if text.count(_INTL_SEP) == len(lines) - 1:
-        return [seg.split() for seg in _post_intl(text).split(_INTL_SEP)]
-    return [_post_intl(line).split() for line in lines]
+    """intl tokens (Unicode punctuation and symbols split off, except punctuation between digits).
+
+    Computed once per distinct word and context. Exact for the same reason as 13a: whitespace (never P, S
+    or N) can only be the non-punctuation side of a match, which no other match needs. Unlike 13a, intl
+    does not pad the line, so the first and last words are tokenized with their actual context.
+    """
+    middle = _MiddleWords()
+    get = middle.__getitem__
+    edge: dict[tuple[str, bool, bool], tuple[str, ...]] = {}
+    out: list[list[str]] = []
+    for line in lines:
+        words = line.split()
+        if not words:
+            out.append([])
+            continue
+        left = line[0].isspace()
+        if len(words) == 1:
+            key = (words[0], left, line[-1].isspace())
+            first = edge.get(key) or edge.setdefault(key, _intl_word(*key))
+            out.append(list(first))
+            continue
+        key = (words[0], left, True)
+        toks = list(edge.get(key) or edge.setdefault(key, _intl_word(*key)))
+        toks.extend(chain.from_iterable(map(get, words[1:-1])))
+        key = (words[-1], True, line[-1].isspace())
+        toks.extend(edge.get(key) or edge.setdefault(key, _intl_word(*key)))
+        out.append(toks)
+    return out
 
 
 # --- char and none ----------------------------------------------------------------------------------------

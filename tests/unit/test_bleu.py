@@ -208,13 +208,12 @@ def test_tokenizers_equal_sacrebleu_on_adversarial_lines(name: str) -> None:
         assert toks.tokenize(lines, name, lowercase) == want
 
 
-def test_intl_batch_and_per_line_paths_agree() -> None:
-    """The batch path joins lines with U+2189; a corpus containing it falls back to line by line."""
-    lines = ADVERSARIAL_PREDS
-    batch = toks.tokenize_intl(lines)
-    fallback = toks.tokenize_intl([*lines, "x\u2189y."])
-    assert fallback[:-1] == batch
-    assert fallback[-1] == _get_tokenizer("intl")()("x\u2189y.").split()
+@pytest.mark.parametrize("line", ["x", " x", "x.", " .x", "“a”", " (a) b, c. ", "a\u2028“b”\xa0-c-", "..", "\u1b4e"])
+def test_intl_word_contexts(line: str) -> None:
+    """intl is computed per word: first and last words keep their real context (no padding in intl)."""
+    theirs = _get_tokenizer("intl")()
+    assert toks.tokenize_intl([line.rstrip()]) == [theirs(line.rstrip()).split()]
+    assert toks.tokenize_intl([f"{line} {line}".rstrip()]) == [theirs(f"{line} {line}".rstrip()).split()]
 
 
 @pytest.mark.parametrize("lowercase", [False, True])
