@@ -33,11 +33,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCKSIZES", "COMPUTE_DTYPES", "QUANT_STORAGES", "RECORD_FILE", "FP4Quantizer", "FourBitOptions",
-    "INT8Quantizer", "Int8Options", "NF4Quantizer", "hf_skip_regex", "skip_matches",
+    "INT8Quantizer", "Int8Options", "NF4Quantizer", "hf_skip_regex", "resolve_compute_dtype", "skip_matches",
 ]
 
-#: Compute dtypes a 4-bit layer can dequantize to before its matmul.
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+#: Compute dtypes a 4-bit layer can dequantize to before its matmul ("auto": see `resolve_compute_dtype`).
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 #: 4-bit block sizes bitsandbytes accepts (its ``quantize_4bit`` op, CPU and CUDA alike).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Storage dtypes of the packed 4-bit bytes (a reinterpretation of the same bytes, for FSDP).
@@ -87,8 +87,10 @@ def _check_skip_modules(value: object) -> tuple[str, ...]:
 class FourBitOptions:
     """Settings of the 4-bit quantizers (``nf4``, ``fp4``); every default is chosen here, not inherited."""
 
-    #: dtype the weights are dequantized to for the matmul: QLoRA's bfloat16 (fp32 range, half the traffic).
-    compute_dtype: str = "bfloat16"
+    #: dtype the weights are dequantized to for the matmul. "auto": bfloat16 on a CUDA GPU that has it (QLoRA's
+    #: choice), float16 on older GPUs, float32 on CPU (bf16 matmul is ~5x slower than fp32 on CPUs without
+    #: AVX512-BF16); decided by the device the model is on when quantized, and recorded.
+    compute_dtype: str = "auto"
     #: Quantize the per-block absmax too (8-bit, blocks of 256): ~0.37 bit/parameter saved, as in QLoRA.
     double_quant: bool = True
     #: Weights per absmax block. transformers' load-time path always uses 64.
@@ -160,6 +162,24 @@ def hf_skip_regex(pattern: str) -> str:
     return rf"(?:{core})(?:\..*)?\Z"
 
 
+def resolve_compute_dtype(requested: str, device_type: str) -> str:
+    """The compute dtype "auto" stands for on ``device_type`` ("cuda", "cpu", ...); other values unchanged."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def _default_device_type() -> str:
+    """Where transformers' ``from_pretrained`` puts a bitsandbytes model by default: CUDA when present."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -175,18 +195,25 @@ class _BnbQuantizer(Quantizer):
     trainable: ClassVar[bool] = True
 
     # -- per-method hooks --------------------------------------------------------------------------
-    def _make_layer(self, linear: torch.nn.Linear) -> torch.nn.Module:
+    def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         """A bitsandbytes layer holding ``linear``'s quantized weight, on ``linear``'s device."""
         raise NotImplementedError
 
-    def _bnb_config(self, skip: list[str]) -> BitsAndBytesConfig:
+    def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         """The full ``BitsAndBytesConfig`` (every field set) with ``skip`` as its skip list."""
         raise NotImplementedError
 
+    def _resolved(self, device_type: str) -> dict[str, Any]:
+        """Settings that depend on the device (recorded next to the options)."""
+        return {}
+
     # -- public API --------------------------------------------------------------------------------
     def hf_quantization_config(self) -> BitsAndBytesConfig:
-        """``transformers.BitsAndBytesConfig`` with these settings, for load-time quantization."""
-        return self._bnb_config([hf_skip_regex(p) for p in self.options.skip_modules])
+        """``transformers.BitsAndBytesConfig`` with these settings, for load-time quantization.
+
+        ``compute_dtype="auto"`` resolves for the device ``from_pretrained`` uses by default (CUDA if present).
+        """
+        return self._bnb_config([hf_skip_regex(p) for p in self.options.skip_modules], _default_device_type())
 
     def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
         """Replace ``model``'s ``nn.Linear`` layers in place (skip list aside) and return ``model``.
@@ -215,15 +242,17 @@ class _BnbQuantizer(Quantizer):
                 f"{self.describe()}: no torch.nn.Linear layer left to quantize "
                 f"(linear layers: {kept or 'none'}; skip_modules={list(self.options.skip_modules)})"
             )
+        device_types = {linear.weight.device.type for _, linear in targets}
+        if "meta" in device_types:
+            raise LlmtuneError(f"{self.describe()}: the model has layers on the meta device; load its weights first")
+        device_type = "cuda" if "cuda" in device_types else targets[0][1].weight.device.type
         for name, linear in targets:
-            if linear.weight.device.type == "meta":
-                raise LlmtuneError(f"{self.describe()}: layer {name!r} is on the meta device; load its weights first")
-            layer = self._make_layer(linear)
+            layer = self._make_layer(linear, device_type)
             layer.train(linear.training)
             model.set_submodule(name, layer)
-        record = self._record([n for n, _ in targets], kept)
+        record = self._record([n for n, _ in targets], kept, device_type)
         setattr(model, "llmtune_quantization", record)  # noqa: B010 (a torch Module attribute, not a tensor)
-        self._mark_transformers_model(model, skip)
+        self._mark_transformers_model(model, skip, device_type)
         return model
 
     def save(self, model: Any, path: str | Path) -> Path:
@@ -275,7 +304,7 @@ class _BnbQuantizer(Quantizer):
         return model
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _record(self, quantized: list[str], kept: list[str]) -> dict[str, Any]:
+    def _record(self, quantized: list[str], kept: list[str], device_type: str) -> dict[str, Any]:
         """The settings stored on the model (``model.llmtune_quantization``) and saved next to it."""
         import bitsandbytes
 
@@ -285,6 +314,8 @@ class _BnbQuantizer(Quantizer):
             "name": self.name,
             "backend": self.backend,
             "options": options,
+            "resolved": self._resolved(device_type),
+            "quantized_on": device_type,
             "bitsandbytes_version": bitsandbytes.__version__,
             "quantized_modules": quantized,
             "skipped_modules": kept,
@@ -303,14 +334,14 @@ class _BnbQuantizer(Quantizer):
             )
         return record
 
-    def _mark_transformers_model(self, model: Any, skip: list[str]) -> None:
+    def _mark_transformers_model(self, model: Any, skip: list[str], device_type: str) -> None:
         """Mark a transformers model the way ``from_pretrained(quantization_config=...)`` does."""
         from transformers import PreTrainedModel
         from transformers.quantizers.auto import AutoHfQuantizer
 
         if not isinstance(model, PreTrainedModel):
             return
-        config = self._bnb_config([hf_skip_regex(p) for p in skip])
+        config = self._bnb_config([hf_skip_regex(p) for p in skip], device_type)
         hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
         hf_quantizer.modules_to_not_convert = list(config.llm_int8_skip_modules)
         for attr, value in (("is_quantized", True), ("quantization_method", config.quant_method),
@@ -325,15 +356,19 @@ class _FourBitQuantizer(_BnbQuantizer):
     Options: ClassVar[type] = FourBitOptions
     quant_type: ClassVar[str] = ""
 
-    def _make_layer(self, linear: torch.nn.Linear) -> torch.nn.Module:
+    def _resolved(self, device_type: str) -> dict[str, Any]:
+        return {"compute_dtype": resolve_compute_dtype(self.options.compute_dtype, device_type)}
+
+    def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
         import torch
 
         opts: FourBitOptions = self.options
+        compute_dtype = _torch_dtype(resolve_compute_dtype(opts.compute_dtype, device_type))
         storage = _torch_dtype(opts.quant_storage)
         layer = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=_torch_dtype(opts.compute_dtype), compress_statistics=opts.double_quant,
+            compute_dtype=compute_dtype, compress_statistics=opts.double_quant,
             quant_type=self.quant_type, quant_storage=storage, device="meta",
         )
         # Params4bit quantizes when moved to a (non-meta) device: here, the device the weight is on.
@@ -346,14 +381,15 @@ class _FourBitQuantizer(_BnbQuantizer):
             layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
         return layer
 
-    def _bnb_config(self, skip: list[str]) -> BitsAndBytesConfig:
+    def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig
 
         opts: FourBitOptions = self.options
+        compute_dtype = _torch_dtype(resolve_compute_dtype(opts.compute_dtype, device_type))
         return BitsAndBytesConfig(
             load_in_4bit=True, load_in_8bit=False,
             bnb_4bit_quant_type=self.quant_type, bnb_4bit_use_double_quant=opts.double_quant,
-            bnb_4bit_compute_dtype=_torch_dtype(opts.compute_dtype), bnb_4bit_quant_storage=opts.quant_storage,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=opts.quant_storage,
             llm_int8_skip_modules=skip, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
             llm_int8_enable_fp32_cpu_offload=False,
         )
@@ -389,7 +425,7 @@ class INT8Quantizer(_BnbQuantizer):
     name: ClassVar[str] = "int8"
     Options: ClassVar[type] = Int8Options
 
-    def _make_layer(self, linear: torch.nn.Linear) -> torch.nn.Module:
+    def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
         import torch
 
@@ -412,7 +448,7 @@ class INT8Quantizer(_BnbQuantizer):
             layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
         return layer
 
-    def _bnb_config(self, skip: list[str]) -> BitsAndBytesConfig:
+    def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig
 
         opts: Int8Options = self.options

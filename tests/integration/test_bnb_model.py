@@ -70,6 +70,9 @@ def test_quantize_swaps_linears_in_place_and_keeps_lm_head(base, tokens, name, l
             assert type(model.get_submodule(f"model.layers.{i}.{proj}")).__name__ == layer_cls
     assert type(model.lm_head) is torch.nn.Linear
     record = model.llmtune_quantization
+    if name != "int8":  # compute_dtype "auto" on CPU
+        assert record["resolved"] == {"compute_dtype": "float32"} and record["quantized_on"] == "cpu"
+        assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.float32
     assert record["name"] == name and record["backend"] == "bnb" and record["skipped_modules"] == ["lm_head"]
     assert len(record["quantized_modules"]) == 14
     # marked like a model transformers loaded with a BitsAndBytesConfig
@@ -81,13 +84,13 @@ def test_quantize_swaps_linears_in_place_and_keeps_lm_head(base, tokens, name, l
 def test_quantized_forward_stays_close_to_fp32(base, tokens) -> None:
     reference = logits(base, tokens)
     errors = {}
-    for name, options in [("nf4", {"compute_dtype": "float32"}), ("nf4", {}), ("fp4", {"compute_dtype": "float32"}),
-                          ("int8", {})]:
+    for name, options in [("nf4", {"compute_dtype": "float32"}), ("nf4", {"compute_dtype": "bfloat16"}),
+                          ("fp4", {"compute_dtype": "float32"}), ("int8", {})]:
         model = llmtune.get_quantizer(name, **options).quantize(copy.deepcopy(base))
         errors[(name, options.get("compute_dtype", "default"))] = rel_err(logits(model, tokens), reference)
     # bounds with headroom over what this model gives (nf4 ~0.10, fp4 ~0.14, int8 ~0.01)
     assert errors[("nf4", "float32")] < 0.15
-    assert errors[("nf4", "default")] < 0.15
+    assert errors[("nf4", "bfloat16")] < 0.15
     assert errors[("fp4", "float32")] < 0.2
     assert errors[("int8", "default")] < 0.03
     # and the expected order: 8 bits beat 4, NormalFloat beats the float grid on normal weights
@@ -152,9 +155,11 @@ def test_nf4_safetensors_layout(tmp_path) -> None:
         assert f.get_tensor(f"{prefix}.absmax").dtype == torch.uint8  # double-quantized: one byte per block
         assert f.get_tensor("lm_head.weight").dtype == torch.float32
     config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    # compute_dtype="auto" on CPU is float32, and the resolved value is what gets saved
     assert (config["bnb_4bit_quant_type"], config["bnb_4bit_use_double_quant"], config["bnb_4bit_compute_dtype"]) == (
-        "nf4", True, "bfloat16"
+        "nf4", True, "float32"
     )
+    assert json.loads((saved / RECORD_FILE).read_text())["resolved"] == {"compute_dtype": "float32"}
 
 
 @pytest.mark.parametrize(("name", "options"), [("nf4", {}), ("fp4", {"double_quant": False}), ("int8", {}),

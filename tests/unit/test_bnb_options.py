@@ -30,7 +30,7 @@ def test_registry_resolves_the_three_names_to_bnb() -> None:
 def test_defaults_are_the_documented_ones() -> None:
     o = llmtune.get_quantizer("nf4").options
     assert (o.compute_dtype, o.double_quant, o.blocksize, o.quant_storage, o.skip_modules) == (
-        "bfloat16", True, 64, "uint8", ("lm_head",)
+        "auto", True, 64, "uint8", ("lm_head",)
     )
     i = llmtune.get_quantizer("int8").options
     assert (i.threshold, i.has_fp16_weights, i.skip_modules) == (6.0, False, ("lm_head",))
@@ -119,7 +119,7 @@ def test_hf_config_sets_every_field_explicitly() -> None:
     assert cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant is False
     assert cfg.bnb_4bit_compute_dtype == torch.float16 and cfg.bnb_4bit_quant_storage == torch.uint8
     assert cfg.llm_int8_skip_modules == [hf_skip_regex("lm_head")]
-    fp4 = llmtune.get_quantizer("fp4").hf_quantization_config()
+    fp4 = llmtune.get_quantizer("fp4", compute_dtype="bfloat16").hf_quantization_config()
     assert fp4.bnb_4bit_quant_type == "fp4" and fp4.bnb_4bit_use_double_quant is True
     assert fp4.bnb_4bit_compute_dtype == torch.bfloat16
     i8 = llmtune.get_quantizer("int8", threshold=4.0, skip_modules=[]).hf_quantization_config()
@@ -130,3 +130,18 @@ def test_hf_config_sets_every_field_explicitly() -> None:
 def test_hf_config_refuses_a_blocksize_transformers_cannot_use() -> None:
     with pytest.raises(InvalidOptionError, match=r"blocksize=128.*always uses blocks of 64"):
         llmtune.get_quantizer("nf4", blocksize=128).hf_quantization_config()
+
+
+def test_auto_compute_dtype_resolves_by_device() -> None:
+    import torch
+
+    from llmtune.quantizers.bnb import resolve_compute_dtype
+
+    assert resolve_compute_dtype("auto", "cpu") == "float32"
+    assert resolve_compute_dtype("float16", "cpu") == "float16"
+    assert resolve_compute_dtype("bfloat16", "cuda") == "bfloat16"
+    # for load-time quantization "auto" means: where from_pretrained puts the model by default
+    expected = torch.float32
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert llmtune.get_quantizer("nf4").hf_quantization_config().bnb_4bit_compute_dtype == expected
