@@ -161,11 +161,13 @@ def _norm_bytes(spec: ModelSpec, c: _Ctx, width: int) -> int:
     return 4 * width + 4 + ((a if spec.norm == "rms" else 4) * width if c.train_base else 0)
 
 
-def _layer_terms(spec: ModelSpec, c: _Ctx) -> tuple[dict[str, float], float, float]:
+def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[str, float], float, float]:
     """Bytes per token that autograd saves for one decoder layer, by term; the eager s^2 coefficient;
     and the bytes of the layer's first norm (not saved in layer 0 when the embedding output needs no grad).
 
     Second value: bytes per token per key position (multiply by seq_len) for the eager attention matrix.
+    ``masked``: SDPA gets an explicit mask (sliding-window layers longer than the window): transformers then
+    repeats K/V to every head, and SDPA turns the boolean mask into a float bias it saves for backward.
     """
     a, h, f = c.act, spec.hidden_size, spec.intermediate_size
     t: dict[str, float] = {}
@@ -208,8 +210,9 @@ def _layer_terms(spec: ModelSpec, c: _Ctx) -> tuple[dict[str, float], float, flo
     if spec.qk_norm:
         add("norms", 4 * (q + kv) + 4 * (heads + spec.num_kv_heads)
             + (((a if spec.norm == "rms" else 4) * (q + kv)) if c.train_base else 0))
-    gqa_native = c.attention != "eager" and spec.head_dim <= 256
-    k_saved = kv if (gqa_native or kv == q) else q  # repeat_kv materialises full-head K/V otherwise
+    gqa_native = c.attention != "eager" and spec.head_dim <= 256 and not masked
+    # repeat_kv materialises full-head K/V when SDPA cannot take GQA (a reshape view when there is 1 kv head)
+    k_saved = kv if (gqa_native or kv == q or spec.num_kv_heads == 1) else q
     if spec.family == "gpt2":
         qkv_store = float(a * (q + 2 * kv))  # q, k, v: views of c_attn's output (SDPA) or bmm copies (eager)
         v_store = 0.0
@@ -232,6 +235,8 @@ def _layer_terms(spec: ModelSpec, c: _Ctx) -> tuple[dict[str, float], float, flo
         add("attention", qkv_store + qk_store + v_store + a * q + 4 * heads)
         if spec.family not in ("gpt_neox", "phi3"):  # output laid out (b, s, h, d): o_proj's input shares it
             saved.add("attn_2d")
+        if masked:
+            quad += a  # (b, 1, s, s) float attention bias made from the boolean mask
     o_name = {"gpt2": "c_proj", "gpt_neox": "dense", "falcon": "dense"}.get(spec.family, "o_proj")
     linear(o_name, "attn_2d", q, h)
     if spec.norms_per_layer == 4:
@@ -439,10 +444,19 @@ def estimate_training(
              rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention,
              kernels="unsloth" if recipe == "unsloth" else "hf")
     layer, quad, first_norm = _layer_terms(spec, c)
-    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
     L = spec.num_layers
+    window_mask = 0
+    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and attention != "eager":
+        n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
+        sl, sl_quad, _ = _layer_terms(spec, c, masked=True)
+        layer = {k: ((L - n_sl) * layer.get(k, 0.0) + n_sl * sl.get(k, 0.0)) / L for k in set(layer) | set(sl)}
+        quad = ((L - n_sl) * quad + n_sl * sl_quad) / L
+        window_mask = s  # the boolean (b, 1, s, s) mask, shared by the sliding layers
+        notes.append(f"{n_sl} sliding-window layers (window {spec.sliding_window} < seq {s}) get an explicit mask: "
+                     "K/V repeated to all heads, float bias saved per layer")
+    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
     # (b, 1, s, s) causal mask shared by all layers: eager attention, and Falcon always passes one
-    eager_mask = act * s if (attention == "eager" or spec.family == "falcon") else 0
+    eager_mask = act * s if (attention == "eager" or spec.family == "falcon") else window_mask
     model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
     model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
     if not full and not gradient_checkpointing:
@@ -555,13 +569,12 @@ def estimate_serving(
     T = b * s
     V, h = spec.vocab_size, spec.hidden_size
     L = spec.num_layers
-    window = spec.sliding_window or s
-    kv_tokens = (L - spec.sliding_layers) * s + spec.sliding_layers * min(s, window)
-    kv = 2 * spec.kv_dim * kv_bits * kv_tokens * b // 8 // n_gpu
+    kv = 2 * spec.kv_dim * kv_bits * L * s * b // 8 // n_gpu
     static = {**wterms, "cublas_workspace": ws}
     notes = [f"KV cache: 2 x {spec.num_kv_heads} kv heads x {spec.head_dim} x {kv_bits} bits per token and layer"]
     if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window:
-        notes.append(f"{spec.sliding_layers} sliding-window layers keep only {spec.sliding_window} tokens")
+        notes.append(f"{spec.sliding_layers} sliding-window layers: transformers' cache keeps a view of the whole "
+                     "prefill's keys/values, so a single forward saves nothing (decoding later trims them)")
     if logits == "all":
         lg = {"logits": a * V * T, "final_hidden": a * h * T}
         if spec.final_logit_softcapping is not None:

@@ -30,6 +30,10 @@ TINY = {
                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=256),
     "gemma3": dict(model_type="gemma3_text", vocab_size=1000, hidden_size=256, intermediate_size=1024,
                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=32),
+    # sliding window 32 < seq 64: explicit mask, so K/V are repeated to all 4 heads (2 kv heads)
+    "gemma3-gqa": dict(model_type="gemma3_text", vocab_size=1000, hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       sliding_window=32),
     "phi3": dict(model_type="phi3", pad_token_id=0, vocab_size=1000, hidden_size=256, intermediate_size=688,
                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8),
     "gpt_neox": dict(model_type="gpt_neox", vocab_size=1000, hidden_size=256, intermediate_size=1024,
