@@ -231,6 +231,8 @@ def encode(lines: list[str], name: str, lowercase: bool) -> tuple[np.ndarray, np
     text = _joined_13a(lines) if name == "13a" and lines else None
     if text is not None:
         return _encode_13a_text(text, len(lines))
+    if name == "char":
+        return _encode_chars(lines)
     if name == "13a":
         words_of = words_13a(lines)
     elif name == "none":
@@ -270,3 +272,20 @@ def _encode_13a_text(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
     bounds = np.concatenate([[-1], seps, [stream.size]])
     lens = np.diff(bounds) - 1
     return stream[stream >= 0], lens
+
+
+_WHITESPACE: np.ndarray | None = None
+
+
+def _encode_chars(lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`encode` for ``char``: every non-whitespace code point is a token whose id is the code point."""
+    import numpy as np
+
+    global _WHITESPACE
+    if _WHITESPACE is None:  # str.split()'s whitespace; all of it lies in the BMP
+        _WHITESPACE = np.array([c for c in range(0x10000) if chr(c).isspace()], dtype=np.int64)
+    text = "".join(lines)
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+    keep = ~np.isin(cps, _WHITESPACE)
+    line_of = np.repeat(np.arange(len(lines), dtype=np.int64), np.fromiter(map(len, lines), np.int64, len(lines)))
+    return cps[keep], np.bincount(line_of[keep], minlength=len(lines)).astype(np.int64)
