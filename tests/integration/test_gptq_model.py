@@ -182,3 +182,16 @@ def test_opt_family_works_too(tmp_path: Path) -> None:
     assert _rel_err(_logits(qmodel, held_out), ref) < _rel_err(_logits(rmodel, held_out), ref)
     assert qmodel.config.quantization_config["block_name_to_quantize"] == "model.decoder.layers"
     assert torch.equal(_logits(q.load(q.save(qmodel, tmp_path)), held_out), _logits(qmodel, held_out))
+
+
+def test_skip_modules_inside_blocks_round_trip(base, data, tmp_path: Path) -> None:
+    q = llmtune.get_quantizer("rtn", group_size=32, skip_modules=["lm_head", "down_proj"], quiet=True)
+    model = q.quantize(copy.deepcopy(base))
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+    listed = model.config.quantization_config["modules_in_block_to_quantize"]
+    assert listed and "mlp.down_proj" not in listed[0] and "mlp.up_proj" in listed[0]
+    loaded = q.load(q.save(model, tmp_path))
+    assert torch.equal(_logits(loaded, data[1]), _logits(model, data[1]))
+    with pytest.raises(InvalidOptionError, match="skip_modules"):
+        llmtune.get_quantizer("gptq", skip_modules="lm_head")
