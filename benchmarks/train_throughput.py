@@ -115,6 +115,7 @@ def _child(python: str, args: list[str], timeout: float, sink: Any) -> list[dict
     t = threading.Thread(target=drain, daemon=True)
     t.start()
     killer = threading.Timer(max(timeout, 1), proc.kill)
+    killer.daemon = True  # never keeps the driver alive after it is told to stop
     killer.start()
     for line in proc.stdout:
         line = line.strip()
@@ -209,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         rows += _child(a.python, ["--prep", "--cases", json.dumps({"models": models, "workdir": str(workdir)})],
-                       a.budget_s, sink)
+                       max(a.budget_s, 240.0), sink)
+        # shape-major: the first shape (the 4x512) is measured for every model before any budget runs out
         cases = [dict(model=m, method=me, batch=b, seq=s, steps=steps, rank=a.rank, workdir=str(workdir))
-                 for m in models for (b, s) in grid for me in methods]
+                 for (b, s) in grid for m in models for me in methods]
         for recipe in recipes:
             python = (a.unsloth_python or a.python) if recipe.startswith("unsloth") else a.python
             rows += _child(python, ["--child", recipe, "--cases", json.dumps(cases), "--budget-s", str(a.budget_s)],
