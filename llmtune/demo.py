@@ -108,6 +108,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     model.save_pretrained(str(base_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(base_dir))
     model.config._name_or_path = str(base_dir.resolve())
+    model.name_or_path = str(base_dir.resolve())  # what PEFT records as base_model_name_or_path
 
     train, heldout = split_instructions(seed=seed)
     if eval_examples:

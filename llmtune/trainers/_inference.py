@@ -62,7 +62,8 @@ def generate_text(model: Any, tokenizer: Any, prompts: list[str], *, template: s
         else:
             from llmtune.data import render_prompt
 
-            text, _answer = render_prompt({"instruction": prompt, "input": "", "output": ""}, template, tokenizer)
+            # the prompt part does not depend on the answer; a placeholder satisfies the record checks
+            text, _answer = render_prompt({"instruction": prompt, "input": "", "output": "x"}, template, tokenizer)
         ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)
 

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from llmtune.core.errors import ConfigError  # noqa: E402
-from llmtune.trainers._config import TOP_LEVEL, load_config, schema  # noqa: E402
+from llmtune.core.errors import ConfigError
+from llmtune.trainers._config import TOP_LEVEL, load_config, schema
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -1,0 +1,46 @@
+"""A shortened `llmtune demo` (fewer steps, few held-out drinks): it runs end to end and writes its summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from typer.testing import CliRunner
+
+from llmtune.cli.main import app
+
+KEYS = ("rougeL_before", "rougeL_after", "bleu_before", "bleu_after", "seconds", "adapter_dir")
+
+
+def test_short_demo_writes_summary_adapter_and_base(tmp_path: Path) -> None:
+    from llmtune.demo import run_demo
+
+    lines: list[str] = []
+    summary = run_demo(tmp_path, pretrain_steps=8, epochs=1, eval_examples=4, progress=False, echo=lines.append)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    for key in KEYS:
+        assert key in written, key
+    for key in KEYS[:4]:
+        assert isinstance(written[key], float)
+    assert 0 <= written["rougeL_before"] <= 1 and 0 <= written["rougeL_after"] <= 1
+    assert written["seconds"] > 0 and written["heldout_examples"] == 4
+    adapter = Path(written["adapter_dir"])
+    assert (adapter / "adapter_model.safetensors").is_file()
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert (Path(base) / "config.json").is_file()   # so `llmtune generate --adapter` works on it
+    est = written["memory_estimate"]
+    assert est["llmtune"]["peak_tensor_bytes"] > 0 and est["hf"]["peak_tensor_bytes"] > 0
+    assert any("ROUGE-L" in line for line in lines) and any("memory" in line for line in lines)
+    assert written["train_loss_last"] < written["train_loss_first"]
+
+
+def test_demo_command_is_registered() -> None:
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0 and "--out" in result.output
