@@ -69,8 +69,9 @@ def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], 
         if key in seen:
             raise ConfigError(f"{where}:{line}: duplicate key {'.'.join((*prefix, key))!r}")
         seen.add(key)
-        out[(*prefix, key)] = line
-        _marks(value_node, (*prefix, key), out, where)
+        path = (*prefix, key)
+        out[path] = line
+        _marks(value_node, path, out, where)
 
 
 def _option_field(message: str) -> str | None:

@@ -291,7 +291,8 @@ class PeftLoraTrainer(Trainer):
             config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens)
         else:
             targets = opts.targets if isinstance(opts.targets, str) else list(opts.targets)
-            config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.rank, lora_alpha=opts.alpha,
+            config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.rank,
+                                lora_alpha=opts.alpha,  # type: ignore[arg-type]  # PEFT takes floats too
                                 lora_dropout=opts.dropout, target_modules=targets, use_dora=opts.method == "dora")
         try:
             peft_model = get_peft_model(model, config)
@@ -324,7 +325,7 @@ class PeftLoraTrainer(Trainer):
         from llmtune.data import load_records
 
         if isinstance(data, (str, os.PathLike)):
-            return load_records(data)
+            return load_records(Path(data))
         if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
             records = list(data)
             for i, r in enumerate(records):
@@ -692,7 +693,7 @@ class PeftLoraTrainer(Trainer):
         acc = self._accelerator
         if acc.is_main_process:
             tmp = ckpt.begin(final)
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             ckpt.commit(final)
