@@ -56,6 +56,8 @@ def expand_13a(word: str) -> tuple[str, ...]:
     """The 13a tokens of one whitespace-free word, as if it stood between spaces (see `tokenize_13a`)."""
     if word.isalnum():  # letters and digits are never split (isalnum is False for '', which never occurs)
         return (word,)
+    if word[-1] in ".," and word[:-1].isalnum():  # "word." / "3,": rule 2 or rule 3 splits the mark off
+        return (word[:-1], word[-1])
     text = f" {word.translate(_RULE1_TABLE)} "
     if "." in text or "," in text:
         text = _RULE2.sub(_r2, text)
@@ -266,7 +268,7 @@ def _encode_13a_text(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
     for w in dict.fromkeys(words):
         tokens_of[w] = tuple([token_id.setdefault(t, len(token_id)) for t in expand_13a(w)])
     tokens_of["\0"] = (-1,)  # "\0" only occurs as the separator (checked by _joined_13a)
-    stream = np.fromiter(chain.from_iterable(map(tokens_of.__getitem__, words)), dtype=np.int64)
+    stream = np.array(list(chain.from_iterable(map(tokens_of.__getitem__, words))), dtype=np.int64)
     seps = np.flatnonzero(stream < 0)
     assert seps.size == n_lines - 1
     bounds = np.concatenate([[-1], seps, [stream.size]])
