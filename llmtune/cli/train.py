@@ -20,12 +20,19 @@ def _render_eval(evals: dict[str, dict[str, float]]) -> None:
         return
     table = Table(title="held-out evaluation")
     table.add_column("when")
-    keys = ["rougeL", "rouge1", "bleu", "exact_match", "n"]
+    keys = [k for k in ("rougeL", "rouge1", "bleu", "exact_match", "n") if all(k in s for s in evals.values())]
     for k in keys:
         table.add_column(k, justify="right")
     for when, scores in evals.items():
         table.add_row(when, *(f"{scores.get(k, float('nan')):.4g}" for k in keys))
     Console().print(table)
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars in command output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def register(app: typer.Typer) -> None:
@@ -71,6 +78,7 @@ def register(app: typer.Typer) -> None:
 
         from llmtune.trainers._inference import generate_text, load_for_inference
 
+        _quiet_transformers()
         m, tok = load_for_inference(model, adapter)
         answers = generate_text(m, tok, list(prompt), template=None if template == "none" else template,
                                 max_new_tokens=max_new_tokens)
@@ -93,6 +101,7 @@ def register(app: typer.Typer) -> None:
 
         from llmtune.trainers._inference import merge_adapter
 
+        _quiet_transformers()
         path = merge_adapter(adapter, out, model=model, dtype=dtype)
         Console().print(f"merged model written to {path}")
 
@@ -112,5 +121,5 @@ def register(app: typer.Typer) -> None:
         console = Console()
         summary = run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs,
                            progress=not no_progress, echo=lambda s: console.print(s, highlight=False))
-        _render_eval({"before": {"rougeL": summary["rougeL_before"], "bleu": summary["bleu_before"]},
-                      "after": {"rougeL": summary["rougeL_after"], "bleu": summary["bleu_after"]}})
+        _render_eval({when: {k: summary[f"{k}_{when}"] for k in ("rougeL", "rouge1", "bleu", "exact_match")}
+                      for when in ("before", "after")})
