@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +72,11 @@ def test_lora_trains_evaluates_logs_and_reloads_with_plain_peft(tok: Any, split:
     train, held = split
     trainer = llmtune.get_trainer("lora", **FAST, dropout=0.0)
     model = tiny(tok)
-    result = trainer.train(model, train, eval_data=held, tokenizer=tok, output_dir=tmp_path, max_steps=10)
+    result = trainer.train(model, train, eval_data=held, tokenizer=tok, output_dir=tmp_path, max_steps=10,
+                           eval_every=5)
     curve = losses(result)
+    assert set(result.history[4]["eval"]) >= {"rougeL", "bleu"}  # periodic evaluation at step 5
+    assert (tmp_path / "eval-step-000005.jsonl").is_file()
     assert len(curve) == 10 and all(math.isfinite(x) for x in curve)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.1, curve
     assert set(result.eval) == {"before", "after"}
@@ -208,6 +213,28 @@ def test_periodic_checkpoints_are_complete_and_pruned(tok: Any, split: Any, tmp_
         tiny(tok), train, tokenizer=tok, output_dir=tmp_path / "again", max_steps=7,
         resume=tmp_path / "checkpoints" / "step-000004")
     assert losses(again) == losses(result)
+
+
+class _CtrlC(PeftLoraTrainer):
+    """Sends this process a real SIGINT (Ctrl-C) after step 2."""
+
+    def _on_step_end(self, step: int, record: dict[str, Any]) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_real_ctrl_c_finishes_the_step_saves_and_resumes(tok: Any, split: Any, tmp_path: Path) -> None:
+    train, _ = split
+    opts = {**FAST, "dropout": 0.1, "eval_examples": 0}
+    with pytest.raises(KeyboardInterrupt, match="after step 2"):
+        _CtrlC(**opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path, max_steps=4)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    resumed = llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path,
+                                                        max_steps=4, resume="auto")
+    full = llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok,
+                                                     output_dir=tmp_path / "full", max_steps=4)
+    assert losses(resumed) == losses(full)
 
 
 class _NaNAt(PeftLoraTrainer):
