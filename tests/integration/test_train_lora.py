@@ -122,6 +122,17 @@ def test_qlora_nf4_trains_without_upcasting_and_reloads(tok: Any, split: Any, tm
     assert torch.allclose(logits_of(reloaded, tok).float(), logits_of(model, tok).float(), atol=1e-3)
 
 
+def test_qlora_from_a_model_directory_quantizes_at_load_time(tok: Any, split: Any, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    tiny(tok).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    trainer = llmtune.get_trainer("lora", **FAST, quantizer=llmtune.get_quantizer("nf4"), precision="bf16")
+    result = trainer.train(str(tmp_path / "base"), split[0], output_dir=tmp_path / "run", max_steps=2)
+    assert len(result.history) == 2 and all(math.isfinite(h["loss"]) for h in result.history)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+
+
 def test_upcast_embeddings_is_opt_in(tok: Any, split: Any, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     train, _ = split
