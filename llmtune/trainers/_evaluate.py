@@ -42,7 +42,7 @@ def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *,
             for i, p in enumerate(chunk):
                 ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[i, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, use_cache=True,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops or None)
             for row in out[:, width:]:
                 tokens = row.tolist()
