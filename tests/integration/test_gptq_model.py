@@ -88,7 +88,8 @@ def test_save_load_round_trip_is_identical(quantized, data, tmp_path: Path, key:
     files = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "quantize_config.json"} <= files
     qc = json.loads((out / "quantize_config.json").read_text())
-    assert (qc["bits"], qc["group_size"], qc["checkpoint_format"], qc["quant_method"]) == (4, 32, "gptq", "gptq")
+    fmt = "gptq_v2" if key == "gptq-act-asym" else "gptq"  # asymmetric grids default to v2 (true zeros)
+    assert (qc["bits"], qc["group_size"], qc["checkpoint_format"], qc["quant_method"]) == (4, 32, fmt, "gptq")
     assert qc["desc_act"] is (key == "gptq-act-asym") and qc["sym"] is (key != "gptq-act-asym")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["bits"] == 4 and cfg["desc_act"] == qc["desc_act"]

@@ -126,7 +126,7 @@ def test_options_validation() -> None:
     assert llmtune.get_quantizer("gptq", desc_act=True).options.act_order is True
     cfg = llmtune.get_quantizer("gptq", bits=3, group_size=64, act_order=True, sym=False).hf_quantization_config()
     assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.damp_percent, cfg.format) == (
-        3, 64, True, False, 0.01, "gptq")
+        3, 64, True, False, 0.01, "gptq_v2")  # asymmetric: v2 zeros by default
 
 
 def test_auto_gptq_explains_why_and_what_instead() -> None:

@@ -36,6 +36,10 @@ def _check_common(opts: Any) -> None:
     if opts.group_size != -1 and opts.group_size <= 0:
         raise InvalidOptionError(f"option group_size={opts.group_size} must be positive, or -1 (one group per row)")
     check_type("sym", opts.sym, bool)
+    if opts.checkpoint_format is None:
+        # v1 ("gptq") is what readers assume by default, but GPTQModel refuses asymmetric v1 checkpoints not
+        # written by itself (AutoGPTQ's old asymmetric v1 was lossy): asymmetric grids go out as "gptq_v2".
+        object.__setattr__(opts, "checkpoint_format", "gptq" if opts.sym else "gptq_v2")
     check_choice("checkpoint_format", opts.checkpoint_format, _FORMATS)
     if isinstance(opts.skip_modules, str) or not all(isinstance(s, str) for s in opts.skip_modules):
         raise InvalidOptionError(f"option skip_modules={opts.skip_modules!r} must be a list of module names")
@@ -51,7 +55,7 @@ class RTNOptions:
     group_size: int = 128
     sym: bool = True
     skip_modules: tuple[str, ...] = ("lm_head",)
-    checkpoint_format: str = "gptq"
+    checkpoint_format: str | None = None  # None: "gptq" (v1) when sym, else "gptq_v2"
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -72,7 +76,7 @@ class GPTQOptions:
     static_groups: bool = False
     block_size: int = 128
     skip_modules: tuple[str, ...] = ("lm_head",)
-    checkpoint_format: str = "gptq"
+    checkpoint_format: str | None = None  # None: "gptq" (v1) when sym, else "gptq_v2"
     quiet: bool = False
 
     def __post_init__(self) -> None:
