@@ -156,6 +156,17 @@ def test_dora_and_prompt_tuning_train(method: str, tok: Any, split: Any, tmp_pat
     assert config.get("use_dora", False) == (method == "dora")
 
 
+def test_packing_trains_on_fewer_longer_sequences(tok: Any, split: Any, tmp_path: Path) -> None:
+    train, _ = split
+    opts = {**FAST, "dropout": 0.0, "eval_examples": 0}
+    plain = llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path / "a")
+    packed = llmtune.get_trainer("lora", **opts, packing=True).train(tiny(tok), train, tokenizer=tok,
+                                                                     output_dir=tmp_path / "b")
+    assert 0 < len(packed.history) < len(plain.history)
+    assert sum(h["tokens"] for h in packed.history) > 0.5 * sum(h["tokens"] for h in plain.history)
+    assert all(math.isfinite(h["loss"]) for h in packed.history)
+
+
 def test_gradient_accumulation_equals_the_big_batch(tok: Any, split: Any, tmp_path: Path) -> None:
     """Loss is the token mean over the whole global batch, so 2 x 4 accumulated == 8 at once."""
     train, _ = split
