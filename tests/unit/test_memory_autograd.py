@@ -51,7 +51,13 @@ def _build(cfg: dict, attention: str):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(torch.bfloat16)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+        except ValueError as exc:  # e.g. transformers >= 5.2x runs Gemma 2 only with eager attention
+            if "does not support an attention implementation" not in str(exc):
+                raise
+            pytest.skip(f"transformers {transformers.__version__} cannot run {model_type} with {attention}: {exc}")
+        return model.to(torch.bfloat16)
 
 
 def _saved_bytes(model) -> int:
