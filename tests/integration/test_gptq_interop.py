@@ -169,3 +169,32 @@ def test_transformers_loads_our_checkpoint(written) -> None:
     with torch.no_grad():
         logits = loaded(ids).logits
     assert _close(logits, ref) < 5e-3
+
+
+def test_gptqmodel_backend_and_our_loader_reads_its_checkpoint(tmp_path: Path) -> None:
+    """Backend 'gptqmodel' quantizes, saves and loads; our loader reads GPTQModel's checkpoint to the same outputs."""
+    _require("gptqmodel", "backend 'gptqmodel'")
+    from llmtune.models.tiny import build_tiny_model, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    model = type(model).from_pretrained(tmp_path / "fp")  # name_or_path: its tokenizer travels along
+    g = torch.Generator().manual_seed(5)
+    calibration = [torch.randint(0, len(tok), (4, 32), generator=g) for _ in range(4)]
+    q = llmtune.get_quantizer("gptq", backend="gptqmodel", bits=4, group_size=32, quiet=True)
+    qmodel = q.quantize(model, calibration=calibration)
+    out = q.save(qmodel, tmp_path / "theirs")
+    assert (out / "quantize_config.json").is_file()
+    ids = torch.randint(0, len(tok), (2, 16), generator=g)
+    theirs = q.load(out, dtype=torch.float16)  # its CPU kernel runs in float16/bfloat16 only
+    ours = llmtune.get_quantizer("gptq").load(out, dtype=torch.float32)
+    names = [n for n, m in ours.named_modules() if isinstance(m, QuantLinear)]
+    assert len(names) == 14
+    for name in names:
+        w_theirs = theirs.get_submodule(name).dequantize_weight().float().t()
+        assert torch.allclose(w_theirs, ours.get_submodule(name).dequantize(), rtol=1e-3, atol=1e-6), name
+    with torch.no_grad():
+        a, b = theirs(ids).logits, ours(ids).logits
+    assert _close(a, b) < 5e-3

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -142,15 +143,17 @@ class GPTQModelQuantizer(Quantizer):
         if self.options.skip_modules not in ((), ("lm_head",)):
             raise InvalidOptionError("backend 'gptqmodel' only skips lm_head; use backend 'llmtune' to skip "
                                      f"{list(self.options.skip_modules)}")
-        with tempfile.TemporaryDirectory(prefix="llmtune-gptqmodel-") as tmp:
-            src = _save_for_library(model, Path(tmp))
-            with _progress("gptq (gptqmodel)", 1, quiet=self.options.quiet) as advance:
-                wrapper = gm.GPTQModel.load(str(src), _gptqmodel_config(self.options))
-                wrapper.quantize(examples, batch_size=1)
-                if advance:
-                    advance("all blocks", 1, 1)
+        # GPTQModel reads the source directory again when saving: keep it as long as the wrapper lives.
+        tmp = tempfile.mkdtemp(prefix="llmtune-gptqmodel-")
+        src = _save_for_library(model, Path(tmp))
+        with _progress("gptq (gptqmodel)", 1, quiet=self.options.quiet) as advance:
+            wrapper = gm.GPTQModel.load(str(src), _gptqmodel_config(self.options))
+            weakref.finalize(wrapper, shutil.rmtree, tmp, True)
+            wrapper.quantize(examples, batch_size=1)
+            if advance:
+                advance("all blocks", 1, 1)
         module = wrapper.model
-        module._llmtune_gptqmodel = wrapper
+        object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
         return module
 
     def save(self, model: Any, path: str | Path) -> Path:
@@ -170,7 +173,7 @@ class GPTQModelQuantizer(Quantizer):
         backend = kwargs.pop("backend", gm.BACKEND.TORCH if device == "cpu" else gm.BACKEND.AUTO)
         wrapper = gm.GPTQModel.load(str(path), device=device, backend=backend, **kwargs)
         module = wrapper.model
-        module._llmtune_gptqmodel = wrapper
+        object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
         return module
 
     def hf_quantization_config(self) -> Any:
@@ -215,12 +218,13 @@ class AutoGPTQQuantizer(Quantizer):
         cfg = ag.BaseQuantizeConfig(bits=o.bits, group_size=o.group_size, damp_percent=o.damp_percent,
                                     desc_act=o.act_order, sym=o.sym, true_sequential=o.true_sequential,
                                     static_groups=o.static_groups)
-        with tempfile.TemporaryDirectory(prefix="llmtune-autogptq-") as tmp:
-            src = _save_for_library(model, Path(tmp))
-            wrapper = ag.AutoGPTQForCausalLM.from_pretrained(str(src), cfg)
-            wrapper.quantize(examples)
+        tmp = tempfile.mkdtemp(prefix="llmtune-autogptq-")
+        src = _save_for_library(model, Path(tmp))
+        wrapper = ag.AutoGPTQForCausalLM.from_pretrained(str(src), cfg)
+        weakref.finalize(wrapper, shutil.rmtree, tmp, True)
+        wrapper.quantize(examples)
         module = wrapper.model
-        module._llmtune_autogptq = wrapper
+        object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
         return module
 
     def save(self, model: Any, path: str | Path) -> Path:
@@ -237,5 +241,5 @@ class AutoGPTQQuantizer(Quantizer):
         ag = self._check()
         wrapper = ag.AutoGPTQForCausalLM.from_quantized(str(path), use_safetensors=True, **kwargs)
         module = wrapper.model
-        module._llmtune_autogptq = wrapper
+        object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
         return module
