@@ -86,8 +86,10 @@ def unsloth(session: nox.Session) -> None:
 @nox.session
 def interop(session: nox.Session) -> None:
     """GPTQModel/transformers load a checkpoint written by our GPTQ (heavy: GPTQModel needs torch>=2.14.1)."""
-    session.install("torch==2.14.1")
-    session.install("-e", ".[gptq,test]")
+    # Tested: gptqmodel 7.3.4 + torch 2.14.1 + transformers 5.18 (7.7 needs transformers >= 5.20.2). GPTQModel
+    # imports torchvision and requests without declaring them; transformers' GPTQ path needs optimum.
+    session.install("torch==2.14.1", "torchvision==0.29.1")
+    session.install("-e", ".[gptq,test]", "gptqmodel==7.3.4", "requests")
     session.run("pytest", "tests/integration", "-k", "interop", *session.posargs,
                 env={"GPTQMODEL_CPU_WORKERS": "2", "LLMTUNE_REQUIRE_GPTQMODEL": "1"})
 
