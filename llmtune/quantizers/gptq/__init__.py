@@ -120,13 +120,8 @@ class _PackedQuantizer(Quantizer):
 
         _, blocks = find_blocks(model)
         with _progress(f"{self.name} {self.options.bits}-bit", len(blocks), quiet=self.options.quiet) as advance:
-            try:
-                summary = quantize_model(model, self._spec(), method=self.method, calibration=calibration,
-                                         skip_modules=self.options.skip_modules, progress=advance)
-            except ValueError as exc:
-                if isinstance(exc, InvalidOptionError) or "calibration" not in str(exc):
-                    raise
-                raise CalibrationError(str(exc)) from None
+            summary = quantize_model(model, self._spec(), method=self.method, calibration=calibration,
+                                     skip_modules=self.options.skip_modules, progress=advance)
         prefix, _ = find_blocks(model)
         model.config.quantization_config = quantization_config_dict(
             self.options, method=self.method, block_prefix=prefix, modules=summary["modules"], model=model)

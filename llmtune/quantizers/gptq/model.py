@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmtune.core.errors import InvalidOptionError
+from llmtune.core.errors import ConfigError, InvalidOptionError
+from llmtune.quantizers.gptq import CalibrationError
 from llmtune.quantizers.gptq.algorithm import GPTQ, QuantResult, _few_threads, check_bits_and_group, rtn
 from llmtune.quantizers.gptq.quant_linear import QuantLinear
 
@@ -66,7 +67,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of layers")
+        raise ConfigError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of layers")
     return best
 
 
@@ -135,13 +136,13 @@ def capture_block_inputs(
             if isinstance(batch, dict):
                 batch = batch["input_ids"]
             if not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"calibration batch {i} must be a LongTensor [batch, seq] of token ids, "
+                raise CalibrationError(f"calibration batch {i} must be a LongTensor [batch, seq] of token ids, "
                                  f"got {type(batch).__name__}"
                                  + (f" of dtype {batch.dtype}" if isinstance(batch, torch.Tensor) else ""))
             if batch.dim() == 1:
                 batch = batch.unsqueeze(0)
             if batch.dim() != 2 or batch.numel() == 0:
-                raise ValueError(f"calibration batch {i} must be a non-empty [batch, seq] tensor, "
+                raise CalibrationError(f"calibration batch {i} must be a non-empty [batch, seq] tensor, "
                                  f"got shape {tuple(batch.shape)}")
             try:
                 with torch.no_grad():
@@ -151,7 +152,7 @@ def capture_block_inputs(
     finally:
         handle.remove()
     if not inputs:
-        raise ValueError("calibration is empty: GPTQ needs at least one batch of token ids "
+        raise CalibrationError("calibration is empty: GPTQ needs at least one batch of token ids "
                          "(an iterable of LongTensor [batch, seq])")
     return inputs, kwargs_list
 
@@ -220,7 +221,7 @@ def _quantize_model(
         return {"modules": quantized, "seconds": time.perf_counter() - start}
 
     if calibration is None:
-        raise ValueError("calibration is required for GPTQ: pass an iterable of LongTensor [batch, seq]")
+        raise CalibrationError("calibration is required for GPTQ: pass an iterable of LongTensor [batch, seq]")
     was_training = model.training
     model.eval()
     try:
