@@ -48,3 +48,16 @@ def normalize_inputs(
                 raise TypeError(f"references[{i}][{j}] is {type(s).__name__} ({s!r}), expected str")
         refs.append(group)
     return preds, refs
+
+
+def check_corpus(
+    predictions: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    metric: str,
+) -> tuple[list[str], list[list[str]]]:
+    """`normalize_inputs`, plus: an empty corpus is an error (sacrebleu raises IndexError, NLTK divides by 0,
+    a mean over nothing is NaN)."""
+    preds, refs = normalize_inputs(predictions, references)
+    if not preds:
+        raise ValueError(f"predictions is empty: {metric} needs at least one prediction/reference pair")
+    return preds, refs

@@ -33,7 +33,7 @@ from llmtune.core.interfaces import Metric
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import LazyMapping, MetricResult
 from llmtune.metrics._bleu_tokenizers import encode as _encode
-from llmtune.metrics._inputs import normalize_inputs
+from llmtune.metrics._inputs import check_corpus
 
 #: sacrebleu version whose behaviour (and signature format) this module reproduces.
 SACREBLEU_COMPAT = "2.6.0"
@@ -446,15 +446,6 @@ def result_keys(options: BleuOptions) -> list[str]:
     return ["bleu", "bp", "sys_len", "ref_len", *[f"precision_{n}" for n in range(1, options.order + 1)]]
 
 
-def check_corpus(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
-                 ) -> tuple[list[str], list[list[str]]]:
-    """`normalize_inputs`, plus: an empty corpus is an error (sacrebleu raises IndexError, NLTK divides by 0)."""
-    preds, refs = normalize_inputs(predictions, references)
-    if not preds:
-        raise ValueError("predictions is empty: BLEU needs at least one prediction")
-    return preds, refs
-
-
 class NumpyBleu(Metric):
     """BLEU from scratch: sacrebleu's definition (default) or NLTK's (``definition="nltk"``), exactly."""
 
@@ -469,7 +460,7 @@ class NumpyBleu(Metric):
         references: Sequence[str] | Sequence[Sequence[str]],
     ) -> MetricResult:
         """Corpus BLEU in ``scores``; sentence BLEU per prediction in ``per_example["bleu"]`` (lazy)."""
-        preds, refs = check_corpus(predictions, references)
+        preds, refs = check_corpus(predictions, references, "BLEU")
         opts = self.options
         if opts.definition == "nltk":
             hyp_toks = [p.split() for p in preds]
@@ -546,6 +537,6 @@ def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[lis
     return out
 
 
-__all__ = ["BleuOptions", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature", "check_corpus",
+__all__ = ["BleuOptions", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature",
            "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "segment_stats_ids", "warn_method0",
            "warn_zero_orders"]

@@ -26,12 +26,11 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.core.interfaces import Metric
 from llmtune.core.results import LazyMapping, MetricResult
 from llmtune.metrics._bootstrap import bootstrap_intervals
-from llmtune.metrics._inputs import normalize_inputs
+from llmtune.metrics._inputs import check_corpus
 from llmtune.metrics.bleu import (
     BleuOptions,
     NltkBleuOptions,
     bleu_signature,
-    check_corpus,
     result_keys,
     warn_zero_orders,
 )
@@ -62,9 +61,7 @@ class RougeScoreRouge(Metric):
         """Per-example P/R/F from rouge-score; corpus values are their plain means (no bootstrap median)."""
         from rouge_score import rouge_scorer
 
-        preds, refs = normalize_inputs(predictions, references)
-        if not preds:
-            raise ValueError("predictions is empty: ROUGE needs at least one prediction/reference pair")
+        preds, refs = check_corpus(predictions, references, "ROUGE")
         opts = self.options
         types = list(opts.rouge_types)
         scorer = rouge_scorer.RougeScorer(types, use_stemmer=opts.use_stemmer)
@@ -129,7 +126,7 @@ class SacreBleu(Metric):
         import sacrebleu
         from sacrebleu.metrics import BLEU
 
-        preds, refs = check_corpus(predictions, references)
+        preds, refs = check_corpus(predictions, references, "BLEU")
         opts = self.options
         kwargs = opts.sacrebleu_kwargs()
         width = max(len(g) for g in refs)
@@ -176,7 +173,7 @@ class NltkBleu(Metric):
         import nltk
         from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
-        preds, refs = check_corpus(predictions, references)
+        preds, refs = check_corpus(predictions, references, "BLEU")
         opts = self.options
         hyps = [p.split() for p in preds]
         ref_toks = [[r.split() for r in g] for g in refs]

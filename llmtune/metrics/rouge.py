@@ -35,7 +35,7 @@ from llmtune.core.results import MetricResult
 from llmtune.metrics import _porter
 from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch
 from llmtune.metrics._bootstrap import bootstrap_intervals
-from llmtune.metrics._inputs import normalize_inputs
+from llmtune.metrics._inputs import check_corpus
 
 __all__ = [
     "DEFAULT_ROUGE_TYPES", "MEASURES", "ROUGE_TYPES", "NumpyRouge", "RougeOptions", "rouge_signature", "tokenize",
@@ -510,9 +510,7 @@ class NumpyRouge(Metric):
         references: Sequence[str] | Sequence[Sequence[str]],
     ) -> MetricResult:
         """Score each prediction against its reference(s); corpus values are means over predictions."""
-        preds, refs = normalize_inputs(predictions, references)
-        if not preds:
-            raise ValueError("predictions is empty: ROUGE needs at least one prediction/reference pair")
+        preds, refs = check_corpus(predictions, references, "ROUGE")
         opts = self.options
         types = tuple(opts.rouge_types)
         per_example = self._per_example(preds, refs, types, opts.use_stemmer)
