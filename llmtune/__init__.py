@@ -40,3 +40,14 @@ __all__ = [
     "TrainResult", "Trainer", "UnknownBackendError", "UnknownOptionError", "__version__", "get_metric",
     "get_quantizer", "get_trainer", "list_backends", "register_metric", "register_quantizer", "register_trainer",
 ]
+
+#: Subpackages reachable as attributes (``llmtune.memory.estimate_training``), imported on first use.
+_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"llmtune.{name}")
+    raise AttributeError(f"module 'llmtune' has no attribute {name!r}")

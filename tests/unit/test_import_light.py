@@ -36,3 +36,10 @@ def test_listing_the_registry_does_not_need_torch_for_metrics() -> None:
     code = ("import sys, json, llmtune; llmtune.list_backends('metric'); "
             "print(json.dumps('torch' in sys.modules))")
     assert json.loads(_fresh(code)) is False
+
+
+def test_subpackages_are_reachable_as_attributes_lazily() -> None:
+    code = ("import sys, json, llmtune; before = 'llmtune.memory' in sys.modules; "
+            "gb = llmtune.memory.rule_of_thumb_serving_gb(70e9, 16); "
+            "print(json.dumps([before, gb, 'torch' in sys.modules]))")
+    assert json.loads(_fresh(code)) == [False, 168.0, False]
