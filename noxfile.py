@@ -27,7 +27,7 @@ def tests(session: nox.Session) -> None:
     """The whole CPU test suite: unit, property (fixed-seed profile), integration; gpu tests skip."""
     _install(session, "test")
     session.install(*PLUGINS)
-    session.run("pytest", "tests", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
+    session.run("pytest", "tests", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci", "LLMTUNE_FULL_ENV": "1"})
 
 
 @nox.session(name="property-long")
