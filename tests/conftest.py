@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # "ci": fixed seed, bounded example count (what `nox -s tests` uses); "long": many random examples.
@@ -17,3 +20,22 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one torch thread (two spin against each other on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tok() -> Any:
+    """The bundled tiny tokenizer (deterministic; tests must not mutate it)."""
+    from llmtune.models.tiny import train_tiny_tokenizer
+
+    return train_tiny_tokenizer()

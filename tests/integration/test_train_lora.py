@@ -25,20 +25,9 @@ FAST = {"rank": 4, "alpha": 8, "lr": 2e-2, "batch_size": 4, "warmup": 0, "max_ne
         "progress": False, "max_length": 96}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """One torch thread: tiny matmuls gain nothing from two, and a busy CI box makes OpenMP threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    from llmtune.models.tiny import train_tiny_tokenizer
-
-    return train_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -32,20 +32,9 @@ CHAT = {"messages": [
 TEXT = {"text": "A kopitiam is a coffee shop."}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models run fastest on one thread (and far faster than two on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    from llmtune.models.tiny import train_tiny_tokenizer
-
-    return train_tiny_tokenizer()
 
 
 def concat(lists: Any) -> list[int]:

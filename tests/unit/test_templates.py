@@ -29,11 +29,6 @@ CHAT = {"messages": [
 ]}
 
 
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    from llmtune.models.tiny import train_tiny_tokenizer
-
-    return train_tiny_tokenizer()
 
 
 def test_templates_tuple() -> None:
