@@ -110,4 +110,5 @@ def verify_manifest(directory: str | os.PathLike[str], *, required: bool = True)
         return
     problems = manifest_problems(root)
     if problems:
-        raise DamagedFileError(f"{root} is damaged: " + "; ".join(problems))
+        raise DamagedFileError(f"{root} is damaged: " + "; ".join(problems)
+                               + f" (if you changed a file on purpose, delete {root / MANIFEST})")
