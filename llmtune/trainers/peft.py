@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionError, LlmtuneError
+from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionError, LlmtuneError, OutputDirError
 from llmtune.core.interfaces import Quantizer, Trainer
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import TrainResult
@@ -386,12 +386,35 @@ class PeftLoraTrainer(Trainer):
                     fh.write(json.dumps({"prediction": p, "reference": r}) + "\n")
         return result
 
+    def _claim(self, out: Path, model: Any, records: list[dict[str, Any]], resume: bool | str | os.PathLike[str],
+               overwrite: bool, allow_changes: tuple[str, ...]
+               ) -> tuple[ckpt.Fingerprint, Path | None, list[ckpt.CheckpointEvent]]:
+        """Claim ``out`` for this run (see `_checkpoint.claim_output_dir`) and find the checkpoint to resume."""
+        acc = self._accelerator
+        data = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        config = {k: v for k, v in self.options.to_dict().items() if k not in _NOT_RUN_IDENTITY}
+        run_fp = ckpt.Fingerprint(config={"trainer": f"{self.name}/{self.backend}", "model": self._model_id(model),
+                                          **config}, data=data)
+        events: list[ckpt.CheckpointEvent] = []
+        if acc.is_main_process:
+            events += ckpt.claim_output_dir(out, run_fp, overwrite=overwrite, resume=resume not in (False, None),
+                                            allow_changes=allow_changes).events
+        acc.wait_for_everyone()
+        resume_from, skipped = ckpt.resolve_resume(resume, out)
+        return run_fp, resume_from, events + skipped
+
     @staticmethod
     def _model_id(model: Any) -> str:
-        """What names the base model in the run fingerprint: its path (resolved) or hub id, or its class and size."""
+        """What names the base model in the run fingerprint: a local directory by its config and weight-file
+        sizes (so a moved project still resumes, a changed model does not), a hub id as is, a module by size."""
         if isinstance(model, (str, os.PathLike)):
             local = Path(model).expanduser()
-            return str(local.resolve()) if local.exists() else str(model)
+            if not (local / "config.json").is_file():
+                return str(model)
+            h = hashlib.sha256((local / "config.json").read_bytes())
+            for f in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+            return f"local:{h.hexdigest()[:16]}"
         if isinstance(model, nn.Module):
             return f"{type(model).__name__}({sum(p.numel() for p in model.parameters())} parameters)"
         return type(model).__name__
@@ -453,12 +476,12 @@ class PeftLoraTrainer(Trainer):
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        model_id = self._model_id(model)
         set_seed(opts.seed)
 
-        # ---- model and data
-        base, tokenizer = self._load(model, tokenizer)
+        # ---- the output directory (before the model loads: a refused directory costs nothing), model and data
         train_records = self._records(data, "data")
+        run_fp, resume_from, events = self._claim(out, model, train_records, resume, overwrite, allow_changes)
+        base, tokenizer = self._load(model, tokenizer)
         examples = self._examples(train_records, tokenizer, "data")
         if not examples:
             raise ConfigError("data: no training examples")
@@ -473,20 +496,13 @@ class PeftLoraTrainer(Trainer):
                               f"grad_accum {opts.grad_accum} x {world} processes = {global_batch}); lower them")
         total_steps = opts.max_steps if opts.max_steps is not None else opts.epochs * steps_per_epoch
         fingerprint = self._fingerprint(examples)
-        run_fp = ckpt.Fingerprint(config={"trainer": f"{self.name}/{self.backend}", "model": model_id,
-                                          **{k: v for k, v in opts.to_dict().items() if k not in _NOT_RUN_IDENTITY}},
-                                  data=fingerprint)
-        events: list[ckpt.CheckpointEvent] = []
-        if acc.is_main_process:
-            events += ckpt.claim_output_dir(out, run_fp, overwrite=overwrite, resume=resume not in (False, None),
-                                            allow_changes=allow_changes).events
-        acc.wait_for_everyone()
-        resume_from, skipped = ckpt.resolve_resume(resume, out)
-        events += skipped
 
         state: dict[str, Any] = {}
         if resume_from is not None:
             state = ckpt.check_resumable(resume_from, run_fp, allow_changes)
+            if state.get("fingerprint") != fingerprint and "data" not in allow_changes:
+                raise OutputDirError(f"cannot resume from {resume_from}: the tokenized training data differ from "
+                                     f"that run's (a changed tokenizer?); allow it with --allow-change data")
             if state.get("world_size") != world or state.get("global_batch") != global_batch:
                 raise ConfigError(f"cannot resume from {resume_from}: it ran with {state.get('world_size')} processes "
                                   f"and global batch {state.get('global_batch')}, this run has {world} and {global_batch}")
