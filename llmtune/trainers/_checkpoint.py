@@ -283,27 +283,29 @@ def claim_output_dir(output_dir: Path, fingerprint: Fingerprint, *, overwrite: b
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     events = _recover(output_dir / CHECKPOINTS) + _recover(output_dir)
-    try:
-        previous = _read_run(output_dir)
-    except DamagedFileError:
+    # a run that stopped before writing anything (e.g. on bad inputs) leaves only run.json: nothing to protect
+    entries = [p for p in _run_entries(output_dir) if p.name != RUN_FILE]
+    previous = None
+    if entries:
+        try:
+            previous = _read_run(output_dir)
+        except DamagedFileError:
+            if not overwrite:
+                raise
+    if previous is None and entries:
         if not overwrite:
-            raise
-        previous = None
-    if previous is None and _run_entries(output_dir) and not overwrite:
-        raise OutputDirError(f"output_dir {output_dir} holds files of a run llmtune cannot identify (no {RUN_FILE}); "
-                             "use a new directory, or pass overwrite=True (CLI --overwrite) to replace them")
-    if previous is not None and previous.digest != fingerprint.digest:
+            raise OutputDirError(f"output_dir {output_dir} holds files of a run llmtune cannot identify (no "
+                                 f"{RUN_FILE}); use a new directory, or pass overwrite=True (CLI --overwrite)")
+        events += _clear(output_dir)
+    elif previous is not None and previous.digest != fingerprint.digest:
         changes = fingerprint.changes(previous)
-        allowed = set(allow_changes)
         if overwrite:
             events += _clear(output_dir)
         elif not resume:
             raise OutputDirError(f"output_dir {output_dir} holds another run ({_describe(changes)}); use a new "
                                  "directory, pass overwrite=True (CLI --overwrite) to replace it, or resume it")
-        elif set(changes) - allowed:
-            raise _resume_error(output_dir, changes, allowed)
-    elif previous is None and overwrite and _run_entries(output_dir):
-        events += _clear(output_dir)
+        elif set(changes) - set(allow_changes):
+            raise _resume_error(output_dir, changes, set(allow_changes))
     _write_atomic(output_dir / RUN_FILE, fingerprint.to_dict())
     return RunDir(output_dir, fingerprint, previous, events)
 

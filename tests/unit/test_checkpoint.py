@@ -292,13 +292,22 @@ def test_claim_refuses_unidentified_or_garbled_runs(tmp_path: Path) -> None:
         ckpt.claim_output_dir(tmp_path, FP)
     ckpt.claim_output_dir(tmp_path, FP, overwrite=True)
     assert ckpt.list_checkpoints(tmp_path) == []
+    make_checkpoint(tmp_path, 1)
     (tmp_path / "run.json").write_text("{garbage")
     with pytest.raises(DamagedFileError, match="run.json: not valid JSON"):
         ckpt.claim_output_dir(tmp_path, FP)
     ckpt.claim_output_dir(tmp_path, FP, overwrite=True)
+    make_checkpoint(tmp_path, 1)
     (tmp_path / "run.json").write_text('{"digest": "x"}')
     with pytest.raises(DamagedFileError, match="no run fingerprint"):
         ckpt.claim_output_dir(tmp_path, FP)
+
+
+def test_a_run_that_wrote_nothing_does_not_hold_the_directory(tmp_path: Path) -> None:
+    ckpt.claim_output_dir(tmp_path, FP)  # e.g. the run then failed on its data
+    other = ckpt.Fingerprint(config={**FP.config, "lr": 0.01}, data="d9")
+    assert ckpt.claim_output_dir(tmp_path, other).previous is None
+    assert json.loads((tmp_path / "run.json").read_text())["digest"] == other.digest
 
 
 def test_fingerprint_changes_and_digest() -> None:
