@@ -43,8 +43,8 @@ def register(app: typer.Typer) -> None:
                                    "path; overrides the config's 'resume'."),
         check: bool = typer.Option(False, "--check", help="Only validate the config, then exit."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in output_dir."),
-        allow_change: list[str] = typer.Option([], "--allow-change", help="Resume although this setting changed "
-                                              "(repeatable: max_steps, lr, data, ...)."),
+        allow_change: Annotated[list[str] | None, typer.Option(
+            "--allow-change", help="Resume although this setting changed (repeatable: max_steps, lr, data, ...).")] = None,
     ) -> None:
         """Fine-tune as a YAML config says (LoRA/DoRA/prompt tuning/QLoRA); writes adapter, checkpoints, log."""
         from rich.console import Console
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
             return
         try:
-            result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change))
+            result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()))
         except KeyboardInterrupt:
             Console(stderr=True).print("[yellow]interrupted[/]: checkpoint saved; rerun with --resume auto")
             raise typer.Exit(130) from None

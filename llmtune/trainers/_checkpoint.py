@@ -224,7 +224,7 @@ def _remove(path: Path) -> None:
 
 def _recover(directory: Path) -> list[CheckpointEvent]:
     """Finish or undo what a crash left in ``directory``: ``.tmp-X`` / ``.old-X`` / ``.trash-X``."""
-    events = []
+    events: list[CheckpointEvent] = []
     if not directory.is_dir():
         return events
     order = {"tmp": 0, "old": 1, "trash": 2}  # a finished new copy wins over the one it replaced
@@ -474,7 +474,7 @@ def load_state(directory: Path, name: str) -> Any:
     try:
         with safe_open(str(path), framework="pt") as fh:
             tree = json.loads((fh.metadata() or {})[_TREE_KEY])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
         raise DamagedFileError(f"{path}: not a readable llmtune state file ({exc})") from None
     return _decode(tree, tensors, path)

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -111,9 +112,9 @@ def test_a_planted_pickle_never_runs(tmp_path: Path) -> None:
     for name in ("optimizer", "scheduler", "rng-0"):
         (tmp_path / f"{name}.safetensors").write_bytes(blob)
         torch.save({"x": Payload(marker)}, tmp_path / f"{name}.pt")  # the old layout's files, also planted
-    with pytest.raises(DamagedFileError, match="optimizer.safetensors"):
+    with pytest.raises(DamagedFileError, match=re.escape("optimizer.safetensors")):
         ckpt.load_state(tmp_path, "optimizer")
-    with pytest.raises(DamagedFileError, match="rng-0.safetensors"):
+    with pytest.raises(DamagedFileError, match=re.escape("rng-0.safetensors")):
         ckpt.load_rng(tmp_path, 0)
     assert not marker.exists()
 
@@ -155,16 +156,16 @@ def test_manifest_names_each_kind_of_damage(tmp_path: Path) -> None:
     found = manifest_problems(tmp_path)
     assert found == ["sub/: missing", "a.bin: truncated (100 bytes, manifest says 2048)",
                      "b.json: checksum mismatch (contents altered)", "d.bin: empty (0 bytes, manifest says 10)"]
-    with pytest.raises(DamagedFileError, match="a.bin: truncated"):
+    with pytest.raises(DamagedFileError, match=re.escape("a.bin: truncated")):
         verify_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("garbage")
-    with pytest.raises(DamagedFileError, match="manifest.json: not a readable manifest"):
+    with pytest.raises(DamagedFileError, match=re.escape("manifest.json: not a readable manifest")):
         verify_manifest(tmp_path)
 
 
 def test_a_directory_without_manifest_passes_only_when_not_required(tmp_path: Path) -> None:
     verify_manifest(tmp_path, required=False)
-    with pytest.raises(DamagedFileError, match="manifest.json: missing"):
+    with pytest.raises(DamagedFileError, match=re.escape("manifest.json: missing")):
         verify_manifest(tmp_path)
 
 
@@ -226,7 +227,7 @@ def test_resolve_resume_forms(tmp_path: Path) -> None:
     assert ckpt.resolve_resume(True, tmp_path)[0] == newest
     assert ckpt.resolve_resume(tmp_path, tmp_path / "elsewhere")[0] == newest
     assert ckpt.resolve_resume(tmp_path / "checkpoints", tmp_path)[0] == newest
-    with pytest.raises(ConfigError, match="resume='.*nope'"):
+    with pytest.raises(ConfigError, match=r"resume='.*nope'"):
         ckpt.resolve_resume(tmp_path / "nope", tmp_path)
     for _step, path in ckpt.list_checkpoints(tmp_path):
         (path / "state.json").write_text("")
@@ -275,10 +276,10 @@ def test_claim_fresh_same_other_and_overwrite(tmp_path: Path) -> None:
     other = ckpt.Fingerprint(config={**FP.config, "lr": 0.01}, data="d0")
     with pytest.raises(OutputDirError, match=r"holds another run \(lr 0.02 -> 0.01\).*--overwrite"):
         ckpt.claim_output_dir(out, other)
-    with pytest.raises(OutputDirError, match="cannot resume .*lr 0.02 -> 0.01"):
+    with pytest.raises(OutputDirError, match=r"cannot resume .*lr 0\.02 -> 0\.01"):
         ckpt.claim_output_dir(out, other, resume=True)
     assert ckpt.claim_output_dir(out, other, resume=True, allow_changes=["lr"]).previous == FP
-    with pytest.raises(OutputDirError, match="lr 0.01 -> 0.02"):  # run.json now names the resumed (changed) run
+    with pytest.raises(OutputDirError, match=re.escape("lr 0.01 -> 0.02")):  # run.json now names the resumed (changed) run
         ckpt.claim_output_dir(out, FP)
     replaced = ckpt.claim_output_dir(out, FP, overwrite=True)
     assert [e.event for e in replaced.events] == ["overwrote"]
@@ -294,7 +295,7 @@ def test_claim_refuses_unidentified_or_garbled_runs(tmp_path: Path) -> None:
     assert ckpt.list_checkpoints(tmp_path) == []
     make_checkpoint(tmp_path, 1)
     (tmp_path / "run.json").write_text("{garbage")
-    with pytest.raises(DamagedFileError, match="run.json: not valid JSON"):
+    with pytest.raises(DamagedFileError, match=re.escape("run.json: not valid JSON")):
         ckpt.claim_output_dir(tmp_path, FP)
     ckpt.claim_output_dir(tmp_path, FP, overwrite=True)
     make_checkpoint(tmp_path, 1)
