@@ -61,8 +61,9 @@ def register(app: typer.Typer) -> None:
             Console(stderr=True).print("[yellow]interrupted[/]: checkpoint saved; rerun with --resume auto")
             raise typer.Exit(130) from None
         for event in result.extra.get("checkpoint_events", []):
-            if event["event"] == "checkpoint_skipped":
-                Console(stderr=True).print(f"[yellow]skipped damaged checkpoint[/] {event['path']}: {event['reason']}",
+            if event["event"] in ("checkpoint_skipped", "fell_back"):
+                what = "skipped damaged checkpoint" if event["event"] == "checkpoint_skipped" else "resumed from"
+                Console(stderr=True).print(f"[yellow]{what}[/] {event['path']}: {event['reason']}",
                                            highlight=False, soft_wrap=True)
         _render_eval(result.eval)
         if result.stopped_early:

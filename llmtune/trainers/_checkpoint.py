@@ -65,7 +65,7 @@ _TREE_KEY = "llmtune_tree"
 class CheckpointEvent:
     """Something the loop should log (``log.jsonl``) and report: a skipped damaged checkpoint, a cleanup."""
 
-    event: str            #: "checkpoint_skipped", "recovered", "overwrote"
+    event: str            #: "checkpoint_skipped", "fell_back", "recovered", "overwrote"
     path: str
     reason: str
 
@@ -168,11 +168,15 @@ def verify(checkpoint: Path) -> None:
 
 
 def latest_intact(output_dir: Path) -> tuple[Path | None, list[CheckpointEvent]]:
-    """The newest intact checkpoint (or None), and one "checkpoint_skipped" event per damaged newer one."""
+    """The newest intact checkpoint (or None): one "checkpoint_skipped" event per damaged newer one, then a
+    "fell_back" event naming the checkpoint used (no events when the newest is intact)."""
     skipped: list[CheckpointEvent] = []
     for _step, path in reversed(list_checkpoints(output_dir)):
         found = problems(path)
         if not found:
+            if skipped:
+                skipped.append(CheckpointEvent("fell_back", str(path), f"the newest intact checkpoint; "
+                                               f"{len(skipped)} newer damaged one(s) skipped"))
             return path, skipped
         skipped.append(CheckpointEvent("checkpoint_skipped", str(path), "; ".join(found)))
     return None, skipped

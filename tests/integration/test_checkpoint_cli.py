@@ -176,6 +176,7 @@ def test_each_damaged_file_is_named_and_the_previous_checkpoint_resumes(damage: 
     result = CliRunner().invoke(app, ["train", str(project / "train.yaml"), "--resume", "auto"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "skipped damaged checkpoint" in result.output and named in result.output, result.output
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'}" in " ".join(result.output.split())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     skipped = [r for r in log if r.get("event") == "checkpoint_skipped"]
     assert len(skipped) == 1 and skipped[0]["path"] == str(newest) and named in skipped[0]["reason"]

@@ -212,7 +212,7 @@ def test_latest_intact_skips_each_damaged_checkpoint_and_names_the_file(damage: 
         (newest / "manifest.json").unlink()
     found, skipped = ckpt.latest_intact(tmp_path)
     assert found == tmp_path / "checkpoints" / "step-000001"
-    assert [e.path for e in skipped] == [str(newest)] and skipped[0].event == "checkpoint_skipped"
+    assert [(e.event, e.path) for e in skipped] == [("checkpoint_skipped", str(newest)), ("fell_back", str(found))]
     assert named in skipped[0].reason
     assert ckpt.resolve_resume("auto", tmp_path) == (found, skipped)
     with pytest.raises(DamagedFileError, match=named.split(":")[0]):
