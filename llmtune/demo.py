@@ -57,6 +57,8 @@ def run_demo(
     progress: bool = True,
     threads: int | None = 1,
     echo: Callable[[str], None] = print,
+    rlhf: bool = False,
+    rlhf_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the demo into directory ``out``; returns (and writes to ``out/summary.json``) the summary.
 
@@ -71,8 +73,13 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs, eval_examples=eval_examples,
-                         progress=progress, echo=echo)
+        summary = _run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs,
+                            eval_examples=eval_examples, progress=progress, echo=echo)
+        if rlhf:
+            summary.update(rlhf_stage(out, summary, settings=rlhf_settings, echo=echo))
+            summary["seconds"] = summary["seconds"] + summary["rlhf_seconds"]
+            Path(out, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -170,3 +177,30 @@ def _samples(run_dir: Path, n: int) -> list[dict[str, str]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:n]
+
+
+def rlhf_stage(out: str | Path, summary: dict[str, Any], *, settings: dict[str, Any] | None = None,
+               echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The second act: the bundled "human" rule ranks the SFT model's sampled answers -> reward model -> RLOO.
+
+    Loads the fine-tuned model the first act saved (base + adapter, merged), then runs
+    `llmtune.trainers.rlhf.kopitiam.run_rlhf_act` (writes ``out/rlhf/``); returns the numbers for the summary.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.models.tiny import split_instructions
+    from llmtune.trainers.rlhf.kopitiam import run_rlhf_act
+
+    echo("[6/6] RLHF: the bundled ranking rule ranks sampled answers -> reward model -> RLOO")
+    tokenizer = AutoTokenizer.from_pretrained(summary["base_model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(summary["base_model_dir"])
+    sft = PeftModel.from_pretrained(base, summary["adapter_dir"]).merge_and_unload()
+    train, heldout = split_instructions(seed=summary["seed"])
+    if summary.get("heldout_examples"):
+        heldout = heldout[:summary["heldout_examples"]]
+    result = run_rlhf_act(sft, tokenizer, train, heldout, Path(out) / "rlhf", seed=summary["seed"],
+                          settings=settings, echo=echo)
+    echo(f"      held-out reward {result['heldout_reward_sft']:.3f} (SFT) -> {result['heldout_reward_rl']:.3f} "
+         f"(RLOO); win-rate vs SFT {result['win_rate_vs_sft']:.3f} by the rule; {result['rlhf_seconds']:.1f} s")
+    return result

@@ -76,12 +76,11 @@ def _policy(tok: Any, nonzero: bool) -> Any:
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo"])
 def test_dpo_loss_equals_trl_dpo_trainer(tok: Any, tmp_path: Path, loss_type: str) -> None:
     from datasets import Dataset
+    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     from llmtune.trainers.rlhf.dpo import DpoOptions, dpo_loss
     from llmtune.trainers.rlhf.trl_backend import TRL_DPO_LOSSES, dpo_rows
-
-    from peft import LoraConfig
 
     groups = _groups(tok)
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, beta=0.2,

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.trainers.rlhf.losses import bradley_terry_loss, grpo_advantages, preference_loss, rloo_advantages
 from llmtune.trainers.rlhf.pairs import (
-    collate_groups, encode_group, expected_pairs, group_texts, preference_groups, ranking_pairs,
+    collate_groups,
+    encode_group,
+    expected_pairs,
+    group_texts,
+    preference_groups,
+    ranking_pairs,
 )
 
 

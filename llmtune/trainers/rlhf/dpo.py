@@ -23,8 +23,13 @@ import torch
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.options import check_choice
 from llmtune.trainers.rlhf import _loop
-from llmtune.trainers.rlhf.losses import NEEDS_REFERENCE, PreferenceOutput, check_preference_options
-from llmtune.trainers.rlhf.losses import preference_loss, sequence_logps
+from llmtune.trainers.rlhf.losses import (
+    NEEDS_REFERENCE,
+    PreferenceOutput,
+    check_preference_options,
+    preference_loss,
+    sequence_logps,
+)
 from llmtune.trainers.rlhf.pairs import Group, collate_groups
 
 REFERENCES = ("adapter_off", "precomputed")
@@ -156,7 +161,7 @@ def train_dpo(model: Any, tokenizer: Any, groups: Sequence[Group], *, options: D
         ref_rows = None if refs is None else torch.tensor([x for i, _ in chosen for x in refs[i]])
         out, stats = dpo_loss(model, batch, options, ref_rows)
         grad_norm = _loop.step(model, opt, sched, out.loss, f"dpo step {step}")
-        log({"objective": "dpo", "loss_type": options.loss_type, "step": step + 1, "loss": float(out.loss),
+        log({"objective": "dpo", "loss_type": options.loss_type, "step": step + 1, "loss": float(out.loss.detach()),
              "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], **stats})
     model.eval()
     return DpoResult(model, log.rows)

@@ -16,6 +16,7 @@ greedy answers against the SFT model's.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -40,9 +41,15 @@ def correctness(answer: str, reference: str) -> float:
     return 2 * p * q / (p + q)
 
 
-def human_key(answer: str, reference: str) -> tuple[float, int]:
-    """The rule's sort key (smaller = better): (-correctness rounded to 0.01, length in characters)."""
-    return (-round(correctness(answer, reference), 2), len(answer.strip()))
+#: how finely the "human" grades correctness: 1.0 = only right or wrong (exact words), 0.01 = word-F1 to 2 places
+GRADE = 1.0
+
+
+def human_key(answer: str, reference: str, grade: float | None = None) -> tuple[float, int]:
+    """The rule's sort key (smaller = better): (-correctness graded to ``grade``, length in characters)."""
+    step = GRADE if grade is None else grade
+    graded = math.floor(correctness(answer, reference) / step + 1e-9) * step
+    return (-graded, len(answer.strip()))
 
 
 def human_ranking(answers: Sequence[str], reference: str) -> list[int]:
@@ -107,7 +114,7 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str,
 
 
 DEFAULTS: dict[str, Any] = {
-    "samples": 4, "temperature": 1.0, "rm_steps": 150, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 40,
+    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rm_steps": 150, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 40,
     "rl_lr": 1e-3, "rl_prompts_per_step": 8, "kl_coef": 0.05, "rank": 16, "alpha": 32, "max_new_tokens": 24,
 }
 
@@ -116,7 +123,8 @@ def _split(records: Sequence[dict[str, Any]], seed: int) -> tuple[list[dict[str,
     """Reward-model train / validation prompts: by drink (a stable hash), 20% validation."""
     from llmtune.data.kopitiam import is_heldout, order_of
 
-    train, val = [], []
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
     for r in records:
         (val if is_heldout(order_of(r), 0.2, seed + 1) else train).append(r)
     return train, val
@@ -147,7 +155,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     echo(f"      the rule ranked {cfg['samples']} sampled answers for {len(rm_train)} prompts: {len(groups)} "
          f"rankings with a preference, {n_pairs} pairs")
     rm = reward_model_from_causal_lm(sft_model, tokenizer, seed=seed)
-    rm_opts = RewardOptions(rank=cfg["rank"], alpha=cfg["alpha"], lr=cfg["rm_lr"], steps=cfg["rm_steps"],
+    rm_opts = RewardOptions(method=cfg["rm_method"], rank=cfg["rank"], alpha=cfg["alpha"], lr=cfg["rm_lr"], steps=cfg["rm_steps"],
                             batch_size=cfg["rm_batch"], eval_every=max(1, cfg["rm_steps"] // 3), seed=seed)
     reward = train_reward(rm, tokenizer, groups, eval_groups=val_groups, options=rm_opts,
                           log_path=out / "reward" / "log.jsonl")

@@ -133,7 +133,7 @@ def train_online(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *
         model.train()
         loss, stats = online_step_loss(model, chunk, completions, scores, options, pad)
         grad_norm = _loop.step(model, opt, sched, loss, f"{options.algorithm} step {step}")
-        log({"objective": options.algorithm, "step": step + 1, "loss": float(loss), "grad_norm": grad_norm,
+        log({"objective": options.algorithm, "step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm,
              "lr": sched.get_last_lr()[0], **stats})
     model.eval()
     return OnlineResult(model, log.rows)

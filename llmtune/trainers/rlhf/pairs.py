@@ -85,10 +85,13 @@ def group_texts(record: Any, template: str, tokenizer: PreTrainedTokenizerBase) 
     """
     from llmtune.data.templates import render_segments
 
-    get = record.get if isinstance(record, dict) else (lambda k, d=None: getattr(record, k, d))
+    def get(key: str, default: Any = None) -> Any:
+        return record.get(key, default) if isinstance(record, dict) else getattr(record, key, default)
+
     where = str(get("where", "") or "record")
-    if get("responses") is not None:
-        answers, ranking = [_answer(r) for r in get("responses")], list(get("ranking"))
+    responses = get("responses")
+    if responses is not None:
+        answers, ranking = [_answer(r) for r in responses], list(get("ranking"))
     else:
         answers, ranking = [_answer(get("chosen")), _answer(get("rejected"))], [0, 1]
     prompt_turns = _turns(get("prompt"))
@@ -131,7 +134,11 @@ def collate_groups(groups: Sequence[Group], pad_id: int) -> dict[str, torch.Tens
     """
     import torch
 
-    rows, masks, chosen, rejected, margins = [], [], [], [], []
+    rows: list[list[int]] = []
+    masks: list[list[int]] = []
+    chosen: list[int] = []
+    rejected: list[int] = []
+    margins: list[float] = []
     for g in groups:
         base = len(rows)
         for ans in g.response_ids:

@@ -87,7 +87,8 @@ def reward_loss(model: Any, batch: dict[str, torch.Tensor], *, use_margin: bool 
     loss = bradley_terry_loss(chosen, rejected, batch["margin"].to(rewards.device) if use_margin else None)
     if center_rewards_coefficient is not None:
         loss = loss + center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-    stats = {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean()),
+    diff = (chosen - rejected).detach()
+    stats = {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
              "pairs": int(chosen.numel()), "sequences": int(rewards.numel())}
     return loss, stats
 
@@ -195,7 +196,7 @@ def train_reward(model: Any, tokenizer: Any, groups: Sequence[Group], *, eval_gr
         loss, stats = reward_loss(model, batch, use_margin=options.use_margin,
                                   center_rewards_coefficient=options.center_rewards_coefficient)
         grad_norm = _loop.step(model, opt, sched, loss, f"reward step {step}")
-        log({"objective": "reward", "step": step + 1, "loss": float(loss), "grad_norm": grad_norm,
+        log({"objective": "reward", "step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm,
              "lr": sched.get_last_lr()[0], **stats})
         if eval_groups and ((step + 1) % options.eval_every == 0 or step + 1 == options.steps):
             accuracy = rm.pairwise_accuracy(eval_groups, options.eval_batch_size)

@@ -25,7 +25,7 @@ def _trl() -> Any:
         import datasets  # noqa: F401
         import trl
     except ImportError as exc:  # pragma: no cover - trl is in the test extra
-        raise MissingDependencyError(f"backend 'trl' needs trl and datasets ({exc}); pip install 'llmtune[trl]'")
+        raise MissingDependencyError(f"backend 'trl' needs trl and datasets ({exc}); pip install 'llmtune[trl]'") from exc
     return trl
 
 
