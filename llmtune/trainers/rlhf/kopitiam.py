@@ -74,11 +74,16 @@ def _decode(tokenizer: Any, ids: Sequence[int], stops: set[int]) -> str:
 
 
 def ranked_groups(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, k: int, template: str,
-                  max_new_tokens: int, temperature: float, seed: int, batch: int = 32) -> list[Any]:
-    """Sample ``k`` answers per record from ``model``, rank them with the rule, return the groups with pairs."""
+                  max_new_tokens: int, temperature: float, seed: int, batch: int = 32,
+                  add_reference: bool = False) -> list[Any]:
+    """Sample ``k`` answers per record from ``model``, rank them with the rule, return the groups with pairs.
+
+    ``add_reference``: the record's own answer joins the sampled ones (the "human" also writes the right
+    answer, as the labellers of InstructGPT wrote demonstrations); it then ranks first unless a sample ties it.
+    """
     import torch
 
-    from llmtune.data.templates import render_prompt, stop_token_ids
+    from llmtune.data.templates import render_prompt, render_segments, stop_token_ids
     from llmtune.trainers.rlhf.online import sample
     from llmtune.trainers.rlhf.pairs import Group, ranking_pairs
 
@@ -93,6 +98,9 @@ def ranked_groups(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]],
                       max_new_tokens=max_new_tokens, temperature=temperature)
         for i, rec in enumerate(chunk):
             answers = outs[i * k:(i + 1) * k]
+            if add_reference:
+                text = render_segments(rec, template, tokenizer)[-1].text
+                answers = [*answers, list(tokenizer(text, add_special_tokens=False)["input_ids"])]
             ranking = human_ranking([_decode(tokenizer, a, set(stops)) for a in answers], rec["output"])
             pairs = ranking_pairs(ranking)
             if pairs:
@@ -114,7 +122,7 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str,
 
 
 DEFAULTS: dict[str, Any] = {
-    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rm_steps": 150, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 40,
+    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rank_reference": True, "rm_steps": 150, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 40,
     "rl_lr": 1e-3, "rl_prompts_per_step": 8, "kl_coef": 0.05, "rank": 16, "alpha": 32, "max_new_tokens": 24,
 }
 
@@ -148,7 +156,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     rm_train, rm_val = _split(train, seed)
     gen = {"k": cfg["samples"], "template": template, "max_new_tokens": cfg["max_new_tokens"],
            "temperature": cfg["temperature"]}
-    groups = ranked_groups(sft_model, tokenizer, rm_train, seed=seed, **gen)
+    groups = ranked_groups(sft_model, tokenizer, rm_train, seed=seed, add_reference=cfg["rank_reference"], **gen)
     val_groups = ranked_groups(sft_model, tokenizer, rm_val, seed=seed + 1, **gen)
     held_groups = ranked_groups(sft_model, tokenizer, heldout, seed=seed + 2, **gen)
     n_pairs = sum(len(g.pairs) for g in groups)
