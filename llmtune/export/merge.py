@@ -44,7 +44,7 @@ def _dequantized_linear(module: Any, name: str) -> Any:
 
     kind = type(module).__name__
     weight = module.weight
-    if kind.startswith("Linear4bit") or hasattr(weight, "quant_state") and weight.quant_state is not None:
+    if kind.startswith("Linear4bit") or (hasattr(weight, "quant_state") and weight.quant_state is not None):
         import bitsandbytes.functional as bnbf
 
         if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward on CPU
@@ -56,6 +56,8 @@ def _dequantized_linear(module: Any, name: str) -> Any:
         scb = getattr(weight, "SCB", None)
         if scb is None:
             scb = getattr(module.state, "SCB", None)
+        if scb is None:
+            raise ExportError(f"layer {name}: an 8-bit layer without row scales (SCB); was it quantized?")
         dense = weight.data.float() * (scb.float()[:, None] / 127.0)
     else:
         raise ExportError(f"layer {name} is a {kind}; export can dequantize bitsandbytes 4-bit and 8-bit layers only")

@@ -72,8 +72,8 @@ def _lora_findings(config: dict[str, Any], weights: list[str]) -> list[VllmFindi
         out.append(VllmFinding("modules_to_save", "refused",
                                f"vLLM only loads adapters without modules_to_save (has {config['modules_to_save']})",
                                "merge it (llmtune export --format hf), or retrain without modules_to_save"))
-    embedded = _touches_embeddings(_targets(config)) or _touches_embeddings(
-        [w for w in weights if "lora_embedding" in w or "lm_head" in w])
+    lora_weights = [w.rsplit(".lora_", 1)[0] for w in weights if ".lora_" in w]  # modules_to_save copies excluded
+    embedded = _touches_embeddings(_targets(config)) or _touches_embeddings(lora_weights)
     if embedded:
         out.append(VllmFinding("embedding", "refused",
                                f"LoRA on {', '.join(sorted(set(embedded)))}: vLLM's extra-vocabulary LoRA support is "

@@ -324,3 +324,24 @@ def test_llamacpp_loads_the_gguf_and_greedy_tokens_match_transformers(run: Path,
     print(json.dumps({"llamacpp_vs_transformers": agree, "tokens": want}))
     assert agree["f16"]["free_running_prefix"] == 16
     assert agree["q8_0"]["teacher_forced"] >= 12
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_dequantize_model_recovers_the_weights_within_the_quantization_step(tok: Any, method: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    from llmtune.export.merge import dequantize_model
+    from llmtune.models.tiny import build_tiny_model
+
+    original = build_tiny_model(tok, seed=0, **SMALL)
+    w = original.model.layers[0].mlp.up_proj.weight.detach().clone()
+    quantized = llmtune.get_quantizer(method).quantize(build_tiny_model(tok, seed=0, **SMALL))
+    assert dequantize_model(quantized) == 7 * SMALL["num_hidden_layers"]
+    layer = quantized.model.layers[0].mlp.up_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    err = (layer.weight.detach() - w).abs()
+    if method == "int8":   # row-wise absmax int8: half a step of max|row| / 127 (+ float16 rounding on the way)
+        bound = w.abs().amax(dim=1, keepdim=True) / 127 * 0.55
+    else:                  # nf4 blocks of 64: at most half the widest gap of the NF4 code (~0.16) times the absmax
+        bound = w.reshape(-1, 64).abs().amax(dim=1, keepdim=True).repeat_interleave(64).reshape(w.shape) * 0.17
+    assert bool((err <= bound).all())
+    assert not hasattr(quantized.config, "quantization_config")
