@@ -345,3 +345,65 @@ def test_dequantize_model_recovers_the_weights_within_the_quantization_step(tok:
         bound = w.reshape(-1, 64).abs().amax(dim=1, keepdim=True).repeat_interleave(64).reshape(w.shape) * 0.17
     assert bool((err <= bound).all())
     assert not hasattr(quantized.config, "quantization_config")
+
+
+# ---------------------------------------------------------------------------------------------- families
+def _family_model(tok: Any, family: str, tied: bool) -> Any:
+    """A random tiny model of ``family`` (weights spread wide enough that logits differ clearly between tokens)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=len(tok), max_position_embeddings=256, rms_norm_eps=1e-5,
+                                  initializer_range=0.2, tie_word_embeddings=tied, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SMALL)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_families_write_every_tensor_under_its_llamacpp_name(tok: Any, tmp_path: Path, family: str,
+                                                             tied: bool) -> None:
+    model = _family_model(tok, family, tied)
+    model.save_pretrained(str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    result = export(tmp_path / "model", tmp_path / "out", format="gguf", dtype="f16")
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model-f16.gguf"))
+    names = {t.name for t in reader.tensors}
+    arch = "qwen2" if family == "qwen2" else "llama"
+    assert _field(reader, "general.architecture") == arch
+    assert ("output.weight" in names) is not tied
+    biases = {n for n in names if n.endswith(".bias")}
+    want_biases = {f"blk.{i}.attn_{x}.bias" for i in range(2) for x in "qkv"} if family == "qwen2" else set()
+    assert biases == want_biases
+    n_params = sum(1 for k in model.state_dict() if not (tied and k == "lm_head.weight"))
+    assert len(names) == n_params
+    assert result.info["merged_into"].startswith("no adapter")
+    assert _field(reader, "tokenizer.chat_template") == tok.chat_template   # no run: the tokenizer's own template
+
+
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_llamacpp_logits_match_transformers_for_each_family(tok: Any, tmp_path: Path, family: str,
+                                                            tied: bool) -> None:
+    llama_cpp = _llama_cpp()
+    model = _family_model(tok, family, tied)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    model.save_pretrained(str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    export(tmp_path / "model", tmp_path / "out", format="gguf", dtype="f16")
+    ids = tok("Kopi O Kosong is black coffee without sugar, and Teh C is tea with milk.",
+              add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-f16.gguf"), n_ctx=128, n_threads=1,
+                          verbose=False, logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    diff = float(np.abs(got - want).max())
+    agree = int((got.argmax(-1) == want.argmax(-1)).sum())
+    print(json.dumps({"family": family, "positions": len(ids), "argmax_agree": agree, "max_abs_logit_diff": diff,
+                      "logit_std": float(want.std())}))
+    assert diff < 0.05 * float(want.std())
+    for pos in np.flatnonzero(got.argmax(-1) != want.argmax(-1)):   # only near-ties may flip
+        row = want[pos]
+        assert row.max() - row[got[pos].argmax()] <= 2 * diff, f"position {pos}"
