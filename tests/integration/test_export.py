@@ -215,6 +215,20 @@ def test_qlora_merge_into_the_dequantized_base_matches_the_adapter_on_the_4bit_b
     assert float((naive_logits - want).abs().max()) > 10 * float((got - want).abs().max())
 
 
+def test_hf_export_can_requantize_through_the_quantizer_interface(run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    result = export(run, tmp_path / "nf4", format="hf", dtype="f32", requantize="nf4")
+    assert "nf4" in result.info["requantized"]
+    model = llmtune.get_quantizer("nf4").load(tmp_path / "nf4")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    ref = llmtune.get_quantizer("nf4").quantize(_reference_merged(run))
+    ids = torch.tensor([[0, 3, 100, 200, 4]])
+    model.train()   # bitsandbytes' float32 dequantize path (see the QLoRA test); no dropout in these models
+    ref.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
 def test_ollama_modelfile_has_the_training_template_and_stop_tokens(run: Path, tmp_path: Path) -> None:
     result = export(run, tmp_path / "ol", format="ollama", dtype="q8_0")
     text = (tmp_path / "ol" / "Modelfile").read_text()
@@ -310,7 +324,7 @@ def test_llamacpp_loads_the_gguf_and_greedy_tokens_match_transformers(run: Path,
             p.copy_(p.half().float())
     want = _hf_greedy(merged, ids, 16)
     agree = {}
-    for dtype in ("f16", "q8_0"):
+    for dtype in ("f16", "q8_0", "q4_0"):   # q4_0: counted, not asserted
         export(run, tmp_path / dtype, format="gguf", dtype=dtype)
         llm = llama_cpp.Llama(model_path=str(tmp_path / dtype / f"model-{dtype}.gguf"), n_ctx=256, n_threads=1,
                               verbose=False, logits_all=True)

@@ -63,3 +63,14 @@ def test_dequantize_equals_gguf_and_error_is_bounded(kind: str) -> None:
 def test_rows_not_a_multiple_of_32_are_refused() -> None:
     with pytest.raises(InvalidOptionError, match="blocks of 32"):
         quants.quantize_q8_0(np.zeros((2, 40), dtype=np.float32), "blk.0.x")
+
+
+def test_import_llmtune_export_is_light() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json, llmtune; llmtune.export.check_vllm; "
+            "print(json.dumps([m for m in ('torch', 'transformers', 'peft', 'gguf', 'numpy') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out) == []
