@@ -421,3 +421,50 @@ def test_llamacpp_logits_match_transformers_for_each_family(tok: Any, tmp_path: 
     for pos in np.flatnonzero(got.argmax(-1) != want.argmax(-1)):   # only near-ties may flip
         row = want[pos]
         assert row.max() - row[got[pos].argmax()] <= 2 * diff, f"position {pos}"
+
+
+# ---------------------------------------------------------------------------------------------- pre-tokenizers
+TRICKY = "In 2024 I'd order 12345 kopi-o's,\n\n  then   TEH C!! We'll see... don't 7up"
+
+
+def _bpe_tokenizer(pre: str) -> Any:
+    """A byte-level BPE trained on the bundled corpus with the pre-tokenizer of gpt-2, llama-bpe (Llama 3) or qwen2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmtune.export.to_gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    from llmtune.models.tiny import BOS, EOS, PAD, SPECIAL_TOKENS, bundled_corpus
+
+    tok = Tokenizer(models.BPE())
+    if pre == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        split = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}[pre]
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([*bundled_corpus(), TRICKY.replace("2024", "1999")], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=list(SPECIAL_TOKENS[3:]))
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_is_named_and_llamacpp_tokenizes_like_transformers(tmp_path: Path, pre: str) -> None:
+    tok = _bpe_tokenizer(pre)
+    model = _family_model(tok, "llama", False)
+    model.save_pretrained(str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    result = export(tmp_path / "model", tmp_path / "out", format="gguf", dtype="q8_0")
+    assert result.info["pre_tokenizer"] == pre
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model-q8_0.gguf"))
+    assert _field(reader, "tokenizer.ggml.pre") == pre
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-q8_0.gguf"), n_ctx=128, verbose=False,
+                          vocab_only=True)
+    text = "<|start_header_id|>user<|end_header_id|>\n\n" + TRICKY + "<|eot_id|>"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == want
+    assert llm.detokenize(want, special=True).decode() == text
