@@ -294,10 +294,14 @@ def _llama_cpp() -> Any:
 
 
 def _hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding (argmax of each full forward): no logits processors, no stop tokens."""
+    import torch
+
+    seq = list(ids)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return [int(t) for t in out[0, len(ids):]]
+        for _ in range(n):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
 
 
 def _llama_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
