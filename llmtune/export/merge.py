@@ -118,6 +118,8 @@ def _check_mergeable(source: Source) -> None:
 
 def merge(source: Source, *, trust_remote_code: bool = False, progress: Progress | None = None) -> Merged:
     """The base with the adapter folded in (float32); QLoRA: into the dequantized base."""
+    if source.adapter_dir is not None:
+        _check_mergeable(source)
     if progress:
         progress("load base", 0, 1)
     quantized = source.adapter_dir is not None and source.quantizer is not None
@@ -126,7 +128,6 @@ def merge(source: Source, *, trust_remote_code: bool = False, progress: Progress
         progress("load base", 1, 1)
     if source.adapter_dir is None:
         return Merged(model, tokenizer, "no adapter (the model as given)")
-    _check_mergeable(source)
     what = "full-precision base (W + BA)"
     if quantized:
         assert source.quantizer is not None

@@ -472,3 +472,20 @@ def test_pre_tokenizer_is_named_and_llamacpp_tokenizes_like_transformers(tmp_pat
     want = tok(text, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == want
     assert llm.detokenize(want, special=True).decode() == text
+
+
+def test_prompt_tuning_run_cannot_be_merged_and_says_so(tok: Any, tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "pt", tok, method="prompt_tuning", num_virtual_tokens=4)
+    with pytest.raises(ExportError, match="PROMPT_TUNING adapter has no weights to merge"):
+        export(run, tmp_path / "out", format="gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dora_run_exports_from_its_checkpoint_adapter(tok: Any, tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "dora", tok, method="dora", save_every=2)
+    adapter = run / "checkpoints" / "step-000002" / "adapter"
+    result = export(adapter, tmp_path / "out", format="gguf", dtype="f16")
+    assert result.info["template"] == "llama3"      # found in the run's config.json, three levels up
+    assert result.info["adapter"] == str(adapter.resolve())
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out" / "model-f16.gguf")).tensors}
+    assert "blk.0.attn_q.weight" in names and not any("lora" in n or "magnitude" in n for n in names)
