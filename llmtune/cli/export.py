@@ -38,10 +38,10 @@ def _export(path: Path, out: Path, options: dict[str, Any], quiet: bool, as_json
 
     from llmtune.export import export
 
-    if quiet or as_json:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # the CLI draws its own bars
+    if quiet or as_json:
         result = export(path, out, **options)
     else:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
