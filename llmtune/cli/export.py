@@ -35,10 +35,9 @@ def _check(path: Path, as_json: bool) -> None:
 def _export(path: Path, out: Path, options: dict[str, Any], quiet: bool, as_json: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from transformers.utils import logging as hf_logging
 
     from llmtune.export import export
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI draws its own bars
     if quiet or as_json:
