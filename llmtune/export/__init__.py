@@ -8,11 +8,11 @@
 Importing this package is light: torch, transformers, peft and gguf are imported by the calls that need them.
 """
 
-from llmtune.export.api import FORMATS, GGUF_DTYPES, HF_DTYPES, ExportResult, export, verify_manifest
+from llmtune.export.api import FORMATS, GGUF_DTYPES, HF_DTYPES, ExportResult, export
 from llmtune.export.source import ExportError, Source, resolve_source
 from llmtune.export.vllm import VLLM_MAX_LORA_RANKS, VllmFinding, check_vllm
 
 __all__ = [
     "FORMATS", "GGUF_DTYPES", "HF_DTYPES", "VLLM_MAX_LORA_RANKS", "ExportError", "ExportResult", "Source",
-    "VllmFinding", "check_vllm", "export", "resolve_source", "verify_manifest",
+    "VllmFinding", "check_vllm", "export", "resolve_source",
 ]

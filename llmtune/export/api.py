@@ -1,14 +1,13 @@
 """`export`: a run, adapter or model directory -> GGUF (llama.cpp), an Ollama model, or merged safetensors (HF).
 
 Every export writes ``export.json`` (what was exported, from what, and which base the merged numbers match)
-and ``SHA256SUMS`` (``sha256sum -c`` format, one line per file) into the output directory. The output may not be,
-contain, or lie inside the run, the adapter or the base model directory.
+and, last, ``manifest.json`` (`llmtune.core.manifest`: size and SHA-256 of every file) into the output
+directory. The output may not be, contain, or lie inside the run, the adapter or the base model directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,6 @@ Progress = Callable[[str, int, int], None]
 FORMATS = ("gguf", "ollama", "hf")
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "q4_0")
 HF_DTYPES = ("f32", "f16", "bf16")
-MANIFEST = "SHA256SUMS"
 INFO = "export.json"
 
 
@@ -34,34 +32,6 @@ class ExportResult:
     format: str
     files: dict[str, str]
     info: dict[str, Any]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(out_dir: Path) -> dict[str, str]:
-    """Write ``SHA256SUMS`` for every file under ``out_dir`` (but itself); returns {relative path: sha256}."""
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    sums = {p.relative_to(out_dir).as_posix(): _sha256(p) for p in files}
-    (out_dir / MANIFEST).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
-    return sums
-
-
-def verify_manifest(out_dir: str | Path) -> list[str]:
-    """Files whose sha256 no longer matches ``SHA256SUMS`` (or that are missing); empty when all match."""
-    out = Path(out_dir)
-    bad = []
-    for line in (out / MANIFEST).read_text().splitlines():
-        digest, name = line.split("  ", 1)
-        path = out / name
-        if not path.is_file() or _sha256(path) != digest:
-            bad.append(name)
-    return bad
 
 
 def _check_args(fmt: str, dtype: str, out: Path, overwrite: bool) -> None:
@@ -157,7 +127,10 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
             "merged_into": merged.merged_into, "template": source.template, "quantizer": source.quantizer,
             "llmtune_version": __version__, **details}
     (target / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
-    files = write_manifest(target)
+    from llmtune.core.manifest import write_manifest
+
+    manifest = json.loads(write_manifest(target).read_text())
+    files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     if progress:
         progress("manifest", 1, 1)
     return ExportResult(out_dir=target, format=format, files=files, info=info)

@@ -135,6 +135,9 @@ def merge(source: Source, *, trust_remote_code: bool = False, progress: Progress
         what = f"dequantized {source.quantizer['name']} base (W = deq(q(W)) + BA; {n} layers dequantized)"
     from peft import PeftModel
 
+    from llmtune.core.manifest import verify_manifest
+
+    verify_manifest(source.adapter_dir, required=False)  # an adapter llmtune saved carries checksums
     if progress:
         progress("merge adapter", 0, 1)
     peft_model = PeftModel.from_pretrained(model, str(source.adapter_dir))

@@ -19,7 +19,8 @@ gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
 import llmtune  # noqa: E402
-from llmtune.export import ExportError, check_vllm, export, verify_manifest  # noqa: E402
+from llmtune.core.manifest import manifest_problems  # noqa: E402
+from llmtune.export import ExportError, check_vllm, export  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -136,7 +137,7 @@ def test_gguf_f16_reads_back_with_expected_names_shapes_dtypes_weights_and_metad
     rendered = tok.apply_chat_template(PROMPT, chat_template=template, tokenize=False, add_generation_prompt=True)
     assert rendered == render_prompt({"instruction": PROMPT[0]["content"], "output": "x"}, "llama3", tok)[0]
     assert result.info["merged_into"].startswith("full-precision base")
-    assert verify_manifest(tmp_path / "out") == []
+    assert manifest_problems(tmp_path / "out") == []
 
 
 def test_merged_weights_include_the_adapter(run: Path) -> None:
@@ -236,7 +237,7 @@ def test_ollama_modelfile_has_the_training_template_and_stop_tokens(run: Path, t
     assert 'PARAMETER stop "<|eot_id|>"' in text and 'PARAMETER stop "<|end_of_text|>"' in text
     assert "<|start_header_id|>{{ .Role }}<|end_header_id|>" in text
     assert set(result.files) == {"Modelfile", "model-q8_0.gguf", "export.json"}
-    assert (tmp_path / "ol" / "SHA256SUMS").read_text().count("\n") == 3
+    assert set(json.loads((tmp_path / "ol" / "manifest.json").read_text())["files"]) == set(result.files)
 
 
 def test_refuses_to_write_into_or_over_the_source(run: Path, tmp_path: Path) -> None:
@@ -251,13 +252,13 @@ def test_refuses_to_write_into_or_over_the_source(run: Path, tmp_path: Path) -> 
 
 def test_manifest_detects_a_changed_file(run: Path, tmp_path: Path) -> None:
     export(run, tmp_path / "m", format="gguf", dtype="q4_0")
-    assert verify_manifest(tmp_path / "m") == []
+    assert manifest_problems(tmp_path / "m") == []
     with open(tmp_path / "m" / "model-q4_0.gguf", "r+b") as fh:
         fh.seek(-1, 2)
         last = fh.read(1)
         fh.seek(-1, 2)
         fh.write(bytes([last[0] ^ 1]))
-    assert verify_manifest(tmp_path / "m") == ["model-q4_0.gguf"]
+    assert manifest_problems(tmp_path / "m") == ["model-q4_0.gguf: checksum mismatch (contents altered)"]
 
 
 def test_cli_export_and_vllm_check(run: Path, tmp_path: Path) -> None:
@@ -269,7 +270,7 @@ def test_cli_export_and_vllm_check(run: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["format"] == "gguf" and len(summary["files"]["model-q8_0.gguf"]) == 64
-    assert verify_manifest(tmp_path / "c") == []
+    assert manifest_problems(tmp_path / "c") == []
     check = subprocess.run([*cli, str(run), "--check", "vllm"], capture_output=True, text=True, env=env, timeout=600)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "vLLM will load" in check.stdout
