@@ -110,5 +110,17 @@ def load_model_and_tokenizer(
                            f"{hint.capitalize()}.") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    _guard_4bit(model)
     model.eval()
     return model, tokenizer
+
+
+def _guard_4bit(model: Any) -> None:
+    """A model with bitsandbytes 4-bit layers (load-time QLoRA or a saved nf4/fp4 model) gets the kernel check."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    if str(getattr(method, "value", method)) != "bitsandbytes":
+        return
+    from llmtune.quantizers.bnb_guard import guard_4bit_model
+
+    guard_4bit_model(model)

@@ -253,6 +253,7 @@ class _BnbQuantizer(Quantizer):
         record = self._record([n for n, _ in targets], kept, device_type)
         setattr(model, "llmtune_quantization", record)  # noqa: B010 (a torch Module attribute, not a tensor)
         self._mark_transformers_model(model, skip, device_type)
+        self._guard(model)
         return model
 
     def save(self, model: Any, path: str | Path) -> Path:
@@ -301,9 +302,13 @@ class _BnbQuantizer(Quantizer):
             )
         model = cls.from_pretrained(directory, device_map=kwargs.get("device_map", "cpu"))
         model.llmtune_quantization = record
+        self._guard(model)
         return model
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _guard(self, model: Any) -> None:
+        """4-bit layers whose bitsandbytes kernel fails the self-check compute on the reference path."""
+
     def _record(self, quantized: list[str], kept: list[str], device_type: str) -> dict[str, Any]:
         """The settings stored on the model (``model.llmtune_quantization``) and saved next to it."""
         import bitsandbytes
@@ -358,6 +363,11 @@ class _FourBitQuantizer(_BnbQuantizer):
 
     def _resolved(self, device_type: str) -> dict[str, Any]:
         return {"compute_dtype": resolve_compute_dtype(self.options.compute_dtype, device_type)}
+
+    def _guard(self, model: Any) -> None:
+        from llmtune.quantizers.bnb_guard import guard_4bit_model
+
+        guard_4bit_model(model)
 
     def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
