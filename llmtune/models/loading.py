@@ -77,7 +77,9 @@ def load_model_and_tokenizer(
         source, local_only = str(local), True
         if not (local / "config.json").is_file():
             raise ConfigError(f"{local}: not a model directory (no config.json)")
-    elif isinstance(name_or_path, Path) or _looks_like_path(name) or local.exists():
+    elif local.exists():
+        raise ConfigError(f"{name}: is a file, not a model directory")
+    elif isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ConfigError(f"{name}: no such model directory")
     else:
         source = name
@@ -98,7 +100,14 @@ def load_model_and_tokenizer(
         model_kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        if local.is_dir() and quantization_config is None and _gptq_checkpoint(local):
+            # a GPTQ-layout directory (llmtune quantize wrote it, or another tool): our own loader, so neither
+            # optimum nor gptqmodel is needed to run it
+            from llmtune.quantizers.gptq import load_quantized
+
+            model = load_quantized(local, dtype=torch_dtype if torch_dtype != "auto" else None)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     except (OSError, ValueError) as err:
         text = str(err)
         if "trust_remote_code" in text and not trust_remote_code:
@@ -113,6 +122,18 @@ def load_model_and_tokenizer(
     _guard_4bit(model)
     model.eval()
     return model, tokenizer
+
+
+def _gptq_checkpoint(directory: Path) -> bool:
+    """Whether ``directory/config.json`` declares a GPTQ ``quantization_config``."""
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers' own loader reports it
+    qcfg = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq"
 
 
 def _guard_4bit(model: Any) -> None:

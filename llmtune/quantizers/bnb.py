@@ -23,7 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmtune.core.errors import ConfigError, GPURequiredError, InvalidOptionError, LlmtuneError
+from llmtune.core.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    GPURequiredError,
+    InvalidOptionError,
+    LlmtuneError,
+    UnknownOptionError,
+)
 from llmtune.core.interfaces import Quantizer
 from llmtune.core.options import check_choice, check_type
 
@@ -64,9 +71,32 @@ class _OnceFilter(logging.Filter):
         return True
 
 
+class _DropFilter(logging.Filter):
+    """Drop log messages that start with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 _INT8_CAST_LOG = logging.getLogger("bitsandbytes.autograd._functions")
 if not any(isinstance(f, _OnceFilter) for f in _INT8_CAST_LOG.filters):
     _INT8_CAST_LOG.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+def quiet_bnb_import() -> None:
+    """Drop the warning bitsandbytes logs on import on AVX512-BF16 CPUs when the optional ``kernels`` package
+    (a faster fused CPU kernel from the hub) is absent: bitsandbytes then uses its built-in kernel, which
+    llmtune checks (`llmtune.quantizers.bnb_guard`). Cheap; imports nothing."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropFilter) for f in log.filters):
+        log.addFilter(_DropFilter("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
+quiet_bnb_import()
 
 
 def _check_skip_modules(value: object) -> tuple[str, ...]:
@@ -224,7 +254,7 @@ class _BnbQuantizer(Quantizer):
         import torch
 
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"{self.describe()}: quantize() needs a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"{self.describe()}: quantize() needs a torch.nn.Module, got {type(model).__name__}")
         if getattr(model, "llmtune_quantization", None) is not None or getattr(model, "is_quantized", False):
             raise LlmtuneError(f"{self.describe()}: the model is already quantized; quantize the original model")
         skip = list(self.options.skip_modules)
@@ -292,7 +322,7 @@ class _BnbQuantizer(Quantizer):
         record = self._check_record(record, where=f"load() of {directory}")
         unknown = set(kwargs) - {"device_map"}
         if unknown:
-            raise TypeError(f"{self.describe()}: load() takes device_map only, got {sorted(unknown)}")
+            raise UnknownOptionError(f"{self.describe()}: load() takes device_map only, got {sorted(unknown)}")
         config = transformers.AutoConfig.from_pretrained(directory)
         architectures = getattr(config, "architectures", None) or []
         cls = getattr(transformers, architectures[0], None) if architectures else None

@@ -81,9 +81,12 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = N
     if cfg.get("peft_type") not in (None, "LORA"):
         raise ConfigError(f"adapter {adapter} is a {cfg.get('peft_type')} adapter; only LoRA/DoRA adapters can be "
                           "merged into the base weights")
+    from llmtune.core.paths import check_output_dir
+
+    base = model if model is not None else (cfg.get("base_model_name_or_path") or None)
+    out = check_output_dir(out, [adapter, base])
     peft_model, tokenizer = load_for_inference(model, adapter, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     merged = peft_model.merge_and_unload()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -49,8 +49,8 @@ _ADAPTER = "adapter"
 def _positive(field: str, value: object, kind: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
     check_type(field, value, kind)
     assert isinstance(value, (int, float))
-    if value < 0 or (value == 0 and not zero_ok):
-        raise InvalidOptionError(f"option {field}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
 @dataclasses.dataclass(frozen=True)
