@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import llmtune  # noqa: E402
 from llmtune.quantizers import bnb_guard  # noqa: E402
-from llmtune.quantizers.bnb_guard import guard_4bit_model, reference_dequantize_4bit  # noqa: E402
+from llmtune.quantizers.bnb_guard import reference_dequantize_4bit  # noqa: E402
 
 
 def row_restart_dequantize(packed: torch.Tensor, quant_state, *args, **kwargs) -> torch.Tensor:
@@ -91,7 +91,7 @@ def tiny_llama(intermediate: int = 96) -> transformers.LlamaForCausalLM:
 def reference_logits(model, tokens):
     """The model's logits with every 4-bit layer computed as F.linear(x, reference weight)."""
     ref = copy.deepcopy(model)
-    for name, module in list(ref.named_modules()):
+    for module in list(ref.modules()):
         if isinstance(module, bnb.nn.Linear4bit):
             module.__class__ = bnb_guard.reference_linear4bit_class()
     with torch.no_grad():

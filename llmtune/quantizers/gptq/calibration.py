@@ -61,8 +61,9 @@ def _load_local(src: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype="auto",
+                                                     trust_remote_code=False)
     except (OSError, ValueError) as err:
         text = " ".join(str(err).split())
         if "trust_remote_code" in text:
