@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "FP4_CODE", "NF4_CODE", "KernelVerdict", "check_dequantize", "check_layer", "clear_cache", "guard_4bit_model",
+    "FP4_CODE", "NF4_CODE", "KernelVerdict", "block_rows_dequantize", "check_dequantize", "check_layer", "clear_cache", "guard_4bit_model",
     "reference_absmax", "reference_dequantize_4bit", "reference_linear4bit_class", "working_blocksizes",
 ]
 
@@ -63,6 +63,9 @@ class KernelVerdict:
     ok: bool
     cause: str = ""
     seconds: float = 0.0
+    #: How a failing class is computed: "block-rows" (bitsandbytes' kernel on the weight viewed as one block
+    #: per row, checked equal to the reference) or "reference" (llmtune's dequantization); "" when ok.
+    fallback: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -108,15 +111,29 @@ def reference_dequantize_4bit(packed: torch.Tensor, quant_state: Any) -> torch.T
     for s in shape:
         n *= s
     flat = packed.contiguous().reshape(-1).view(torch.uint8)
-    idx = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
-    values = torch.tensor(code, dtype=torch.float32, device=flat.device)[idx]
+    # one lookup per byte: row b of the table is (code[b >> 4], code[b & 15]), the high nibble first
+    values = _byte_table(quant_state.quant_type, flat.device)[flat.long()].reshape(-1)
     blocksize = int(quant_state.blocksize)
-    pad = (-n) % blocksize
-    if pad:
-        values = torch.nn.functional.pad(values, (0, pad))
+    total = -(-n // blocksize) * blocksize  # whole blocks; the last one may be short
+    values = values[:n] if total == n else torch.nn.functional.pad(values[:n], (0, total - n))
     absmax = reference_absmax(quant_state).to(flat.device)
     out = (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)[:n]
     return out.reshape(shape).to(quant_state.dtype)
+
+
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """``[256, 2]`` fp32: the two code values each packed byte stands for (cached per device)."""
+    import torch
+
+    key = (quant_type, str(device))
+    if key not in _TABLES:
+        code = torch.tensor(_CODES[quant_type], dtype=torch.float32)
+        byte = torch.arange(256)
+        _TABLES[key] = torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1).to(device)
+    return _TABLES[key]
 
 
 def _unpack_cpu_layout(layer: Any) -> None:
@@ -132,6 +149,17 @@ def _key(layer: Any) -> tuple[Any, ...]:
     qs = layer.weight.quant_state
     return (int(layer.out_features), int(layer.in_features), int(qs.blocksize), str(qs.quant_type),
             bool(qs.nested), str(layer.compute_dtype), str(layer.weight.dtype), layer.weight.device.type)
+
+
+def _block_err(theirs: torch.Tensor, ref: torch.Tensor, quant_state: Any) -> float:
+    """Largest |theirs - ref| of each block divided by that block's absmax (1.0: off by a whole absmax)."""
+    import torch
+
+    bs = int(quant_state.blocksize)
+    diff = (theirs.float() - ref.float()).abs().reshape(-1)
+    diff = torch.nn.functional.pad(diff, (0, (-diff.numel()) % bs)).view(-1, bs).amax(dim=1)
+    absmax = reference_absmax(quant_state).to(diff.device).abs().clamp(min=1e-30)
+    return float((diff / absmax[: diff.numel()]).max()) if diff.numel() else 0.0
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,10 +203,9 @@ def check_dequantize(packed: torch.Tensor, quant_state: Any, reference: torch.Te
         return f"dequantize_4bit raised {type(exc).__name__}: {exc}"
     if tuple(theirs.shape) != tuple(ref.shape):
         return f"dequantize_4bit returned shape {tuple(theirs.shape)}, not {tuple(ref.shape)}"
-    scale = float(reference_absmax(quant_state).abs().max()) or 1.0
-    err = _max_err(theirs, ref) / scale
+    err = _block_err(theirs, ref, quant_state)
     if not err <= DEQUANT_TOL:
-        return f"dequantize_4bit differs from the reference by {err:.3g} absmax units"
+        return f"dequantize_4bit differs from the reference by up to {err:.3g} of a block's absmax"
     return ""
 
 
@@ -204,11 +231,44 @@ def check_layer(layer: Any) -> KernelVerdict:
         if fits:
             best = max([b for b in fits if b <= qs.blocksize], default=fits[0])
             cause += f"; blocksize {best} divides in_features={layer.in_features} (rows of whole blocks)"
-    verdict = KernelVerdict(key, not cause, cause, time.perf_counter() - start)
+    fallback = ""
+    if cause:
+        with torch.no_grad():
+            fallback = "block-rows" if _block_rows_ok(layer.weight.data, qs, ref) else "reference"
+    verdict = KernelVerdict(key, not cause, cause, time.perf_counter() - start, fallback)
     _CACHE[key] = verdict
     if cause:
-        _LOG.info("bitsandbytes 4-bit kernel wrong for %s: %s; using the reference path", key, cause)
+        _LOG.info("bitsandbytes 4-bit kernel wrong for %s: %s; computing it on the %s path", key, cause, fallback)
     return verdict
+
+
+def block_rows_dequantize(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """bitsandbytes' ``dequantize_4bit`` of the weight viewed as ``[numel / blocksize, blocksize]``.
+
+    Every row is then exactly one block, the one shape every kernel gets right; the result is reshaped back.
+    Only used for a kernel class where it was checked equal to the reference.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    shape = tuple(quant_state.shape)
+    n = 1
+    for s in shape:
+        n *= s
+    view = copy.copy(quant_state)
+    view.shape = torch.Size((n // quant_state.blocksize, quant_state.blocksize))
+    return bnb.functional.dequantize_4bit(packed, view).reshape(shape)
+
+
+def _block_rows_ok(packed: torch.Tensor, quant_state: Any, reference: torch.Tensor) -> bool:
+    n = reference.numel()
+    if n % quant_state.blocksize:
+        return False
+    try:
+        theirs = block_rows_dequantize(packed, quant_state)
+    except Exception:  # a failing kernel just means: use the reference
+        return False
+    return tuple(theirs.shape) == tuple(reference.shape) and _block_err(theirs, reference, quant_state) <= DEQUANT_TOL
 
 
 def working_blocksizes(in_features: int) -> list[int]:
@@ -231,7 +291,10 @@ def reference_linear4bit_class() -> type:
             _unpack_cpu_layout(self)
             weight: Any = self.weight
             dtype = self.compute_dtype or x.dtype
-            w = reference_dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+            if getattr(self, "llmtune_fallback", "reference") == "block-rows":
+                w = block_rows_dequantize(weight.data, weight.quant_state).to(dtype)
+            else:
+                w = reference_dequantize_4bit(weight.data, weight.quant_state).to(dtype)
             bias = None if self.bias is None else self.bias.to(dtype)
             return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 
@@ -261,6 +324,7 @@ def guard_4bit_model(model: Any) -> dict[str, Any]:
         verdicts[verdict.key] = verdict
         if not verdict.ok:
             layer.__class__ = reference_linear4bit_class()
+            layer.__dict__["llmtune_fallback"] = verdict.fallback  # plain attribute (not a tensor)
             routed.append(name)
     report = {"checked": len(layers), "routed": routed, "verdicts": [v.as_dict() for v in verdicts.values()]}
     try:

@@ -118,7 +118,7 @@ def test_faulty_kernel_layers_are_routed_and_compute_the_right_thing(faulty_kern
     report = model.llmtune_kernel_check
     assert sorted(report["routed"]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     bad = [v for v in report["verdicts"] if not v["ok"]]
-    assert len(bad) == 1 and "absmax units" in bad[0]["cause"] and "blocksize 32 divides in_features=96" in \
+    assert len(bad) == 1 and "of a block's absmax" in bad[0]["cause"] and "blocksize 32 divides in_features=96" in \
         bad[0]["cause"]
     routed = model.model.layers[0].mlp.down_proj
     assert isinstance(routed, bnb.nn.Linear4bit) and type(routed) is not bnb.nn.Linear4bit  # PEFT still sees it
@@ -208,3 +208,21 @@ def test_reference_dequantization_handles_double_quant_and_storage_dtypes() -> N
         blocks = torch.nn.functional.pad(w.reshape(-1), (0, (-w.numel()) % 64)).reshape(-1, 64).abs().amax(1)
         bound = blocks.repeat_interleave(64)[: w.numel()] * (max(b - a for a, b in zip(bnb_guard.NF4_CODE, bnb_guard.NF4_CODE[1:])) / 2 + 0.01)
         assert bool(((deq - w).abs().reshape(-1) <= bound).all())
+
+
+def test_the_fast_fallback_is_used_only_when_it_is_right(monkeypatch, faulty_kernel) -> None:
+    model = llmtune.get_quantizer("nf4").quantize(tiny_llama())
+    bad = [v for v in model.llmtune_kernel_check["verdicts"] if not v["ok"]]
+    assert [v["fallback"] for v in bad] == ["block-rows"]  # one block per row: the faulty kernel gets it right
+    assert model.model.layers[0].mlp.down_proj.llmtune_fallback == "block-rows"
+
+    def always_wrong(packed, quant_state, *args, **kwargs):
+        return reference_dequantize_4bit(packed, quant_state) * 1.5
+
+    bnb_guard.clear_cache()
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", always_wrong)
+    model = llmtune.get_quantizer("nf4").quantize(tiny_llama())
+    report = model.llmtune_kernel_check
+    assert len(report["routed"]) == 14 and {v["fallback"] for v in report["verdicts"]} == {"reference"}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=TOKENS).logits, reference_logits(model, TOKENS))
