@@ -41,7 +41,12 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
         adapter = Path(adapter)
         if (adapter / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-        base = PeftModel.from_pretrained(base, str(adapter))
+        import warnings
+
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                    category=FutureWarning)
+            base = PeftModel.from_pretrained(base, str(adapter))
     if tokenizer is None:
         raise ConfigError(f"no tokenizer found with {model} or {adapter}")
     if tokenizer.pad_token_id is None:

@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -273,6 +274,10 @@ class PeftLoraTrainer(Trainer):
 
     def _enable_gradient_checkpointing(self, model: nn.Module) -> None:
         """Non-reentrant activation checkpointing (no input-grad hack needed, frozen embeddings stay frozen)."""
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 (the old name warns)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:
             raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -292,7 +297,10 @@ class PeftLoraTrainer(Trainer):
                                 lora_alpha=opts.alpha,  # type: ignore[arg-type]  # PEFT takes floats too
                                 lora_dropout=opts.dropout, target_modules=targets, use_dora=opts.method == "dora")
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                        category=FutureWarning)
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ConfigError(f"could not apply {opts.method} to {type(model).__name__}: {exc}") from exc
         return peft_model
