@@ -97,7 +97,7 @@ class BleuOptions:
         if self.max_ngram_order is not None:
             check_type("max_ngram_order", self.max_ngram_order, int)
             if not 1 <= self.max_ngram_order <= MAX_NGRAM_ORDER:
-                raise InvalidOptionError(f"option max_ngram_order={self.max_ngram_order} must be between 1 and "
+                raise InvalidOptionError(f"option max_ngram_order={self.max_ngram_order} must be >= 1 and <= "
                                          f"{MAX_NGRAM_ORDER} (BLEU uses 4)")
         if self.smooth_value is not None:
             check_type("smooth_value", self.smooth_value, (int, float))
