@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError
+from llmtune.core.manifest import verify_manifest
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _TRUE = ("1", "true", "yes", "on")
@@ -77,6 +78,7 @@ def load_model_and_tokenizer(
         source, local_only = str(local), True
         if not (local / "config.json").is_file():
             raise ConfigError(f"{local}: not a model directory (no config.json)")
+        verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
     elif local.exists():
         raise ConfigError(f"{name}: is a file, not a model directory")
     elif isinstance(name_or_path, Path) or _looks_like_path(name):
@@ -108,6 +110,8 @@ def load_model_and_tokenizer(
             model = load_quantized(local, dtype=torch_dtype if torch_dtype != "auto" else None)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except LlmtuneError:
+        raise
     except (OSError, ValueError) as err:
         text = str(err)
         if "trust_remote_code" in text and not trust_remote_code:
