@@ -287,14 +287,23 @@ def reference_linear4bit_class() -> type:
     class ReferenceLinear4bit(bnb.nn.Linear4bit):  # type: ignore[misc, name-defined]
         """A bitsandbytes 4-bit layer computed with llmtune's reference dequantization (a checked kernel failed)."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def dequantize(self) -> torch.Tensor:
+            """The weight in ``quant_state.dtype``, from the fallback path checked for this layer's class."""
             _unpack_cpu_layout(self)
             weight: Any = self.weight
-            dtype = self.compute_dtype or x.dtype
             if getattr(self, "llmtune_fallback", "reference") == "block-rows":
-                w = block_rows_dequantize(weight.data, weight.quant_state).to(dtype)
-            else:
-                w = reference_dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+                return block_rows_dequantize(weight.data, weight.quant_state)
+            return reference_dequantize_4bit(weight.data, weight.quant_state)
+
+        @property
+        def W_q(self) -> Any:  # the name PEFT looks for
+            """PEFT asks a layer that has ``W_q`` to ``dequantize()`` itself (DoRA's weight norm) instead of
+            calling bitsandbytes' ``dequantize_4bit``, which is what failed here; it is the packed weight."""
+            return self.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = self.compute_dtype or x.dtype
+            w = self.dequantize().to(dtype)
             bias = None if self.bias is None else self.bias.to(dtype)
             return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 

@@ -226,3 +226,18 @@ def test_the_fast_fallback_is_used_only_when_it_is_right(monkeypatch, faulty_ker
     assert len(report["routed"]) == 14 and {v["fallback"] for v in report["verdicts"]} == {"reference"}
     with torch.no_grad():
         assert torch.equal(model(input_ids=TOKENS).logits, reference_logits(model, TOKENS))
+
+
+def test_dora_on_a_routed_layer_uses_the_checked_weight(faulty_kernel) -> None:
+    """PEFT's DoRA reads the base weight to initialise its magnitudes; on a routed layer it gets the right one."""
+    peft = pytest.importorskip("peft")
+    model = llmtune.get_quantizer("nf4").quantize(tiny_llama())
+    layer = model.model.layers[0].mlp.down_proj
+    want = reference_dequantize_4bit(layer.weight.data, layer.weight.quant_state).norm(p=2, dim=1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                                       target_modules=["down_proj"]))
+    wrapped = model.base_model.model.model.layers[0].mlp.down_proj
+    magnitude = wrapped.lora_magnitude_vector["default"].weight.detach()
+    assert torch.allclose(magnitude, want, rtol=1e-5, atol=1e-7)
+    faulty = row_restart_dequantize(layer.weight.data, layer.weight.quant_state).norm(p=2, dim=1)
+    assert not torch.allclose(magnitude, faulty, rtol=1e-3)  # what PEFT would have used without the guard
