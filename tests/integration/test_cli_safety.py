@@ -52,6 +52,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "ok.txt").write_text("kopi o is black coffee\n")
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (root / "latin1.yaml").write_bytes("model: base\ndata: caf\xe9.jsonl\n".encode("latin-1"))
+    (root / "data-is-a-dir.yaml").write_text("model: base\ndata: adir\noutput_dir: runs/d\n")
     custom = root / "custom"
     custom.mkdir()
     config = json.loads((root / "base" / "config.json").read_text())
@@ -95,6 +96,7 @@ CATALOGUE = [
     (["merge", "--adapter", "adapter", "--out", "a-file"], "--out a-file exists and is not a directory"),
     (["merge", "--adapter", "adapter", "--out", "base"], "is the input"),
     (["demo", "--out", "a-file"], "--out a-file exists and is not a directory"),
+    (["train", "data-is-a-dir.yaml"], "adir: is a directory, not a data file"),
 ]
 
 
@@ -149,6 +151,24 @@ def test_ctrl_c_says_a_checkpoint_was_saved_only_when_one_was(work, capsys, monk
     assert code == 130 and says in err
     if not str(raised):
         assert "checkpoint saved" not in err
+
+
+def test_a_read_only_output_is_refused_before_the_model_loads(work, capsys, monkeypatch) -> None:
+    """As root every directory is writable, so the permission answer is simulated (os.access says no)."""
+    import llmtune.core.paths as paths
+    import llmtune.quantizers.gptq.calibration as calibration
+
+    def no_write(path, mode):
+        return not mode & os.W_OK
+
+    def must_not_load(src):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(paths.os, "access", no_write)
+    monkeypatch.setattr(calibration, "_load_local", must_not_load)
+    monkeypatch.chdir(work)
+    code, err = run_main(["quantize", "base", "--method", "nf4", "--out", "adir/q"], capsys)
+    assert code == 2 and "is not writable (permission denied)" in err and "Traceback" not in err
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
