@@ -215,3 +215,16 @@ def test_generate_runs_on_a_gptq_checkpoint_llmtune_quantize_wrote(work, tmp_pat
 
     model, _ = load_model_and_tokenizer(tmp_path / "q")
     assert any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_generate_runs_on_an_nf4_model_llmtune_quantize_wrote(work, tmp_path) -> None:
+    """hidden 32 < blocksize 64: rows are not whole blocks, the shape AVX-512 CPUs get wrong (or crash on)."""
+    pytest.importorskip("bitsandbytes")
+    done = cli("quantize", str(work / "base"), "--method", "nf4", "--out", str(tmp_path / "q"), "--json",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    gen = cli("generate", "What is Kopi O?", "--model", str(tmp_path / "q"), "--max-new-tokens", "4", "--json",
+              cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout.strip().splitlines()[-1])["prompt"] == "What is Kopi O?"
+    assert "kernels-community" not in gen.stderr and "Traceback" not in gen.stderr
