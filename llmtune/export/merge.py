@@ -38,21 +38,34 @@ def _quantizer(spec: dict[str, Any]) -> Any:
     return llmtune.get_quantizer(str(spec["name"]), backend=spec.get("backend"), **options)
 
 
+def _dense_4bit(module: Any) -> Any:
+    """The float weight of a bitsandbytes 4-bit layer, the way llmtune's guarded forward computes it.
+
+    bitsandbytes' own ``dequantize_4bit`` is wrong on some CPU kernels (`llmtune.quantizers.bnb_guard`): a layer
+    the guard moved to its fallback class dequantizes itself; any other through the reference written from the
+    storage format (which a checked bitsandbytes kernel agrees with).
+    """
+    from llmtune.quantizers.bnb_guard import reference_dequantize_4bit
+
+    weight = module.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward on CPU
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    if type(module).__name__ == "ReferenceLinear4bit":
+        return module.dequantize()
+    return reference_dequantize_4bit(weight.data, weight.quant_state)
+
+
 def _dequantized_linear(module: Any, name: str) -> Any:
     """A plain ``nn.Linear`` holding the weights a bitsandbytes layer computes with (float32)."""
+    import bitsandbytes as bnb
     import torch
 
-    kind = type(module).__name__
-    weight = module.weight
-    if kind.startswith("Linear4bit") or (hasattr(weight, "quant_state") and weight.quant_state is not None):
-        import bitsandbytes.functional as bnbf
-
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward on CPU
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    elif kind.startswith("Linear8bit"):
+    if isinstance(module, bnb.nn.Linear4bit):
+        dense = _dense_4bit(module).float()
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        weight = module.weight
         scb = getattr(weight, "SCB", None)
         if scb is None:
             scb = getattr(module.state, "SCB", None)
@@ -60,7 +73,8 @@ def _dequantized_linear(module: Any, name: str) -> Any:
             raise ExportError(f"layer {name}: an 8-bit layer without row scales (SCB); was it quantized?")
         dense = weight.data.float() * (scb.float()[:, None] / 127.0)
     else:
-        raise ExportError(f"layer {name} is a {kind}; export can dequantize bitsandbytes 4-bit and 8-bit layers only")
+        raise ExportError(f"layer {name} is a {type(module).__name__}; export can dequantize bitsandbytes 4-bit and "
+                          "8-bit layers only")
     linear = torch.nn.Linear(dense.shape[1], dense.shape[0], bias=module.bias is not None, dtype=torch.float32)
     with torch.no_grad():
         linear.weight.copy_(dense)
@@ -69,9 +83,17 @@ def _dequantized_linear(module: Any, name: str) -> Any:
     return linear
 
 
+def _is_bnb_layer(module: Any) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
 def dequantize_model(model: Any) -> int:
     """Replace every bitsandbytes linear layer of ``model`` by its dequantized ``nn.Linear``; returns how many."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__.startswith(("Linear4bit", "Linear8bit"))]
+    targets = [(n, m) for n, m in model.named_modules() if _is_bnb_layer(m)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

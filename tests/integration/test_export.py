@@ -198,10 +198,7 @@ def test_qlora_merge_into_the_dequantized_base_matches_the_adapter_on_the_4bit_b
     assert result.info["merged_into"].startswith("dequantized nf4 base")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     base = AutoModelForCausalLM.from_pretrained(str(run.parent / "base"), dtype=torch.float32)
-    on_4bit = PeftModel.from_pretrained(llmtune.get_quantizer("nf4").quantize(base), str(run / "adapter"))
-    # train mode (no dropout anywhere): bitsandbytes' eval path on AVX512-BF16 CPUs repacks the weights for a bf16
-    # kernel; the training path dequantizes to float32, which is what the adapter was trained against
-    on_4bit.train()
+    on_4bit = PeftModel.from_pretrained(llmtune.get_quantizer("nf4").quantize(base), str(run / "adapter")).eval()
     naive_base = AutoModelForCausalLM.from_pretrained(str(run.parent / "base"), dtype=torch.float32)
     naive = PeftModel.from_pretrained(naive_base, str(run / "adapter")).merge_and_unload().eval()
     ids = torch.tensor([tok("What is Kopi O Kosong? Black coffee, no sugar.", add_special_tokens=False)["input_ids"]])
@@ -224,8 +221,8 @@ def test_hf_export_can_requantize_through_the_quantizer_interface(run: Path, tmp
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ref = llmtune.get_quantizer("nf4").quantize(_reference_merged(run))
     ids = torch.tensor([[0, 3, 100, 200, 4]])
-    model.train()   # bitsandbytes' float32 dequantize path (see the QLoRA test); no dropout in these models
-    ref.train()
+    model.eval()
+    ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-5)
 
