@@ -13,6 +13,8 @@ too: at column ``j`` the walk moves to the highest row ``i' <= i`` that is a mat
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 MAX_BITS = 63  # V + U must not overflow 64 bits
@@ -146,3 +148,224 @@ def _run_chunk(
         j = j - 1
         keep = (i > 0) & (j > 0)
         rows, i, j = rows[keep], i[keep], j[keep]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rougeLsum: union LCS of packed reference lines against every candidate line, forward and back in lock-step
+# ---------------------------------------------------------------------------------------------------------------
+_SWAPS = tuple((np.uint64(shift), np.uint64(mask)) for shift, mask in
+               ((1, 0x5555555555555555), (2, 0x3333333333333333), (4, 0x0F0F0F0F0F0F0F0F)))
+
+
+def reverse_bits(x: np.ndarray) -> np.ndarray:
+    """Bit ``i`` of each ``uint64`` moved to bit ``63 - i``: reverse the bytes, then swap bits, pairs and nibbles."""
+    y = np.asarray(x, dtype=np.uint64).byteswap()
+    t = np.empty_like(y)
+    for shift, mask in _SWAPS:
+        np.right_shift(y, shift, out=t)
+        t &= mask
+        y &= mask
+        y <<= shift
+        y |= t
+    return y
+
+
+@dataclasses.dataclass
+class PackedLines:
+    """Reference lines packed into 64-bit words ("units"), each line a segment followed by one guard bit.
+
+    ``unit_row``: the row (pair) of each unit; ``pos_unit``/``pos_bit``/``pos_tok``: per reference position,
+    its unit, bit and token; ``full``: per unit, the bits of its segments; ``seg_lo``/``seg_top``: per unit,
+    the lowest and highest bit of each segment, as bit sets.
+    """
+
+    unit_row: np.ndarray
+    pos_unit: np.ndarray
+    pos_bit: np.ndarray
+    pos_tok: np.ndarray
+    full: np.ndarray
+    seg_lo: np.ndarray
+    seg_top: np.ndarray
+
+
+def pack_lines(line_row: np.ndarray, line_start: np.ndarray, line_len: np.ndarray, tokens: np.ndarray) -> PackedLines:
+    """Pack lines (``1 <= len <= 63``, grouped by row, in order) greedily: a line goes into its row's current
+    unit while ``sum(len + 1) <= 64``, else opens the next unit. Lines never straddle two units."""
+    unit_of_line = np.empty(len(line_len), dtype=np.int64)
+    lo_of_line = np.empty(len(line_len), dtype=np.int64)
+    unit, used, prev_row = -1, 64, -1
+    for k, (row, n) in enumerate(zip(line_row.tolist(), line_len.tolist())):
+        if row != prev_row or used + n + 1 > 64:
+            unit, used, prev_row = unit + 1, 0, row
+        unit_of_line[k], lo_of_line[k] = unit, used
+        used += n + 1
+    n_units = unit + 1
+    unit_row = np.zeros(n_units, dtype=np.int64)
+    unit_row[unit_of_line] = line_row
+    total = int(line_len.sum())
+    offset = np.arange(total) - np.repeat(np.cumsum(line_len) - line_len, line_len)
+    pos_unit = np.repeat(unit_of_line, line_len)
+    pos_bit = (np.repeat(lo_of_line, line_len) + offset).astype(np.uint64)
+    pos_tok = tokens[np.repeat(line_start, line_len) + offset]
+    full = np.zeros(n_units, dtype=np.uint64)
+    np.bitwise_or.at(full, pos_unit, np.left_shift(_ONE, pos_bit))
+    seg_lo = np.zeros(n_units, dtype=np.uint64)
+    seg_top = np.zeros(n_units, dtype=np.uint64)
+    np.bitwise_or.at(seg_lo, unit_of_line, np.left_shift(_ONE, lo_of_line.astype(np.uint64)))
+    np.bitwise_or.at(seg_top, unit_of_line, np.left_shift(_ONE, (lo_of_line + line_len - 1).astype(np.uint64)))
+    return PackedLines(unit_row, pos_unit, pos_bit, pos_tok, full, seg_lo, seg_top)
+
+
+def union_lcs(
+    packed: PackedLines, cand_tokens: np.ndarray, cand_start: np.ndarray, cand_len: np.ndarray,
+    line_first: np.ndarray, line_last: np.ndarray, vocab_size: int,
+) -> np.ndarray:
+    """Which reference positions are in rouge-score's union LCS (``_summary_level_lcs``), as a bool per position.
+
+    Row ``r``'s candidate is ``cand_tokens[cand_start[r]:cand_start[r] + cand_len[r]]``; ``line_first`` /
+    ``line_last`` (bool, parallel to ``cand_tokens``) mark its line starts and ends. For every candidate line
+    and every reference line, the position set that rouge-score's ``lcs_ind`` back-tracking picks is OR-ed in.
+    Each unit runs the Hyyro recurrence over the whole candidate (``V`` refilled at each line start), then the
+    back-tracking of every segment at once, columns in reverse: in reversed bit order "the highest row below
+    i that is a match or a 0 bit" is the lowest set bit of each segment, found for all segments with one
+    subtraction (the guard bits stop the borrows).
+    """
+    n_units = len(packed.unit_row)
+    in_union = np.zeros(len(packed.pos_tok), dtype=bool)
+    if n_units == 0:
+        return in_union
+    table, table_base, lid, at = _local_masks(packed, cand_tokens, cand_start, cand_len, vocab_size)
+    first_flag, last_flag = line_first[at], line_last[at]
+    row_start = np.cumsum(cand_len) - cand_len
+    row = packed.unit_row
+    blen = cand_len[row]
+    by_len = np.argsort(blen, kind="stable")
+    union = np.zeros(n_units, dtype=np.uint64)
+    pos = 0
+    while pos < n_units:
+        end = min(n_units, pos + max(1, _CELLS_PER_CHUNK // max(1, int(blen[by_len[pos]]))))
+        while end - pos > 1 and (end - pos) * int(blen[by_len[end - 1]]) > _CELLS_PER_CHUNK:
+            end = pos + max(1, _CELLS_PER_CHUNK // int(blen[by_len[end - 1]]))
+        chunk = by_len[pos:end]
+        union[chunk] = _union_chunk(packed, chunk, table, table_base, lid, row_start[row[chunk]], blen[chunk],
+                                    first_flag, last_flag)
+        pos = end
+    bits = np.right_shift(union[packed.pos_unit], packed.pos_bit) & _ONE
+    return bits.astype(bool)
+
+
+def _local_masks(
+    packed: PackedLines, cand_tokens: np.ndarray, cand_start: np.ndarray, cand_len: np.ndarray, vocab_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dense match masks: per row, the distinct reference tokens get local ids ``0..K-1`` (``K`` = absent);
+    unit ``u``'s mask of local id ``l`` is ``table[table_base[u] + l]``. Returns ``(table, table_base, lid,
+    at)``: per row ``r`` and column ``j`` (flat index ``sum(cand_len[:r]) + j``) the candidate token's local id
+    and its index in ``cand_tokens`` (a candidate text may serve several rows, with different local ids)."""
+    pos_row = packed.unit_row[packed.pos_unit]
+    keys = pos_row * vocab_size + packed.pos_tok
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    head = np.r_[True, sk[1:] != sk[:-1]] if len(sk) else np.zeros(0, dtype=bool)
+    ukeys = sk[head]
+    n_rows = len(cand_start)
+    row_first = np.searchsorted(ukeys, np.arange(n_rows + 1) * vocab_size)
+    k_row = row_first[1:] - row_first[:-1]
+    widths = k_row[packed.unit_row] + 1
+    table_base = np.cumsum(widths) - widths
+    pos_lid = np.searchsorted(ukeys, keys) - row_first[pos_row]
+    table = np.zeros(int(widths.sum()), dtype=np.uint64)
+    np.bitwise_or.at(table, table_base[packed.pos_unit] + pos_lid, np.left_shift(_ONE, packed.pos_bit))
+    # local ids of the candidate tokens, per row (a candidate text may serve several rows: cand_start repeats)
+    c_row = np.repeat(np.arange(n_rows), cand_len)
+    c_pos = np.arange(int(cand_len.sum())) - np.repeat(np.cumsum(cand_len) - cand_len, cand_len)
+    c_at = np.repeat(cand_start, cand_len) + c_pos
+    query = c_row * vocab_size + cand_tokens[c_at]
+    slot = np.minimum(np.searchsorted(ukeys, query), max(len(ukeys) - 1, 0))
+    found = ukeys[slot] == query if len(ukeys) else np.zeros(len(query), dtype=bool)
+    lid = np.where(found, slot - row_first[c_row], k_row[c_row])
+    return table, table_base, lid, c_at
+
+
+def _union_chunk(
+    packed: PackedLines, chunk: np.ndarray, table: np.ndarray, table_base: np.ndarray, lid: np.ndarray,
+    start: np.ndarray, blen: np.ndarray, first_flag: np.ndarray, last_flag: np.ndarray,
+) -> np.ndarray:
+    """Union bit set (normal bit order) of each unit of ``chunk`` (sorted by candidate length ``blen``).
+
+    Matrices are column-major (``[column, unit]``) so that each lock-step column is contiguous.
+    """
+    n = len(chunk)
+    width = int(blen.max())
+    cell_unit = np.repeat(np.arange(n), blen)
+    cell_col = np.arange(len(cell_unit)) - np.repeat(np.cumsum(blen) - blen, blen)
+    at = np.repeat(start, blen) + cell_col
+    cell = cell_col * n + cell_unit
+    full = packed.full[chunk]
+    seg = reverse_bits(full)
+    masks = np.zeros(width * n, dtype=np.uint64)
+    masks[cell] = table[table_base[chunk][cell_unit] + lid[at]]
+    masks = masks.reshape(width, n)
+    refill = np.zeros(width * n, dtype=np.uint64)
+    refill[cell] = np.where(first_flag[at], full[cell_unit], np.uint64(0))
+    refill = refill.reshape(width, n)
+    end_fill = np.zeros(width * n, dtype=np.uint64)
+    end_fill[cell] = np.where(last_flag[at], seg[cell_unit], np.uint64(0))
+    end_fill = end_fill.reshape(width, n)
+    running = np.searchsorted(blen, np.arange(width), side="right")  # units with blen > j are a suffix
+    history = np.empty((width + 1, n), dtype=np.uint64)
+    history[0] = full
+    u = np.empty(n, dtype=np.uint64)
+    w = np.empty(n, dtype=np.uint64)
+    for j in range(width):
+        k = int(running[j])
+        vk = history[j + 1, k:]
+        np.bitwise_or(history[j, k:], refill[j, k:], out=vk)
+        uk, wk = u[k:], w[k:]
+        np.bitwise_and(vk, masks[j, k:], out=uk)
+        np.add(vk, uk, out=wk)
+        np.subtract(vk, uk, out=vk)
+        vk |= wk
+        vk &= full[k:]
+    lowest = reverse_bits(packed.seg_top[chunk])  # in reversed order each segment's top bit is its lowest
+    guard = reverse_bits(packed.seg_lo[chunk] >> _ONE)  # the free bit above each segment (reversed order)
+    union = _walk_back(reverse_bits(history), reverse_bits(masks), end_fill, seg, lowest, guard, running)
+    return reverse_bits(union)
+
+
+def _walk_back(
+    history: np.ndarray, masks: np.ndarray, end_fill: np.ndarray, seg: np.ndarray, lowest: np.ndarray,
+    guard: np.ndarray, running: np.ndarray,
+) -> np.ndarray:
+    """rouge-score's ``_backtrack_norec`` for every segment of every unit, all candidate lines, in reversed bits.
+
+    ``alive`` holds, per segment, the rows still below the walk's row ``i`` (set to the whole segment at the
+    end of each candidate line). At column ``j`` the walk stops at the highest such row that matches token
+    ``j - 1`` or has a 0 bit in column ``j`` (the lowest set bit of ``stop``, per segment); a match is a hit
+    and leaves the rows below it, a 0 bit (a move left) keeps that row too; no such row ends the walk.
+    """
+    width, n = masks.shape
+    alive = np.zeros(n, dtype=np.uint64)
+    union = np.zeros(n, dtype=np.uint64)
+    z_buf = np.empty(n, dtype=np.uint64)
+    b_buf = np.empty(n, dtype=np.uint64)
+    for j in range(width, 0, -1):
+        k = int(running[j - 1])
+        a = alive[k:]
+        a |= end_fill[j - 1, k:]
+        match = masks[j - 1, k:]
+        z, below = z_buf[k:], b_buf[k:]
+        np.invert(history[j, k:], out=z)
+        z |= match
+        z &= a
+        z |= guard[k:]
+        np.subtract(z, lowest[k:], out=below)
+        below ^= z  # per segment: its bottom bits up to and including the lowest set one
+        z &= below
+        z &= seg[k:]  # the walk's stop in each segment (0 where it ended)
+        np.invert(below, out=below)
+        np.bitwise_and(seg[k:], below, out=a)
+        np.bitwise_and(z, match, out=below)
+        union[k:] |= below
+        z ^= below  # stops that are not matches: moves left, the row stays
+        a |= z
+    return union

@@ -33,7 +33,7 @@ from llmtune.core.interfaces import Metric
 from llmtune.core.options import check_type
 from llmtune.core.results import MetricResult
 from llmtune.metrics import _porter
-from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch
+from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, pack_lines, union_lcs
 from llmtune.metrics._bootstrap import bootstrap_intervals
 from llmtune.metrics._inputs import check_corpus
 
@@ -438,33 +438,35 @@ def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarra
     fast = longest[ref_text] <= MAX_BITS
     rows = np.flatnonzero(fast & (n_r > 0) & (n_c > 0))
     if len(rows):
-        count = n_r[rows] * n_c[rows]
-        total = int(count.sum())
-        within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-        per = np.repeat(n_c[rows], count)
-        ref_line = np.repeat(r0[rows], count) + within // per
-        cand_line = np.repeat(c0[rows], count) + within % per
-        _, pair, pos = lcs_batch(corpus.flat, corpus.line_start[ref_line], corpus.line_len[ref_line],
-                                 corpus.line_start[cand_line], corpus.line_len[cand_line], corpus.vocab_size,
-                                 backtrack=True)
-        if len(pair):
-            vocab = corpus.vocab_size
-            # distinct reference positions in some union LCS; their row (a reference text has one row)
-            flat_pos = _unique(corpus.line_start[ref_line[pair]] + pos)
-            row_of_ref_text = np.full(len(first) - 1, -1, dtype=np.int64)
-            row_of_ref_text[ref_text] = np.arange(n_rows)
-            row = row_of_ref_text[corpus.text_of[flat_pos]]
-            keys, in_union = np.unique(row * vocab + corpus.flat[flat_pos], return_counts=True)
-            key_row = keys // vocab
-            # the same token's count in the row's prediction
-            pred_keys, pred_counts = _text_token_counts(corpus, _unique(pred_text[rows]))
-            query = pred_text[key_row] * vocab + keys % vocab
-            slot = np.minimum(np.searchsorted(pred_keys, query), len(pred_keys) - 1)
-            in_pred = np.where(pred_keys[slot] == query, pred_counts[slot], 0)
-            out += np.bincount(key_row, weights=np.minimum(in_union, in_pred), minlength=n_rows).astype(np.int64)
+        out[rows] = _packed_lsum_hits(corpus, pred_text[rows], r0[rows], n_r[rows])
     for row in np.flatnonzero(~fast).tolist():
         out[row] = _summary_lcs_hits(corpus.lines(int(ref_text[row])), corpus.lines(int(pred_text[row])))
     return out
+
+
+def _packed_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_first: np.ndarray, ref_n: np.ndarray) -> np.ndarray:
+    """rougeLsum hits of rows whose reference lines all have <= 63 tokens: the lines packed into 64-bit
+    units (`_bitlcs.union_lcs`), then hits = sum over tokens x of min(x's union positions, x's count in the
+    prediction)."""
+    n_rows = len(pred_text)
+    line_row = np.repeat(np.arange(n_rows), ref_n)
+    line = np.repeat(ref_first, ref_n) + np.arange(len(line_row)) - np.repeat(np.cumsum(ref_n) - ref_n, ref_n)
+    packed = pack_lines(line_row, corpus.line_start[line], corpus.line_len[line], corpus.flat)
+    first_flag = np.zeros(len(corpus.flat), dtype=bool)
+    last_flag = np.zeros(len(corpus.flat), dtype=bool)
+    first_flag[corpus.line_start] = True
+    last_flag[corpus.line_start + corpus.line_len - 1] = True
+    in_union = union_lcs(packed, corpus.flat, corpus.starts[pred_text], corpus.lengths[pred_text], first_flag,
+                         last_flag, corpus.vocab_size)
+    vocab = corpus.vocab_size
+    row = packed.unit_row[packed.pos_unit[in_union]]
+    keys, count_union = np.unique(row * vocab + packed.pos_tok[in_union], return_counts=True)
+    key_row = keys // vocab
+    pred_keys, pred_counts = _text_token_counts(corpus, _unique(pred_text))
+    query = pred_text[key_row] * vocab + keys % vocab
+    slot = np.minimum(np.searchsorted(pred_keys, query), max(len(pred_keys) - 1, 0))
+    in_pred = np.where(pred_keys[slot] == query, pred_counts[slot], 0) if len(pred_keys) else 0 * query
+    return np.bincount(key_row, weights=np.minimum(count_union, in_pred), minlength=n_rows).astype(np.int64)
 
 
 def _unique(x: np.ndarray) -> np.ndarray:
