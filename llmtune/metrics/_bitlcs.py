@@ -71,14 +71,14 @@ def lcs_batch(
     offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
     keys = owner * vocab_size + tokens[owner + offset]
     bits = np.left_shift(_ONE, offset.astype(np.uint64))
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)
     keys, bits = keys[order], bits[order]
     head = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     table_keys = keys[head]
     table_masks = np.bitwise_or.reduceat(bits, head)
 
     # Pairs in order of b length, in chunks, so that short pairs do not pay for the longest b.
-    by_len = np.argsort(b_len, kind="stable")
+    by_len = np.argsort(b_len)
     sorted_len = b_len[by_len]
     pos = 0
     while pos < n_pairs:
@@ -191,28 +191,38 @@ class PackedLines:
 def pack_lines(line_row: np.ndarray, line_start: np.ndarray, line_len: np.ndarray, tokens: np.ndarray) -> PackedLines:
     """Pack lines (``1 <= len <= 63``, grouped by row, in order) greedily: a line goes into its row's current
     unit while ``sum(len + 1) <= 64``, else opens the next unit. Lines never straddle two units."""
-    unit_of_line = np.empty(len(line_len), dtype=np.int64)
-    lo_of_line = np.empty(len(line_len), dtype=np.int64)
-    unit, used, prev_row = -1, 64, -1
-    for k, (row, n) in enumerate(zip(line_row.tolist(), line_len.tolist())):
-        if row != prev_row or used + n + 1 > 64:
-            unit, used, prev_row = unit + 1, 0, row
-        unit_of_line[k], lo_of_line[k] = unit, used
-        used += n + 1
-    n_units = unit + 1
-    unit_row = np.zeros(n_units, dtype=np.int64)
-    unit_row[unit_of_line] = line_row
+    n_lines = len(line_len)
+    n_rows = int(line_row[-1]) + 1 if n_lines else 0
+    bits = line_len + 1
+    row_bits = np.bincount(line_row, weights=bits, minlength=n_rows)
+    first = np.searchsorted(line_row, np.arange(n_rows))
+    # a row that fits one word: its lines side by side; the others greedily, line by line
+    lo_of_line = np.cumsum(bits) - bits
+    lo_of_line -= lo_of_line[first][line_row] if n_lines else 0
+    within = np.zeros(n_lines, dtype=np.int64)
+    for k in np.flatnonzero(row_bits[line_row] > 64).tolist() if (row_bits > 64).any() else []:
+        if k == first[line_row[k]]:
+            unit, used = 0, 0
+        elif used + int(bits[k]) > 64:
+            unit, used = unit + 1, 0
+        within[k], lo_of_line[k] = unit, used
+        used += int(bits[k])
+    units_per_row = np.zeros(n_rows, dtype=np.int64)
+    np.maximum.at(units_per_row, line_row, within + 1)
+    unit_of_line = (np.cumsum(units_per_row) - units_per_row)[line_row] + within
+    n_units = int(units_per_row.sum())
+    unit_row = np.repeat(np.arange(n_rows), units_per_row)
     total = int(line_len.sum())
     offset = np.arange(total) - np.repeat(np.cumsum(line_len) - line_len, line_len)
     pos_unit = np.repeat(unit_of_line, line_len)
     pos_bit = (np.repeat(lo_of_line, line_len) + offset).astype(np.uint64)
     pos_tok = tokens[np.repeat(line_start, line_len) + offset]
     full = np.zeros(n_units, dtype=np.uint64)
-    np.bitwise_or.at(full, pos_unit, np.left_shift(_ONE, pos_bit))
+    np.add.at(full, pos_unit, np.left_shift(_ONE, pos_bit))
     seg_lo = np.zeros(n_units, dtype=np.uint64)
     seg_top = np.zeros(n_units, dtype=np.uint64)
-    np.bitwise_or.at(seg_lo, unit_of_line, np.left_shift(_ONE, lo_of_line.astype(np.uint64)))
-    np.bitwise_or.at(seg_top, unit_of_line, np.left_shift(_ONE, (lo_of_line + line_len - 1).astype(np.uint64)))
+    np.add.at(seg_lo, unit_of_line, np.left_shift(_ONE, lo_of_line.astype(np.uint64)))
+    np.add.at(seg_top, unit_of_line, np.left_shift(_ONE, (lo_of_line + line_len - 1).astype(np.uint64)))
     return PackedLines(unit_row, pos_unit, pos_bit, pos_tok, full, seg_lo, seg_top)
 
 
@@ -239,7 +249,7 @@ def union_lcs(
     row_start = np.cumsum(cand_len) - cand_len
     row = packed.unit_row
     blen = cand_len[row]
-    by_len = np.argsort(blen, kind="stable")
+    by_len = np.argsort(blen)
     union = np.zeros(n_units, dtype=np.uint64)
     pos = 0
     while pos < n_units:
@@ -262,27 +272,31 @@ def _local_masks(
     at)``: per row ``r`` and column ``j`` (flat index ``sum(cand_len[:r]) + j``) the candidate token's local id
     and its index in ``cand_tokens`` (a candidate text may serve several rows, with different local ids)."""
     pos_row = packed.unit_row[packed.pos_unit]
-    keys = pos_row * vocab_size + packed.pos_tok
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    head = np.r_[True, sk[1:] != sk[:-1]] if len(sk) else np.zeros(0, dtype=bool)
-    ukeys = sk[head]
     n_rows = len(cand_start)
-    row_first = np.searchsorted(ukeys, np.arange(n_rows + 1) * vocab_size)
-    k_row = row_first[1:] - row_first[:-1]
+    c_row = np.repeat(np.arange(n_rows), cand_len)
+    c_at = np.repeat(cand_start, cand_len) + np.arange(len(c_row)) - np.repeat(np.cumsum(cand_len) - cand_len, cand_len)
+    n_ref = len(pos_row)
+    # one sort of every (row, token) key, reference positions and candidate tokens together
+    keys = np.concatenate([pos_row * vocab_size + packed.pos_tok, c_row * vocab_size + cand_tokens[c_at]])
+    order = np.argsort(keys)
+    sk = keys[order]
+    head = np.empty(len(sk), dtype=bool)
+    head[:1] = True
+    np.not_equal(sk[1:], sk[:-1], out=head[1:])
+    group = np.empty(len(sk), dtype=np.int64)
+    group[order] = np.cumsum(head) - 1
+    has_ref = np.zeros(int(group.max(initial=-1)) + 1, dtype=bool)
+    has_ref[group[:n_ref]] = True
+    rank = np.cumsum(has_ref) - 1  # global rank of each reference token group
+    k_row = np.bincount(sk[head][has_ref] // vocab_size, minlength=n_rows)
+    row_rank0 = np.cumsum(k_row) - k_row
     widths = k_row[packed.unit_row] + 1
     table_base = np.cumsum(widths) - widths
-    pos_lid = np.searchsorted(ukeys, keys) - row_first[pos_row]
+    pos_lid = rank[group[:n_ref]] - row_rank0[pos_row]
     table = np.zeros(int(widths.sum()), dtype=np.uint64)
-    np.bitwise_or.at(table, table_base[packed.pos_unit] + pos_lid, np.left_shift(_ONE, packed.pos_bit))
-    # local ids of the candidate tokens, per row (a candidate text may serve several rows: cand_start repeats)
-    c_row = np.repeat(np.arange(n_rows), cand_len)
-    c_pos = np.arange(int(cand_len.sum())) - np.repeat(np.cumsum(cand_len) - cand_len, cand_len)
-    c_at = np.repeat(cand_start, cand_len) + c_pos
-    query = c_row * vocab_size + cand_tokens[c_at]
-    slot = np.minimum(np.searchsorted(ukeys, query), max(len(ukeys) - 1, 0))
-    found = ukeys[slot] == query if len(ukeys) else np.zeros(len(query), dtype=bool)
-    lid = np.where(found, slot - row_first[c_row], k_row[c_row])
+    np.add.at(table, table_base[packed.pos_unit] + pos_lid, np.left_shift(_ONE, packed.pos_bit))
+    c_group = group[n_ref:]
+    lid = np.where(has_ref[c_group], rank[c_group] - row_rank0[c_row], k_row[c_row])
     return table, table_base, lid, c_at
 
 

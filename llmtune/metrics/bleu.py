@@ -180,7 +180,7 @@ class SegmentStats:
 
 
 def _unique_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    codes = np.sort(codes, kind="stable")
+    codes = np.sort(codes)
     if codes.size == 0:
         return codes, codes.copy()
     edge = np.empty(codes.size, dtype=bool)

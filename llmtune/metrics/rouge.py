@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
@@ -38,7 +39,8 @@ from llmtune.metrics._bootstrap import bootstrap_intervals
 from llmtune.metrics._inputs import check_corpus
 
 __all__ = [
-    "DEFAULT_ROUGE_TYPES", "MEASURES", "ROUGE_TYPES", "NumpyRouge", "RougeOptions", "rouge_signature", "tokenize",
+    "DEFAULT_ROUGE_TYPES", "MEASURES", "ROUGE_TYPES", "NumpyRouge", "RougeOptions", "clear_caches", "rouge_signature",
+    "tokenize",
 ]
 
 #: Every ROUGE type rouge-score accepts (``rouge[0-9]$`` minus ``rouge0``, plus the two LCS variants).
@@ -147,14 +149,15 @@ class _Encoder:
         self.token_ids: dict[str, int] = {}
 
     def _add(self, words: list[bytes]) -> None:
-        word_ids, token_ids = self.word_ids, self.token_ids
-        stem = _porter.stem
-        for w in words:
-            if w not in word_ids:
-                text = w.decode("ascii")
-                # A Porter stem of an [a-z0-9]{4,} word is never empty, so no token is dropped here.
-                tok = stem(text) if self.use_stemmer and len(text) > 3 else text
-                word_ids[w] = token_ids.setdefault(tok, len(token_ids))
+        with _ENCODER_LOCK:  # ids are handed out by count: two threads must not hand out the same one
+            word_ids, token_ids = self.word_ids, self.token_ids
+            stem = _porter.stem
+            for w in words:
+                if w not in word_ids:
+                    text = w.decode("ascii")
+                    # A Porter stem of an [a-z0-9]{4,} word is never empty, so no token is dropped here.
+                    tok = stem(text) if self.use_stemmer and len(text) > 3 else text
+                    word_ids[w] = token_ids.setdefault(tok, len(token_ids))
 
     def ids(self, words: list[bytes]) -> list[int]:
         """The ids of split words (the line and text markers map to NEWLINE and TEXT_END)."""
@@ -163,6 +166,27 @@ class _Encoder:
         except KeyError:
             self._add(words)
             return list(map(self.word_ids.__getitem__, words))
+
+
+_ENCODER_LOCK = threading.Lock()
+_ENCODERS: dict[bool, _Encoder] = {}
+_ENCODER_MAX_WORDS = 1 << 20  # a long-running process starts a fresh vocabulary past this many words
+
+
+def _encoder(use_stemmer: bool) -> _Encoder:
+    """The process-wide encoder (its word ids persist between calls: words are split and stemmed once)."""
+    enc = _ENCODERS.get(use_stemmer)
+    if enc is None or len(enc.word_ids) > _ENCODER_MAX_WORDS:
+        with _ENCODER_LOCK:
+            enc = _ENCODERS[use_stemmer] = _Encoder(use_stemmer)
+    return enc
+
+
+def clear_caches() -> None:
+    """Forget every memoised word id and Porter stem (the first call after this pays for all of them)."""
+    with _ENCODER_LOCK:
+        _ENCODERS.clear()
+    _porter._CACHE.clear()
 
 
 _TEXT_SEP = "\x00"
@@ -531,7 +555,7 @@ class NumpyRouge(Metric):
         preds: list[str], refs: list[list[str]], types: tuple[str, ...], use_stemmer: bool,
     ) -> dict[str, np.ndarray]:
         want_lsum = "rougeLsum" in types
-        corpus = _Corpus([*preds, *chain.from_iterable(refs)], _Encoder(use_stemmer), want_lsum)
+        corpus = _Corpus([*preds, *chain.from_iterable(refs)], _encoder(use_stemmer), want_lsum)
         # One row per (prediction, reference); texts are numbered predictions first, then references.
         group = np.repeat(np.arange(len(preds)), [len(g) for g in refs])
         pred_text = group
