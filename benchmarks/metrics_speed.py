@@ -111,7 +111,7 @@ def bench_rouge(name: str, preds: list[str], refs: list[str], stem: bool, repeat
     rs_name = min(("rs_batch", "rs_loop"), key=lambda s: got[s][0])
     rs_wall, rs_cpu, rs_rows = got[rs_name]
     ref_rows = off[2]
-    equal_official = _rouge_equal(_sliced(res, k), ref_rows)
+    equal_official = _rouge_equal(_Sliced(res, k), ref_rows)
     equal_rs = _rouge_equal(res, rs_rows)
     return {
         "benchmark": "metrics_speed", "metric": "rouge", "corpus": name, "pairs": len(preds),
@@ -126,7 +126,7 @@ def bench_rouge(name: str, preds: list[str], refs: list[str], stem: bool, repeat
     }
 
 
-class _sliced:  # noqa: N801 - a tiny view, named like the function it stands for
+class _Sliced:
     """The first ``k`` per-example values of a result."""
 
     def __init__(self, res: Any, k: int) -> None:
@@ -141,12 +141,12 @@ def bench_bleu(preds: list[str], refs: list[str], repeats: int) -> list[dict[str
     rows = []
     for tok in ("13a", "intl", "char"):
         metric = llmtune.get_metric("bleu", tokenize=tok)
-        got = _race({"ours": lambda: metric.compute(preds, refs),
-                     "sacrebleu": lambda: BLEU(tokenize=tok).corpus_score(preds, [refs])}, repeats)
+        got = _race({"ours": lambda m=metric: m.compute(preds, refs),  # type: ignore[misc]
+                     "sacrebleu": lambda t=tok: BLEU(tokenize=t).corpus_score(preds, [refs])},  # type: ignore[misc]
+                    repeats)
         res, off = got["ours"][2], got["sacrebleu"][2]
         equal = list(res.scores.values()) == [off.score, off.bp, off.sys_len, off.ref_len, *off.precisions]
         rows.append(_bleu_row(f"corpus tokenize={tok}", "sacrebleu", got, equal, len(preds), repeats))
-    metric = llmtune.get_metric("bleu")
     sacre = BLEU(effective_order=True)
     metric_eff = llmtune.get_metric("bleu", effective_order=True)
     got = _race({"ours": lambda: metric_eff.compute(preds, refs).per_example["bleu"],
@@ -161,7 +161,6 @@ def bench_bleu(preds: list[str], refs: list[str], repeats: int) -> list[dict[str
                  "nltk": lambda: corpus_bleu(toks, hyps, smoothing_function=SmoothingFunction().method1)}, repeats)
     rows.append(_bleu_row("corpus definition=nltk smoothing=1", "nltk", got, got["ours"][2] == got["nltk"][2],
                           len(preds), repeats))
-    del metric
     return rows
 
 

@@ -316,15 +316,15 @@ def _union_chunk(
     cell = cell_col * n + cell_unit
     full = packed.full[chunk]
     seg = reverse_bits(full)
-    masks = np.zeros(width * n, dtype=np.uint64)
-    masks[cell] = table[table_base[chunk][cell_unit] + lid[at]]
-    masks = masks.reshape(width, n)
-    refill = np.zeros(width * n, dtype=np.uint64)
-    refill[cell] = np.where(first_flag[at], full[cell_unit], np.uint64(0))
-    refill = refill.reshape(width, n)
-    end_fill = np.zeros(width * n, dtype=np.uint64)
-    end_fill[cell] = np.where(last_flag[at], seg[cell_unit], np.uint64(0))
-    end_fill = end_fill.reshape(width, n)
+    masks_flat = np.zeros(width * n, dtype=np.uint64)
+    masks_flat[cell] = table[table_base[chunk][cell_unit] + lid[at]]
+    masks = masks_flat.reshape(width, n)
+    refill_flat = np.zeros(width * n, dtype=np.uint64)
+    refill_flat[cell] = np.where(first_flag[at], full[cell_unit], np.uint64(0))
+    refill = refill_flat.reshape(width, n)
+    end_fill_flat = np.zeros(width * n, dtype=np.uint64)
+    end_fill_flat[cell] = np.where(last_flag[at], seg[cell_unit], np.uint64(0))
+    end_fill = end_fill_flat.reshape(width, n)
     running = np.searchsorted(blen, np.arange(width), side="right")  # units with blen > j are a suffix
     history = np.empty((width + 1, n), dtype=np.uint64)
     history[0] = full

@@ -454,7 +454,7 @@ def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarra
     out = np.zeros(n_rows, dtype=np.int64)
     first = corpus.first_line
     r0, n_r = first[ref_text], first[ref_text + 1] - first[ref_text]
-    c0, n_c = first[pred_text], first[pred_text + 1] - first[pred_text]
+    n_c = first[pred_text + 1] - first[pred_text]
     longest = np.zeros(len(first) - 1, dtype=np.int64)
     has_lines = np.flatnonzero(first[1:] > first[:-1])
     if len(has_lines):
