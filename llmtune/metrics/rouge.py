@@ -30,13 +30,10 @@ import numpy as np
 
 from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError, did_you_mean
-from llmtune.core.interfaces import Metric
 from llmtune.core.options import check_type
-from llmtune.core.results import MetricResult
 from llmtune.metrics import _porter
 from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, pack_lines, union_lcs
-from llmtune.metrics._bootstrap import bootstrap_intervals
-from llmtune.metrics._inputs import check_corpus
+from llmtune.metrics.base import CorpusMetric
 
 __all__ = [
     "DEFAULT_ROUGE_TYPES", "MEASURES", "ROUGE_TYPES", "NumpyRouge", "RougeOptions", "clear_caches", "rouge_signature",
@@ -116,9 +113,10 @@ def rouge_signature(options: RougeOptions, refs: str, impl: str) -> str:
 
     ``refs``: the number of references per prediction, or ``"var"``; ``impl``: e.g. ``"llmtune-numpy"``.
     """
+    types = sorted(options.rouge_types, key=ROUGE_TYPES.index)  # canonical: the order given does not matter
     parts = [
         "rouge",
-        f"types:{','.join(options.rouge_types)}",
+        f"types:{','.join(types)}",
         f"stem:{'yes' if options.use_stemmer else 'no'}",
         "tok:rouge-score-default",
         "lsum-split:newline",
@@ -522,33 +520,22 @@ def _prf(hits: np.ndarray, n_pred: np.ndarray, n_ref: np.ndarray) -> tuple[np.nd
     return precision, recall, fmeasure
 
 
-class NumpyRouge(Metric):
+class NumpyRouge(CorpusMetric):
     """ROUGE-N/L/Lsum equal to rouge-score (``score`` / ``score_multi``), with our tokenizer and Porter stemmer."""
 
     name: ClassVar[str] = "rouge"
     backend: ClassVar[str] = "numpy"
+    label: ClassVar[str] = "ROUGE"
     Options: ClassVar[type] = RougeOptions
     options: RougeOptions
 
-    def compute(
-        self,
-        predictions: Sequence[str],
-        references: Sequence[str] | Sequence[Sequence[str]],
-    ) -> MetricResult:
-        """Score each prediction against its reference(s); corpus values are means over predictions."""
-        preds, refs = check_corpus(predictions, references, "ROUGE")
-        opts = self.options
-        types = tuple(opts.rouge_types)
-        per_example = self._per_example(preds, refs, types, opts.use_stemmer)
-        scores = {key: float(np.mean(values)) for key, values in per_example.items()}
-        if opts.bootstrap:
-            scores.update(bootstrap_intervals(
-                per_example, samples=opts.bootstrap_samples, confidence=float(opts.confidence), seed=opts.seed,
-            ))
-        counts = {len(g) for g in refs}
-        nrefs = str(counts.pop()) if len(counts) == 1 else "var"
-        return MetricResult(scores=scores, per_example=per_example,
-                            signature=rouge_signature(opts, nrefs, "llmtune-numpy"))
+    def extract(self, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
+        """Per-example P/R/F of every type (corpus values are their means)."""
+        return self._per_example(preds, refs, tuple(self.options.rouge_types), self.options.use_stemmer)
+
+    def signature(self, nrefs: str) -> str:
+        """`rouge_signature` with ``impl:llmtune-numpy``."""
+        return rouge_signature(self.options, nrefs, "llmtune-numpy")
 
     @staticmethod
     def _per_example(

@@ -252,7 +252,7 @@ def test_unknown_option_suggests_the_right_one() -> None:
         (["a", "b"], ["a", 3], TypeError, r"references\[1\]"),
         (["a"], [["a", b"b"]], TypeError, r"references\[0\]\[1\]"),
         (["a"], [[]], ValueError, r"references\[0\] is an empty list"),
-        ("a", ["a"], TypeError, "predictions must be a sequence"),
+        ("a", ["a"], TypeError, "predictions must be an iterable"),
         ([], [], ValueError, "empty"),
     ],
 )
