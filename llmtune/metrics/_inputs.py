@@ -83,8 +83,8 @@ def check_corpus(predictions: Iterable[str], references: Iterable[Any], metric: 
 def references_from_streams(streams: Iterable[Iterable[str | None]]) -> list[list[str]]:
     """sacrebleu's layout (``streams[k][i]``: k-th reference of prediction i) to one list per prediction.
 
-    Every stream must have one entry per prediction; ``None`` or ``""`` marks a missing reference (sacrebleu
-    skips those too), so the number of references may vary. ``[[r1, r2, r3]]`` is one reference each.
+    Every stream must have one entry per prediction; ``None`` marks a missing reference (sacrebleu skips
+    those too), so the number of references may vary. ``[[r1, r2, r3]]`` is one reference each.
     """
     cols = [_as_list(s, f"streams[{k}]") for k, s in enumerate(_as_list(streams, "streams"))]
     if not cols:
@@ -95,7 +95,7 @@ def references_from_streams(streams: Iterable[Iterable[str | None]]) -> list[lis
                              "stream needs one entry per prediction (None where a reference is missing)")
     out: list[list[str]] = []
     for i in range(len(cols[0])):
-        group = [col[i] for col in cols if col[i] is not None and col[i] != ""]
+        group = [col[i] for col in cols if col[i] is not None]
         if not group:
             raise InputError(f"prediction {i} has no reference in any stream")
         out.append(group)

@@ -25,6 +25,7 @@ import numpy as np
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.results import LazyMapping
 from llmtune.metrics.base import CorpusMetric
+from llmtune.metrics.chrf import ChrfTemplate
 from llmtune.metrics.bleu import (
     BleuTemplate,
     NltkBleuOptions,
@@ -187,3 +188,34 @@ class NltkBleu(BleuTemplate):
             return {"bleu": np.array(values, dtype=np.float64)}
 
         return {"bleu": corpus}, LazyMapping(["bleu"], sentences)
+
+
+def _streams(refs: list[list[str]]) -> list[list[str | None]]:
+    """Per-prediction reference lists as sacrebleu's streams, None-padded where a prediction has fewer."""
+    width = max(len(g) for g in refs)
+    return [[g[k] if k < len(g) else None for g in refs] for k in range(width)]
+
+
+class SacreChrf(ChrfTemplate):
+    """``sacrebleu.metrics.CHRF(**options)``: ``corpus_score`` for the corpus, ``sentence_score`` per example."""
+
+    backend: ClassVar[str] = "sacrebleu"
+
+    def implementation(self) -> tuple[str, str | None]:
+        """sacrebleu itself, at the installed version."""
+        import sacrebleu
+
+        return f"sacrebleu-{sacrebleu.__version__}", sacrebleu.__version__
+
+    def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
+        """sacrebleu's corpus chrF and (lazily) its sentence chrF per prediction."""
+        from sacrebleu.metrics import CHRF
+
+        kwargs = self.options.sacrebleu_kwargs()
+        corpus = CHRF(**kwargs).corpus_score(preds, _streams(refs)).score  # type: ignore[arg-type]
+
+        def sentences() -> dict[str, np.ndarray]:
+            metric = CHRF(**kwargs)
+            return {"chrf": np.array([metric.sentence_score(p, g).score for p, g in zip(preds, refs, strict=True)])}
+
+        return {"chrf": corpus}, LazyMapping(["chrf"], sentences)
