@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.options import check_type
 from llmtune.core.results import LazyMapping
-from llmtune.metrics.bleu import SACREBLEU_COMPAT
 from llmtune.metrics.base import CorpusMetric
+from llmtune.metrics.bleu import SACREBLEU_COMPAT
 
 __all__ = ["ChrfOptions", "ChrfTemplate", "NumpyChrf", "chrf_f_score", "chrf_signature", "chrf_statistics"]
 
@@ -50,7 +50,7 @@ class ChrfOptions:
         for field in ("lowercase", "whitespace", "eps_smoothing"):
             check_type(field, getattr(self, field), bool)
 
-    def sacrebleu_kwargs(self) -> dict[str, object]:
+    def sacrebleu_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sacrebleu.metrics.CHRF``."""
         return dataclasses.asdict(self)
 

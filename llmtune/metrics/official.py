@@ -25,7 +25,6 @@ import numpy as np
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.results import LazyMapping
 from llmtune.metrics.base import CorpusMetric
-from llmtune.metrics.chrf import ChrfTemplate
 from llmtune.metrics.bleu import (
     BleuTemplate,
     NltkBleuOptions,
@@ -33,6 +32,7 @@ from llmtune.metrics.bleu import (
     warn_method6,
     warn_zero_orders,
 )
+from llmtune.metrics.chrf import ChrfTemplate
 from llmtune.metrics.rouge import RougeOptions, rouge_signature
 
 #: NLTK method0's warning text (one per n-gram order without matches).
