@@ -3,7 +3,8 @@
 This module only *declares* the built-in backends; each is imported when first used. For plugin authors it
 also offers (imported on first use, so ``import llmtune.metrics`` stays free of NumPy) the metric template
 `CorpusMetric` and the input checks every built-in backend uses: `check_corpus`, `normalize_inputs`,
-`nrefs_field`, `references_from_streams`, and their errors `InputError` / `InputTypeError`.
+`nrefs_field`, `references_from_streams`, and their errors `InputError` / `InputTypeError`; and the paired
+significance tests `compare` / `bootstrap_ci` (`llmtune.metrics.significance`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _EXPORTS = {
     "normalize_inputs": "llmtune.metrics._inputs",
     "nrefs_field": "llmtune.metrics._inputs",
     "references_from_streams": "llmtune.metrics._inputs",
+    "compare": "llmtune.metrics.significance",
+    "bootstrap_ci": "llmtune.metrics.significance",
 }
 __all__ = sorted(_EXPORTS)
 
