@@ -21,6 +21,7 @@ is not a mean override `aggregate`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import pairwise
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,11 +39,18 @@ class CorpusMetric(Metric):
 
     #: Name used in input-error messages, e.g. "ROUGE".
     label: ClassVar[str] = ""
+    #: True when `extract` returns per-example arrays whose values do not depend on the other examples: then
+    #: an ``n_jobs`` option > 1 splits the corpus into contiguous chunks scored in worker processes.
+    chunkable: ClassVar[bool] = False
 
     def compute(self, predictions: Iterable[str], references: Iterable[Any]) -> MetricResult:  # type: ignore[override]
         """Score each prediction against its reference(s): checks, `extract`, `aggregate`, bootstrap, signature."""
         preds, refs = check_corpus(predictions, references, self.label or self.name)
-        stats = self.extract(preds, refs)
+        n_jobs = int(getattr(self.options, "n_jobs", 1))
+        if self.chunkable and n_jobs > 1 and len(preds) > 1:
+            stats: Any = self.extract_parallel(preds, refs, n_jobs)
+        else:
+            stats = self.extract(preds, refs)
         scores, per_example = self.aggregate(stats, preds, refs)
         if getattr(self.options, "bootstrap", False):
             scores = {**scores, **self.intervals(per_example)}
@@ -51,6 +59,19 @@ class CorpusMetric(Metric):
     def extract(self, preds: list[str], refs: list[list[str]]) -> Any:
         """Sufficient statistics of the checked inputs (default template: per-example arrays by key)."""
         raise NotImplementedError(f"{type(self).__name__} must implement extract()")
+
+    def extract_parallel(self, preds: list[str], refs: list[list[str]], n_jobs: int) -> dict[str, np.ndarray]:
+        """`extract` on ``n_jobs`` contiguous chunks in worker processes, concatenated in order: the same
+        per-example values as one call (they do not depend on the other examples), so the same result."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        bounds = np.linspace(0, len(preds), min(n_jobs, len(preds)) + 1).astype(int)
+        chunks = [(preds[a:b], refs[a:b]) for a, b in pairwise(bounds.tolist()) if b > a]
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=len(chunks), mp_context=mp.get_context(method)) as pool:
+            parts = list(pool.map(_extract_chunk, [self] * len(chunks), *zip(*chunks)))
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def aggregate(self, stats: Any, preds: list[str], refs: list[list[str]],
                   ) -> tuple[dict[str, float], Mapping[str, np.ndarray]]:
@@ -71,3 +92,8 @@ class CorpusMetric(Metric):
     def signature(self, nrefs: str) -> str:
         """How to reproduce the number; ``nrefs`` is the references-per-prediction field (``"1"``, ``"var"``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement signature()")
+
+
+def _extract_chunk(metric: CorpusMetric, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
+    """Worker-process entry point of `CorpusMetric.extract_parallel`."""
+    return dict(metric.extract(preds, refs))

@@ -24,6 +24,8 @@ from llmtune.metrics.bleu import SACREBLEU_COMPAT
 
 __all__ = ["ChrfOptions", "ChrfTemplate", "NumpyChrf", "chrf_f_score", "chrf_signature", "chrf_statistics"]
 
+#: Largest char_order / word_order / beta accepted (chrF uses 6 and 2; the cost grows with the order).
+MAX_ORDER = 100
 _PUNCTS = frozenset('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~')
 
 
@@ -43,8 +45,8 @@ class ChrfOptions:
     def __post_init__(self) -> None:
         for field in ("char_order", "word_order", "beta"):
             check_type(field, getattr(self, field), int)
-            if getattr(self, field) < 0:
-                raise InvalidOptionError(f"option {field}={getattr(self, field)} must be >= 0")
+            if not 0 <= getattr(self, field) <= MAX_ORDER:
+                raise InvalidOptionError(f"option {field}={getattr(self, field)} must be >= 0 and <= {MAX_ORDER}")
         if self.char_order + self.word_order < 1:
             raise InvalidOptionError("options char_order=0 and word_order=0 leave no n-gram to score: give one >= 1")
         for field in ("lowercase", "whitespace", "eps_smoothing"):

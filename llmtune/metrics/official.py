@@ -45,6 +45,7 @@ class RougeScoreRouge(CorpusMetric):
     name: ClassVar[str] = "rouge"
     backend: ClassVar[str] = "rouge-score"
     label: ClassVar[str] = "ROUGE"
+    chunkable: ClassVar[bool] = True
     Options: ClassVar[type] = RougeOptions
     options: RougeOptions
 

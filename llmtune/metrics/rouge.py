@@ -66,6 +66,7 @@ class RougeOptions:
     are dropped). ``use_stemmer``: NLTK's Porter stemmer on tokens longer than 3 characters.
     ``bootstrap``: also report seeded percentile intervals ``{key}_low``/``{key}_high`` of the mean
     (``bootstrap_samples`` resamples, ``confidence`` level, ``seed``); the headline stays the plain mean.
+    ``n_jobs``: score contiguous chunks of the corpus in that many worker processes (identical results).
     """
 
     rouge_types: Sequence[str] = DEFAULT_ROUGE_TYPES
@@ -74,6 +75,7 @@ class RougeOptions:
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    n_jobs: int = 1
 
     def __post_init__(self) -> None:
         types = self.rouge_types
@@ -106,6 +108,9 @@ class RougeOptions:
         if not 0.0 < self.confidence < 1.0:
             raise InvalidOptionError(f"option confidence={self.confidence} must be between 0 and 1 (e.g. 0.95)")
         check_type("seed", self.seed, int)
+        check_type("n_jobs", self.n_jobs, int)
+        if self.n_jobs < 1:
+            raise InvalidOptionError(f"option n_jobs={self.n_jobs} must be >= 1 (worker processes; 1 = no workers)")
 
 
 def rouge_signature(options: RougeOptions, refs: str, impl: str) -> str:
@@ -526,6 +531,7 @@ class NumpyRouge(CorpusMetric):
     name: ClassVar[str] = "rouge"
     backend: ClassVar[str] = "numpy"
     label: ClassVar[str] = "ROUGE"
+    chunkable: ClassVar[bool] = True
     Options: ClassVar[type] = RougeOptions
     options: RougeOptions
 

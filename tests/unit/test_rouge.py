@@ -304,6 +304,18 @@ def test_bootstrap_on_one_example_says_it_cannot_give_an_interval() -> None:
         NumpyRouge(rouge_types=["rouge1"], bootstrap=True).compute(["a b"], ["a c"])
 
 
+def test_n_jobs_gives_exactly_the_serial_result() -> None:
+    preds = [f"w{i % 7} w{i % 3} common words here\nline {i % 5} two" for i in range(41)]
+    refs = [[f"w{i % 5} common words w{i % 2}", f"line {i % 4} here"] for i in range(41)]
+    serial = NumpyRouge(bootstrap=True, bootstrap_samples=50).compute(preds, refs)
+    parallel = NumpyRouge(bootstrap=True, bootstrap_samples=50, n_jobs=3).compute(preds, refs)
+    assert parallel.scores == serial.scores and parallel.signature == serial.signature
+    for key, values in serial.per_example.items():
+        assert parallel.per_example[key].tolist() == values.tolist()
+    with pytest.raises(InvalidOptionError, match="n_jobs=0"):
+        NumpyRouge(n_jobs=0)
+
+
 # --- inputs people pass ----------------------------------------------------------------------------------------
 
 
