@@ -172,6 +172,20 @@ def _bleu_row(what: str, official: str, got: dict[str, tuple[float, float, Any]]
             "ratio": theirs[0] / ours[0], "cpu_ratio": theirs[1] / ours[1], "equal": equal, "repeats": repeats}
 
 
+def bench_n_jobs(name: str, preds: list[str], refs: list[str], jobs: list[int], repeats: int) -> list[dict[str, Any]]:
+    """ROUGE with ``n_jobs`` worker processes vs serial: time per core count, and identical results."""
+    serial = llmtune.get_metric("rouge", rouge_types=ROUGE_TYPES, use_stemmer=True).compute(preds, refs)
+    sides = {str(j): (lambda j=j: llmtune.get_metric("rouge", rouge_types=ROUGE_TYPES, use_stemmer=True,
+                                                     n_jobs=j).compute(preds, refs)) for j in jobs}
+    got = _race(sides, repeats)  # type: ignore[arg-type]
+    base = got[str(jobs[0])][0]
+    return [{"benchmark": "metrics_speed", "metric": "rouge", "what": "n_jobs scaling", "corpus": name,
+             "pairs": len(preds), "n_jobs": j, "seconds": got[str(j)][0], "speedup_vs_first": base / got[str(j)][0],
+             "identical_to_serial": got[str(j)][2].scores == serial.scores and all(
+                 got[str(j)][2].per_example[k].tolist() == v.tolist() for k, v in serial.per_example.items()),
+             "repeats": repeats} for j in jobs]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the corpora once, run every comparison, print one JSON line per result."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=["rouge", "bleu"], default=None)
     parser.add_argument("--corpora", default="short,article,long")
+    parser.add_argument("--n-jobs", default="", help="e.g. 1,2: ROUGE n_jobs scaling on the article corpus")
     args = parser.parse_args(argv)
     data = corpora(args.pairs, args.long_pairs)
     machine = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
@@ -193,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = bench_rouge(name, preds, refs, stem, args.repeats,
                                   args.official_long_pairs if name == "long" else None)
                 print(json.dumps({**row, **machine}), flush=True)
+    if args.n_jobs:
+        for row in bench_n_jobs("article", *data["article"], [int(j) for j in args.n_jobs.split(",")], args.repeats):
+            print(json.dumps({**row, **machine}), flush=True)
     if args.only in (None, "bleu"):
         for name in [w for w in wanted if w != "long"]:
             for row in bench_bleu(*data[name], args.repeats):
