@@ -111,10 +111,8 @@ class SacreBleu(BleuTemplate):
 
         opts = self.options
         kwargs = opts.sacrebleu_kwargs()
-        width = max(len(g) for g in refs)
-        streams = [[g[k] if k < len(g) else None for g in refs] for k in range(width)]
         with _quiet_sacrebleu():
-            res = BLEU(**kwargs).corpus_score(preds, streams)  # type: ignore[arg-type]  # None = no reference
+            res = BLEU(**kwargs).corpus_score(preds, _streams(refs))  # type: ignore[arg-type]  # None = no reference
         scores: dict[str, float] = {"bleu": res.score, "bp": res.bp, "sys_len": res.sys_len, "ref_len": res.ref_len}
         scores.update({f"precision_{n}": p for n, p in enumerate(res.precisions, start=1)})
         assert list(scores) == result_keys(opts)
