@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmtune.core.errors import InvalidOptionError, did_you_mean
+from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
 from llmtune.memory.gpus import GPUS, gpu_bytes
 from llmtune.memory.spec import ModelSpec
 from llmtune.memory.weights import default_format, weight_terms
@@ -161,11 +162,23 @@ def _norm_bytes(spec: ModelSpec, c: _Ctx, width: int) -> int:
     return 4 * width + 4 + ((a if spec.norm == "rms" else 4) * width if c.train_base else 0)
 
 
-def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[str, float], float, float]:
-    """Bytes per token that autograd saves for one decoder layer, by term; the eager s^2 coefficient;
-    and the bytes of the layer's first norm (not saved in layer 0 when the embedding output needs no grad).
+class _Layer(NamedTuple):
+    """One decoder layer's saved bytes per token, by term, and what its attention keeps."""
 
-    Second value: bytes per token per key position (multiply by seq_len) for the eager attention matrix.
+    terms: dict[str, float]
+    quad: float  # bytes per token per key position (times seq_len): an explicit attention matrix
+    first_norm: float  # the layer's first norm (not saved in layer 0 when the embedding output needs no grad)
+    attn_kept: float  # bytes per token the attention block still holds when its softmax runs backward
+    attn_bwd: AttentionBackward
+    kernel: str
+    # fp32 activations: RMSNorm's x.float() is x itself, so the first norm's saved input is the layer input
+    # (with checkpointing: the checkpoint, not a second copy)
+    norm_input_shared: float
+
+
+def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
+    """Bytes per token that autograd saves for one decoder layer, by term, and its attention kernel.
+
     ``masked``: SDPA gets an explicit mask (sliding-window layers longer than the window): transformers then
     repeats K/V to every head, and SDPA turns the boolean mask into a float bias it saves for backward.
     """
@@ -210,7 +223,9 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
     if spec.qk_norm:
         add("norms", 4 * (q + kv) + 4 * (heads + spec.num_kv_heads)
             + (((a if spec.norm == "rms" else 4) * (q + kv)) if c.train_base else 0))
-    gqa_native = c.attention != "eager" and spec.head_dim <= 256 and not masked
+    kernel = cuda_attention_kernel(spec, a, c.attention, masked)
+    pre_kernel = sum(t.values())
+    gqa_native = kernel != "eager" and spec.head_dim <= 256 and not masked
     # repeat_kv materialises full-head K/V when SDPA cannot take GQA (a reshape view when there is 1 kv head)
     k_saved = kv if (gqa_native or kv == q or spec.num_kv_heads == 1) else q
     if spec.family == "gpt2":
@@ -231,6 +246,9 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
             quad += a * heads  # attention-logit soft-capping: tanh output
         if spec.dropout:
             quad += (1 + a) * heads  # attention dropout mask + output
+    elif kernel == "math":  # scaled q, scaled k and v repeated to all heads (fp32) + the fp32 softmax output
+        add("attention", 3 * 4 * q)
+        quad += 4 * heads
     else:  # flash / memory-efficient SDPA: q, k, v, output and fp32 logsumexp; no s^2 term
         add("attention", qkv_store + qk_store + v_store + a * q + 4 * heads)
         if spec.family not in ("gpt_neox", "phi3"):  # output laid out (b, s, h, d): o_proj's input shares it
@@ -283,7 +301,33 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
         norm(h)  # Gemma 2/3 post-feed-forward norm
     if spec.dropout:
         add("dropout_masks", h)
-    return t, quad, first_norm
+    # what the attention block still holds when its softmax runs backward: o_proj's input and V were consumed
+    kept = {"math": 2 * 4 * q, "eager": qkv_store + qk_store}.get(kernel, 0.0)
+    bwd = attention_backward(spec, kernel, a, v_width=4 * q if kernel == "math" else a * max(k_saved, kv))
+    shared = a * h if (a == 4 and c.kernels == "hf" and spec.norm != "layernorm") else 0.0
+    return _Layer(t, quad, first_norm, pre_kernel + kept, bwd, kernel, shared)
+
+
+def _attention_backward_terms(lay: _Layer, L: int, s: int, T: int, gc: bool, layer: Mapping[str, float],
+                              acts: Mapping[str, int]) -> dict[str, int]:
+    """Terms alive while the first layer's softmax runs backward (explicit-attention kernels only).
+
+    With checkpointing: the checkpoints, and the recomputed layer's attention block (its MLP block was
+    freed by its own backward). Without: every other layer's saved tensors and this layer's attention block.
+    Plus the softmax gradient and the softmax-backward result (``AttentionBackward``).
+    """
+    if not lay.attn_bwd.quad:
+        return {}
+    own_pt = lay.attn_kept - (lay.norm_input_shared if gc else 0.0) + lay.quad * s
+    own = {"activations_recomputed_attention" if gc else "activations_last_layer_attention": int(own_pt * T)}
+    if gc:
+        kept = {k: v for k, v in acts.items() if k != "activations_model"}  # the final norm's input was freed
+    else:
+        kept = {k: v for k, v in acts.items() if not k.startswith("activations_")}
+        kept |= {f"activations_{k}": int((L - 1) * v * T) for k, v in layer.items()}
+        if lay.quad:
+            kept["activations_attention_scores"] = int((L - 1) * lay.quad * s * T)
+    return {**kept, **own, "attention_backward_grads": int((lay.attn_bwd.quad * s + lay.attn_bwd.per_token) * T)}
 
 
 def _bwd_temp(spec: ModelSpec, c: _Ctx) -> float:
@@ -443,12 +487,18 @@ def estimate_training(
     c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if recipe != "unsloth" else act,
              rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention,
              kernels="unsloth" if recipe == "unsloth" else "hf")
-    layer, quad, first_norm = _layer_terms(spec, c)
+    lay = _layer_terms(spec, c)
+    layer, quad, first_norm = lay.terms, lay.quad, lay.first_norm
     L = spec.num_layers
     window_mask = 0
+    if lay.kernel == "math":
+        notes.append(f"fp32 activations with GQA ({spec.num_heads} query / {spec.num_kv_heads} kv heads) and no mask: "
+                     "CUDA SDPA can run neither flash (16-bit only) nor memory-efficient (no GQA), so the math kernel "
+                     "keeps the fp32 [b, heads, s, s] softmax output per layer")
     if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and attention != "eager":
         n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
-        sl, sl_quad, _ = _layer_terms(spec, c, masked=True)
+        sl_lay = _layer_terms(spec, c, masked=True)
+        sl, sl_quad = sl_lay.terms, sl_lay.quad
         layer = {k: ((L - n_sl) * layer.get(k, 0.0) + n_sl * sl.get(k, 0.0)) / L for k in set(layer) | set(sl)}
         quad = ((L - n_sl) * quad + n_sl * sl_quad) / L
         window_mask = s  # the boolean (b, 1, s, s) mask, shared by the sliding layers
@@ -478,6 +528,8 @@ def estimate_training(
         acts["activations_model"] = int((model_level + eager_mask) * T)
         recompute = {}
     bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
+    attn_phase = _attention_backward_terms(lay, L, s, T, gradient_checkpointing, layer, acts)
+    scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gradient_checkpointing) else {}
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe
     softcap = spec.final_logit_softcapping is not None
@@ -515,7 +567,7 @@ def estimate_training(
     lm_head_grad = {"gradients_lm_head": V * h * grad_bytes} if full else {}
     embed_temp = {"embedding_grad_temp": V * h * grad_bytes} if (full and spec.tie_embeddings) else {}
     phases: dict[str, dict[str, int]] = {
-        "forward": {**static, **acts, **recompute, **fwd_prev, **dequant},
+        "forward": {**static, **acts, **recompute, **fwd_prev, **dequant, **scores_tmp},
         "loss_forward": {**static, **acts, **loss_fwd},
         "loss_backward": {**static, **acts, **loss_bwd,
                           **(lm_head_grad if recipe != "hf" else {})},
@@ -524,6 +576,8 @@ def estimate_training(
                          "activations_model": acts.get("activations_model", 0)},
         "optimizer_step": {**static, **grads_all, **held, **({"optimizer_temp": opt_temp} if opt_temp else {})},
     }
+    if attn_phase:
+        phases["attention_backward"] = {**static, **attn_phase, **held}
     if quant and recipe == "hf":
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
     statics = set(static)

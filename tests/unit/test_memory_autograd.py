@@ -111,3 +111,30 @@ def test_parameter_count_matches_transformers_meta_model(name):
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == ModelSpec.from_preset(name).num_params
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_math_kernel_terms_match_autograd_fp32_gqa(family):
+    """The ``hf`` QLoRA recipe's fp32 activations with GQA run CUDA's math SDPA kernel (flash takes 16-bit
+    only, memory-efficient no grouped heads): scaled q, scaled and repeated k, repeated v (fp32) and the
+    fp32 [b, heads, s, s] softmax output are saved. The CPU picks its flash kernel for fp32, so the math
+    kernel is forced here. An fp32 model with fp32 LoRA stands for the recipe (bitsandbytes casts the 4-bit
+    matmul's output back to the fp32 input dtype). Predicted within 1% of autograd's saved tensors."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llmtune.memory.attention import cuda_attention_kernel
+
+    spec = ModelSpec.from_hf_config(TINY[family])
+    assert cuda_attention_kernel(spec, 4, "sdpa") == "math"
+    model = _build(TINY[family], "sdpa").float()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                       target_modules=spec.linear_module_names()))
+    model.train()
+    with sdpa_kernel(SDPBackend.MATH):
+        measured = _saved_bytes(model)
+    e = estimate_training(spec, "qlora", batch_size=B, seq_len=S, gradient_checkpointing=False, recipe="hf",
+                          lora_rank=8)
+    b = e.phase_breakdowns["loss_forward"]
+    predicted = sum(v for k, v in b.items() if k.startswith("activations_")) + b["loss_log_softmax"]
+    assert b["activations_attention_scores"] == spec.num_layers * 4 * spec.num_heads * S * S * B
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
