@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
 from llmtune.memory.gpus import GPUS, gpu_bytes
+from llmtune.memory.serving import ServingCapacity, kv_heads_per_gpu, vllm_capacity
 from llmtune.memory.spec import ModelSpec
 from llmtune.memory.weights import default_format, weight_terms
 
@@ -46,6 +47,7 @@ class Estimate:
     peak_phase: str
     phase_breakdowns: dict[str, dict[str, int]]
     assumptions: tuple[str, ...] = ()
+    capacity: ServingCapacity | None = None  # serving with engine="vllm": the KV block pool
 
     @property
     def peak_gib(self) -> float:
@@ -67,7 +69,9 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (bytes as ints)."""
-        return dataclasses.asdict(self) | {"assumptions": list(self.assumptions)}
+        out = dataclasses.asdict(self) | {"assumptions": list(self.assumptions)}
+        out["capacity"] = self.capacity.to_dict() if self.capacity else None
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -599,12 +603,27 @@ def estimate_serving(
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
     workspace_bytes: int = DEFAULT_WORKSPACE,
     allocator_fraction: float = DEFAULT_ALLOCATOR_FRACTION,
+    engine: str = "hf",
+    gpu: str | int = "H100",
+    vllm: Mapping[str, Any] | None = None,
 ) -> Estimate:
-    """Peak GPU memory of a forward pass over ``batch_size`` x ``seq_len`` tokens with a KV cache.
+    """Peak GPU memory of serving: a transformers forward (``engine="hf"``) or vLLM's block pool (``"vllm"``).
 
+    ``engine="hf"``: one forward over ``batch_size`` x ``seq_len`` tokens with a KV cache.
     ``logits="all"`` is a plain ``model(input_ids)`` call (logits for every position, as measured);
     ``"last"`` is ``generate``'s prefill (last position only, upcast to fp32). ``gpus`` > 1 = tensor parallel.
+
+    ``engine="vllm"``: vLLM sizes a KV block pool on ``gpu`` at start-up; ``vllm`` holds its engine
+    arguments (``gpu_memory_utilization`` 0.9, ``block_size`` 16, ``max_num_seqs`` 256, ``max_model_len``,
+    ``max_num_batched_tokens`` 8192, ``non_torch_bytes``, ``cudagraph_bytes``, ``shared_prefix_tokens`` for
+    prefix caching). The result's ``capacity`` has the blocks, the tokens of KV cache and
+    ``concurrent_sequences(n)``; ``batch_size`` and ``seq_len`` are ignored there.
     """
+    engine = _check_choice("engine", engine, ("hf", "vllm"))
+    if engine == "vllm":
+        return _serve_vllm(spec, weight_bits, kv_bits=kv_bits, weight_format=weight_format, group_size=group_size,
+                           double_quant=double_quant, gpus=gpus, gpu=gpu, context=cuda_context_bytes,
+                           workspace=workspace_bytes, options=dict(vllm or {}))
     spec = _check_spec(spec)
     b = _check_int("batch_size", batch_size)
     s = _check_int("seq_len", seq_len)
@@ -649,6 +668,48 @@ def estimate_serving(
         "logits": {**static, "kv_cache": kv, **lg},
     }
     return _finish(phases, static, context, frac, notes)
+
+
+_VLLM_OPTIONS = ("gpu_memory_utilization", "block_size", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
+                 "non_torch_bytes", "cudagraph_bytes", "shared_prefix_tokens")
+
+
+def _serve_vllm(spec: ModelSpec, weight_bits: int, *, kv_bits: int, weight_format: str | None, group_size: int,
+                double_quant: bool, gpus: int, gpu: str | int, context: int, workspace: int,
+                options: dict[str, Any]) -> Estimate:
+    """vLLM's start-up memory on one GPU: weights, the profiling run's peak, and the KV block pool."""
+    spec = _check_spec(spec)
+    tp = _check_int("gpus", gpus)
+    _check_int("weight_bits", weight_bits)
+    if kv_bits not in (8, 16, 32):
+        raise InvalidOptionError(f"kv_bits={kv_bits!r} is not one of 8 (fp8 KV cache), 16, 32 for vLLM")
+    bad = sorted(set(options) - set(_VLLM_OPTIONS))
+    if bad:
+        raise InvalidOptionError(f"vllm option {bad[0]!r} is not one of {', '.join(_VLLM_OPTIONS)}."
+                                 f"{did_you_mean(bad[0], _VLLM_OPTIONS)}")
+    fmt = weight_format or default_format(weight_bits)
+    wterms = {k: v // tp for k, v in weight_terms(spec, fmt, bits=weight_bits, group_size=group_size,
+                                                  double_quant=double_quant).items()}
+    static = {**wterms, "cublas_workspace": _check_nonneg_bytes("workspace_bytes", workspace)}
+    cap, prof = vllm_capacity(spec, sum(static.values()), gpu=gpu, kv_bytes=kv_bits / 8, tp=tp, **options)
+    if cap.num_blocks == 0:
+        raise InvalidOptionError(f"vLLM cannot start: weights and the profiling run need "
+                                 f"{cap.non_kv_bytes / 2**30:.2f} GiB of the {cap.requested_bytes / 2**30:.2f} GiB "
+                                 f"that gpu_memory_utilization leaves on {gpu}; no KV block fits")
+    phases = {"profile_run": {**static, **prof}, "serving": {**static, "kv_cache_pool": cap.kv_pool_bytes}}
+    notes = [f"vLLM: {cap.num_blocks:,} blocks of {cap.block_size} tokens = {cap.kv_tokens:,} tokens of KV cache per GPU "
+             f"({cap.kv_bytes_per_token / 1024:.0f} KiB per token"
+             + (f", {kv_heads_per_gpu(spec, tp)} of {spec.num_kv_heads} kv heads per GPU at tensor parallel {tp})"
+                if tp > 1 else ")"),
+             "the pool is allocated at start-up: the device shows requested memory (total x "
+             "gpu_memory_utilization) whatever the load"]
+    if cap.shared_prefix_tokens:
+        notes.append(f"prefix caching: the first {cap.shared_prefix_tokens} tokens' full blocks are stored once")
+    else:
+        notes.append("prefix caching (on by default in vLLM v1) stores a shared prompt prefix once; pass "
+                     "shared_prefix_tokens to count it")
+    est = _finish(phases, static, _check_nonneg_bytes("cuda_context_bytes", context), 0.0, notes)
+    return dataclasses.replace(est, device_bytes=max(est.device_bytes, cap.requested_bytes + context), capacity=cap)
 
 
 def estimate_weights(
