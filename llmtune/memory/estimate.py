@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
 from llmtune.memory.gpus import GPUS, gpu_bytes
+from llmtune.memory.recipes import RECIPE_FACTS, Recipe, resolve_recipe
 from llmtune.memory.serving import ServingCapacity, kv_heads_per_gpu, vllm_capacity
 from llmtune.memory.spec import ModelSpec
 from llmtune.memory.weights import default_format, weight_terms
@@ -22,7 +23,7 @@ MiB = 2**20
 GB = 10**9
 
 METHODS = ("full", "lora", "qlora", "dora")
-RECIPES = ("llmtune", "hf", "unsloth")
+RECIPES = tuple(RECIPE_FACTS)
 ATTENTIONS = ("sdpa", "flash", "eager")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum", "adafactor")
 PRECISIONS = ("bf16", "fp32", "mixed")
@@ -151,13 +152,13 @@ class _Ctx:
     lora_dropout: float
     dora: bool
     attention: str
-    kernels: str  # "hf" (eager PyTorch ops) or "unsloth" (fused Triton kernels)
+    fused: bool  # fused Triton kernels (Unsloth) instead of eager PyTorch ops
 
 
 def _norm_bytes(spec: ModelSpec, c: _Ctx, width: int) -> int:
     """Bytes per token one norm saves for backward."""
     a = c.act
-    if c.kernels == "unsloth":  # fused RMSNorm kernel: saves its input and 1/rms
+    if c.fused:  # fused RMSNorm kernel: saves its input and 1/rms
         return a * width + 4
     if spec.norm == "layernorm":  # native_layer_norm saves input, mean and rstd
         return a * width + 8
@@ -204,7 +205,7 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
         if name in c.lora:
             if c.lora_dropout > 0:  # dropout output (adapter dtype) + bool mask, per module
                 add("lora_inputs", (c.lora_bytes + 1) * n_in)
-            elif c.lora_bytes != a and c.kernels != "unsloth":  # PEFT casts x to the adapter dtype: a copy per module
+            elif c.lora_bytes != a and not c.fused:  # PEFT casts x to the adapter dtype: a copy per module
                 add("lora_inputs", c.lora_bytes * n_in)
             elif src not in saved:
                 saved.add(src)
@@ -293,7 +294,7 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
         else:
             linear("gate_proj", src, h, f)
             linear("up_proj", src, h, f)
-            add("mlp", (2 if c.kernels == "unsloth" else 3) * a * f)  # gate, up (+ act(gate) for mul)
+            add("mlp", (2 if c.fused else 3) * a * f)  # gate, up (+ act(gate) for mul)
         linear("down_proj", "mlp_mid", f, h)
     else:
         fc = {"gpt2": "c_fc"}.get(spec.family, "dense_h_to_4h")
@@ -308,7 +309,7 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
     # what the attention block still holds when its softmax runs backward: o_proj's input and V were consumed
     kept = {"math": 2 * 4 * q, "eager": qkv_store + qk_store}.get(kernel, 0.0)
     bwd = attention_backward(spec, kernel, a, v_width=4 * q if kernel == "math" else a * max(k_saved, kv))
-    shared = a * h if (a == 4 and c.kernels == "hf" and spec.norm != "layernorm") else 0.0
+    shared = a * h if (a == 4 and not c.fused and spec.norm != "layernorm") else 0.0
     return _Layer(t, quad, first_norm, pre_kernel + kept, bwd, kernel, shared)
 
 
@@ -334,10 +335,41 @@ def _attention_backward_terms(lay: _Layer, L: int, s: int, T: int, gc: bool, lay
     return {**kept, **own, "attention_backward_grads": int((lay.attn_bwd.quad * s + lay.attn_bwd.per_token) * T)}
 
 
+def _loss_terms(spec: ModelSpec, r: Recipe, act: int, T: int, chunk_tokens: int,
+                notes: list[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]:
+    """Loss-forward and loss-backward terms, the logits the loop holds, and last step's logits in the forward."""
+    V, h = spec.vocab_size, spec.hidden_size
+    logits = act * V * T
+    if r.loss == "full_fp32":
+        loss_fwd = {"logits": logits, "loss_fp32_logits": (4 * V * T if act != 4 else 0), "loss_log_softmax": 4 * V * T}
+        loss_bwd = {"logits": logits, "loss_log_softmax": 4 * V * T, "loss_grad_nll": 4 * V * T,
+                    "loss_grad_log_softmax": 4 * V * T}
+        if spec.final_logit_softcapping is not None:
+            loss_fwd["logits_softcap"] = loss_bwd["logits_softcap"] = logits
+        notes.append(f"{r.name}: transformers' loss upcasts all logits to fp32")
+    elif r.loss == "chunked":
+        ck = min(chunk_tokens, T)
+        loss_fwd = {"loss_chunk_working_set": ck * V * (act + 8), "loss_hidden_saved": act * h * T}
+        loss_bwd = {"loss_chunk_working_set": ck * V * (act + 12), "loss_hidden_saved": act * h * T,
+                    "loss_grad_hidden": act * h * T}
+        notes.append(f"{r.name}: chunked cross-entropy, {ck} tokens per chunk recomputed in backward; "
+                     "no full logits tensor is kept")
+    else:
+        loss_fwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T}
+        loss_bwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T, "loss_grad_hidden": act * h * T}
+        notes.append(f"{r.name}: cut cross-entropy never materialises logits")
+    if not (r.keeps_outputs and r.loss == "full_fp32"):
+        return loss_fwd, loss_bwd, {}, {}
+    loss_fwd["logits_prev_step"] = logits
+    notes.append(f"{r.name}: the loop keeps `out` (with its logits) alive through backward and optimizer step "
+                 "and into the next forward")
+    return loss_fwd, loss_bwd, {"logits": logits}, {"logits_prev_step": logits}
+
+
 def _bwd_temp(spec: ModelSpec, c: _Ctx) -> float:
     """Per-token gradient temporaries while one layer runs backward (residual grads, MLP-sized grads)."""
     f = spec.experts_per_token * spec.moe_intermediate_size if spec.is_moe else spec.intermediate_size
-    extra = 4 * f if ("down_proj" in c.lora and c.lora_bytes != c.act and c.kernels != "unsloth") else 0
+    extra = 4 * f if ("down_proj" in c.lora and c.lora_bytes != c.act and not c.fused) else 0
     return 2 * c.act * spec.hidden_size + 3 * c.act * f + extra
 
 
@@ -369,7 +401,7 @@ def estimate_training(
     lora_targets: str | Iterable[str] = "all-linear",
     lora_dropout: float = 0.0,
     optimizer: str = "adamw",
-    recipe: str = "llmtune",
+    recipe: str | Recipe = "llmtune",
     attention: str = "sdpa",
     precision: str = "bf16",
     weight_bits: int | None = None,
@@ -390,7 +422,7 @@ def estimate_training(
     """
     spec = _check_spec(spec)
     method = _check_choice("method", method, METHODS)
-    recipe = _check_choice("recipe", recipe, RECIPES)
+    r = resolve_recipe(recipe)
     attention = _check_choice("attention", attention, ATTENTIONS)
     optimizer = _check_choice("optimizer", optimizer, OPTIMIZERS)
     precision = _check_choice("precision", precision, PRECISIONS)
@@ -410,8 +442,8 @@ def estimate_training(
         sharding = "none"
     if n_gpu > 1 and sharding == "none":
         sharding = "ddp"
-    if recipe == "unsloth" and method == "full" and sharding != "none":
-        raise InvalidOptionError("recipe='unsloth' has no FSDP/ZeRO support; use recipe='hf' or 'llmtune'")
+    if not r.sharding and method == "full" and sharding != "none":
+        raise InvalidOptionError(f"recipe={r.name!r} has no FSDP/ZeRO support; use recipe='hf' or 'llmtune'")
     if method != "full" and precision != "bf16":
         raise InvalidOptionError(f"precision={precision!r} applies to method='full' only")
 
@@ -432,7 +464,7 @@ def estimate_training(
                                      "method='qlora'")
         fmt = "fp32" if (full and precision == "fp32") else "bf16"
         bits = 16
-    upcast = quant and recipe == "hf"
+    upcast = quant and r.kbit_upcast_fp32
     wterms = weight_terms(spec, fmt, bits=bits, upcast_fp32=upcast)
     act = 4 if (upcast or (full and precision == "fp32")) else 2
     if upcast:
@@ -488,9 +520,8 @@ def estimate_training(
         notes.append("DDP: gradient buckets hold a second copy of the gradients")
     mixed_cache = {"master_weights_fp32": master_fp32} if master_fp32 else {}
     # ---- activations
-    c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if recipe != "unsloth" else act,
-             rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention,
-             kernels="unsloth" if recipe == "unsloth" else "hf")
+    c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if r.adapter_fp32 else act,
+             rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention, fused=r.fused_kernels)
     lay = _layer_terms(spec, c)
     layer, quad, first_norm = lay.terms, lay.quad, lay.first_norm
     L = spec.num_layers
@@ -517,7 +548,7 @@ def estimate_training(
         model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
     if spec.dropout:
         model_level += h  # embedding dropout mask
-    offloaded = recipe == "unsloth" and gradient_checkpointing
+    offloaded = r.offload_checkpoints and gradient_checkpointing
     if gradient_checkpointing:
         per_layer_kept = 0 if offloaded else act * h  # the layer input; the rest is recomputed
         acts = {"activations_checkpoints": L * per_layer_kept * T, "activations_model": int((model_level + eager_mask) * T)}
@@ -536,34 +567,7 @@ def estimate_training(
     scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gradient_checkpointing) else {}
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe
-    softcap = spec.final_logit_softcapping is not None
-    if recipe == "hf":
-        logits = act * V * T
-        loss_fwd = {"logits": logits, "logits_prev_step": logits,
-                    "loss_fp32_logits": (4 * V * T if act != 4 else 0), "loss_log_softmax": 4 * V * T}
-        if softcap:
-            loss_fwd["logits_softcap"] = logits
-        loss_bwd = {"logits": logits, "loss_log_softmax": 4 * V * T, "loss_grad_nll": 4 * V * T,
-                    "loss_grad_log_softmax": 4 * V * T}
-        if softcap:
-            loss_bwd["logits_softcap"] = logits
-        held = {"logits": logits}  # the returned logits stay alive until the next forward overwrites `out`
-        fwd_prev = {"logits_prev_step": logits}
-        notes.append("hf: transformers' loss upcasts all logits to fp32; the recipe keeps `out` (with its logits) "
-                     "alive through backward and optimizer step and into the next forward")
-    elif recipe == "llmtune":
-        ck = min(chunk_tokens, T)
-        loss_fwd = {"loss_chunk_working_set": ck * V * (act + 8), "loss_hidden_saved": act * h * T}
-        loss_bwd = {"loss_chunk_working_set": ck * V * (act + 12), "loss_hidden_saved": act * h * T,
-                    "loss_grad_hidden": act * h * T}
-        held, fwd_prev = {}, {}
-        notes.append(f"llmtune: chunked cross-entropy, {ck} tokens per chunk recomputed in backward; "
-                     "no full logits tensor is kept")
-    else:
-        loss_fwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T}
-        loss_bwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T, "loss_grad_hidden": act * h * T}
-        held, fwd_prev = {}, {}
-        notes.append("unsloth: cut cross-entropy never materialises logits")
+    loss_fwd, loss_bwd, held, fwd_prev = _loss_terms(spec, r, act, T, chunk_tokens, notes)
     # ---- phases (steady state: optimizer states exist, gradients were set to None by zero_grad)
     static = {**wterms, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
               "cublas_workspace": 2 * ws, **shard_terms}
@@ -574,7 +578,7 @@ def estimate_training(
         "forward": {**static, **acts, **recompute, **fwd_prev, **dequant, **scores_tmp},
         "loss_forward": {**static, **acts, **loss_fwd},
         "loss_backward": {**static, **acts, **loss_bwd,
-                          **(lm_head_grad if recipe != "hf" else {})},
+                          **(lm_head_grad if r.loss != "full_fp32" else {})},
         "backward_start": {**static, **acts, **recompute, **held, **bwd_temp, **lm_head_grad, **dequant},
         "backward_end": {**static, **grads_all, **held, **bwd_temp, **recompute, **embed_temp, **dequant,
                          "activations_model": acts.get("activations_model", 0)},
@@ -582,7 +586,7 @@ def estimate_training(
     }
     if attn_phase:
         phases["attention_backward"] = {**static, **attn_phase, **held}
-    if quant and recipe == "hf":
+    if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
     statics = set(static)
     return _finish(phases, statics, context, frac, notes)

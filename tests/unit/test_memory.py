@@ -407,3 +407,25 @@ def test_memory_package_never_imports_torch():
             "bad=[k for k in sys.modules if k.split('.')[0] in ('torch','transformers','numpy')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_recipes_are_data_no_branches():
+    """Every recipe difference is a field of RECIPE_FACTS: the estimator names no recipe, and module names
+    come only from ModelSpec.layer_linears() (no hard-coded projection names in the recipe table)."""
+    import dataclasses
+    import inspect
+
+    from llmtune.memory import estimate, recipes
+
+    src = inspect.getsource(estimate)
+    for name in recipes.RECIPE_FACTS:
+        assert f'recipe == "{name}"' not in src and f'recipe != "{name}"' not in src
+    assert "_proj" not in inspect.getsource(recipes)
+    # a variant is a replace(), and it changes the estimate exactly through its facts
+    upcast = dataclasses.replace(recipes.RECIPE_FACTS["llmtune"], name="llmtune+upcast", kbit_upcast_fp32=True)
+    kw = dict(batch_size=2, seq_len=256)
+    a = estimate_training(SPEC_1B, "qlora", recipe="llmtune", **kw).breakdown
+    b = estimate_training(SPEC_1B, "qlora", recipe=upcast, **kw).breakdown
+    assert b["embeddings_lm_head"] == 2 * a["embeddings_lm_head"]
+    with pytest.raises(InvalidOptionError, match="loss"):
+        dataclasses.replace(upcast, loss="fused")
