@@ -14,6 +14,15 @@ from typing import Any, NamedTuple
 from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
 from llmtune.memory.gpus import GPUS, gpu_bytes
+from llmtune.memory.mechanisms import (
+    ADAPTER_METHODS,
+    adapter_layer_bytes,
+    adapter_params,
+    check_mechanism,
+    generation_terms,
+    reference_pass_terms,
+    sequences_per_example,
+)
 from llmtune.memory.recipes import RECIPE_FACTS, Recipe, resolve_recipe
 from llmtune.memory.serving import ServingCapacity, kv_heads_per_gpu, vllm_capacity
 from llmtune.memory.spec import ModelSpec
@@ -22,7 +31,7 @@ from llmtune.memory.weights import default_format, weight_terms
 MiB = 2**20
 GB = 10**9
 
-METHODS = ("full", "lora", "qlora", "dora")
+METHODS = ("full", "lora", "qlora", "dora", *ADAPTER_METHODS)
 RECIPES = tuple(RECIPE_FACTS)
 ATTENTIONS = ("sdpa", "flash", "eager")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum", "adafactor")
@@ -366,6 +375,26 @@ def _loss_terms(spec: ModelSpec, r: Recipe, act: int, T: int, chunk_tokens: int,
     return loss_fwd, loss_bwd, {"logits": logits}, {"logits_prev_step": logits}
 
 
+def _objective_phases(spec: ModelSpec, objective: str, static: dict[str, int], act: int, b_ex: int, b: int, s: int,
+                      ref_copy: bool, notes: list[str]) -> dict[str, dict[str, int]]:
+    """Phases an objective adds: the reference pass (DPO, online RL) and generation (online RL).
+
+    The reference pass runs before the policy forward, so nothing of the policy step is alive yet; a
+    reference held as a second model is a static term (``reference_weights``) of every phase.
+    """
+    out: dict[str, dict[str, int]] = {}
+    if objective in ("dpo", "online_rl"):
+        out["reference_forward"] = {**static, **reference_pass_terms(spec, act, b * s)}
+        notes.append(f"{objective}: reference log-probs from a no-grad pass "
+                     + ("of a second copy of the model" if ref_copy else "with the adapter disabled (no second copy)"))
+    if objective == "online_rl":
+        out["generation"] = {**static, **generation_terms(spec, act, b, s)}
+        notes.append(f"online RL: {b // b_ex} samples per prompt generated with a KV cache, then trained on")
+    if objective in ("dpo", "reward"):
+        notes.append(f"{objective}: chosen and rejected sequences in one batch ({b} sequences per micro-batch)")
+    return out
+
+
 def _bwd_temp(spec: ModelSpec, c: _Ctx) -> float:
     """Per-token gradient temporaries while one layer runs backward (residual grads, MLP-sized grads)."""
     f = spec.experts_per_token * spec.moe_intermediate_size if spec.is_moe else spec.intermediate_size
@@ -412,8 +441,24 @@ def estimate_training(
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
     workspace_bytes: int = DEFAULT_WORKSPACE,
     allocator_fraction: float = DEFAULT_ALLOCATOR_FRACTION,
+    objective: str = "sft",
+    packing: bool = False,
+    num_virtual_tokens: int = 20,
+    bottleneck_size: int = 64,
+    bottleneck_sites: tuple[str, ...] = ("attention", "mlp"),
+    bottleneck_placement: str = "series",
+    dpo_reference: str = "adapter_off",
+    rl_samples: int = 4,
 ) -> Estimate:
     """Peak GPU memory of fine-tuning ``spec`` (per GPU), as the max over forward, backward and optimizer step.
+
+    ``method``: ``full``, ``lora``, ``qlora``, ``dora``, ``prompt_tuning`` (``num_virtual_tokens``), ``ia3``,
+    ``bottleneck`` (``bottleneck_size``, ``bottleneck_sites``, ``bottleneck_placement``). ``objective``:
+    ``sft``; ``reward`` (scalar head, chosen + rejected); ``dpo`` (chosen + rejected, a no-grad reference
+    pass; ``dpo_reference="adapter_off"`` reuses the base, ``"copy"`` holds a second model); ``online_rl``
+    (``rl_samples`` completions per prompt generated with a KV cache, then trained on, with a KL reference
+    pass). ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
+    mask (K/V repeated, float bias saved); with ``attention="flash"`` packing runs varlen, maskless.
 
     ``recipe``: ``"hf"`` = plain transformers + PEFT + bitsandbytes (../shared/memory/reference_recipe.py:
     full fp32 logits in the loss, QLoRA through ``prepare_model_for_kbit_training``); ``"llmtune"`` = llmtune's
@@ -444,9 +489,17 @@ def estimate_training(
         sharding = "ddp"
     if not r.sharding and method == "full" and sharding != "none":
         raise InvalidOptionError(f"recipe={r.name!r} has no FSDP/ZeRO support; use recipe='hf' or 'llmtune'")
-    if method != "full" and precision != "bf16":
+    if method != "full" and precision == "mixed":
         raise InvalidOptionError(f"precision={precision!r} applies to method='full' only")
-
+    check_mechanism(method, objective, num_virtual_tokens=num_virtual_tokens, bottleneck_size=bottleneck_size,
+                    sites=tuple(bottleneck_sites), placement=bottleneck_placement, rl_samples=rl_samples,
+                    dpo_reference=dpo_reference)
+    if not isinstance(packing, bool):
+        raise InvalidOptionError(f"packing must be True or False, got {packing!r}")
+    n_seq = sequences_per_example(objective, rl_samples)
+    b_ex, b = b, b * n_seq  # sequences through the model per micro-batch
+    if method == "prompt_tuning":
+        s += num_virtual_tokens  # the soft prompt is prepended to every sequence
     T = b * s
     V, h = spec.vocab_size, spec.hidden_size
     notes: list[str] = []
@@ -462,16 +515,17 @@ def estimate_training(
         if weight_bits not in (None, 16, 32) or weight_format not in (None, "bf16", "fp16", "fp32"):
             raise InvalidOptionError(f"method={method!r} trains a 16/32-bit base; for a quantized base use "
                                      "method='qlora'")
-        fmt = "fp32" if (full and precision == "fp32") else "bf16"
+        fmt = "fp32" if precision == "fp32" else "bf16"
         bits = 16
     upcast = quant and r.kbit_upcast_fp32
     wterms = weight_terms(spec, fmt, bits=bits, upcast_fp32=upcast)
-    act = 4 if (upcast or (full and precision == "fp32")) else 2
+    act = 4 if (upcast or precision == "fp32") else 2
     if upcast:
         notes.append("hf QLoRA: prepare_model_for_kbit_training upcasts embeddings/lm_head/norms to fp32, so the "
                      "residual stream, activations and logits are fp32")
     # ---- trainable parameters, gradients, optimizer states
-    targets = [] if full else resolve_lora_targets(spec, lora_targets)
+    adapter_method = method in ADAPTER_METHODS
+    targets = [] if (full or adapter_method) else resolve_lora_targets(spec, lora_targets)
     if full:
         trainable = spec.num_params
         # bf16: torch optimizers keep states in the parameter dtype; fp32: everything fp32;
@@ -479,7 +533,11 @@ def estimate_training(
         p_bytes = 4 if precision == "fp32" else 2
         state_dtype = 4 if precision in ("fp32", "mixed") else 2
     else:
-        trainable = lora_params(spec, rank, targets, dora=method == "dora")
+        trainable = (adapter_params(spec, method, num_virtual_tokens=num_virtual_tokens, bottleneck_size=bottleneck_size,
+                                    sites=tuple(bottleneck_sites)) if adapter_method
+                     else lora_params(spec, rank, targets, dora=method == "dora"))
+        if objective == "reward":
+            trainable += h  # the scalar score head (PEFT modules_to_save)
         p_bytes = state_dtype = 4  # PEFT (and Unsloth) keep adapters in fp32
     grad_bytes = p_bytes
     state_bytes = {"adamw": 2 * state_dtype, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": state_dtype,
@@ -522,15 +580,22 @@ def estimate_training(
     # ---- activations
     c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if r.adapter_fp32 else act,
              rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention, fused=r.fused_kernels)
-    lay = _layer_terms(spec, c)
-    layer, quad, first_norm = lay.terms, lay.quad, lay.first_norm
+    lay = _layer_terms(spec, c, masked=packing and attention == "sdpa")
+    layer, quad, first_norm = dict(lay.terms), lay.quad, lay.first_norm
+    if adapter_method and method != "prompt_tuning":
+        layer["adapters"] = adapter_layer_bytes(spec, method, act, c.lora_bytes, bottleneck_size=bottleneck_size,
+                                                sites=tuple(bottleneck_sites))
     L = spec.num_layers
-    window_mask = 0
+    window_mask = s if (packing and attention == "sdpa") else 0
+    if window_mask:
+        notes.append("packing with SDPA: a block-diagonal mask for every layer (K/V repeated to all heads, float "
+                     "bias saved per layer); attention='flash' packs varlen without a mask")
     if lay.kernel == "math":
         notes.append(f"fp32 activations with GQA ({spec.num_heads} query / {spec.num_kv_heads} kv heads) and no mask: "
                      "CUDA SDPA can run neither flash (16-bit only) nor memory-efficient (no GQA), so the math kernel "
                      "keeps the fp32 [b, heads, s, s] softmax output per layer")
-    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and attention != "eager":
+    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and attention != "eager" \
+            and not window_mask:
         n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
         sl_lay = _layer_terms(spec, c, masked=True)
         sl, sl_quad = sl_lay.terms, sl_lay.quad
@@ -544,7 +609,11 @@ def estimate_training(
     eager_mask = act * s if (attention == "eager" or spec.family == "falcon") else window_mask
     model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
     model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
-    if not full and not gradient_checkpointing:
+    if not full and not gradient_checkpointing and method == "bottleneck":
+        # nothing upstream of layer 0's first adapter needs a gradient, so nothing there is saved
+        dead = lay.terms.get("attention", 0.0) if "attention" in bottleneck_sites else sum(lay.terms.values()) - first_norm
+        model_level -= dead
+    if not full and not gradient_checkpointing and method != "prompt_tuning":
         model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
     if spec.dropout:
         model_level += h  # embedding dropout mask
@@ -568,8 +637,16 @@ def estimate_training(
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe
     loss_fwd, loss_bwd, held, fwd_prev = _loss_terms(spec, r, act, T, chunk_tokens, notes)
+    if objective == "reward":  # a (T, 1) score instead of (T, V) logits; the lm_head is replaced by the score head
+        loss_fwd = loss_bwd = {"reward_scores": 3 * 4 * T}
+        held, fwd_prev = {}, {}
+        head = spec.lm_head_params * (4 if upcast else (2 if fmt not in ("fp32",) else 4))
+        wkey = "weights" if "weights" in wterms else "embeddings_lm_head"
+        wterms = {**wterms, wkey: max(0, wterms[wkey] - head)}
     # ---- phases (steady state: optimizer states exist, gradients were set to None by zero_grad)
-    static = {**wterms, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
+    ref_copy = objective in ("dpo", "online_rl") and (dpo_reference == "copy" or full)
+    ref_w = {"reference_weights": sum(wterms.values())} if ref_copy else {}
+    static = {**wterms, **ref_w, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
               "cublas_workspace": 2 * ws, **shard_terms}
     grads_all = {"gradients": grads}
     lm_head_grad = {"gradients_lm_head": V * h * grad_bytes} if full else {}
@@ -586,6 +663,7 @@ def estimate_training(
     }
     if attn_phase:
         phases["attention_backward"] = {**static, **attn_phase, **held}
+    phases |= _objective_phases(spec, objective, static, act, b_ex, b, s, ref_copy, notes)
     if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
     statics = set(static)
