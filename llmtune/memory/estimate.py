@@ -435,6 +435,7 @@ def estimate_training(
     precision: str = "bf16",
     weight_bits: int | None = None,
     weight_format: str | None = None,
+    double_quant: bool = True,
     gpus: int = 1,
     sharding: str = "none",
     loss_chunk_tokens: int = 1024,
@@ -518,7 +519,7 @@ def estimate_training(
         fmt = "fp32" if precision == "fp32" else "bf16"
         bits = 16
     upcast = quant and r.kbit_upcast_fp32
-    wterms = weight_terms(spec, fmt, bits=bits, upcast_fp32=upcast)
+    wterms = weight_terms(spec, fmt, bits=bits, double_quant=double_quant, upcast_fp32=upcast)
     act = 4 if (upcast or precision == "fp32") else 2
     if upcast:
         notes.append("hf QLoRA: prepare_model_for_kbit_training upcasts embeddings/lm_head/norms to fp32, so the "
