@@ -83,5 +83,5 @@ def test_model_spec_from_hub_id_and_error():
     assert model_spec("meta-llama/Llama-3.1-8B").num_params == PRESETS["llama-3.1-8b"].published_params
     from llmtune.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="no local config.json"):
+    with pytest.raises(ConfigError, match=r"no local config\.json"):
         model_spec("someone/unknown-model")
