@@ -90,7 +90,7 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
     """`estimate_training` keyword arguments for a trainer's options, and the notes on what is not modelled."""
     from llmtune.memory.recipes import RECIPE_FACTS
 
-    o, notes = options, []
+    o, notes = options, list[str]()
     q = getattr(o, "quantizer", None)
     recipe = RECIPE_FACTS["unsloth" if backend == "unsloth" else "llmtune"]
     if backend != "unsloth":
