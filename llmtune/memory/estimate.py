@@ -626,6 +626,8 @@ def estimate_training(
             acts["offload_buffers"] = 2 * act * h * T
             notes.append("unsloth gradient checkpointing offloads each layer's input to CPU RAM")
         recompute = {"activations_recomputed_layer": int(layer_pt * T)}
+        if quant and r.kbit_reentrant_checkpointing:
+            recompute["reentrant_checkpoint_outputs"] = 2 * act * h * T
     else:
         acts = {f"activations_{k}": int(L * v * T) for k, v in layer.items()}
         if quad:
@@ -634,6 +636,8 @@ def estimate_training(
         recompute = {}
     bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
     attn_phase = _attention_backward_terms(lay, L, s, T, gradient_checkpointing, layer, acts)
+    if attn_phase and "reentrant_checkpoint_outputs" in recompute:
+        attn_phase["reentrant_checkpoint_outputs"] = recompute["reentrant_checkpoint_outputs"]
     scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gradient_checkpointing) else {}
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe

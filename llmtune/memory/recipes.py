@@ -35,6 +35,10 @@ class Recipe:
     offload_checkpoints: bool
     #: FSDP / ZeRO available.
     sharding: bool
+    #: QLoRA checkpointing is reentrant: ``prepare_model_for_kbit_training`` passes ``{}`` as checkpointing
+    #: kwargs, so ``torch.utils.checkpoint`` falls back to ``use_reentrant=True``. Its backward keeps the
+    #: recomputed layer's two residual-stream outputs alive while the layer runs backward (CPU-measured).
+    kbit_reentrant_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         """Reject a loss the estimator does not know."""
@@ -47,7 +51,7 @@ class Recipe:
 #: The three loops the estimator knows; docs/memory.md gives the source of every fact.
 RECIPE_FACTS: dict[str, Recipe] = {
     "hf": Recipe("hf", adapter_fp32=True, fused_kernels=False, loss="full_fp32", keeps_outputs=True,
-                 kbit_upcast_fp32=True, offload_checkpoints=False, sharding=True),
+                 kbit_upcast_fp32=True, offload_checkpoints=False, sharding=True, kbit_reentrant_checkpointing=True),
     "llmtune": Recipe("llmtune", adapter_fp32=True, fused_kernels=False, loss="chunked", keeps_outputs=False,
                       kbit_upcast_fp32=False, offload_checkpoints=False, sharding=True),
     "unsloth": Recipe("unsloth", adapter_fp32=False, fused_kernels=True, loss="cut", keeps_outputs=False,
