@@ -375,6 +375,48 @@ def _loss_terms(spec: ModelSpec, r: Recipe, act: int, T: int, chunk_tokens: int,
     return loss_fwd, loss_bwd, {"logits": logits}, {"logits_prev_step": logits}
 
 
+def _optimizer_state_bytes(spec: ModelSpec, optimizer: str, trainable: int, state_dtype: int, full: bool, rank: int,
+                           targets: Iterable[str]) -> int:
+    """Bytes of optimizer states for ``trainable`` parameters (states in ``state_dtype`` bytes)."""
+    state_bytes = {"adamw": 2 * state_dtype, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": state_dtype,
+                   "adafactor": 0}[optimizer]
+    states = trainable * state_bytes
+    if optimizer == "adamw_8bit":
+        states += trainable * 2 * 4 // 256  # bitsandbytes: one fp32 absmax per 256-value block, per state
+    if optimizer != "adafactor":
+        return states
+    ts = set(targets)  # Adafactor's factored second moment: one row and one column vector per matrix
+    if full:
+        states = spec.num_layers * sum(4 * (x.in_features + x.out_features) * x.count for x in spec.layer_linears())
+        return states + 4 * (spec.vocab_size + spec.hidden_size) * (1 if spec.tie_embeddings else 2)
+    return spec.num_layers * sum(4 * (rank + x.in_features) + 4 * (rank + x.out_features)
+                                 for x in spec.layer_linears() if x.name in ts and not x.expert)
+
+
+def _shard(spec: ModelSpec, sharding: str, n_gpu: int, st: dict[str, int], wterms: dict[str, int], fmt: str, full: bool,
+           grad_bytes: int, grad_total: int, notes: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Divide model states per GPU as ``sharding`` does (``st`` in place); the weights and the extra buffers."""
+    shard_terms: dict[str, int] = {}
+    if sharding in ("zero1", "zero2", "zero3", "fsdp"):
+        for k in ("states", "opt_temp", "master"):
+            st[k] //= n_gpu
+    if sharding in ("zero2", "zero3", "fsdp"):
+        st["grads"] //= n_gpu
+    if sharding in ("zero3", "fsdp"):
+        wterms = {k: v // n_gpu for k, v in wterms.items()}
+        st["adapters"] //= n_gpu
+        layer_params = spec.layer_linear_params + spec.layer_other_params
+        shard_terms["gathered_layers"] = 2 * layer_params * {"bf16": 2, "fp32": 4}.get(fmt, 1)
+        if full:
+            shard_terms["grad_reduce_buffer"] = layer_params * grad_bytes
+        notes.append(f"{sharding}: parameters, gradients and optimizer states sharded over {n_gpu} GPUs; "
+                     "two layers gathered at a time (current + prefetch)")
+    elif sharding == "ddp" and n_gpu > 1:
+        shard_terms["ddp_grad_buckets"] = grad_total
+        notes.append("DDP: gradient buckets hold a second copy of the gradients")
+    return wterms, shard_terms
+
+
 def _objective_phases(spec: ModelSpec, objective: str, static: dict[str, int], act: int, b_ex: int, b: int, s: int,
                       ref_copy: bool, notes: list[str]) -> dict[str, dict[str, int]]:
     """Phases an objective adds: the reference pass (DPO, online RL) and generation (online RL).
@@ -541,42 +583,17 @@ def estimate_training(
             trainable += h  # the scalar score head (PEFT modules_to_save)
         p_bytes = state_dtype = 4  # PEFT (and Unsloth) keep adapters in fp32
     grad_bytes = p_bytes
-    state_bytes = {"adamw": 2 * state_dtype, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": state_dtype,
-                   "adafactor": 0}[optimizer]
-    states = trainable * state_bytes
-    if optimizer == "adamw_8bit":
-        states += trainable * 2 * 4 // 256  # bitsandbytes: one fp32 absmax per 256-value block, per state
-    if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix
-        if full:
-            states = spec.num_layers * sum(4 * (x.in_features + x.out_features) * x.count for x in spec.layer_linears())
-            states += 4 * (V + h) * (1 if spec.tie_embeddings else 2)
-        else:
-            states = spec.num_layers * sum(4 * (rank + x.in_features) + 4 * (rank + x.out_features)
-                                           for x in spec.layer_linears() if x.name in targets and not x.expert)
+    states = _optimizer_state_bytes(spec, optimizer, trainable, state_dtype, full, rank, targets)
     master_fp32 = trainable * 4 if (full and precision == "mixed") else 0
     opt_temp = trainable * state_dtype if optimizer == "adamw" else 0  # foreach AdamW: sqrt(exp_avg_sq) copy
     grads = trainable * grad_bytes
     # ---- sharding (per GPU)
     adapters = trainable * p_bytes if not full else 0  # LoRA adapters (full: the weights are the parameters)
-    shard_terms: dict[str, int] = {}
-    if sharding in ("zero1", "zero2", "zero3", "fsdp"):
-        states //= n_gpu
-        opt_temp //= n_gpu
-        master_fp32 //= n_gpu
-    if sharding in ("zero2", "zero3", "fsdp"):
-        grads //= n_gpu
-    if sharding in ("zero3", "fsdp"):
-        wterms = {k: v // n_gpu for k, v in wterms.items()}
-        adapters //= n_gpu
-        layer_params = spec.layer_linear_params + spec.layer_other_params
-        shard_terms["gathered_layers"] = 2 * layer_params * {"bf16": 2, "fp32": 4}.get(fmt, 1)
-        if full:
-            shard_terms["grad_reduce_buffer"] = layer_params * grad_bytes
-        notes.append(f"{sharding}: parameters, gradients and optimizer states sharded over {n_gpu} GPUs; "
-                     "two layers gathered at a time (current + prefetch)")
-    elif sharding == "ddp" and n_gpu > 1:
-        shard_terms["ddp_grad_buckets"] = trainable * grad_bytes
-        notes.append("DDP: gradient buckets hold a second copy of the gradients")
+    model_states = {"states": states, "opt_temp": opt_temp, "master": master_fp32, "grads": grads, "adapters": adapters}
+    wterms, shard_terms = _shard(spec, sharding, n_gpu, model_states, wterms, fmt, full, grad_bytes,
+                                 trainable * grad_bytes, notes)
+    states, opt_temp, master_fp32, grads, adapters = (model_states[k] for k in
+                                                      ("states", "opt_temp", "master", "grads", "adapters"))
     mixed_cache = {"master_weights_fp32": master_fp32} if master_fp32 else {}
     # ---- activations
     c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if r.adapter_fp32 else act,
