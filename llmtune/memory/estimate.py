@@ -375,6 +375,84 @@ def _loss_terms(spec: ModelSpec, r: Recipe, act: int, T: int, chunk_tokens: int,
     return loss_fwd, loss_bwd, {"logits": logits}, {"logits_prev_step": logits}
 
 
+class _Acts(NamedTuple):
+    """Activation terms by phase role."""
+
+    acts: dict[str, int]
+    recompute: dict[str, int]
+    attn_phase: dict[str, int]
+    scores_tmp: dict[str, int]
+    bwd_temp: dict[str, int]
+
+
+def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, full: bool, quant: bool, gc: bool,
+                      method: str, packing: bool, bottleneck_size: int, sites: tuple[str, ...],
+                      notes: list[str]) -> _Acts:
+    """What autograd keeps: per-layer saved tensors (or checkpoints + one recomputed layer), model-level terms,
+    the attention-backward working set and the backward temporaries."""
+    act, h, T = c.act, spec.hidden_size, b * s
+    adapter_method = method in ADAPTER_METHODS
+    lay = _layer_terms(spec, c, masked=packing and c.attention == "sdpa")
+    layer, quad, first_norm = dict(lay.terms), lay.quad, lay.first_norm
+    if adapter_method and method != "prompt_tuning":
+        layer["adapters"] = adapter_layer_bytes(spec, method, act, c.lora_bytes, bottleneck_size=bottleneck_size,
+                                                sites=sites)
+    L = spec.num_layers
+    window_mask = s if (packing and c.attention == "sdpa") else 0
+    if window_mask:
+        notes.append("packing with SDPA: a block-diagonal mask for every layer (K/V repeated to all heads, float "
+                     "bias saved per layer); attention='flash' packs varlen without a mask")
+    if lay.kernel == "math":
+        notes.append(f"fp32 activations with GQA ({spec.num_heads} query / {spec.num_kv_heads} kv heads) and no mask: "
+                     "CUDA SDPA can run neither flash (16-bit only) nor memory-efficient (no GQA), so the math kernel "
+                     "keeps the fp32 [b, heads, s, s] softmax output per layer")
+    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and c.attention != "eager" \
+            and not window_mask:
+        n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
+        sl_lay = _layer_terms(spec, c, masked=True)
+        sl, sl_quad = sl_lay.terms, sl_lay.quad
+        layer = {k: ((L - n_sl) * layer.get(k, 0.0) + n_sl * sl.get(k, 0.0)) / L for k in set(layer) | set(sl)}
+        quad = ((L - n_sl) * quad + n_sl * sl_quad) / L
+        window_mask = s  # the boolean (b, 1, s, s) mask, shared by the sliding layers
+        notes.append(f"{n_sl} sliding-window layers (window {spec.sliding_window} < seq {s}) get an explicit mask: "
+                     "K/V repeated to all heads, float bias saved per layer")
+    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
+    # (b, 1, s, s) causal mask shared by all layers: eager attention, and Falcon always passes one
+    eager_mask = act * s if (c.attention == "eager" or spec.family == "falcon") else window_mask
+    model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
+    model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
+    if not full and not gc and method == "bottleneck":
+        # nothing upstream of layer 0's first adapter needs a gradient, so nothing there is saved
+        dead = lay.terms.get("attention", 0.0) if "attention" in sites else sum(lay.terms.values()) - first_norm
+        model_level -= dead
+    if not full and not gc and method != "prompt_tuning":
+        model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
+    if spec.dropout:
+        model_level += h  # embedding dropout mask
+    offloaded = r.offload_checkpoints and gc
+    if gc:
+        per_layer_kept = 0 if offloaded else act * h  # the layer input; the rest is recomputed
+        acts = {"activations_checkpoints": L * per_layer_kept * T, "activations_model": int((model_level + eager_mask) * T)}
+        if offloaded:
+            acts["offload_buffers"] = 2 * act * h * T
+            notes.append("unsloth gradient checkpointing offloads each layer's input to CPU RAM")
+        recompute = {"activations_recomputed_layer": int(layer_pt * T)}
+        if quant and r.kbit_reentrant_checkpointing:
+            recompute["reentrant_checkpoint_outputs"] = 2 * act * h * T
+    else:
+        acts = {f"activations_{k}": int(L * v * T) for k, v in layer.items()}
+        if quad:
+            acts["activations_attention_scores"] = int(L * quad * s * T)
+        acts["activations_model"] = int((model_level + eager_mask) * T)
+        recompute = {}
+    bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
+    attn_phase = _attention_backward_terms(lay, L, s, T, gc, layer, acts)
+    if attn_phase and "reentrant_checkpoint_outputs" in recompute:
+        attn_phase["reentrant_checkpoint_outputs"] = recompute["reentrant_checkpoint_outputs"]
+    scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gc) else {}
+    return _Acts(acts, recompute, attn_phase, scores_tmp, bwd_temp)
+
+
 def _optimizer_state_bytes(spec: ModelSpec, optimizer: str, trainable: int, state_dtype: int, full: bool, rank: int,
                            targets: Iterable[str]) -> int:
     """Bytes of optimizer states for ``trainable`` parameters (states in ``state_dtype`` bytes)."""
@@ -598,64 +676,9 @@ def estimate_training(
     # ---- activations
     c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if r.adapter_fp32 else act,
              rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention, fused=r.fused_kernels)
-    lay = _layer_terms(spec, c, masked=packing and attention == "sdpa")
-    layer, quad, first_norm = dict(lay.terms), lay.quad, lay.first_norm
-    if adapter_method and method != "prompt_tuning":
-        layer["adapters"] = adapter_layer_bytes(spec, method, act, c.lora_bytes, bottleneck_size=bottleneck_size,
-                                                sites=tuple(bottleneck_sites))
-    L = spec.num_layers
-    window_mask = s if (packing and attention == "sdpa") else 0
-    if window_mask:
-        notes.append("packing with SDPA: a block-diagonal mask for every layer (K/V repeated to all heads, float "
-                     "bias saved per layer); attention='flash' packs varlen without a mask")
-    if lay.kernel == "math":
-        notes.append(f"fp32 activations with GQA ({spec.num_heads} query / {spec.num_kv_heads} kv heads) and no mask: "
-                     "CUDA SDPA can run neither flash (16-bit only) nor memory-efficient (no GQA), so the math kernel "
-                     "keeps the fp32 [b, heads, s, s] softmax output per layer")
-    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and attention != "eager" \
-            and not window_mask:
-        n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
-        sl_lay = _layer_terms(spec, c, masked=True)
-        sl, sl_quad = sl_lay.terms, sl_lay.quad
-        layer = {k: ((L - n_sl) * layer.get(k, 0.0) + n_sl * sl.get(k, 0.0)) / L for k in set(layer) | set(sl)}
-        quad = ((L - n_sl) * quad + n_sl * sl_quad) / L
-        window_mask = s  # the boolean (b, 1, s, s) mask, shared by the sliding layers
-        notes.append(f"{n_sl} sliding-window layers (window {spec.sliding_window} < seq {s}) get an explicit mask: "
-                     "K/V repeated to all heads, float bias saved per layer")
-    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
-    # (b, 1, s, s) causal mask shared by all layers: eager attention, and Falcon always passes one
-    eager_mask = act * s if (attention == "eager" or spec.family == "falcon") else window_mask
-    model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
-    model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
-    if not full and not gradient_checkpointing and method == "bottleneck":
-        # nothing upstream of layer 0's first adapter needs a gradient, so nothing there is saved
-        dead = lay.terms.get("attention", 0.0) if "attention" in bottleneck_sites else sum(lay.terms.values()) - first_norm
-        model_level -= dead
-    if not full and not gradient_checkpointing and method != "prompt_tuning":
-        model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
-    if spec.dropout:
-        model_level += h  # embedding dropout mask
-    offloaded = r.offload_checkpoints and gradient_checkpointing
-    if gradient_checkpointing:
-        per_layer_kept = 0 if offloaded else act * h  # the layer input; the rest is recomputed
-        acts = {"activations_checkpoints": L * per_layer_kept * T, "activations_model": int((model_level + eager_mask) * T)}
-        if offloaded:
-            acts["offload_buffers"] = 2 * act * h * T
-            notes.append("unsloth gradient checkpointing offloads each layer's input to CPU RAM")
-        recompute = {"activations_recomputed_layer": int(layer_pt * T)}
-        if quant and r.kbit_reentrant_checkpointing:
-            recompute["reentrant_checkpoint_outputs"] = 2 * act * h * T
-    else:
-        acts = {f"activations_{k}": int(L * v * T) for k, v in layer.items()}
-        if quad:
-            acts["activations_attention_scores"] = int(L * quad * s * T)
-        acts["activations_model"] = int((model_level + eager_mask) * T)
-        recompute = {}
-    bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
-    attn_phase = _attention_backward_terms(lay, L, s, T, gradient_checkpointing, layer, acts)
-    if attn_phase and "reentrant_checkpoint_outputs" in recompute:
-        attn_phase["reentrant_checkpoint_outputs"] = recompute["reentrant_checkpoint_outputs"]
-    scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gradient_checkpointing) else {}
+    ac = _activation_terms(spec, c, r, s=s, b=b, full=full, quant=quant, gc=gradient_checkpointing, method=method,
+                           packing=packing, bottleneck_size=bottleneck_size, sites=tuple(bottleneck_sites), notes=notes)
+    acts, recompute, attn_phase, scores_tmp, bwd_temp = ac.acts, ac.recompute, ac.attn_phase, ac.scores_tmp, ac.bwd_temp
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe
     loss_fwd, loss_bwd, held, fwd_prev = _loss_terms(spec, r, act, T, chunk_tokens, notes)
