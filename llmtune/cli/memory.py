@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
     @app.command("memory")
     def memory(
         model: str = typer.Argument(..., help="Preset name (e.g. llama-3.1-8b), config.json path or model dir."),
-        method: str = typer.Option("lora", "--method", help="full, lora, qlora or dora."),
+        method: str = typer.Option("lora", "--method", help="full, lora, qlora, dora, prompt_tuning, ia3 or bottleneck."),
         batch: int = typer.Option(1, "--batch", help="Micro-batch size per GPU."),
         seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),
         recipe: str = typer.Option("llmtune", "--recipe", help="Whose loop: llmtune, hf or unsloth."),
@@ -90,6 +90,11 @@ def register(app: typer.Typer) -> None:
         optimizer: str = typer.Option("adamw", "--optimizer", help="adamw, adamw_8bit, sgd, sgd_momentum, adafactor."),
         attention: str = typer.Option("sdpa", "--attention", help="sdpa, flash or eager."),
         precision: str = typer.Option("bf16", "--precision", help="Full fine-tuning: bf16, fp32 or mixed."),
+        objective: str = typer.Option("sft", "--objective", help="sft, reward, dpo or online_rl."),
+        packing: bool = typer.Option(False, "--packing", help="Packed sequences (SDPA gets a block-diagonal mask)."),
+        virtual_tokens: int = typer.Option(20, "--virtual-tokens", help="Prompt tuning: soft-prompt length."),
+        bottleneck: int = typer.Option(64, "--bottleneck", help="Bottleneck adapters: bottleneck size."),
+        rl_samples: int = typer.Option(4, "--rl-samples", help="Online RL: samples per prompt."),
         gpus: int = typer.Option(1, "--gpus", help="Number of GPUs."),
         sharding: str = typer.Option("none", "--sharding", help="none, ddp, fsdp, zero1, zero2, zero3."),
         serve: bool = typer.Option(False, "--serve", help="Estimate serving (a forward with KV cache) instead."),
@@ -127,7 +132,9 @@ def register(app: typer.Typer) -> None:
             mode = "serving"
         else:
             kw = dict(method=method, recipe=recipe, gradient_checkpointing=gc, lora_rank=rank, lora_targets=targets,
-                      optimizer=optimizer, attention=attention, precision=precision, gpus=gpus, sharding=sharding)
+                      optimizer=optimizer, attention=attention, precision=precision, gpus=gpus, sharding=sharding,
+                      objective=objective, packing=packing, num_virtual_tokens=virtual_tokens,
+                      bottleneck_size=bottleneck, rl_samples=rl_samples)
             est = estimate_training(spec, batch_size=batch, seq_len=seq, **kw)
             mode = "training"
         solved: dict[str, int] = {}
