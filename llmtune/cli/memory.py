@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
     @app.command("memory")
     def memory(
         model: str = typer.Argument(..., help="Preset name (e.g. llama-3.1-8b), config.json path or model dir."),
-        method: str = typer.Option("lora", "--method", help="full, lora, qlora, dora, prompt_tuning, ia3 or bottleneck."),
+        method: str = typer.Option("lora", "--method", help="full, lora, qlora, dora, prompt_tuning, prefix_tuning, ia3 or bottleneck."),
         batch: int = typer.Option(1, "--batch", help="Micro-batch size per GPU."),
         seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),
         recipe: str = typer.Option("llmtune", "--recipe", help="Whose loop: llmtune, hf or unsloth."),

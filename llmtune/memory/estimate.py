@@ -20,6 +20,7 @@ from llmtune.memory.mechanisms import (
     adapter_params,
     check_mechanism,
     generation_terms,
+    prefix_layer_bytes,
     reference_pass_terms,
     sequences_per_example,
 )
@@ -387,19 +388,23 @@ class _Acts(NamedTuple):
 
 def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, full: bool, quant: bool, gc: bool,
                       method: str, packing: bool, bottleneck_size: int, sites: tuple[str, ...],
-                      notes: list[str]) -> _Acts:
+                      num_virtual_tokens: int, notes: list[str]) -> _Acts:
     """What autograd keeps: per-layer saved tensors (or checkpoints + one recomputed layer), model-level terms,
     the attention-backward working set and the backward temporaries."""
     act, h, T = c.act, spec.hidden_size, b * s
     adapter_method = method in ADAPTER_METHODS
-    lay = _layer_terms(spec, c, masked=packing and c.attention == "sdpa")
+    prefix = num_virtual_tokens if method == "prefix_tuning" else 0
+    masked = (packing or bool(prefix)) and c.attention == "sdpa"
+    lay = _layer_terms(spec, c, masked=masked)
     layer, quad, first_norm = dict(lay.terms), lay.quad, lay.first_norm
-    if adapter_method and method != "prompt_tuning":
+    if adapter_method and method not in ("prompt_tuning", "prefix_tuning"):
         layer["adapters"] = adapter_layer_bytes(spec, method, act, c.lora_bytes, bottleneck_size=bottleneck_size,
                                                 sites=sites)
+    if prefix:
+        layer["prefix_kv"] = prefix_layer_bytes(spec, act, prefix, s)
     L = spec.num_layers
-    window_mask = s if (packing and c.attention == "sdpa") else 0
-    if window_mask:
+    window_mask = s + prefix if masked else 0
+    if packing and window_mask:
         notes.append("packing with SDPA: a block-diagonal mask for every layer (K/V repeated to all heads, float "
                      "bias saved per layer); attention='flash' packs varlen without a mask")
     if lay.kernel == "math":
@@ -421,10 +426,11 @@ def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, fu
     eager_mask = act * s if (c.attention == "eager" or spec.family == "falcon") else window_mask
     model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
     model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
+    dead: dict[str, float] = {}
     if not full and not gc and method == "bottleneck":
-        # nothing upstream of layer 0's first adapter needs a gradient, so nothing there is saved
-        dead = lay.terms.get("attention", 0.0) if "attention" in sites else sum(lay.terms.values()) - first_norm
-        model_level -= dead
+        # nothing upstream of layer 0's first adapter needs a gradient, so layer 0 saves nothing there
+        dead = ({"attention": lay.terms.get("attention", 0.0)} if "attention" in sites else
+                {k: v - (first_norm if k == "norms" else 0.0) for k, v in lay.terms.items()})
     if not full and not gc and method != "prompt_tuning":
         model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
     if spec.dropout:
@@ -440,9 +446,9 @@ def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, fu
         if quant and r.kbit_reentrant_checkpointing:
             recompute["reentrant_checkpoint_outputs"] = 2 * act * h * T
     else:
-        acts = {f"activations_{k}": int(L * v * T) for k, v in layer.items()}
+        acts = {f"activations_{k}": int((L * v - dead.get(k, 0.0)) * T) for k, v in layer.items()}
         if quad:
-            acts["activations_attention_scores"] = int(L * quad * s * T)
+            acts["activations_attention_scores"] = int((L * quad - (lay.quad if dead else 0.0)) * s * T)
         acts["activations_model"] = int((model_level + eager_mask) * T)
         recompute = {}
     bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
@@ -677,7 +683,8 @@ def estimate_training(
     c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if r.adapter_fp32 else act,
              rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention, fused=r.fused_kernels)
     ac = _activation_terms(spec, c, r, s=s, b=b, full=full, quant=quant, gc=gradient_checkpointing, method=method,
-                           packing=packing, bottleneck_size=bottleneck_size, sites=tuple(bottleneck_sites), notes=notes)
+                           packing=packing, bottleneck_size=bottleneck_size, sites=tuple(bottleneck_sites),
+                           num_virtual_tokens=num_virtual_tokens, notes=notes)
     acts, recompute, attn_phase, scores_tmp, bwd_temp = ac.acts, ac.recompute, ac.attn_phase, ac.scores_tmp, ac.bwd_temp
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe

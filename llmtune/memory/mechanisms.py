@@ -2,6 +2,9 @@
 
 Each function counts what one mechanism adds, from the operations it runs:
 
+* **prefix tuning** (PEFT ``PrefixEncoder``, no projection): ``n x L x 2 x kv_dim`` fp32 parameters
+  become ``n`` extra key/value positions per layer; PEFT passes a mask, so SDPA gets repeated K/V of
+  ``s + n`` positions and a float bias (CUDA: the memory-efficient kernel).
 * **prompt tuning** (PEFT ``PromptEmbedding``): ``n`` trainable fp32 vectors of width ``h`` prepended to the
   input, so every layer sees ``s + n`` positions and the input needs a gradient (layer 0's norm saves).
 * **IA3** (PEFT ``IA3Layer``): fp32 vectors scaling the key and value outputs and the input of the last MLP
@@ -20,7 +23,7 @@ from __future__ import annotations
 from llmtune.core.errors import InvalidOptionError
 from llmtune.memory.spec import Linear, ModelSpec
 
-ADAPTER_METHODS = ("prompt_tuning", "ia3", "bottleneck")
+ADAPTER_METHODS = ("prompt_tuning", "prefix_tuning", "ia3", "bottleneck")
 OBJECTIVES = ("sft", "reward", "dpo", "online_rl")
 PLACEMENTS = ("series", "parallel")
 SITES = ("attention", "mlp")
@@ -43,6 +46,8 @@ def adapter_params(spec: ModelSpec, method: str, *, num_virtual_tokens: int, bot
     h, L = spec.hidden_size, spec.num_layers
     if method == "prompt_tuning":
         return num_virtual_tokens * h
+    if method == "prefix_tuning":  # PEFT's PrefixEncoder without projection: n x (L x 2 x kv_dim)
+        return num_virtual_tokens * L * 2 * spec.kv_dim
     if method == "ia3":
         scaled_out, scaled_in = ia3_modules(spec)
         return L * (sum(x.out_features for x in scaled_out) + sum(x.in_features for x in scaled_in))
@@ -62,6 +67,14 @@ def adapter_layer_bytes(spec: ModelSpec, method: str, act: int, adapter_bytes: i
     if method == "bottleneck":
         return len(sites) * adapter_bytes * (spec.hidden_size + 2 * bottleneck_size)
     return 0.0
+
+
+def prefix_layer_bytes(spec: ModelSpec, act: int, n: int, s: int) -> float:
+    """Extra bytes per token one layer saves for ``n`` prefix keys/values: the concatenated K and V are
+    ``n`` positions longer (repeated to every head: the prefix comes with a mask, so no ``enable_gqa``), and
+    the mask's float bias has ``n`` more key columns."""
+    kv_width = spec.kv_dim if spec.num_kv_heads in (1, spec.num_heads) else spec.q_dim
+    return (2 * act * kv_width + act) * n / s
 
 
 def check_mechanism(method: str, objective: str, *, num_virtual_tokens: int, bottleneck_size: int,

@@ -465,3 +465,11 @@ def test_adapter_method_parameter_counts():
     assert bn == 4 * L * 2 * (2 * h * 64 + 64 + h)
     assert estimate_training(SPEC_1B, "ia3", **kw).breakdown["lora_params"] == 4 * L * (2 * kv + f)
     assert estimate_training(SPEC_1B, "prompt_tuning", num_virtual_tokens=20, **kw).breakdown["lora_params"] == 4 * 20 * h
+    pt = estimate_training(SPEC_1B, "prefix_tuning", num_virtual_tokens=20, **kw)
+    assert pt.breakdown["lora_params"] == 4 * 20 * L * 2 * kv
+    for name in ("gemma-3-1b", "qwen3-30b-a3b", "gpt2", "falcon-7b"):  # every adapter method on odd families
+        spec = ModelSpec.from_preset(name)
+        for method in ("prompt_tuning", "prefix_tuning", "ia3", "bottleneck"):
+            for gc in (True, False):
+                e = estimate_training(spec, method, gradient_checkpointing=gc, recipe="hf", **kw)
+                assert e.peak_tensor_bytes > 0 and all(v >= 0 for v in e.breakdown.values())

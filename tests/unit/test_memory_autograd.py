@@ -235,3 +235,16 @@ def test_packing_with_sdpa_matches_autograd():
     predicted = _predicted_saved(spec, method="lora", lora_rank=8, packing=True)
     assert predicted > _predicted_saved(spec, method="lora", lora_rank=8)
     assert abs(predicted / sum(seen.values()) - 1) <= 0.01, f"predicted {predicted} vs autograd {sum(seen.values())}"
+
+
+def test_prefix_tuning_terms_match_autograd():
+    """PEFT prefix tuning, 8 virtual tokens: n x L x 2 x kv_dim parameters; K/V of s + 8 positions repeated to
+    every head (PEFT passes a mask) and a float bias over s + 8 keys per layer. Within 1% of autograd."""
+    spec = ModelSpec.from_hf_config(TINY["llama"])
+    model = peft.get_peft_model(_build(TINY["llama"], "sdpa"),
+                                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    model.train()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 8 * spec.num_layers * 2 * spec.kv_dim
+    measured = _saved_bytes(model)
+    predicted = _predicted_saved(spec, method="prefix_tuning", num_virtual_tokens=8)
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
