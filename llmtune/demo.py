@@ -202,6 +202,21 @@ def rlhf_stage(out: str | Path, summary: dict[str, Any], *, settings: dict[str, 
         heldout = heldout[:summary["heldout_examples"]]
     result = run_rlhf_act(sft, tokenizer, train, heldout, Path(out) / "rlhf", seed=summary["seed"],
                           settings=settings, echo=echo)
+    result["rlhf_memory_estimate"] = _rlhf_memory(sft, rank=result["rlhf_settings"]["rank"],
+                                                  samples=result["rlhf_settings"]["samples"])
     echo(f"      held-out reward {result['heldout_reward_sft']:.3f} (SFT) -> {result['heldout_reward_rl']:.3f} "
          f"(RLOO); win-rate vs SFT {result['win_rate_vs_sft']:.3f} by the rule; {result['rlhf_seconds']:.1f} s")
     return result
+
+
+def _rlhf_memory(model: Any, *, rank: int, samples: int) -> dict[str, int]:
+    """`llmtune.memory`'s peak-tensor estimate (bytes, bf16 on a GPU) of the act's three objectives."""
+    from llmtune.memory import ModelSpec, estimate_training
+
+    spec = ModelSpec.from_hf_config(model.config.to_dict(), name="tiny-llama")
+    out = {}
+    for objective in ("reward", "dpo", "online_rl"):
+        est = estimate_training(spec, "lora", batch_size=8, seq_len=64, gradient_checkpointing=False, lora_rank=rank,
+                                lora_targets="all-linear", objective=objective, rl_samples=samples)
+        out[objective] = est.peak_tensor_bytes
+    return out

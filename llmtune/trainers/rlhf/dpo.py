@@ -60,10 +60,21 @@ class DpoOptions:
 
 def add_policy_adapter(model: Any, *, rank: int = 16, alpha: int = 32, target_modules: Any = "all-linear") -> Any:
     """A PEFT LoRA adapter on ``model`` (B initialised to zero, so the policy starts equal to the reference)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                            target_modules=target_modules))
+    return quiet_peft(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                        target_modules=target_modules))
+
+
+def quiet_peft(model: Any, config: Any) -> Any:
+    """``get_peft_model`` without the FutureWarning PEFT triggers by reading transformers' deprecated attribute."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 @contextlib.contextmanager

@@ -2,9 +2,9 @@
 
 The "human" is a deterministic rule (`human_ranking`), so every run ranks the same answers the same way:
 
-1. **correct order first**: an answer is better the closer its words are to the drink's correct English
-   description (word-level F1 against it, case and punctuation ignored, rounded to 0.01); an exactly correct
-   answer has F1 = 1 and beats every other;
+1. **correct order first**: an answer with exactly the words of the drink's correct English description
+   (case, punctuation and word order ignored) beats every answer without (`GRADE` = 1.0: right or wrong;
+   a finer grade ranks wrong answers by word-level F1 against the description, in steps of `GRADE`);
 2. **then brevity**: between answers equally correct, the shorter (fewer characters) is better;
 3. answers equal on both are tied (no preference between them).
 
@@ -122,8 +122,9 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str,
 
 
 DEFAULTS: dict[str, Any] = {
-    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rank_reference": True, "rm_steps": 150, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 40,
-    "rl_lr": 1e-3, "rl_prompts_per_step": 8, "kl_coef": 0.05, "rank": 16, "alpha": 32, "max_new_tokens": 24,
+    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rank_reference": True, "rm_steps": 150, "rm_lr": 1e-3,
+    "rm_batch": 8, "rl_steps": 30, "rl_lr": 3e-4, "rl_prompts_per_step": 8, "kl_coef": 0.5, "rank": 16, "alpha": 32,
+    "max_new_tokens": 24,
 }
 
 

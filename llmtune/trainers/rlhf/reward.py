@@ -156,11 +156,13 @@ def _prepare(model: Any, options: RewardOptions) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from llmtune.trainers.rlhf.dpo import quiet_peft
 
     config = LoraConfig(task_type="SEQ_CLS", r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0,
                         target_modules="all-linear")
-    return get_peft_model(model, config)
+    return quiet_peft(model, config)
 
 
 @dataclasses.dataclass
