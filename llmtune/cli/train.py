@@ -28,6 +28,20 @@ def _render_eval(evals: dict[str, dict[str, float]]) -> None:
     Console().print(table)
 
 
+def _callbacks(options: object) -> list[object]:
+    """What the CLI attaches to a run: a progress bar (unless the options say progress: false) and one-line
+    messages for Ctrl-C and guard stops, on stderr."""
+    from rich.console import Console
+
+    from llmtune.trainers.callbacks import ConsoleReporter, ProgressBar
+
+    err = Console(stderr=True)
+    out: list[object] = [ConsoleReporter(lambda line: err.print(line, highlight=False))]
+    if getattr(options, "progress", False):
+        out.append(ProgressBar(every=int(getattr(options, "log_every", 1))))
+    return out
+
+
 def _quiet_transformers() -> None:
     """No weight-loading progress bars in command output."""
     from transformers.utils import logging as hf_logging
@@ -53,16 +67,17 @@ def register(app: typer.Typer) -> None:
             Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
             return
         try:
-            result = run(cfg, resume=resume)
+            result = run(cfg, resume=resume, callbacks=_callbacks(cfg.trainer.options))
         except KeyboardInterrupt:
-            Console(stderr=True).print("[yellow]interrupted[/]: checkpoint saved; rerun with --resume auto")
+            # the ConsoleReporter callback already said where the checkpoint went (if one was saved)
             raise typer.Exit(130) from None
         _render_eval(result.eval)
+        what = "adapter" if result.adapter_dir is not None else "model"
         if result.stopped_early:
-            Console(stderr=True).print(f"[bold red]stopped early[/]: {result.stopped_early}; adapter: "
-                                       f"{result.adapter_dir}")
+            Console(stderr=True).print(f"[bold red]stopped early[/]: {result.stopped_early}; {what}: "
+                                       f"{result.model_dir}")
             raise typer.Exit(3)
-        Console().print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir}/log.jsonl")
+        Console().print(f"{what}: {result.model_dir}\nlog: {result.output_dir}/log.jsonl")
 
     @app.command("generate")
     def generate(

@@ -43,8 +43,8 @@ def text_sources(data: Any, what: str = "data") -> list[TextSource]:
         data = [data]
     if not isinstance(data, Sequence) or not data:
         raise ConfigError(f"{what} must be a text file, a directory, or a non-empty list of texts or paths")
-    if all(isinstance(t, str) for t in data) and not any(_looks_like_path(t) for t in data):
-        return [TextSource(texts=tuple(data))]
+    if all(isinstance(t, str) for t in data) and not all(_looks_like_path(t) for t in data):
+        return [TextSource(texts=tuple(data))]  # a list of strings is texts, unless every one names a file
     sources: list[TextSource] = []
     for item in data:
         path = Path(item).expanduser()
@@ -63,7 +63,12 @@ def text_sources(data: Any, what: str = "data") -> list[TextSource]:
 
 
 def _looks_like_path(text: str) -> bool:
-    return "\n" not in text and len(text) < 4096 and Path(text).expanduser().exists()
+    if "\n" in text or len(text) > 1024:
+        return False
+    try:
+        return Path(text).expanduser().exists()
+    except OSError:  # e.g. a name too long for the filesystem: a text, not a path
+        return False
 
 
 def _txt_pieces(path: Path, chunk_bytes: int) -> Iterator[str]:

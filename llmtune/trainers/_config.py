@@ -202,8 +202,8 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
         raise ConfigError(f"{loc}: {exc}{hint}") from None
 
 
-def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
-    """Train as the config says; returns the trainer's `TrainResult`."""
+def run(config: TrainConfig, *, resume: bool | str | None = None, callbacks: Any = ()) -> Any:
+    """Train as the config says (reporting through ``callbacks``); returns the trainer's `TrainResult`."""
     tokenizer = None
     if config.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -211,7 +211,7 @@ def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     return config.trainer.train(
         config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
-        output_dir=config.output_dir, resume=config.resume if resume is None else resume,
+        output_dir=config.output_dir, resume=config.resume if resume is None else resume, callbacks=list(callbacks),
     )
 
 
