@@ -7,7 +7,7 @@
 A source is a ``.txt`` file (one document), a ``.jsonl`` file (one document per line's ``text_field``), a
 directory (its ``.txt``/``.jsonl`` files, sorted), or an in-memory list of strings. Documents are joined with
 the tokenizer's eos token. A ``.txt`` file is read ``chunk_bytes`` characters at a time and cut after the
-last newline (or space) of each chunk, so no token is split. Imports no torch.
+last newline of each chunk (or before its last space), so no token is split. Imports no torch.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def _txt_pieces(path: Path, chunk_bytes: int) -> Iterator[str]:
                 if not chunk:
                     break
                 text = carry + chunk
-                cut = text.rfind("\n") + 1 or text.rfind(" ") + 1
+                newline = text.rfind("\n")
+                # after a newline, or before a space (a space starts the next word's token)
+                cut = newline + 1 if newline >= 0 else text.rfind(" ")
                 if cut <= 0:  # no break in the whole piece: keep reading
                     carry = text
                     continue
@@ -112,7 +114,7 @@ class BlockStream:
     """An iterable over fixed-length token blocks of the sources (restartable: each ``iter`` starts over)."""
 
     def __init__(self, sources: Sequence[TextSource], tokenizer: Any, *, block_size: int,
-                 chunk_bytes: int = 1 << 20, text_field: str = "text") -> None:
+                 chunk_bytes: int = 1 << 16, text_field: str = "text") -> None:
         if block_size < 2:
             raise ConfigError(f"block_size={block_size} must be >= 2")
         self.sources = list(sources)
@@ -137,11 +139,15 @@ class BlockStream:
         """Token ids piece by piece, with eos after every document (bos before it, if the tokenizer has one)."""
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
+        fast = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer: no max-length warning, faster
         for doc in self._documents():
             if bos is not None:
                 yield [int(bos)]
             for piece in doc:
-                yield list(tok(piece, add_special_tokens=False)["input_ids"])
+                if fast is not None:
+                    yield fast.encode(piece, add_special_tokens=False).ids
+                else:
+                    yield list(tok(piece, add_special_tokens=False)["input_ids"])
             if eos is not None:
                 yield [int(eos)]
 

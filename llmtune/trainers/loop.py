@@ -347,12 +347,15 @@ def train_step(state: RunState) -> dict[str, Any] | None:
         return None
     _confirm_pending(state)
     lr = float(state.scheduler.get_last_lr()[0])
-    _optimizer_step(state)
-    dt = time.perf_counter() - t0
-    epoch = state.step / state.steps_per_epoch if state.steps_per_epoch else None
-    return {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-            "tokens_per_s": tokens / dt if dt > 0 else None, "memory_bytes": _memory_bytes(state.acc.device),
-            "time_s": time.perf_counter() - state.t_start, "num_threads": state.num_threads}
+    with state.signals.critical_section():  # a second Ctrl-C waits until the step is counted and recorded
+        _optimizer_step(state)
+        dt = time.perf_counter() - t0
+        record = {"step": state.step, "epoch": state.step / state.steps_per_epoch if state.steps_per_epoch else None,
+                  "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": tokens / dt if dt > 0 else None, "memory_bytes": _memory_bytes(state.acc.device),
+                  "time_s": time.perf_counter() - state.t_start, "num_threads": state.num_threads}
+        state.history.append(record)
+    return record
 
 
 def _forward_backward(state: RunState, examples: list[Any]) -> tuple[float, int]:
@@ -394,14 +397,13 @@ def _guard(state: RunState, loss: float) -> str | None:
 
 
 def _optimizer_step(state: RunState) -> None:
-    """Optimizer and scheduler step and the step counter, as one unit a second Ctrl-C cannot split."""
-    with state.signals.critical_section():
-        state.optimizer.step()
-        if not getattr(state.optimizer, "step_was_skipped", False):
-            state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.rng = ckpt.rng_state()
+    """Optimizer and scheduler step, the step counter and the RNG snapshot (inside a critical section)."""
+    state.optimizer.step()
+    if not getattr(state.optimizer, "step_was_skipped", False):
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.rng = ckpt.rng_state()
 
 
 def _after_step(state: RunState, record: dict[str, Any]) -> None:
@@ -409,7 +411,6 @@ def _after_step(state: RunState, record: dict[str, Any]) -> None:
     if opts.eval_every and step % opts.eval_every == 0 and step < state.total_steps:
         record["eval"] = evaluate(state, state.acc.unwrap_model(state.wrapped).model, f"step-{step:06d}")
         state.wrapped.train()
-    state.history.append(record)
     if opts.save_every and step % opts.save_every == 0:
         with state.signals.critical_section():
             state.pending = save_checkpoint(state)

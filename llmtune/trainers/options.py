@@ -175,7 +175,7 @@ class PretrainOptions(TrainOptions):
     warmup: float = 0.05
     weight_decay: float = 0.01
     max_length: int = 64
-    chunk_bytes: int = 1 << 20               #: bytes of text read and tokenized at a time
+    chunk_bytes: int = 1 << 16               #: characters of text read and tokenized at a time
     text_field: str = "text"                 #: the field of .jsonl/.json records that holds the text
 
     def __post_init__(self) -> None:
