@@ -47,7 +47,7 @@ class RecipeTrainer(Trainer):
         if unknown:
             build_options(self.Options, {k: overrides[k] for k in unknown}, where=self.describe())
         merged.update(overrides)
-        opts = build_options(self.Options, merged, where=self.describe())
+        opts: Any = build_options(self.Options, merged, where=self.describe())
         check_supported(self, opts)
         return opts
 
