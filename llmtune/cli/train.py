@@ -28,17 +28,19 @@ def _render_eval(evals: dict[str, dict[str, float]]) -> None:
     Console().print(table)
 
 
-def _callbacks(options: object) -> list[object]:
-    """What the CLI attaches to a run: a progress bar (unless the options say progress: false) and one-line
-    messages for Ctrl-C and guard stops, on stderr."""
+def _callbacks(options: object, loggers: tuple[str, ...] = ()) -> list[object]:
+    """What the CLI attaches to a run: a progress bar (unless the options say progress: false), one-line
+    messages for Ctrl-C and guard stops (stderr), and the config's ``loggers`` (tensorboard, mlflow)."""
     from rich.console import Console
 
-    from llmtune.trainers.callbacks import ConsoleReporter, ProgressBar
+    from llmtune.trainers.callbacks import ConsoleReporter, MLflowLogger, ProgressBar, TensorBoardLogger
 
     err = Console(stderr=True)
     out: list[object] = [ConsoleReporter(lambda line: err.print(line, highlight=False))]
     if getattr(options, "progress", False):
         out.append(ProgressBar(every=int(getattr(options, "log_every", 1))))
+    makers = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+    out.extend(makers[name]() for name in loggers)
     return out
 
 
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
             Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
             return
         try:
-            result = run(cfg, resume=resume, callbacks=_callbacks(cfg.trainer.options))
+            result = run(cfg, resume=resume, callbacks=_callbacks(cfg.trainer.options, cfg.loggers))
         except KeyboardInterrupt:
             # the ConsoleReporter callback already said where the checkpoint went (if one was saved)
             raise typer.Exit(130) from None

@@ -37,7 +37,9 @@ TOP_LEVEL: dict[str, tuple[bool, str]] = {
     "resume": (False, "false, true/'auto' (newest checkpoint in output_dir), or a checkpoint path"),
     "trainer": (False, "the trainer: name, backend, and that backend's options"),
     "quantizer": (False, "quantize the base model (QLoRA): a name like nf4, or name/backend/options"),
+    "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow"),
 }
+LOGGERS = ("tensorboard", "mlflow")
 _PATH_KEYS = ("data", "eval_data", "output_dir")
 
 
@@ -54,6 +56,7 @@ class TrainConfig:
     output_dir: str | None = None
     resume: bool | str = False
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loggers: tuple[str, ...] = ()
 
 
 def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], where: str) -> None:
@@ -156,6 +159,11 @@ def load_config(path: str | Path) -> TrainConfig:
     from llmtune.core.registry import get_trainer
 
     trainer = _build(REGISTRY, "trainer", tspec, at, "trainer", get_trainer)
+    loggers = data.get("loggers") or []
+    if isinstance(loggers, str):
+        loggers = [loggers]
+    if not isinstance(loggers, list) or any(x not in LOGGERS for x in loggers):
+        raise ConfigError(f"{at('loggers')}: 'loggers' must be a list of {', '.join(LOGGERS)}, not {loggers!r}")
     resume_value: bool | str = resume
     if isinstance(resume, str) and resume != "auto":
         resume_value = resolve(resume)
@@ -164,7 +172,7 @@ def load_config(path: str | Path) -> TrainConfig:
         tokenizer=local_or_hub(data["tokenizer"]) if data.get("tokenizer") else None,
         eval_data=resolve(data["eval_data"]) if data.get("eval_data") else None,
         output_dir=resolve(data["output_dir"]) if data.get("output_dir") else None,
-        resume=resume_value, raw=data,
+        resume=resume_value, raw=data, loggers=tuple(loggers),
     )
 
 

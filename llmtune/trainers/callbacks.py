@@ -158,3 +158,112 @@ class ConsoleReporter(Callback):
     def on_stop(self, state: Any, reason: str, last_good: Path | None) -> None:
         if state.is_main_process:
             self.echo(f"stopped: {reason}; last good checkpoint: {last_good}")
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a step record (loss, lr, grad_norm, tokens_per_s, ...)."""
+    keys = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "memory_bytes", "epoch")
+    return {k: float(record[k]) for k in keys if isinstance(record.get(k), (int, float))}
+
+
+class TensorBoardLogger(Callback):
+    """TensorBoard event files (``pip install 'llmtune[tensorboard]'``): ``train/<field>`` every step and
+    ``eval/<metric>`` at every evaluation, in ``log_dir`` (default ``OUT/tensorboard``), main process only."""
+
+    def __init__(self, log_dir: str | Path | None = None) -> None:
+        self.log_dir = log_dir
+        self._writer: Any = None
+
+    def on_train_start(self, state: Any) -> None:
+        if not state.is_main_process:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            from llmtune.core.errors import MissingDependencyError
+
+            raise MissingDependencyError("TensorBoardLogger needs tensorboard: pip install 'llmtune[tensorboard]'"
+                                         ) from exc
+        self._writer = SummaryWriter(log_dir=str(self.log_dir or state.out / "tensorboard"), purge_step=state.step + 1)
+
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        if self._writer is not None:
+            for key, value in _scalars(record).items():
+                self._writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def on_evaluate(self, state: Any, tag: str, scores: dict[str, float]) -> None:
+        if self._writer is not None:
+            for key, value in scores.items():
+                self._writer.add_scalar(f"eval/{key}", value, state.step)
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def on_stop(self, state: Any, reason: str, last_good: Path | None) -> None:
+        self._close()
+
+    def on_interrupt(self, state: Any, path: Path) -> None:
+        self._close()
+
+    def on_train_end(self, state: Any, result: Any) -> None:
+        self._close()
+
+
+class MLflowLogger(Callback):
+    """An MLflow run (``pip install 'llmtune[mlflow]'``): options as params, step fields and evaluation
+    scores (``eval_<metric>``) as metrics. ``tracking_uri`` defaults to a local SQLite store, ``OUT/mlflow.db``; the
+    run is ended FINISHED, KILLED (Ctrl-C) or FAILED (guard stop). ``run_id`` is set once it started."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "llmtune", run_name: str | None = None
+                 ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id: str | None = None
+        self._client: Any = None
+
+    def on_train_start(self, state: Any) -> None:
+        if not state.is_main_process:
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            from llmtune.core.errors import MissingDependencyError
+
+            raise MissingDependencyError("MLflowLogger needs mlflow: pip install 'llmtune[mlflow]'") from exc
+        # MLflow >= 3 keeps the file store in maintenance mode: a local SQLite store is its default
+        uri = self.tracking_uri or f"sqlite:///{(state.out / 'mlflow.db').resolve()}"
+        self.tracking_uri = uri
+        self._client = MlflowClient(tracking_uri=uri)
+        exp = self._client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
+        run = self._client.create_run(exp_id, run_name=self.run_name)
+        self.run_id = run.info.run_id
+        for key, value in state.options.to_dict().items():
+            self._client.log_param(self.run_id, key, str(value)[:500])
+
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        if self._client is not None:
+            for key, value in _scalars(record).items():
+                self._client.log_metric(self.run_id, key, value, step=record["step"])
+
+    def on_evaluate(self, state: Any, tag: str, scores: dict[str, float]) -> None:
+        if self._client is not None:
+            for key, value in scores.items():
+                self._client.log_metric(self.run_id, f"eval_{key}", float(value), step=state.step)
+
+    def _end(self, status: str) -> None:
+        if self._client is not None:
+            self._client.set_terminated(self.run_id, status=status)
+            self._client = None
+
+    def on_stop(self, state: Any, reason: str, last_good: Path | None) -> None:
+        self._end("FAILED")
+
+    def on_interrupt(self, state: Any, path: Path) -> None:
+        self._end("KILLED")
+
+    def on_train_end(self, state: Any, result: Any) -> None:
+        self._end("FINISHED")

@@ -124,8 +124,10 @@ class RunState:
     last_good: Path | None = None   # newest checkpoint whose next step was finite and not divergent
     pending: Path | None = None     # newest checkpoint, not yet confirmed by the step after it
     stopped: str | None = None
+    early_stopped: str | None = None    # validation loss stopped improving (a normal end: the result is saved)
     rng: dict[str, Any] | None = None   # RNG states at the last step boundary
     signals: Signals = dataclasses.field(default_factory=Signals)
+    started: bool = False           # callbacks got on_train_start (evaluations before it are replayed then)
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -242,6 +244,9 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
     _write_config(state, trainer)
     state.rng = ckpt.rng_state()
     state.callbacks.on_train_start(state)
+    state.started = True
+    if state.evals.get("before") and state.resume_from is None:
+        state.callbacks.on_evaluate(state, "before", state.evals["before"])
     return state
 
 
@@ -321,7 +326,7 @@ def train(state: RunState) -> None:
     state.wrapped.train()
     with state.signals.installed():
         try:
-            while state.step < state.total_steps:
+            while state.step < state.total_steps and state.early_stopped is None:
                 record = train_step(state)
                 if record is None:
                     return
@@ -411,6 +416,7 @@ def _after_step(state: RunState, record: dict[str, Any]) -> None:
     if opts.eval_every and step % opts.eval_every == 0 and step < state.total_steps:
         record["eval"] = evaluate(state, state.acc.unwrap_model(state.wrapped).model, f"step-{step:06d}")
         state.wrapped.train()
+        _early_stopping(state)
     if opts.save_every and step % opts.save_every == 0:
         with state.signals.critical_section():
             state.pending = save_checkpoint(state)
@@ -418,6 +424,19 @@ def _after_step(state: RunState, record: dict[str, Any]) -> None:
     state.callbacks.on_step_end(state, record)
     if _stop_everywhere(state):
         raise _StopRequested
+
+
+def _early_stopping(state: RunState) -> None:
+    """Stop (normally) after ``early_stopping_patience`` periodic evaluations without a new best validation loss."""
+    patience = state.options.early_stopping_patience
+    if not patience:
+        return
+    seen = [state.evals.get("before", {}).get("loss")]
+    seen += [h["eval"].get("loss") for h in state.history if isinstance(h.get("eval"), dict)]
+    losses = [x for x in seen if x is not None]
+    if len(losses) > patience and min(losses[-patience:]) >= min(losses[:-patience]):
+        state.early_stopped = (f"validation loss has not improved for {patience} evaluations "
+                               f"(best {min(losses):.4g}) at step {state.step}")
 
 
 def _stop_everywhere(state: RunState) -> bool:
@@ -479,7 +498,8 @@ def evaluate(state: RunState, model: nn.Module, tag: str) -> dict[str, float]:
         loss = validation_loss(state, model, ev.examples)
         scores.update({"loss": loss, "perplexity": math.exp(min(loss, 700.0))})
     ckpt.set_rng_state(rng)
-    state.callbacks.on_evaluate(state, tag, scores)
+    if state.started:
+        state.callbacks.on_evaluate(state, tag, scores)
     return scores
 
 
@@ -588,7 +608,7 @@ def finish(state: RunState) -> TrainResult:
         state.evals["after"] = evaluate(state, model, "after")
     evals = state.evals if state.evals.get("before") else {}
     extra = {"steps": state.step, "total_steps": state.total_steps, "world_size": state.world,
-             "precision": state.ctx.precision, "method": state.options.method,
+             "precision": state.ctx.precision, "method": state.options.method, "early_stopped": state.early_stopped,
              "trainable_parameters": sum(p.numel() for p in state.trainable), "num_threads": state.num_threads,
              "seconds": time.perf_counter() - state.t_start}
     result = TrainResult(adapter_dir=result_dir if method.adapter else None, history=state.history, eval=evals,

@@ -93,6 +93,7 @@ class TrainOptions:
     train_on_prompt: bool = False
     # evaluation, checkpoints, logs
     eval_every: int = 0                      #: also evaluate every N steps (0: only before and after)
+    early_stopping_patience: int = 0         #: stop after N periodic evaluations without a lower validation loss
     eval_examples: int = 64                  #: held-out examples (pretrain: blocks) per evaluation (0 = all)
     eval_batch_size: int = 8
     max_new_tokens: int = 64
@@ -139,7 +140,8 @@ class TrainOptions:
             positive("num_threads", self.num_threads)
         check_choice("template", self.template, TEMPLATES)
         positive("max_length", self.max_length)
-        for name in ("eval_every", "eval_examples", "save_every", "keep_checkpoints", "seed"):
+        for name in ("eval_every", "eval_examples", "save_every", "keep_checkpoints", "seed",
+                     "early_stopping_patience"):
             positive(name, getattr(self, name), zero_ok=True)
         for name in ("eval_batch_size", "max_new_tokens", "log_every"):
             positive(name, getattr(self, name))

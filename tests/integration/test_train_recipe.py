@@ -348,3 +348,17 @@ def test_a_plugin_backend_trains_through_the_shared_loop(tok: Any, train_set: An
     assert losses(peft_run) == pytest.approx(curve, rel=1e-4)
     with pytest.raises(InvalidOptionError, match="sft/plain: full"):
         llmtune.get_trainer("sft", backend="plain", method="lora")
+
+
+def test_early_stopping_on_validation_loss(tok: Any, tmp_path: Path) -> None:
+    from llmtune.data import split_instructions
+
+    train, held = split_instructions()
+    # a learning rate far too high: validation loss rises after the first evaluations, so the run ends early
+    opts = {**FAST, "lr": 0.3, "eval_every": 1, "eval_examples": 4, "max_new_tokens": 1, "divergence_factor": 0}
+    result = llmtune.get_trainer("sft", **opts, early_stopping_patience=2).train(
+        tiny(tok), train[:48], eval_data=held[:4], tokenizer=tok, output_dir=tmp_path, max_steps=12)
+    evals = [result.eval["before"]["loss"]] + [h["eval"]["loss"] for h in result.history if "eval" in h]
+    assert result.extra["early_stopped"] is not None and len(result.history) < 12
+    assert min(evals[-2:]) >= min(evals[:-2])             # the last two did not improve on the best before them
+    assert result.adapter_dir == tmp_path / "adapter" and result.stopped_early is None
