@@ -99,7 +99,7 @@ def _pretrain(model: Any, tokenizer: Any, out: Path, *, steps: int, seed: int, t
         weight_decay=0.01, max_grad_norm=1.0, seed=seed, eval_examples=0, eval_batch_size=16,
         num_threads=threads or "auto")
     return trainer.train(model, texts[:-held], eval_data=texts[-held:], tokenizer=tokenizer,
-                         output_dir=out / "pretrain", callbacks=callbacks)
+                         output_dir=out / "pretrain", callbacks=callbacks, overwrite=True)
 
 
 def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs: int | None, eval_examples: int,
@@ -152,7 +152,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         num_threads=threads or "auto")
     t = time.perf_counter()
     result = trainer.train(model, train, eval_data=heldout, tokenizer=tokenizer, output_dir=out / "run",
-                           callbacks=callbacks)
+                           callbacks=callbacks, overwrite=True)  # a rerun of the demo replaces its run
     train_seconds = time.perf_counter() - t
     before, after = result.eval.get("before", {}), result.eval.get("after", {})
     echo(f"      {len(result.history)} steps in {train_seconds:.1f} s; loss {result.history[0]['loss']:.3f} -> "

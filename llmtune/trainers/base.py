@@ -53,20 +53,24 @@ class RecipeTrainer(Trainer):
 
     def train(self, model: Any, data: Any, *, eval_data: Any = None, tokenizer: Any = None,
               output_dir: str | os.PathLike[str] | None = None, resume: bool | str | os.PathLike[str] = False,
-              callbacks: Sequence[Any] = (), **overrides: Any) -> TrainResult:
+              callbacks: Sequence[Any] = (), overwrite: bool = False, allow_changes: Sequence[str] = (),
+              **overrides: Any) -> TrainResult:
         """Train ``model`` (path, hub id, ``nn.Module``, or a config for a fresh model) on ``data``.
 
         ``data``/``eval_data``: what the objective reads (``sft``: a records file, a list of records, or a
         list of pre-tokenized examples; ``pretrain``: text files, directories or a list of strings).
         ``resume``: False, "auto" (newest checkpoint in ``output_dir`` if any) or a checkpoint path.
-        ``callbacks``: `llmtune.trainers.callbacks.Callback` objects. Any option can be overridden by keyword.
+        ``callbacks``: `llmtune.trainers.callbacks.Callback` objects. ``output_dir`` belongs to one run: another
+        run's directory is refused unless ``overwrite=True``; a resume whose settings or data changed is refused
+        unless each changed field is named in ``allow_changes`` (e.g. ``("max_steps",)``). Any option can be
+        overridden by keyword.
         """
         from llmtune.trainers.loop import run
 
         opts = self._merged_options(overrides) if overrides else self.options
         out = Path(output_dir if output_dir is not None else opts.output_dir)
         return run(self, opts, model, data, eval_data=eval_data, tokenizer=tokenizer, output_dir=out,
-                   resume=resume, callbacks=list(callbacks))
+                   resume=resume, callbacks=list(callbacks), overwrite=overwrite, allow_changes=tuple(allow_changes))
 
 
 def trainer_class(objective: str, backend: type[TrainerBackend], *, name: str | None = None) -> type[RecipeTrainer]:

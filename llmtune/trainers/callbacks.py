@@ -90,6 +90,8 @@ class JsonlLogger(Callback):
             with open(self.path, "w") as fh:
                 for rec in state.history:
                     fh.write(json.dumps(rec) + "\n")
+                for event in state.checkpoint_events:  # damaged checkpoints skipped, crash leftovers, a run replaced
+                    fh.write(json.dumps({"step": state.step, **event.to_dict()}) + "\n")
 
     def _write(self, state: Any, rec: dict[str, Any]) -> None:
         if state.is_main_process:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmtune.core.errors import ConfigError, LlmtuneError
+from llmtune.core.errors import ConfigError, LlmtuneError, OutputDirError
 from llmtune.core.results import TrainResult
 from llmtune.trainers import _checkpoint as ckpt
 from llmtune.trainers.backend import BackendContext, TrainerBackend
@@ -43,6 +43,10 @@ from llmtune.trainers.options import jsonable
 
 #: Losses the divergence guard compares a step with (their median).
 DIVERGENCE_WINDOW = 20
+#: Options that do not change what is trained: changing them keeps the run (and its output_dir) the same.
+NOT_RUN_IDENTITY = frozenset({"eval_every", "eval_examples", "eval_batch_size", "max_new_tokens", "save_every",
+                              "keep_checkpoints", "output_dir", "log_every", "progress", "gradient_checkpointing",
+                              "loss_chunk_tokens", "num_threads", "early_stopping_patience"})
 
 
 class _StopRequested(Exception):
@@ -118,6 +122,9 @@ class RunState:
     fingerprint: str = ""
     resume_from: Path | None = None
     resumed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    run_fingerprint: Any = None     # `_checkpoint.Fingerprint`: what makes this run this run (run.json)
+    allow_changes: tuple[str, ...] = ()
+    checkpoint_events: list[Any] = dataclasses.field(default_factory=list)   # `_checkpoint.CheckpointEvent`s
     step: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     evals: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -140,8 +147,10 @@ class RunState:
 
     @property
     def run_info(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "world_size": self.world, "global_batch": self.global_batch,
-                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+        run = self.run_fingerprint.to_dict() if self.run_fingerprint is not None else None
+        return {"fingerprint": self.fingerprint, "run": run, "world_size": self.world,
+                "global_batch": self.global_batch, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch}
 
 
 class _LossModule(nn.Module):
@@ -197,7 +206,8 @@ def resolve_precision(option: str) -> str:
 
 # ====================================================================== entry point
 def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, tokenizer: Any, output_dir: Path,
-        resume: Any, callbacks: list[Any]) -> TrainResult:
+        resume: Any, callbacks: list[Any], overwrite: bool = False, allow_changes: tuple[str, ...] = ()
+        ) -> TrainResult:
     """One training run of ``trainer`` (a `RecipeTrainer`) with ``options``; see the module doc."""
     from llmtune.trainers._threads import choose_threads, thread_scope
 
@@ -206,7 +216,8 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
     try:
         with thread_scope(threads):
             state = setup(trainer, options, backend, model, data, eval_data=eval_data, tokenizer=tokenizer,
-                          output_dir=output_dir, resume=resume, callbacks=callbacks, threads=(threads, why))
+                          output_dir=output_dir, resume=resume, callbacks=callbacks, threads=(threads, why),
+                          overwrite=overwrite, allow_changes=allow_changes)
             train(state)
             return finish(state)
     finally:
@@ -215,7 +226,8 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
 
 # ====================================================================== setup
 def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data: Any, *, eval_data: Any,
-          tokenizer: Any, output_dir: Path, resume: Any, callbacks: list[Any], threads: tuple[int, str]) -> RunState:
+          tokenizer: Any, output_dir: Path, resume: Any, callbacks: list[Any], threads: tuple[int, str],
+          overwrite: bool = False, allow_changes: tuple[str, ...] = ()) -> RunState:
     """Everything before the first step: processes, model, data, method, optimizer, resumed state."""
     from accelerate.utils import set_seed
 
@@ -231,8 +243,9 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
                          objective=trainer.objective, seed=options.seed)
     state = RunState(options=options, objective=get_objective(trainer.objective), backend=backend, ctx=ctx, acc=acc,
                      out=output_dir, callbacks=CallbackList([JsonlLogger(output_dir / "log.jsonl"), *callbacks]),
-                     num_threads=threads[0], threads_reason=threads[1])
-    state.resume_from = ckpt.resolve_resume(resume, output_dir)
+                     num_threads=threads[0], threads_reason=threads[1], allow_changes=tuple(allow_changes))
+    # the output directory first: a refused directory costs no model load
+    _claim(state, trainer, model, data, resume, overwrite)
     set_seed(options.seed)
     base, state.tokenizer = backend.load(model, tokenizer, ctx)
     _setup_data(state, data, eval_data)
@@ -248,6 +261,43 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
     if state.evals.get("before") and state.resume_from is None:
         state.callbacks.on_evaluate(state, "before", state.evals["before"])
     return state
+
+
+def model_identity(model: Any) -> str:
+    """What names the base model in the run fingerprint: a local directory by its config and weight-file sizes
+    (a moved project still resumes, a changed model does not), a hub id as is, a config by its content, a
+    module by its size."""
+    import hashlib
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        local = Path(model).expanduser()
+        if not (local / "config.json").is_file():
+            return str(model)
+        h = hashlib.sha256((local / "config.json").read_bytes())
+        for f in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        return f"local:{h.hexdigest()[:16]}"
+    if isinstance(model, nn.Module):
+        return f"{type(model).__name__}({sum(p.numel() for p in model.parameters())} parameters)"
+    to_dict = getattr(model, "to_dict", None)
+    blob = json.dumps(to_dict() if callable(to_dict) else model, sort_keys=True, default=str)
+    return f"config:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _claim(state: RunState, trainer: Any, model: Any, data: Any, resume: Any, overwrite: bool) -> None:
+    """Claim ``state.out`` for this run (`_checkpoint.claim_output_dir`) and find the checkpoint to resume."""
+    config = {k: v for k, v in state.options.to_dict().items() if k not in NOT_RUN_IDENTITY}
+    state.run_fingerprint = ckpt.Fingerprint(
+        config={"trainer": f"{trainer.name}/{trainer.backend}", "model": model_identity(model), **config},
+        data=state.objective.data_digest(data))
+    if state.is_main_process:
+        state.checkpoint_events += ckpt.claim_output_dir(
+            state.out, state.run_fingerprint, overwrite=overwrite, resume=resume not in (False, None),
+            allow_changes=state.allow_changes).events
+    state.acc.wait_for_everyone()
+    state.resume_from, skipped = ckpt.resolve_resume(resume, state.out)
+    state.checkpoint_events += skipped
 
 
 def _setup_data(state: RunState, data: Any, eval_data: Any) -> None:
@@ -275,10 +325,10 @@ def _read_resumed(state: RunState) -> None:
     path = state.resume_from
     if path is None:
         return
-    saved = ckpt.read_state(path)
-    if saved.get("fingerprint") != state.fingerprint:
-        raise ConfigError(f"cannot resume from {path}: the training data differ from that run's "
-                          f"(fingerprint {saved.get('fingerprint')} != {state.fingerprint})")
+    saved = ckpt.check_resumable(path, state.run_fingerprint, state.allow_changes)
+    if saved.get("fingerprint") != state.fingerprint and "data" not in state.allow_changes:
+        raise OutputDirError(f"cannot resume from {path}: the tokenized training data differ from that run's "
+                             "(a changed tokenizer?); allow it with --allow-change data")
     if saved.get("world_size") != state.world or saved.get("global_batch") != state.global_batch:
         raise ConfigError(f"cannot resume from {path}: it ran with {saved.get('world_size')} processes and global "
                           f"batch {saved.get('global_batch')}, this run has {state.world} and {state.global_batch}")
@@ -455,9 +505,10 @@ def _confirm_pending(state: RunState) -> None:
 
 
 def _prune(state: RunState, extra: int = 0) -> None:
+    """Keep ``keep_checkpoints`` good checkpoints (+ the unconfirmed newest one); never the newest."""
     keep = state.options.keep_checkpoints
     if state.is_main_process and keep:
-        ckpt.prune(state.out, keep + extra)
+        ckpt.prune(state.out, keep + extra, current=state.pending or state.last_good)
     state.acc.wait_for_everyone()
 
 
@@ -466,8 +517,11 @@ def _stop(state: RunState, reason: str) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     state.stopped = reason
     if state.pending is not None:
-        if state.is_main_process:
-            shutil.rmtree(state.pending, ignore_errors=True)
+        if state.is_main_process:  # renamed away first: a crash never leaves it half-deleted under its name
+            trash = state.pending.parent / f".trash-{state.pending.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            state.pending.rename(trash)
+            shutil.rmtree(trash)
         state.pending = None
     state.acc.wait_for_everyone()
     state.callbacks.on_stop(state, reason, state.last_good)
@@ -551,16 +605,16 @@ def _generation_scores(state: RunState, model: nn.Module, ev: EvalData, tag: str
 
 # ====================================================================== checkpoints
 def _write_train_state(state: RunState, directory: Path) -> None:
-    """Optimizer and scheduler state of the run into a checkpoint directory (main process)."""
+    """Optimizer and scheduler state of the run into a checkpoint directory (main process; no pickle)."""
     opt = state.optimizer.optimizer if hasattr(state.optimizer, "optimizer") else state.optimizer
-    torch.save(opt.state_dict(), directory / "optimizer.pt")
-    torch.save(state.scheduler.state_dict(), directory / "scheduler.pt")
+    ckpt.save_state(directory, "optimizer", opt.state_dict())
+    ckpt.save_state(directory, "scheduler", state.scheduler.state_dict())
 
 
 def _load_train_state(state: RunState, directory: Path) -> None:
     opt = state.optimizer.optimizer if hasattr(state.optimizer, "optimizer") else state.optimizer
-    opt.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    state.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    opt.load_state_dict(ckpt.load_state(directory, "optimizer"))
+    state.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
 
 
 def save_checkpoint(state: RunState) -> Path:
@@ -579,8 +633,7 @@ def save_checkpoint(state: RunState) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         info = {**state.run_info, "step": state.step, "history": state.history, "eval": state.evals}
-        ckpt.write_json(tmp / ckpt.STATE_FILE, jsonable(info))
-        ckpt.commit(final)
+        ckpt.commit(final, jsonable(info))
     acc.wait_for_everyone()
     state.callbacks.on_checkpoint(state, final)
     return final
@@ -603,12 +656,14 @@ def finish(state: RunState) -> TrainResult:
     if state.stopped is not None:
         result_dir = (state.last_good / method.output_name) if state.last_good is not None else None
     else:
+        _confirm_pending(state)  # the run ended normally: its newest checkpoint is the last one, prune to keep
         result_dir = state.out / method.output_name
         _save_final(state, model, result_dir)
         state.evals["after"] = evaluate(state, model, "after")
     evals = state.evals if state.evals.get("before") else {}
     extra = {"steps": state.step, "total_steps": state.total_steps, "world_size": state.world,
              "precision": state.ctx.precision, "method": state.options.method, "early_stopped": state.early_stopped,
+             "checkpoint_events": [e.to_dict() for e in state.checkpoint_events],
              "trainable_parameters": sum(p.numel() for p in state.trainable), "num_threads": state.num_threads,
              "seconds": time.perf_counter() - state.t_start}
     result = TrainResult(adapter_dir=result_dir if method.adapter else None, history=state.history, eval=evals,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -69,12 +71,51 @@ class EvalData:
     references: list[str] = dataclasses.field(default_factory=list)
 
 
+def _file_digest(h: Any, path: Path) -> None:
+    h.update(f"{path.name}|{path.stat().st_size}|".encode())
+    with open(path, "rb") as fh:  # streamed: flat memory on a large corpus
+        while block := fh.read(1 << 20):
+            h.update(block)
+
+
+def digest_into(h: Any, data: Any) -> None:
+    """Feed ``data`` (paths, directories, records, texts, examples) into the hash ``h``, files by content."""
+    if isinstance(data, (str, os.PathLike)) and not (isinstance(data, str) and "\n" in data) and _exists(data):
+        path = Path(data)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            _file_digest(h, f)
+    elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        for item in data:
+            if hasattr(item, "input_ids") and hasattr(item, "labels"):
+                h.update(json.dumps([list(item.input_ids), list(item.labels)]).encode())
+            elif isinstance(item, (str, os.PathLike)):
+                digest_into(h, item)
+            else:
+                h.update(json.dumps(item, sort_keys=True, default=str).encode())
+    else:
+        h.update(str(data).encode())
+
+
+def _exists(path: str | os.PathLike[str]) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 class Objective:
     """What is optimised: how training/eval data become examples, and the loss of a batch."""
 
     name: ClassVar[str] = ""
     #: the options dataclass of trainers with this objective
     Options: ClassVar[type] = dataclasses.make_dataclass("NoObjectiveOptions", [])
+
+    def data_digest(self, data: Any) -> str:
+        """Identity of the raw training data (before the model or tokenizer load): the run fingerprint's."""
+        h = hashlib.sha256()
+        digest_into(h, data)
+        return h.hexdigest()[:16]
 
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> TrainData:
         raise NotImplementedError
