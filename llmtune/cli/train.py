@@ -20,7 +20,8 @@ def _render_eval(evals: dict[str, dict[str, float]]) -> None:
         return
     table = Table(title="held-out evaluation")
     table.add_column("when")
-    keys = [k for k in ("rougeL", "rouge1", "bleu", "exact_match", "n") if all(k in s for s in evals.values())]
+    keys = [k for k in ("rougeL", "rouge1", "bleu", "exact_match", "n", "loss", "perplexity")
+            if all(k in s for s in evals.values())]
     for k in keys:
         table.add_column(k, justify="right")
     for when, scores in evals.items():
@@ -68,6 +69,7 @@ def register(app: typer.Typer) -> None:
         from llmtune.trainers._config import load_config, run
 
         cfg = load_config(config)
+        _quiet_transformers()
         if check:
             Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
             return

@@ -362,3 +362,30 @@ def test_early_stopping_on_validation_loss(tok: Any, tmp_path: Path) -> None:
     assert result.extra["early_stopped"] is not None and len(result.history) < 12
     assert min(evals[-2:]) >= min(evals[:-2])             # the last two did not improve on the best before them
     assert result.adapter_dir == tmp_path / "adapter" and result.stopped_early is None
+
+
+def test_cli_pretrains_from_a_config_only_directory(tok: Any, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmtune.cli.main import app
+    from llmtune.data import bundled_corpus
+    from llmtune.models.tiny import tiny_llama_config
+
+    tok.save_pretrained(str(tmp_path / "scratch"))
+    tiny_llama_config(len(tok), **SMALL).save_pretrained(str(tmp_path / "scratch"))   # no weights: random init
+    texts = bundled_corpus()
+    (tmp_path / "train.txt").write_text("\n".join(texts[:-8]))
+    (tmp_path / "held.txt").write_text("\n".join(texts[-8:]))
+    (tmp_path / "pre.yaml").write_text(
+        "model: scratch\ndata: train.txt\neval_data: held.txt\noutput_dir: runs/pre\nloggers: [tensorboard]\n"
+        "trainer:\n  name: pretrain\n  max_length: 32\n  batch_size: 8\n  max_steps: 6\n  lr: 1.0e-2\n"
+        "  progress: false\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "pre.yaml")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "perplexity" in result.output and "model:" in result.output
+    out = tmp_path / "runs" / "pre"
+    assert (out / "model" / "model.safetensors").is_file() and list((out / "tensorboard").iterdir())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: scratch\ndata: train.txt\nloggers: [wandb]\n")
+    failed = CliRunner().invoke(app, ["train", str(bad)])
+    assert "loggers" in str(failed.exception) and f"{bad}:3" in str(failed.exception)
