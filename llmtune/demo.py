@@ -125,20 +125,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     echo(f"      vocab {len(tokenizer)}, {n_params / 1e6:.2f} M parameters, torch threads {torch.get_num_threads()}")
 
     echo(f"[2/5] pretraining on the bundled corpus ({cfg['pretrain_steps']} steps)")
-    t = time.perf_counter()
-    pre = _pretrain(model, tokenizer, out, steps=cfg["pretrain_steps"], seed=seed, threads=threads,
-                    callbacks=callbacks)
-    losses = [h["loss"] for h in pre.history]
-    ppl = (pre.eval.get("before", {}).get("perplexity"), pre.eval.get("after", {}).get("perplexity"))
-    echo(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out perplexity {ppl[0]:.1f} -> {ppl[1]:.1f} "
-         f"in {time.perf_counter() - t:.1f} s")
-    model.eval()
-    # saved so that `llmtune generate/merge --adapter OUT/run/adapter` find the base the adapter records
-    base_dir = out / "base-model"
-    model.save_pretrained(str(base_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(base_dir))
-    model.config._name_or_path = str(base_dir.resolve())
-    model.name_or_path = str(base_dir.resolve())  # what PEFT records as base_model_name_or_path
+    losses, ppl, base_dir = _pretrain_stage(model, tokenizer, out, cfg, seed, threads, callbacks, echo)
 
     train, heldout = split_instructions(seed=seed)
     if eval_examples:
@@ -166,11 +153,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         echo(f"      want {s['reference']!r}  got {s['prediction']!r}")
 
     echo("[5/5] memory estimate of this run on a GPU (llmtune.memory)")
-    longest = max(len(tokenizer(r["instruction"] + r.get("input", "") + r["output"])["input_ids"]) for r in train)
-    seq_len = min(128, longest + 16)
-    lines, memory = _memory_lines(model, batch_size=cfg["batch_size"], seq_len=seq_len, rank=cfg["rank"])
-    for line in lines:
-        echo(line)
+    seq_len, memory = _memory_stage(model, tokenizer, train, cfg, echo)
 
     seconds = time.perf_counter() - t0
     summary = {
@@ -192,6 +175,37 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     echo(f"done in {seconds:.1f} s; adapter {summary['adapter_dir']}; summary {out / 'summary.json'}")
     return summary
+
+
+def _pretrain_stage(model: Any, tokenizer: Any, out: Path, cfg: dict[str, Any], seed: int, threads: int | None,
+                    callbacks: list[Any], echo: Callable[[str], None]) -> tuple[list[float], tuple[Any, Any], Path]:
+    """Step 2: pretrain, echo the curve, save the base; returns (losses, (ppl before, after), base dir)."""
+    t = time.perf_counter()
+    pre = _pretrain(model, tokenizer, out, steps=cfg["pretrain_steps"], seed=seed, threads=threads,
+                    callbacks=callbacks)
+    losses = [h["loss"] for h in pre.history]
+    ppl = (pre.eval.get("before", {}).get("perplexity"), pre.eval.get("after", {}).get("perplexity"))
+    echo(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out perplexity {ppl[0]:.1f} -> {ppl[1]:.1f} "
+         f"in {time.perf_counter() - t:.1f} s")
+    model.eval()
+    # saved so that `llmtune generate/merge --adapter OUT/run/adapter` find the base the adapter records
+    base_dir = out / "base-model"
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(base_dir))
+    model.config._name_or_path = str(base_dir.resolve())
+    model.name_or_path = str(base_dir.resolve())  # what PEFT records as base_model_name_or_path
+    return losses, ppl, base_dir
+
+
+def _memory_stage(model: Any, tokenizer: Any, train: list[dict[str, Any]], cfg: dict[str, Any],
+                  echo: Callable[[str], None]) -> tuple[int, dict[str, Any]]:
+    """Step 5: the memory estimate of the fine-tuning run, echoed; returns (sequence length, estimate)."""
+    longest = max(len(tokenizer(r["instruction"] + r.get("input", "") + r["output"])["input_ids"]) for r in train)
+    seq_len = min(128, longest + 16)
+    lines, memory = _memory_lines(model, batch_size=cfg["batch_size"], seq_len=seq_len, rank=cfg["rank"])
+    for line in lines:
+        echo(line)
+    return seq_len, memory
 
 
 def _samples(run_dir: Path, n: int) -> list[dict[str, str]]:

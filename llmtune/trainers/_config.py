@@ -159,11 +159,7 @@ def load_config(path: str | Path) -> TrainConfig:
     from llmtune.core.registry import get_trainer
 
     trainer = _build(REGISTRY, "trainer", tspec, at, "trainer", get_trainer)
-    loggers = data.get("loggers") or []
-    if isinstance(loggers, str):
-        loggers = [loggers]
-    if not isinstance(loggers, list) or any(x not in LOGGERS for x in loggers):
-        raise ConfigError(f"{at('loggers')}: 'loggers' must be a list of {', '.join(LOGGERS)}, not {loggers!r}")
+    loggers = _loggers(data.get("loggers"), at("loggers"))
     resume_value: bool | str = resume
     if isinstance(resume, str) and resume != "auto":
         resume_value = resolve(resume)
@@ -172,8 +168,16 @@ def load_config(path: str | Path) -> TrainConfig:
         tokenizer=local_or_hub(data["tokenizer"]) if data.get("tokenizer") else None,
         eval_data=resolve(data["eval_data"]) if data.get("eval_data") else None,
         output_dir=resolve(data["output_dir"]) if data.get("output_dir") else None,
-        resume=resume_value, raw=data, loggers=tuple(loggers),
+        resume=resume_value, raw=data, loggers=loggers,
     )
+
+
+def _loggers(value: Any, where: str) -> tuple[str, ...]:
+    """The ``loggers`` key: a name or a list of names from `LOGGERS`."""
+    names = [value] if isinstance(value, str) else (value or [])
+    if not isinstance(names, list) or any(x not in LOGGERS for x in names):
+        raise ConfigError(f"{where}: 'loggers' must be a list of {', '.join(LOGGERS)}, not {value!r}")
+    return tuple(names)
 
 
 def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: str, factory: Any) -> Any:
