@@ -37,7 +37,8 @@ def _callbacks(options: object, loggers: tuple[str, ...] = ()) -> list[object]:
     from llmtune.trainers.callbacks import ConsoleReporter, MLflowLogger, ProgressBar, TensorBoardLogger
 
     err = Console(stderr=True)
-    out: list[object] = [ConsoleReporter(lambda line: err.print(line, highlight=False))]
+    # the interrupt message is the command's own (it also covers a Ctrl-C before training started)
+    out: list[object] = [ConsoleReporter(lambda line: err.print(line, highlight=False), interrupts=False)]
     if getattr(options, "progress", False):
         out.append(ProgressBar(every=int(getattr(options, "log_every", 1))))
     makers = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
@@ -76,8 +77,12 @@ def register(app: typer.Typer) -> None:
         try:
             result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()),
                          callbacks=_callbacks(cfg.trainer.options, cfg.loggers))
-        except KeyboardInterrupt:
-            # the ConsoleReporter callback already said where the checkpoint went (if one was saved)
+        except KeyboardInterrupt as exc:
+            # the trainer raises KeyboardInterrupt("interrupted after step N; checkpoint PATH") once it saved one
+            saved = "checkpoint" in str(exc)
+            Console(stderr=True).print("[yellow]interrupted[/]: " + (
+                f"{exc}; rerun with --resume auto" if saved
+                else "before a checkpoint was saved; nothing to resume from this run"))
             raise typer.Exit(130) from None
         for event in result.extra.get("checkpoint_events", []):
             if event["event"] in ("checkpoint_skipped", "fell_back"):

@@ -149,11 +149,12 @@ class ProgressBar(Callback):
 class ConsoleReporter(Callback):
     """One line for the events a user must know about (interrupt, guard stop), through ``echo``."""
 
-    def __init__(self, echo: Callable[[str], None]) -> None:
+    def __init__(self, echo: Callable[[str], None], *, interrupts: bool = True) -> None:
         self.echo = echo
+        self.interrupts = interrupts
 
     def on_interrupt(self, state: Any, path: Path) -> None:
-        if state.is_main_process:
+        if state.is_main_process and self.interrupts:
             self.echo(f"interrupted after step {state.step}: checkpoint saved to {path}; "
                       "resume with resume='auto' (CLI: --resume auto)")
 

@@ -27,10 +27,8 @@ def positive(field: str, value: object, kind: type | tuple[type, ...] = int, *, 
     """`InvalidOptionError` unless ``value`` is a finite number of ``kind`` that is > 0 (or >= 0)."""
     check_type(field, value, kind)
     assert isinstance(value, (int, float))
-    if not math.isfinite(value):
-        raise InvalidOptionError(f"option {field}={value!r} must be a finite number")
-    if value < 0 or (value == 0 and not zero_ok):
-        raise InvalidOptionError(f"option {field}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
 def _check_targets(opts: Any) -> None:

@@ -111,6 +111,10 @@ class PeftBackend(TrainerBackend):
         """Non-reentrant activation checkpointing (no input-grad hack needed, frozen embeddings stay frozen)."""
         if not ctx.options.gradient_checkpointing:
             return
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 (the old name warns)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:
             raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")

@@ -46,10 +46,15 @@ class PeftMethod(Method):
         raise NotImplementedError
 
     def apply(self, model: Any, options: Any) -> Any:
+        import warnings
+
         from peft import get_peft_model
 
         try:
-            return get_peft_model(model, self.peft_config(options))
+            with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                        category=FutureWarning)
+                return get_peft_model(model, self.peft_config(options))
         except ValueError as exc:
             raise ConfigError(f"could not apply {self.name} to {type(model).__name__}: {exc}") from exc
 
