@@ -72,6 +72,13 @@ class Pretrain(Objective):
         return BlockStream(text_sources(data, what), tokenizer, block_size=options.max_length,
                            chunk_bytes=options.chunk_bytes, text_field=options.text_field)
 
+    def data_digest(self, data: Any) -> str:
+        """The text files' digest (by content, streamed); a missing or unusable source is named first."""
+        from llmtune.data import text_sources
+
+        sources = text_sources(data, "data")
+        return super().data_digest([s.path if s.path is not None else list(s.texts) for s in sources])
+
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> StreamData:
         # without max_steps the epoch length is needed: one counting pass over the stream
         return StreamData(self._stream(data, tokenizer, options, "data"), count=options.max_steps is None)

@@ -34,6 +34,18 @@ class Sft(Objective):
     name: ClassVar[str] = "sft"
     Options: ClassVar[type] = TrainOptions
 
+    def data_digest(self, data: Any) -> str:
+        """The records' digest; reading them here names a bad data file before anything is written."""
+        import hashlib
+        import json
+
+        from llmtune.data import is_tokenized
+
+        if is_tokenized(data):
+            return super().data_digest(data)
+        records = load_records(data, "data")
+        return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def _examples(self, data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
         from llmtune.data import build_examples, is_tokenized, pack_examples, tokenized_examples
 
