@@ -179,3 +179,37 @@ def test_rloo_step_samples_k_scores_and_logs_kl(tok: Any, tmp_path: Path) -> Non
     assert seen == [6, 6]  # K=3 answers for each of 2 prompts, per step
     assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # B=0: policy == reference at step 0
     assert {"reward", "kl", "advantage_std"} <= set(result.history[-1])
+
+
+def test_dpo_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
+    import llmtune
+
+    records = [{"prompt": "What is Kopi O?", "responses": ["Black coffee.", "Tea.", "Coffee with milk."],
+                "ranking": [0, 2, 1]},
+               {"prompt": "What is Teh C?", "chosen": "Tea with evaporated milk.", "rejected": "Coffee."}] * 2
+    trainer = llmtune.get_trainer("dpo", method="lora", rank=4, alpha=8, max_steps=3, batch_size=2, lr=1e-2,
+                                  warmup=0, progress=False, beta=0.1)
+    result = trainer.train(_tiny(tok), records, tokenizer=tok, output_dir=tmp_path / "run")
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # mean over the pairs at step 0
+    assert result.history[-1]["loss"] < math.log(2)
+    from llmtune.core.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match=r"does not support method='full'"):
+        llmtune.get_trainer("dpo", method="full")
+
+
+def test_reward_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    import llmtune
+    from llmtune.trainers.rlhf.reward import reward_model_from_causal_lm
+
+    records = [{"prompt": "What is Kopi O?", "responses": ["Black coffee.", "Tea.", "Coffee with milk."],
+                "ranking": [0, 2, 1]},
+               {"prompt": "What is Teh C?", "chosen": "Tea with evaporated milk.", "rejected": "Coffee."}] * 2
+    trainer = llmtune.get_trainer("reward", max_steps=4, batch_size=2, lr=1e-3, warmup=0, progress=False)
+    result = trainer.train(reward_model_from_causal_lm(_tiny(tok), tok), records, tokenizer=tok,
+                           output_dir=tmp_path / "run")
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "run" / "model"))
+    assert loaded.config.num_labels == 1 and type(loaded).__name__ == "LlamaForSequenceClassification"
