@@ -130,7 +130,8 @@ def dpo_loss(model: Any, batch: dict[str, torch.Tensor], options: DpoOptions,
                           chosen_tokens=tokens[c], rejected_tokens=tokens[r], loss_type=options.loss_type,
                           beta=options.beta, label_smoothing=options.label_smoothing,
                           simpo_gamma=options.simpo_gamma)
-    stats = {"logps_chosen": float(logps[c].mean()), "logps_rejected": float(logps[r].mean()),
+    lp = logps.detach()
+    stats = {"logps_chosen": float(lp[c].mean()), "logps_rejected": float(lp[r].mean()),
              "rewards_chosen": float(out.chosen_rewards.mean()), "rewards_rejected": float(out.rejected_rewards.mean()),
              "reward_margin": float(out.margins.mean()), "accuracy": float(out.accuracy), "pairs": int(c.numel())}
     return out, stats
