@@ -63,7 +63,14 @@ def _groups(data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
     from llmtune.trainers.objectives.sft import load_records
     from llmtune.trainers.rlhf.pairs import preference_groups
 
-    records = load_records(data, what)
+    records: list[Any] = load_records(data, what)
+    try:  # the validated preference records of llmtune.data (file:line:field errors), where installed
+        from llmtune.data.preference import parse_preference  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # pragma: no cover - before llmtune.data.preference: the dicts as they are
+        pass
+    else:
+        where = getattr(records, "where", lambda i: f"{what}[{i}]")
+        records = [parse_preference(r, where(i)) for i, r in enumerate(records)]
     groups = preference_groups(records, tokenizer, template=options.template, max_length=options.max_length)
     if not groups:
         raise ConfigError(f"{what}: no preference records")
