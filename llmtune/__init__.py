@@ -33,6 +33,7 @@ from llmtune.core import (
     register_quantizer,
     register_trainer,
 )
+from llmtune.core import Task, TaskResult, get_task, register_task
 
 __all__ = [
     "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError", "InvalidOptionError",
@@ -42,7 +43,15 @@ __all__ = [
 ]
 
 #: Subpackages reachable as attributes (``llmtune.memory.estimate_training``), imported on first use.
-_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models"})
+_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "tasks"})
+__all__ += ["Task", "TaskResult", "evaluate", "get_task", "register_task"]
+
+
+def evaluate(model: object, tasks: object, **kwargs: object) -> object:
+    """Run benchmark tasks on a model; see `llmtune.tasks.run.evaluate` (torch is imported on call)."""
+    from llmtune.tasks.run import evaluate as _evaluate
+
+    return _evaluate(model, tasks, **kwargs)  # type: ignore[arg-type]
 
 
 def __getattr__(name: str) -> object:

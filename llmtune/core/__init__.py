@@ -11,7 +11,7 @@ from llmtune.core.errors import (
     UnknownBackendError,
     UnknownOptionError,
 )
-from llmtune.core.interfaces import Backend, Metric, Quantizer, Trainer
+from llmtune.core.interfaces import Backend, Metric, Quantizer, Task, Trainer
 from llmtune.core.registry import (
     REGISTRY,
     BackendInfo,
@@ -23,7 +23,8 @@ from llmtune.core.registry import (
     register_quantizer,
     register_trainer,
 )
-from llmtune.core.results import LazyMapping, MetricResult, TrainResult
+from llmtune.core.registry import get_task, register_task
+from llmtune.core.results import LazyMapping, MetricResult, TaskResult, TrainResult
 
 __all__ = [
     "REGISTRY", "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError",
@@ -32,3 +33,4 @@ __all__ = [
     "get_metric", "get_quantizer", "get_trainer", "list_backends", "register_metric", "register_quantizer",
     "register_trainer",
 ]
+__all__ += ["Task", "TaskResult", "get_task", "register_task"]
