@@ -93,10 +93,12 @@ class HarnessTask(Task):
         builtin._no_kwargs(self, kwargs)
         if tokenizer is None:
             raise ConfigError("the lm-eval backend needs the model's tokenizer: pass tokenizer=")
-        docs = self._ours.docs()
+        # every item goes to the file (it is also the shot pool) and the harness applies ``limit`` itself
+        docs = formats.READERS[self.ours.fmt](self._ours.data_path())
         with tempfile.TemporaryDirectory(prefix="llmtune-lm-eval-") as tmp:
             cfg = self.harness_config(docs, Path(tmp))
-            out = run_harness(model, tokenizer, cfg, batch_size=batch_size, seed=self.options.seed)
+            out = run_harness(model, tokenizer, cfg, batch_size=batch_size, seed=self.options.seed,
+                              limit=self.options.limit)
         return self._result(out, cfg["task"])
 
     def _result(self, out: dict[str, Any], task: str) -> TaskResult:
@@ -145,7 +147,8 @@ def _sample_row(sample: dict[str, Any], metric_names: list[str]) -> dict[str, An
     return row
 
 
-def run_harness(model: Any, tokenizer: Any, cfg: dict[str, Any], *, batch_size: int, seed: int) -> dict[str, Any]:
+def run_harness(model: Any, tokenizer: Any, cfg: dict[str, Any], *, batch_size: int, seed: int,
+                limit: int | None = None) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on ``HFLM(pretrained=model)`` and one task config; the raw output."""
     import datasets
     import lm_eval
@@ -155,7 +158,8 @@ def run_harness(model: Any, tokenizer: Any, cfg: dict[str, Any], *, batch_size: 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # bootstrap_iters > 0 so that the harness reports stderr (closed form for the mean metrics used here)
     out = lm_eval.simple_evaluate(model=lm, tasks=[cfg], log_samples=True, fewshot_random_seed=seed,
-                                  num_fewshot=cfg.get("num_fewshot"), bootstrap_iters=100, verbosity="ERROR")
+                                  num_fewshot=cfg.get("num_fewshot"), bootstrap_iters=100, verbosity="ERROR",
+                                  limit=limit)
     if out is None:
         raise BackendUnavailableError("lm-eval returned no results (not the main process?)")
     return out
