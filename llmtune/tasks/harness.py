@@ -113,8 +113,7 @@ class HarnessTask(Task):
             if filt not in ("none", ""):
                 metric = f"{metric}_{filt}"
             (errors if stderr else values)[metric] = float(value) if value != "N/A" else math.nan
-        samples = sorted(out.get("samples", {}).get(task, []), key=lambda s: s["doc_id"])
-        per_item = [_sample_row(s, list(values)) for s in samples]
+        per_item = _per_item(out.get("samples", {}).get(task, []))
         config = {**self._ours.result({}, []).config, "backend": self.backend,
                   "harness_task": self.ours.harness_task, "lm_eval_version": _version()}
         return TaskResult(self.name, self.backend, values, errors, len(per_item), per_item, config)
@@ -132,19 +131,24 @@ def _version() -> str:
     return importlib.metadata.version("lm_eval")
 
 
-def _sample_row(sample: dict[str, Any], metric_names: list[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {"doc_id": sample["doc_id"]}
-    for key in ("acc", "acc_norm", "exact_match"):
-        if key in sample:
-            row[key] = float(sample[key])
-    resps = sample.get("resps") or []
-    if resps and isinstance(resps[0][0], (list, tuple)):  # loglikelihood: [[(ll, greedy)], ...]
-        row["loglikelihoods"] = [float(r[0][0]) for r in resps]
-        row["is_greedy"] = [bool(r[0][1]) for r in resps]
-    elif resps:
-        row["output"] = resps[0][0]
-        row["filtered"] = sample.get("filtered_resps")
-    return row
+def _per_item(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per doc from the harness's samples (it logs one sample per doc *and filter*)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for sample in samples:
+        row = rows.setdefault(sample["doc_id"], {"doc_id": sample["doc_id"]})
+        filt = sample.get("filter", "none")
+        suffix = "" if filt in ("none", "", None) else f"_{filt}"
+        for key in ("acc", "acc_norm", "exact_match"):
+            if key in sample:
+                row[key + suffix] = float(sample[key])
+        resps = sample.get("resps") or []
+        if resps and isinstance(resps[0][0], (list, tuple)):  # loglikelihood: [[(ll, greedy)], ...]
+            row["loglikelihoods"] = [float(r[0][0]) for r in resps]
+            row["is_greedy"] = [bool(r[0][1]) for r in resps]
+        elif resps:
+            row["output"] = resps[0][0]
+            row["filtered" + suffix] = sample.get("filtered_resps")
+    return [rows[k] for k in sorted(rows)]
 
 
 def run_harness(model: Any, tokenizer: Any, cfg: dict[str, Any], *, batch_size: int, seed: int,
