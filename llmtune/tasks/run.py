@@ -14,7 +14,12 @@ from llmtune.core.results import TaskResult
 
 
 def load_model(model: Any, tokenizer: Any = None, adapter: str | Path | None = None) -> tuple[Any, Any]:
-    """``(module, tokenizer)``: load ``model`` when it is a path or hub id, then apply a PEFT ``adapter`` dir."""
+    """``(module, tokenizer)``: load ``model`` when it is a path or hub id, then apply a PEFT ``adapter`` dir.
+
+    ``model=None`` with an adapter loads the base model the adapter records (``base_model_name_or_path``).
+    """
+    if model is None:
+        model = _adapter_base(adapter)
     if isinstance(model, (str, Path)):
         from llmtune.models.loading import load_model_and_tokenizer
 
@@ -35,6 +40,18 @@ def load_model(model: Any, tokenizer: Any = None, adapter: str | Path | None = N
         raise ConfigError("no tokenizer: pass tokenizer= with an nn.Module")
     model.eval()
     return model, tokenizer
+
+
+def _adapter_base(adapter: str | Path | None) -> str:
+    if adapter is None:
+        raise ConfigError("give a model, an adapter, or both")
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{adapter} is not an adapter directory (no adapter_config.json)")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"adapter {adapter} does not record its base model; pass the model")
+    return str(base)
 
 
 def _tasks(tasks: Any, backend: str | None, task_options: Mapping[str, Mapping[str, Any]]) -> list[Task]:
