@@ -22,12 +22,18 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
-def _continuation_scores(logprobs: torch.Tensor, cont: Sequence[int]) -> tuple[float, bool]:
+def continuation_scores(logprobs: torch.Tensor, cont: Sequence[int]) -> tuple[float, bool]:
     """``logprobs``: [len(cont), vocab] log-softmax rows, row j predicting cont[j]."""
     target = torch.tensor(list(cont), dtype=torch.long, device=logprobs.device)
     picked = logprobs.gather(1, target[:, None])[:, 0]
     greedy = bool((logprobs.argmax(dim=-1) == target).all())
     return float(picked.double().sum()), greedy
+
+
+def _forward(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a right-padded batch. No attention mask, as in the harness: in a causal model position t never
+    sees the padding after it, and without a mask attention takes its fast causal path. No KV cache either."""
+    return model(input_ids=ids, use_cache=False).logits
 
 
 @torch.no_grad()
@@ -38,17 +44,27 @@ def score_full(scorer: CausalLMScorer, pairs: Sequence[TokenPair]) -> list[tuple
     inputs = [(list(ctx) + list(cont))[-(limit + 1):][:-1] for ctx, cont in pairs]
     width = max(len(x) for x in inputs)
     ids = torch.full((len(inputs), width), _pad_id(scorer.tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(inputs), width), dtype=torch.long)
     for i, x in enumerate(inputs):
         ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
     device = _device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logits = _forward(model, ids.to(device))
     out = []
     for i, ((_, cont), x) in enumerate(zip(pairs, inputs)):
         rows = logits[i, len(x) - len(cont):len(x)].float().log_softmax(dim=-1)
-        out.append(_continuation_scores(rows, cont))
+        out.append(continuation_scores(rows, cont))
     return out
+
+
+@torch.no_grad()
+def last_logprobs(scorer: CausalLMScorer, contexts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The log-softmax of the logits after each whole context (right-padded batch)."""
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), _pad_id(scorer.tokenizer), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+    device = _device(scorer.model)
+    logits = _forward(scorer.model, ids.to(device))
+    return [logits[i, len(c) - 1].float().log_softmax(dim=-1) for i, c in enumerate(contexts)]
 
 
 @torch.no_grad()
@@ -66,7 +82,7 @@ def score_shared(scorer: CausalLMScorer, ctx: Sequence[int], conts: Sequence[Seq
     longer = [i for i, c in enumerate(conts) if len(c) > 1]
     for i, c in enumerate(conts):
         if len(c) == 1:
-            out[i] = _continuation_scores(last[None], c)
+            out[i] = continuation_scores(last[None], c)
     for start in range(0, len(longer), scorer.batch_size):
         chunk = longer[start:start + scorer.batch_size]
         past = _repeat_cache(cache, len(chunk))
@@ -80,7 +96,7 @@ def score_shared(scorer: CausalLMScorer, ctx: Sequence[int], conts: Sequence[Seq
         for row, i in enumerate(chunk):
             c = conts[i]
             rows = torch.cat([last[None], logits[row, :len(c) - 1].float().log_softmax(dim=-1)])
-            out[i] = _continuation_scores(rows, c)
+            out[i] = continuation_scores(rows, c)
     return [r for r in out if r is not None]
 
 

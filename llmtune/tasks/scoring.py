@@ -10,7 +10,9 @@ A task never touches the model directly: it asks a `Scorer` for
 lm-evaluation-harness's ``HFLM`` tokenizes: trailing spaces of the context move to the continuation, the
 continuation's tokens are those of ``encode(context + continuation)`` after ``len(encode(context))``, and an
 empty context is replaced by the prefix token (BOS, else EOS). Requests that share a context are scored with
-one forward of the context (its KV cache repeated for each continuation) when ``shared_prefix`` is on.
+one forward of the context when ``shared_prefix`` is on: single-token continuations (MMLU's letters, BoolQ's
+yes/no) all read the context's last row of logits, contexts batched together; longer continuations of a long
+context reuse its KV cache, repeated for each continuation; the rest go in right-padded full forwards.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Scorer(Protocol):
 
 
 TokenPair = tuple[tuple[int, ...], tuple[int, ...]]
+#: A context's KV cache is computed once and repeated for its continuations when that saves at least this many
+#: token positions ((choices - 1) x context length); below it, padded full forwards are faster.
+SHARED_MIN_TOKENS = 128
 
 
 class CausalLMScorer:
@@ -109,16 +114,31 @@ class CausalLMScorer:
 
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        singles: list[int] = []
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise InvalidOptionError(f"request {i}: the continuation has no tokens")
-            fits = len(ctx) + len(cont) <= self.max_length + 1
-            (groups[ctx].append(i) if self.shared_prefix and fits and len(ctx) > 0 else singles.append(i))
-        shared = [idx for idx in groups.values() if len(idx) > 1]
-        singles += [idx[0] for idx in groups.values() if len(idx) == 1]
+            groups[ctx].append(i)
+        one_token: list[list[int]] = []  # groups scored from one row of logits: their context's last position
+        cached: list[list[int]] = []     # groups whose context is long enough to pay for a repeated KV cache
+        singles: list[int] = []
+        for ctx, idx in groups.items():
+            fits = all(len(ctx) + len(pairs[i][1]) <= self.max_length + 1 for i in idx)
+            if self.shared_prefix and fits and ctx and all(len(pairs[i][1]) == 1 for i in idx):
+                one_token.append(idx)
+            elif self.shared_prefix and fits and len(idx) > 1 and (len(idx) - 1) * len(ctx) >= SHARED_MIN_TOKENS:
+                cached.append(idx)
+            else:
+                singles.extend(idx)
         done = 0
-        for idx in shared:
+        for start in range(0, len(one_token), self.batch_size):
+            chunk = one_token[start:start + self.batch_size]
+            rows = _torch.last_logprobs(self, [pairs[idx[0]][0] for idx in chunk])
+            for idx, row in zip(chunk, rows):
+                for i in idx:
+                    results[i] = _torch.continuation_scores(row[None], pairs[i][1])
+                done += len(idx)
+            self._tick(done, len(pairs))
+        for idx in cached:
             for i, r in zip(idx, _torch.score_shared(self, pairs[idx[0]][0], [pairs[i][1] for i in idx])):
                 results[i] = r
             done += len(idx)
