@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
             "llmtune": lambda t=task: t.evaluate(CausalLMScorer(model, tok, batch_size=args.batch_size)),
             "llmtune-full": lambda t=task: t.evaluate(CausalLMScorer(model, tok, batch_size=args.batch_size,
                                                                      shared_prefix=False)),
-            "harness-loglikelihood": lambda: harness_lm.loglikelihood(instances, disable_tqdm=True),
+            "harness-loglikelihood": lambda r=instances: harness_lm.loglikelihood(r, disable_tqdm=True),
             "harness-end-to-end": lambda nm=name: llmtune.get_task(nm, backend="lm-eval").evaluate(
                 model, tok, batch_size=args.batch_size),
         }

@@ -21,19 +21,22 @@ from llmtune.core import (
     MissingDependencyError,
     PluginError,
     Quantizer,
+    Task,
+    TaskResult,
     Trainer,
     TrainResult,
     UnknownBackendError,
     UnknownOptionError,
     get_metric,
     get_quantizer,
+    get_task,
     get_trainer,
     list_backends,
     register_metric,
     register_quantizer,
+    register_task,
     register_trainer,
 )
-from llmtune.core import Task, TaskResult, get_task, register_task
 
 __all__ = [
     "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError", "InvalidOptionError",
@@ -47,7 +50,7 @@ _LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "d
 __all__ += ["Task", "TaskResult", "evaluate", "get_task", "register_task"]
 
 
-def evaluate(model: object, tasks: object, **kwargs: object) -> object:
+def evaluate(model: object, tasks: object, **kwargs: object) -> dict[str, TaskResult]:
     """Run benchmark tasks on a model; see `llmtune.tasks.run.evaluate` (torch is imported on call)."""
     from llmtune.tasks.run import evaluate as _evaluate
 

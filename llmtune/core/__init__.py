@@ -17,13 +17,14 @@ from llmtune.core.registry import (
     BackendInfo,
     get_metric,
     get_quantizer,
+    get_task,
     get_trainer,
     list_backends,
     register_metric,
     register_quantizer,
+    register_task,
     register_trainer,
 )
-from llmtune.core.registry import get_task, register_task
 from llmtune.core.results import LazyMapping, MetricResult, TaskResult, TrainResult
 
 __all__ = [

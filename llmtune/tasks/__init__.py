@@ -24,6 +24,7 @@ _TASKS: dict[str, tuple[str, str | None]] = {
     "boolq": ("BoolQTask", "BoolQHarness"),
     "truthfulqa_mc1": ("TruthfulQAMC1Task", "TruthfulQAMC1Harness"),
     "kopitiam-mc": ("KopitiamMCTask", "KopitiamMCHarness"),
+    "multiple-choice": ("GenericMCTask", "GenericMCHarness"),
     "gsm8k": ("Gsm8kTask", "Gsm8kHarness"),
     "squad": ("SquadTask", "SquadHarness"),
     "perplexity": ("PerplexityTask", None),

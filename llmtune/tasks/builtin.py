@@ -246,6 +246,15 @@ class KopitiamMCTask(MultipleChoiceTask):
         return super().evaluate(model, tokenizer, **kwargs)
 
 
+class GenericMCTask(MultipleChoiceTask):
+    """Any multiple-choice data as llmtune JSONL (``question``, ``choices``, ``label``), prompted
+    "Question: {question}\nAnswer:" with " {choice}" continuations: the harness's ARC/PIQA/SciQ-style prompt."""
+
+    name: ClassVar[str] = "multiple-choice"
+    fmt: ClassVar[str] = "mc"
+    bundled: ClassVar[str] = "kopitiam_mc.jsonl"
+
+
 @dataclasses.dataclass(frozen=True)
 class GenOptions(TaskOptions):
     """Plus ``max_new_tokens``, the longest greedy answer."""
@@ -385,4 +394,4 @@ class GenerationTask(DataTask):
 #: name -> class of every built-in task of backend "llmtune".
 BUILTIN_TASKS: dict[str, type[DataTask]] = {cls.name: cls for cls in (
     MMLUTask, HellaSwagTask, ArcEasyTask, ArcChallengeTask, BoolQTask, TruthfulQAMC1Task, KopitiamMCTask,
-    Gsm8kTask, SquadTask, PerplexityTask, GenerationTask)}
+    GenericMCTask, Gsm8kTask, SquadTask, PerplexityTask, GenerationTask)}

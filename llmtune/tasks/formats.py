@@ -98,7 +98,7 @@ def read_mmlu(path: Path) -> list[Doc]:
     """MMLU: the original header-less CSV (subject from the file name) or JSONL."""
     if path.suffix.lower() == ".csv":
         subject = re.sub(r"_(test|dev|val)$", "", path.stem)
-        docs = []
+        docs: list[Doc] = []
         with path.open(encoding="utf-8", newline="") as fh:
             for lineno, row in enumerate(csv.reader(fh), start=1):
                 if len(row) != 6 or row[5].strip() not in _LETTERS[:4]:
@@ -127,7 +127,7 @@ def read_hellaswag(path: Path) -> list[Doc]:
 
 def read_arc(path: Path) -> list[Doc]:
     """ARC: AI2's nested JSONL or the flat (HF) layout, both to the flat layout."""
-    docs = []
+    docs: list[Doc] = []
     for d in _read_jsonl(path):
         _need(d, path, "question", "answerKey")
         q = d["question"]
@@ -144,7 +144,7 @@ def read_arc(path: Path) -> list[Doc]:
 
 
 def read_boolq(path: Path) -> list[Doc]:
-    docs = []
+    docs: list[Doc] = []
     for d in _read_jsonl(path):
         _need(d, path, "question", "passage")
         if "label" not in d:
@@ -164,7 +164,7 @@ def read_truthfulqa(path: Path) -> list[Doc]:
         rows = [dict(r, _line=i + 1) for i, r in enumerate(raw)]
     else:
         rows = _read_jsonl(path)
-    docs = []
+    docs: list[Doc] = []
     for d in rows:
         _need(d, path, "question", "mc1_targets")
         out = {"question": d["question"], "_line": d["_line"]}
@@ -192,7 +192,7 @@ def read_squad(path: Path) -> list[Doc]:
     raw = _read_json(path)
     if not isinstance(raw, dict) or "data" not in raw:
         raise ConfigError(f"{path}: not a SQuAD file (expected an object with 'data')")
-    docs = []
+    docs: list[Doc] = []
     for article in raw["data"]:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:

@@ -37,7 +37,8 @@ class HarnessTask(Task):
     """Runs the harness's task of the same name; options and data exactly as the ``llmtune`` backend takes."""
 
     backend: ClassVar[str] = "lm-eval"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.DataTask
+    #: llmtune's task of the same name: its options, reader and data file are used as they are.
+    ours: ClassVar[type[builtin.DataTask]]
 
     def __init__(self, **options: Any) -> None:
         self._ours = self.ours(**options)
@@ -103,7 +104,8 @@ class HarnessTask(Task):
 
     def _result(self, out: dict[str, Any], task: str) -> TaskResult:
         raw = out["results"][task]
-        values, errors = {}, {}
+        values: dict[str, float] = {}
+        errors: dict[str, float] = {}
         for key, value in raw.items():
             if "," not in key or not isinstance(value, (int, float)):
                 continue
@@ -236,6 +238,19 @@ class KopitiamMCHarness(HarnessTask):
         return self._local(cfg, docs, tmp)
 
 
+class GenericMCHarness(KopitiamMCHarness):
+    name: ClassVar[str] = "multiple-choice"
+    ours: ClassVar[type[builtin.DataTask]] = builtin.GenericMCTask
+
+    def harness_config(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
+        cfg = {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+               "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}",
+               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                               {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+               "metadata": {"version": 1.0}}
+        return self._local(cfg, docs, tmp)
+
+
 class SquadHarness(HarnessTask):
     name: ClassVar[str] = "squad"
     ours: ClassVar[type[builtin.DataTask]] = builtin.SquadTask
@@ -253,4 +268,4 @@ class SquadHarness(HarnessTask):
 
 HARNESS_TASKS: dict[str, type[HarnessTask]] = {cls.name: cls for cls in (
     MMLUHarness, HellaSwagHarness, ArcEasyHarness, ArcChallengeHarness, BoolQHarness, TruthfulQAMC1Harness,
-    Gsm8kHarness, KopitiamMCHarness, SquadHarness)}
+    Gsm8kHarness, KopitiamMCHarness, GenericMCHarness, SquadHarness)}

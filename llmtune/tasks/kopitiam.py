@@ -53,3 +53,14 @@ def evaluate_kopitiam(model: Any, tokenizer: Any, *, template: str | None = "lla
     r = task.evaluate(model, tokenizer, batch_size=batch_size)
     return {"acc": r.metrics["acc"], "acc_norm": r.metrics["acc_norm"], "acc_stderr": r.stderr["acc"],
             "acc_norm_stderr": r.stderr["acc_norm"], "n": float(r.n)}
+
+
+def evaluate_kopitiam_adapter(base_dir: Any, adapter_dir: Any, **kwargs: Any) -> dict[str, float]:
+    """`evaluate_kopitiam` of the base model saved in ``base_dir`` with the adapter ``adapter_dir`` on top
+    (``{}`` when there is no adapter)."""
+    if adapter_dir is None:
+        return {}
+    from llmtune.tasks.run import load_model
+
+    model, tokenizer = load_model(str(base_dir), adapter=adapter_dir)
+    return evaluate_kopitiam(model, tokenizer, **kwargs)

@@ -131,17 +131,17 @@ class CausalLMScorer:
                 singles.extend(idx)
         done = 0
         for start in range(0, len(one_token), self.batch_size):
-            chunk = one_token[start:start + self.batch_size]
-            rows = _torch.last_logprobs(self, [pairs[idx[0]][0] for idx in chunk])
-            for idx, row in zip(chunk, rows):
-                for i in idx:
+            group_chunk = one_token[start:start + self.batch_size]
+            rows = _torch.last_logprobs(self, [pairs[g[0]][0] for g in group_chunk])
+            for g, row in zip(group_chunk, rows):
+                for i in g:
                     results[i] = _torch.continuation_scores(row[None], pairs[i][1])
-                done += len(idx)
+                done += len(g)
             self._tick(done, len(pairs))
-        for idx in cached:
-            for i, r in zip(idx, _torch.score_shared(self, pairs[idx[0]][0], [pairs[i][1] for i in idx])):
+        for g in cached:
+            for i, r in zip(g, _torch.score_shared(self, pairs[g[0]][0], [pairs[i][1] for i in g])):
                 results[i] = r
-            done += len(idx)
+            done += len(g)
             self._tick(done, len(pairs))
         singles.sort(key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))  # similar lengths batch together
         for start in range(0, len(singles), self.batch_size):

@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 import llmtune  # noqa: E402
 from llmtune.tasks.builtin import bundled_path  # noqa: E402
 
-MC_TASKS = ["mmlu", "hellaswag", "arc_easy", "boolq", "truthfulqa_mc1", "kopitiam-mc"]
+MC_TASKS = ["mmlu", "hellaswag", "arc_easy", "boolq", "truthfulqa_mc1", "kopitiam-mc", "multiple-choice"]
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def _harness_filter(pattern: str, group_select: int, text: str) -> str:
     from lm_eval.filters.extraction import RegexFilter
 
     f = RegexFilter(regex_pattern=pattern, group_select=group_select)
-    return list(f.apply([[text]], [{}]))[0][0]
+    return next(iter(f.apply([[text]], [{}])))[0]
 
 
 @pytest.mark.parametrize("text", GSM_OUTPUTS)
