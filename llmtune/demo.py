@@ -82,10 +82,11 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     import torch
 
     import llmtune
+    from llmtune.core.paths import check_output_dir
     from llmtune.models.tiny import build_tiny_model, pretrain, split_instructions, train_tiny_tokenizer
 
     t0 = time.perf_counter()
-    out = Path(out)
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(DEFAULTS)
     if pretrain_steps is not None:
@@ -124,7 +125,8 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         eval_batch_size=32, max_new_tokens=cfg["max_new_tokens"], seed=seed, progress=progress,
         loss_chunk_tokens=1024)
     t = time.perf_counter()
-    result = trainer.train(model, train, eval_data=heldout, tokenizer=tokenizer, output_dir=out / "run")
+    result = trainer.train(model, train, eval_data=heldout, tokenizer=tokenizer, output_dir=out / "run",
+                           overwrite=True)  # the demo rebuilds everything under out: a rerun replaces its run
     train_seconds = time.perf_counter() - t
     before, after = result.eval.get("before", {}), result.eval.get("after", {})
     echo(f"      {len(result.history)} steps in {train_seconds:.1f} s; loss {result.history[0]['loss']:.3f} -> "

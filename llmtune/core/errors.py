@@ -33,12 +33,24 @@ class UnknownOptionError(LlmtuneError, TypeError):
     """An option a backend does not take: never silently ignored."""
 
 
+class ArgumentTypeError(LlmtuneError, TypeError):
+    """An argument of the wrong kind (e.g. a path where a model object is needed); names what was expected."""
+
+
 class InvalidOptionError(LlmtuneError, ValueError):
     """An option with a value the backend cannot use."""
 
 
 class ConfigError(LlmtuneError, ValueError):
     """A configuration file or data file that cannot be used; names file, line and field."""
+
+
+class DamagedFileError(LlmtuneError, ValueError):
+    """A checkpoint or saved model whose files are missing, truncated or altered; names each file."""
+
+
+class OutputDirError(ConfigError):
+    """An output directory that holds another run (or a resume whose settings changed); names what differs."""
 
 
 class PluginError(LlmtuneError):

@@ -86,9 +86,16 @@ def load_config(path: str | Path) -> TrainConfig:
     from llmtune.core.registry import REGISTRY, get_quantizer
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied (cannot read it)") from None
     where = str(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -202,8 +209,9 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
         raise ConfigError(f"{loc}: {exc}{hint}") from None
 
 
-def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
-    """Train as the config says; returns the trainer's `TrainResult`."""
+def run(config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False,
+        allow_changes: tuple[str, ...] = ()) -> Any:
+    """Train as the config says; returns the trainer's `TrainResult` (``overwrite``/``allow_changes``: see train)."""
     tokenizer = None
     if config.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -212,6 +220,7 @@ def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
     return config.trainer.train(
         config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
         output_dir=config.output_dir, resume=config.resume if resume is None else resume,
+        **({"overwrite": True} if overwrite else {}), **({"allow_changes": allow_changes} if allow_changes else {}),
     )
 
 
