@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 from collections.abc import Callable
@@ -50,12 +51,23 @@ class MCItem:
 
 
 # -- file reading -------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[Doc]:
-    out = []
+def _read_text(path: Path) -> str:
+    """The file's text; a missing, unreadable or non-UTF-8 file is a `ConfigError` naming it."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (cannot read it)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _read_jsonl(path: Path) -> list[Doc]:
+    out = []
+    lines = _read_text(path).splitlines()
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -71,10 +83,9 @@ def _read_jsonl(path: Path) -> list[Doc]:
 
 
 def _read_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        return json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc.args[0]})") from None
 
@@ -99,13 +110,12 @@ def read_mmlu(path: Path) -> list[Doc]:
     if path.suffix.lower() == ".csv":
         subject = re.sub(r"_(test|dev|val)$", "", path.stem)
         docs: list[Doc] = []
-        with path.open(encoding="utf-8", newline="") as fh:
-            for lineno, row in enumerate(csv.reader(fh), start=1):
-                if len(row) != 6 or row[5].strip() not in _LETTERS[:4]:
-                    raise ConfigError(f"{path}:{lineno}: expected question,A,B,C,D,answer-letter; got {len(row)} "
-                                      f"columns")
-                docs.append({"question": row[0], "subject": subject, "choices": row[1:5],
-                             "answer": _LETTERS.index(row[5].strip()), "_line": lineno})
+        for lineno, row in enumerate(csv.reader(io.StringIO(_read_text(path), newline="")), start=1):
+            if len(row) != 6 or row[5].strip() not in _LETTERS[:4]:
+                raise ConfigError(f"{path}:{lineno}: expected question,A,B,C,D,answer-letter; got {len(row)} "
+                                  f"columns")
+            docs.append({"question": row[0], "subject": subject, "choices": row[1:5],
+                         "answer": _LETTERS.index(row[5].strip()), "_line": lineno})
         return docs
     docs = _read_jsonl(path)
     for d in docs:
@@ -220,10 +230,7 @@ def read_texts(path: Path) -> list[Doc]:
         for d in docs:
             _need(d, path, "text")
         return docs
-    try:
-        return [{"text": path.read_text(encoding="utf-8")}]
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+    return [{"text": _read_text(path)}]
 
 
 def read_generation(path: Path) -> list[Doc]:

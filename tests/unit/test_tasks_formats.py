@@ -118,3 +118,14 @@ def test_task_errors_are_typed() -> None:
         llmtune.get_task("arc_easy", num_fewshot=-1)
     with pytest.raises(UnknownOptionError):
         llmtune.get_task("hellaswag", template="llama3")  # only kopitiam-mc takes a chat template
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        formats.read_mmlu(tmp_path)
+    (tmp_path / "latin1.csv").write_bytes(b"caf\xe9,a,b,c,d,A\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        formats.read_mmlu(tmp_path / "latin1.csv")
+    with pytest.raises(ConfigError, match="columns"):
+        (tmp_path / "short_test.csv").write_text("q,a,b\n")
+        formats.read_mmlu(tmp_path / "short_test.csv")
