@@ -90,7 +90,10 @@ def evaluate(
     ``output_dir``: writes ``{task}.jsonl`` (one line per item) and ``results.json`` (metrics, stderr, config).
     ``progress(task, done, total)`` is called as items are scored.
     """
+    was_training = bool(getattr(model, "training", False))
     module, tok = load_model(model, tokenizer, adapter)
+    if was_training and module is model:
+        module.train()  # a caller's module is given back in its own mode (the scorer evaluates in eval mode)
     results: dict[str, TaskResult] = {}
     for task in _tasks(tasks, backend, task_options or {}):
         def tick(done: int, total: int, _name: str = task.name) -> None:

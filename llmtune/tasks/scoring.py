@@ -17,8 +17,9 @@ context reuse its KV cache, repeated for each continuation; the rest go in right
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from llmtune.core.errors import InvalidOptionError
@@ -62,8 +63,14 @@ class CausalLMScorer:
     # -- tokenization (HFLM's) ----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         flag = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        if add_special_tokens is None and self._bos_text and text.startswith(self._bos_text):
+            flag = False  # HFLM: a text that already starts with BOS (a chat template) gets no second one
         kwargs = {} if flag is None else {"add_special_tokens": flag}
         return list(self.tokenizer.encode(text, **kwargs))
+
+    @property
+    def _bos_text(self) -> str:
+        return str(self.tokenizer.decode(self.prefix_token_id)) if self.tokenizer.bos_token_id is not None else ""
 
     @property
     def prefix_token_id(self) -> int:
@@ -105,11 +112,16 @@ class CausalLMScorer:
     def generate_until(self, requests: Sequence[tuple[str, Sequence[str], int]]) -> list[str]:
         from llmtune.tasks._torch import generate_greedy
 
-        return generate_greedy(self, requests)
+        with _eval_mode(self.model):
+            return generate_greedy(self, requests)
 
     # -- batched scoring ------------------------------------------------------------------------------------
     def score_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
         """(sum of log-probs of the continuation, whether it is the greedy one) for each token pair."""
+        with _eval_mode(self.model):
+            return self._score_tokens(pairs)
+
+    def _score_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
         from llmtune.tasks import _torch
 
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
@@ -155,6 +167,19 @@ class CausalLMScorer:
     def _tick(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Score in eval mode (no dropout), and give the model back in the mode it came in."""
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int) -> list[TokenPair]:

@@ -168,3 +168,15 @@ def test_squad_and_generation_tasks_run(model: Any, tok: Any) -> None:
     assert {"rouge1", "rougeL", "bleu", "bleu_corpus"} <= set(gen.metrics)
     with pytest.raises(llmtune.BackendUnavailableError, match="squad_v2"):
         llmtune.get_task("squad", backend="lm-eval")
+
+
+def test_scoring_runs_in_eval_mode_and_restores_the_mode(model: Any, tok: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    dropped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.9,
+                                                              init_lora_weights=False))
+    dropped.train()
+    a = llmtune.evaluate(dropped, "boolq", tokenizer=tok, task_options={"boolq": {"limit": 4}})["boolq"]
+    b = llmtune.evaluate(dropped, "boolq", tokenizer=tok, task_options={"boolq": {"limit": 4}})["boolq"]
+    assert dropped.training  # given back in training mode
+    assert [x["loglikelihoods"] for x in a.per_item] == [x["loglikelihoods"] for x in b.per_item]  # no dropout
