@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: Subpackages reachable as attributes (``llmtune.memory.estimate_training``), imported on first use.
-_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "tasks"})
+_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "export", "tasks"})
 __all__ += ["Task", "TaskResult", "evaluate", "get_task", "register_task"]
 
 
