@@ -18,6 +18,8 @@ BUILTIN_TRAINERS = (
     ("pretrain", "peft", "llmtune.trainers.peft:PeftPretrainTrainer", _PEFT, "peft", True),
     ("dpo", "peft", "llmtune.trainers.peft:PeftDpoTrainer", _PEFT, "peft", True),
     ("reward", "peft", "llmtune.trainers.peft:PeftRewardTrainer", _PEFT, "peft", True),
+    ("rloo", "peft", "llmtune.trainers.peft:PeftRlooTrainer", _PEFT, "peft", True),
+    ("grpo", "peft", "llmtune.trainers.peft:PeftGrpoTrainer", _PEFT, "peft", True),
     ("lora", "peft", "llmtune.trainers.peft:PeftLoraTrainer", _PEFT, "peft", True),
     ("lora", "unsloth", "llmtune.trainers.unsloth:UnslothLoraTrainer", _UNSLOTH, "unsloth", False),
 )

@@ -19,6 +19,7 @@ from llmtune.core.errors import ConfigError
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
 from llmtune.trainers.objectives.dpo import DpoTrainOptions, RewardTrainOptions
+from llmtune.trainers.objectives.online import OnlineTrainOptions
 from llmtune.trainers.options import PretrainOptions, TrainOptions
 
 
@@ -54,7 +55,7 @@ class PeftBackend(TrainerBackend):
     """transformers + PEFT, run by llmtune's loop on Accelerate."""
 
     name: ClassVar[str] = "peft"
-    objectives: ClassVar[tuple[str, ...]] = ("sft", "pretrain", "dpo", "reward")
+    objectives: ClassVar[tuple[str, ...]] = ("sft", "pretrain", "dpo", "reward", "rloo", "grpo")
 
     def _load_module(self, model: Any, tokenizer: Any, ctx: BackendContext) -> tuple[Any, Any]:
         from torch import nn
@@ -171,10 +172,28 @@ class PeftDpoTrainer(RecipeTrainer):
 
 
 class PeftRewardTrainer(RecipeTrainer):
-    """``reward`` on the ``peft`` backend: Bradley-Terry on a 1-label sequence-classification model (full)."""
+    """``reward`` on the ``peft`` backend: Bradley-Terry on a 1-label sequence-classification model (full, or LoRA + score head)."""
 
     name: ClassVar[str] = "reward"
     backend: ClassVar[str] = "peft"
     objective: ClassVar[str] = "reward"
     engine: ClassVar[type[TrainerBackend]] = PeftBackend
     Options: ClassVar[type] = RewardTrainOptions
+
+
+class PeftRlooTrainer(RecipeTrainer):
+    """``rloo`` on the ``peft`` backend: K sampled answers per prompt scored by a saved reward model,
+    leave-one-out advantages, KL to the reference = the adapter switched off."""
+
+    name: ClassVar[str] = "rloo"
+    backend: ClassVar[str] = "peft"
+    objective: ClassVar[str] = "rloo"
+    engine: ClassVar[type[TrainerBackend]] = PeftBackend
+    Options: ClassVar[type] = OnlineTrainOptions
+
+
+class PeftGrpoTrainer(PeftRlooTrainer):
+    """``grpo`` on the ``peft`` backend: as ``rloo`` with group-normalised advantages."""
+
+    name: ClassVar[str] = "grpo"
+    objective: ClassVar[str] = "grpo"

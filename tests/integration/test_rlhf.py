@@ -192,6 +192,13 @@ def test_dpo_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
     result = trainer.train(_tiny(tok), records, tokenizer=tok, output_dir=tmp_path / "run")
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # mean over the pairs at step 0
     assert result.history[-1]["loss"] < math.log(2)
+    import json
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "logps_chosen" in x]
+    assert len(steps) == 3  # one per step, with the preference statistics
+    assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6) and steps[0]["accuracy"] == 0.0
+    assert steps[-1]["reward_margin"] > 0 and {"logps_rejected", "rewards_chosen", "rewards_rejected"} <= set(steps[-1])
     from llmtune.core.errors import InvalidOptionError
 
     with pytest.raises(InvalidOptionError, match=r"does not support method='full'"):
@@ -213,3 +220,51 @@ def test_reward_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "run" / "model"))
     assert loaded.config.num_labels == 1 and type(loaded).__name__ == "LlamaForSequenceClassification"
+
+
+_RECORDS = [{"prompt": "What is Kopi O?", "responses": ["Black coffee.", "Tea.", "Coffee with milk."],
+             "ranking": [0, 2, 1]},
+            {"prompt": "What is Teh C?", "chosen": "Tea with evaporated milk.", "rejected": "Coffee."}] * 2
+
+
+def test_reward_trainer_with_lora_trains_the_score_head(tok: Any, tmp_path: Path) -> None:
+    import llmtune
+    from llmtune.trainers.rlhf.reward import reward_model_from_causal_lm
+
+    rm = reward_model_from_causal_lm(_tiny(tok), tok)
+    head = rm.score.weight.detach().clone()
+    trainer = llmtune.get_trainer("reward", method="lora", rank=4, alpha=8, max_steps=4, batch_size=2, lr=1e-2,
+                                  warmup=0, progress=False)
+    result = trainer.train(rm, _RECORDS, tokenizer=tok, output_dir=tmp_path / "run")
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert {"accuracy", "margin"} <= set(result.history[-1])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_" in k for k in saved)
+    heads = [v for k, v in saved.items() if "score" in k]  # the head is saved beside the adapter
+    assert len(heads) == 1 and heads[0].shape == head.shape and not torch.equal(heads[0], head)
+
+
+def test_rloo_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
+    import json
+
+    import llmtune
+    from llmtune.core.errors import ConfigError, InvalidOptionError
+    from llmtune.trainers.rlhf.reward import RewardModel, reward_model_from_causal_lm
+
+    RewardModel(reward_model_from_causal_lm(_tiny(tok, seed=1), tok), tok).save(tmp_path / "rm")
+    prompts = [{"prompt": "What is Kopi O?"}, {"instruction": "What is Teh C?", "output": "Tea with milk."}] * 2
+    trainer = llmtune.get_trainer("rloo", method="lora", rank=4, alpha=8, max_steps=2, batch_size=2,
+                                  reward_model=str(tmp_path / "rm"), samples=3, max_new_tokens=6, warmup=0,
+                                  progress=False)
+    trainer.train(_tiny(tok), prompts, tokenizer=tok, output_dir=tmp_path / "run")
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [x for x in steps if "kl" in x]
+    assert len(steps) == 2 and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # B=0: policy == reference
+    assert {"reward", "advantage_std", "completion_tokens"} <= set(steps[0])
+    with pytest.raises(InvalidOptionError, match=r"does not support method='full'"):
+        llmtune.get_trainer("grpo", method="full")
+    with pytest.raises(ConfigError, match=r"reward_model=DIR"):
+        llmtune.get_trainer("grpo", method="lora", max_steps=1, batch_size=2, progress=False).train(
+            _tiny(tok), prompts, tokenizer=tok, output_dir=tmp_path / "run2")

@@ -17,7 +17,9 @@ class LoRA(PeftMethod):
         from peft import LoraConfig, TaskType
 
         targets = options.targets if isinstance(options.targets, str) else list(options.targets)
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=options.rank,
+        # a reward model (objective "reward") is a sequence classifier: SEQ_CLS also trains its score head
+        task = TaskType.SEQ_CLS if getattr(options, "peft_task_type", "") == "SEQ_CLS" else TaskType.CAUSAL_LM
+        return LoraConfig(task_type=task, r=options.rank,
                           lora_alpha=options.alpha,  # PEFT takes floats too
                           lora_dropout=options.dropout, target_modules=targets, use_dora=self.dora)
 

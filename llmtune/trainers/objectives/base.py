@@ -136,3 +136,7 @@ class Objective:
              ctx: BackendContext) -> torch.Tensor:
         """SUM of the per-token losses of ``batch`` (the loop divides by the global token count)."""
         return backend.loss(model, batch, ctx)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """This step's objective statistics for its ``log.jsonl`` line (e.g. DPO margins), then forget them."""
+        return {}

@@ -77,6 +77,16 @@ def _groups(data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
     return groups
 
 
+def _record(objective: Objective, batch: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+    """Keep a training micro-batch's statistics (weighted by its pairs) for the step's log line."""
+    import torch
+
+    if torch.is_grad_enabled():  # not the validation passes
+        metrics = objective.__dict__.setdefault("_metrics", [])
+        metrics.append((int(batch["chosen"].numel()), {k: float(v) for k, v in stats.items()
+                                                       if k not in ("pairs", "sequences")}))
+
+
 class Dpo(Objective):
     """The DPO-family loss summed over the pairs of a batch of groups."""
 
@@ -106,16 +116,24 @@ class Dpo(Objective):
         if o.loss_type in ("dpo", "ipo") and not hasattr(model, "disable_adapter"):
             raise InvalidOptionError(f"objective 'dpo' with loss_type {o.loss_type!r} takes its reference from the "
                                      f"model with the adapter off: use method 'lora' or 'dora' (got {o.method!r})")
-        out, _ = dpo_loss(model, dict(batch), DpoOptions(loss_type=o.loss_type, beta=o.beta,
-                                                          label_smoothing=o.label_smoothing,
-                                                          simpo_gamma=o.simpo_gamma))
+        out, stats = dpo_loss(model, dict(batch), DpoOptions(loss_type=o.loss_type, beta=o.beta,
+                                                              label_smoothing=o.label_smoothing,
+                                                              simpo_gamma=o.simpo_gamma))
+        _record(self, batch, stats)
         return out.loss * batch["chosen"].numel()
+
+    def pop_metrics(self) -> dict[str, float]:
+        from llmtune.trainers.objectives.online import pop_weighted
+
+        return pop_weighted(getattr(self, "_metrics", []))
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardTrainOptions(TrainOptions):
     """`TrainOptions` for objective ``reward`` (``use_margin``, ``center_rewards_coefficient``)."""
 
+    #: LoRA / DoRA on a reward model train the score head too (PEFT's SEQ_CLS task: modules_to_save)
+    peft_task_type: ClassVar[str] = "SEQ_CLS"
     method: str = "full"
     lr: float = 1e-4
     use_margin: bool = False
@@ -139,6 +157,9 @@ class Reward(Objective):
         if getattr(getattr(model, "config", None), "num_labels", None) != 1:
             raise InvalidOptionError("objective 'reward' trains a 1-label sequence-classification model: pass "
                                      "reward_model_from_causal_lm(model, tokenizer) as the model")
-        loss, _ = reward_loss(model, dict(batch), use_margin=ctx.options.use_margin,
-                              center_rewards_coefficient=ctx.options.center_rewards_coefficient)
+        loss, stats = reward_loss(model, dict(batch), use_margin=ctx.options.use_margin,
+                                  center_rewards_coefficient=ctx.options.center_rewards_coefficient)
+        _record(self, batch, stats)
         return loss * batch["chosen"].numel()
+
+    pop_metrics = Dpo.pop_metrics
