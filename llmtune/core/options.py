@@ -38,12 +38,13 @@ def build_options(options_cls: type[T], values: Mapping[str, Any], where: str) -
             known = ", ".join(valid) if valid else "no options"
             raise UnknownOptionError(
                 f"{where} does not take option {key!r}.{did_you_mean(key, valid)} "
-                f"It takes: {known}."
+                f"It takes: {known}.",
+                field=key,
             )
     try:
         return options_cls(**values)
     except InvalidOptionError as exc:
-        raise InvalidOptionError(f"{where}: {exc}") from None
+        raise InvalidOptionError(f"{where}: {exc}", field=exc.field) from None
 
 
 def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None:
@@ -51,7 +52,7 @@ def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None
     if value not in choices:
         shown = ", ".join(repr(c) for c in choices)
         hint = did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
-        raise InvalidOptionError(f"option {field}={value!r} is not one of {shown}.{hint}")
+        raise InvalidOptionError(f"option {field}={value!r} is not one of {shown}.{hint}", field=field)
 
 
 def check_type(field: str, value: object, types: type | tuple[type, ...]) -> None:
@@ -63,4 +64,4 @@ def check_type(field: str, value: object, types: type | tuple[type, ...]) -> Non
         ok = isinstance(value, want)
     if not ok:
         names = " or ".join(t.__name__ for t in want)
-        raise InvalidOptionError(f"option {field}={value!r} must be {names}, not {type(value).__name__}")
+        raise InvalidOptionError(f"option {field}={value!r} must be {names}, not {type(value).__name__}", field=field)

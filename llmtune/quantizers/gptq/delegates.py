@@ -17,24 +17,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtune.core.errors import BackendUnavailableError, GPURequiredError, InvalidOptionError
-from llmtune.core.interfaces import Quantizer
-from llmtune.quantizers.gptq import GPTQOptions, _progress
+from llmtune.core.interfaces import ProgressFn, Quantizer
+from llmtune.core.versions import installed_version, release
+from llmtune.quantizers.gptq import GPTQOptions, gptq_config
 
 #: Use instead of the delegates when they cannot run.
 _INSTEAD = "use backend 'llmtune' (the default: llmtune.get_quantizer('gptq')) or backend 'gptqmodel'"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _release(v: str) -> tuple[int, ...]:
-    """The numeric release part of a version string: '2.14.1+cpu' -> (2, 14, 1)."""
-    nums = re.match(r"^\s*(\d+(?:\.\d+)*)", v)
-    return tuple(int(x) for x in nums.group(1).split(".")) if nums else ()
 
 
 def _min_requirement(dist: str, dep: str) -> str | None:
@@ -52,12 +40,12 @@ def _min_requirement(dist: str, dep: str) -> str | None:
 
 def gptqmodel_unavailable_reason() -> str | None:
     """Why GPTQModel cannot run here (not installed, or its torch/transformers floor not met), or None."""
-    version = _version("gptqmodel")
+    version = installed_version("gptqmodel")
     if version is None:
         return "GPTQModel is not installed: pip install 'llmtune[gptq]' (needs a recent torch, e.g. >= 2.14.1 for 7.7)"
     for dep in ("torch", "transformers"):
-        need, have = _min_requirement("gptqmodel", dep), _version(dep)
-        if need and have and _release(have) < _release(need):
+        need, have = _min_requirement("gptqmodel", dep), installed_version(dep)
+        if need and have and release(have) < release(need):
             return (f"gptqmodel {version} needs {dep} >= {need}, but {dep} {have} is installed; "
                     f"upgrade {dep} or install an older gptqmodel, or use backend 'llmtune'")
     return None
@@ -65,9 +53,9 @@ def gptqmodel_unavailable_reason() -> str | None:
 
 def autogptq_unavailable_reason() -> str | None:
     """Why AutoGPTQ cannot run here: it is unmaintained and does not import with transformers >= 5."""
-    version, tf = _version("auto-gptq") or _version("auto_gptq"), _version("transformers")
+    version, tf = installed_version("auto-gptq") or installed_version("auto_gptq"), installed_version("transformers")
     dead = "AutoGPTQ is unmaintained (archived in 2025; its last release, 0.7.1, is from March 2024)"
-    if tf is not None and _release(tf) >= (5,):
+    if tf is not None and release(tf) >= (5,):
         have = f"auto-gptq {version} is installed, but it" if version else "auto-gptq is not installed, and it"
         return (f"{have} cannot be imported with transformers {tf} (>= 5 removed "
                 f"transformers.modeling_utils.no_init_weights, which it imports); {dead}. Instead, {_INSTEAD}")
@@ -136,8 +124,12 @@ class GPTQModelQuantizer(Quantizer):
 
         return gptqmodel
 
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
-        """Save ``model`` to a temporary dir, quantize it with GPTQModel, return its (quantized) HF module."""
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
+        """Save ``model`` to a temporary dir, quantize it with GPTQModel, return its (quantized) HF module.
+
+        GPTQModel quantizes all blocks in one call: ``progress`` hears of one step, at the end.
+        """
         gm = self._import()
         examples = _examples(calibration)
         if self.options.skip_modules not in ((), ("lm_head",)):
@@ -146,12 +138,11 @@ class GPTQModelQuantizer(Quantizer):
         # GPTQModel reads the source directory again when saving: keep it as long as the wrapper lives.
         tmp = tempfile.mkdtemp(prefix="llmtune-gptqmodel-")
         src = _save_for_library(model, Path(tmp))
-        with _progress("gptq (gptqmodel)", 1, quiet=self.options.quiet) as advance:
-            wrapper = gm.GPTQModel.load(str(src), _gptqmodel_config(self.options))
-            weakref.finalize(wrapper, shutil.rmtree, tmp, True)
-            wrapper.quantize(examples, batch_size=1)
-            if advance:
-                advance("all blocks", 1, 1)
+        wrapper = gm.GPTQModel.load(str(src), _gptqmodel_config(self.options))
+        weakref.finalize(wrapper, shutil.rmtree, tmp, True)
+        wrapper.quantize(examples, batch_size=1)
+        if progress:
+            progress("all blocks", 1, 1)
         module = wrapper.model
         object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
         return module
@@ -178,12 +169,7 @@ class GPTQModelQuantizer(Quantizer):
 
     def hf_quantization_config(self) -> Any:
         """transformers' ``GPTQConfig`` with these settings (load-time quantization runs GPTQModel)."""
-        from transformers import GPTQConfig
-
-        o = self.options
-        return GPTQConfig(bits=o.bits, group_size=o.group_size, damp_percent=float(o.damp_percent),
-                          desc_act=o.act_order, act_group_aware=False, sym=o.sym,
-                          true_sequential=o.true_sequential, format=o.checkpoint_format)
+        return gptq_config(self.options)
 
 
 class AutoGPTQQuantizer(Quantizer):
@@ -210,8 +196,9 @@ class AutoGPTQQuantizer(Quantizer):
 
         return auto_gptq
 
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
-        """Quantize with AutoGPTQ (CUDA, transformers < 5 only)."""
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
+        """Quantize with AutoGPTQ (CUDA, transformers < 5 only); ``progress`` hears of one step, at the end."""
         ag = self._check()
         o = self.options
         examples = _examples(calibration)
@@ -223,6 +210,8 @@ class AutoGPTQQuantizer(Quantizer):
         wrapper = ag.AutoGPTQForCausalLM.from_pretrained(str(src), cfg)
         weakref.finalize(wrapper, shutil.rmtree, tmp, True)
         wrapper.quantize(examples)
+        if progress:
+            progress("all blocks", 1, 1)
         module = wrapper.model
         object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
         return module
