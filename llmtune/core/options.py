@@ -8,6 +8,7 @@ typo such as ``use_stemer=True`` is an error instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -65,3 +66,13 @@ def check_type(field: str, value: object, types: type | tuple[type, ...]) -> Non
     if not ok:
         names = " or ".join(t.__name__ for t in want)
         raise InvalidOptionError(f"option {field}={value!r} must be {names}, not {type(value).__name__}", field=field)
+
+
+def check_positive(field: str, value: object, types: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
+    """Raise `InvalidOptionError` unless ``value`` is of ``types`` (see `check_type`), finite and > 0
+    (>= 0 with ``zero_ok``)."""
+    check_type(field, value, types)
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}",
+                                 field=field)

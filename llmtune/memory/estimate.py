@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from llmtune.core.errors import InvalidOptionError, did_you_mean
+from llmtune.core.units import MiB
 from llmtune.memory.gpus import GPUS, gpu_bytes
 from llmtune.memory.spec import ModelSpec
 from llmtune.memory.weights import default_format, weight_terms
 
-MiB = 2**20
 GB = 10**9
 
 METHODS = ("full", "lora", "qlora", "dora")

@@ -139,7 +139,8 @@ class Int8Options:
     def __post_init__(self) -> None:
         check_type("threshold", self.threshold, (int, float))
         if not self.threshold >= 0.0 or self.threshold == float("inf"):
-            raise InvalidOptionError(f"option threshold={self.threshold!r} must be a finite number >= 0")
+            raise InvalidOptionError(f"option threshold={self.threshold!r} must be a finite number >= 0",
+                                     field="threshold")
         object.__setattr__(self, "threshold", float(self.threshold))
         check_type("has_fp16_weights", self.has_fp16_weights, bool)
         object.__setattr__(self, "skip_modules", check_skip_modules(self.skip_modules))
@@ -399,7 +400,8 @@ class _FourBitQuantizer(_BnbQuantizer):
             raise InvalidOptionError(
                 f"{self.describe()}: option blocksize={self.options.blocksize} cannot be expressed in "
                 "transformers' BitsAndBytesConfig, whose load-time quantization always uses blocks of 64; "
-                "use blocksize=64, or quantize() the loaded model (save()/load() keep any blocksize)"
+                "use blocksize=64, or quantize() the loaded model (save()/load() keep any blocksize)",
+                field="blocksize",
             )
         return super().hf_quantization_config()
 

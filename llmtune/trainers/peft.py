@@ -37,7 +37,7 @@ from torch import nn
 
 from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionError, LlmtuneError, OutputDirError
 from llmtune.core.interfaces import Quantizer, Trainer
-from llmtune.core.options import check_choice, check_type
+from llmtune.core.options import check_choice, check_positive, check_type
 from llmtune.core.results import TrainResult
 from llmtune.trainers import _checkpoint as ckpt
 from llmtune.trainers._evaluate import generate, score
@@ -51,11 +51,7 @@ _NOT_RUN_IDENTITY = frozenset({"eval_every", "eval_examples", "eval_batch_size",
                                "loss_chunk_tokens"})
 
 
-def _positive(field: str, value: object, kind: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
-    check_type(field, value, kind)
-    assert isinstance(value, (int, float))
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
+_positive = check_positive  # the one positive-number check, in llmtune.core.options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,25 +104,26 @@ class PeftLoraOptions:
         _positive("alpha", self.alpha, (int, float))
         check_type("dropout", self.dropout, (int, float))
         if not 0 <= self.dropout < 1:
-            raise InvalidOptionError(f"option dropout={self.dropout!r} must be in [0, 1)")
+            raise InvalidOptionError(f"option dropout={self.dropout!r} must be in [0, 1)", field="dropout")
         targets = self.targets
         if isinstance(targets, list):
             targets = tuple(targets)
             object.__setattr__(self, "targets", targets)
         if isinstance(targets, str):
             if not targets:
-                raise InvalidOptionError("option targets='' is empty; use 'all-linear' or a list of module names")
+                raise InvalidOptionError("option targets='' is empty; use 'all-linear' or a list of module names",
+                                         field="targets")
         elif not (isinstance(targets, tuple) and targets and all(isinstance(t, str) and t for t in targets)):
             raise InvalidOptionError(f"option targets={targets!r} must be 'all-linear' or a non-empty list of "
-                                     "module names such as ['q_proj', 'v_proj']")
+                                     "module names such as ['q_proj', 'v_proj']", field="targets")
         _positive("num_virtual_tokens", self.num_virtual_tokens)
         if self.quantizer is not None:
             if not isinstance(self.quantizer, Quantizer):
                 raise InvalidOptionError(f"option quantizer={self.quantizer!r} must be a Quantizer, e.g. "
-                                         "llmtune.get_quantizer('nf4')")
+                                         "llmtune.get_quantizer('nf4')", field="quantizer")
             if not type(self.quantizer).trainable:
                 raise InvalidOptionError(f"option quantizer: {self.quantizer.describe()} cannot be trained on "
-                                         "(trainable=False); use nf4, fp4 or int8")
+                                         "(trainable=False); use nf4, fp4 or int8", field="quantizer")
             if self.method == "prompt_tuning":
                 pass  # soft prompts on a quantized base are fine
         check_type("upcast_embeddings", self.upcast_embeddings, bool)
@@ -141,7 +138,8 @@ class PeftLoraOptions:
         _positive("grad_accum", self.grad_accum)
         _positive("warmup", self.warmup, (int, float), zero_ok=True)
         if self.warmup >= 1 and float(self.warmup) != int(self.warmup):
-            raise InvalidOptionError(f"option warmup={self.warmup!r}: a fraction must be < 1, a step count whole")
+            raise InvalidOptionError(f"option warmup={self.warmup!r}: a fraction must be < 1, a step count whole",
+                                     field="warmup")
         check_choice("scheduler", self.scheduler, ("cosine", "linear", "constant"))
         _positive("weight_decay", self.weight_decay, (int, float), zero_ok=True)
         _positive("max_grad_norm", self.max_grad_norm, (int, float), zero_ok=True)

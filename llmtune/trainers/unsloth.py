@@ -121,24 +121,25 @@ class UnslothLoraOptions(PeftLoraOptions):
         super().__post_init__()
         if self.method != "lora":
             raise InvalidOptionError(f"option method={self.method!r}: the unsloth backend trains LoRA only; use "
-                                     "backend='peft' for DoRA and prompt tuning")
+                                     "backend='peft' for DoRA and prompt tuning", field="method")
         if self.upcast_embeddings:
             raise InvalidOptionError("option upcast_embeddings=True: Unsloth chooses the dtypes of the 4-bit "
-                                     "model itself; use backend='peft' for PEFT's kbit recipe")
+                                     "model itself; use backend='peft' for PEFT's kbit recipe",
+                                     field="upcast_embeddings")
         q = self.quantizer
         if q is not None:
             if q.name != "nf4":
                 raise InvalidOptionError(
                     f"option quantizer: {q.describe()} cannot be used with the unsloth backend, which quantizes "
                     "with bitsandbytes NF4 (load_in_4bit) only; use llmtune.get_quantizer('nf4'), or "
-                    "backend='peft' for other quantizers")
+                    "backend='peft' for other quantizers", field="quantizer")
             fixed = {"double_quant": True, "blocksize": 64, "quant_storage": "uint8", "skip_modules": ("lm_head",)}
             for field, want in fixed.items():
                 have = getattr(q.options, field, want)
                 if have != want:
                     raise InvalidOptionError(
                         f"option quantizer: nf4 {field}={have!r} is not what Unsloth's load_in_4bit does "
-                        f"({field}={want!r}); leave it at its default or use backend='peft'")
+                        f"({field}={want!r}); leave it at its default or use backend='peft'", field="quantizer")
 
 
 class UnslothLoraTrainer(PeftLoraTrainer):

@@ -134,7 +134,7 @@ class GPTQModelQuantizer(Quantizer):
         examples = _examples(calibration)
         if self.options.skip_modules not in ((), ("lm_head",)):
             raise InvalidOptionError("backend 'gptqmodel' only skips lm_head; use backend 'llmtune' to skip "
-                                     f"{list(self.options.skip_modules)}")
+                                     f"{list(self.options.skip_modules)}", field="skip_modules")
         # GPTQModel reads the source directory again when saving: keep it as long as the wrapper lives.
         tmp = tempfile.mkdtemp(prefix="llmtune-gptqmodel-")
         src = _save_for_library(model, Path(tmp))
