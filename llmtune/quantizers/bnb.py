@@ -164,6 +164,17 @@ def _default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _fill(layer: torch.nn.Module, weight: Any, linear: torch.nn.Linear) -> torch.nn.Module:
+    """Give the bitsandbytes ``layer`` its (not yet quantized) ``weight``, quantized by the move to ``linear``'s
+    device, and ``linear``'s bias, frozen."""
+    import torch
+
+    layer.weight = weight.to(linear.weight.device)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -361,7 +372,6 @@ class _FourBitQuantizer(_BnbQuantizer):
 
     def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
-        import torch
 
         opts: FourBitOptions = self.options
         compute_dtype = _torch_dtype(resolve_compute_dtype(opts.compute_dtype, device_type))
@@ -376,10 +386,7 @@ class _FourBitQuantizer(_BnbQuantizer):
             linear.weight.data, requires_grad=False, blocksize=opts.blocksize,
             compress_statistics=opts.double_quant, quant_type=self.quant_type, quant_storage=storage, module=layer,
         )
-        layer.weight = weight.to(linear.weight.device)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        return layer
+        return _fill(layer, weight, linear)
 
     def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig
@@ -428,7 +435,6 @@ class INT8Quantizer(_BnbQuantizer):
 
     def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
-        import torch
 
         opts: Int8Options = self.options
         if opts.has_fp16_weights and linear.weight.device.type != "cuda":
@@ -444,10 +450,7 @@ class INT8Quantizer(_BnbQuantizer):
         weight: Any = bnb.nn.Int8Params(
             linear.weight.data.to("cpu"), requires_grad=opts.has_fp16_weights, has_fp16_weights=opts.has_fp16_weights,
         )
-        layer.weight = weight.to(linear.weight.device)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        return layer
+        return _fill(layer, weight, linear)
 
     def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig

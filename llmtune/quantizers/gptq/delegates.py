@@ -104,12 +104,32 @@ def _save_for_library(model: Any, tmp: Path) -> Path:
     return tmp
 
 
-class GPTQModelQuantizer(Quantizer):
-    """GPTQ by GPTQModel (ModelCloud): the maintained reference implementation and its kernels."""
+class _DelegatedGPTQ(Quantizer):
+    """What the delegates share: GPTQ's options, and the library's wrapper kept on the module it returns."""
 
     name: ClassVar[str] = "gptq"
-    backend: ClassVar[str] = "gptqmodel"
     Options: ClassVar[type] = GPTQOptions
+    #: The attribute of the returned module that holds the library's wrapper object.
+    wrapper_attr: ClassVar[str] = ""
+
+    def _unwrap(self, wrapper: Any) -> Any:
+        """The HF module inside ``wrapper``, which keeps the wrapper (not as a submodule: it contains the module)."""
+        module = wrapper.model
+        object.__setattr__(module, self.wrapper_attr, wrapper)
+        return module
+
+    def _wrapper_of(self, model: Any) -> Any:
+        wrapper = getattr(model, self.wrapper_attr, None)
+        if wrapper is None:
+            raise InvalidOptionError(f"save: this model was not quantized by backend {self.backend!r}")
+        return wrapper
+
+
+class GPTQModelQuantizer(_DelegatedGPTQ):
+    """GPTQ by GPTQModel (ModelCloud): the maintained reference implementation and its kernels."""
+
+    backend: ClassVar[str] = "gptqmodel"
+    wrapper_attr: ClassVar[str] = "_llmtune_gptqmodel"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -143,15 +163,11 @@ class GPTQModelQuantizer(Quantizer):
         wrapper.quantize(examples, batch_size=1)
         if progress:
             progress("all blocks", 1, 1)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
-        return module
+        return self._unwrap(wrapper)
 
     def save(self, model: Any, path: str | Path) -> Path:
         """GPTQModel's own ``save`` (the standard GPTQ checkpoint)."""
-        wrapper = getattr(model, "_llmtune_gptqmodel", None)
-        if wrapper is None:
-            raise InvalidOptionError("save: this model was not quantized by backend 'gptqmodel'")
+        wrapper = self._wrapper_of(model)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         wrapper.save(str(out))
@@ -163,21 +179,18 @@ class GPTQModelQuantizer(Quantizer):
         device = kwargs.pop("device", "cpu")
         backend = kwargs.pop("backend", gm.BACKEND.TORCH if device == "cpu" else gm.BACKEND.AUTO)
         wrapper = gm.GPTQModel.load(str(path), device=device, backend=backend, **kwargs)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
-        return module
+        return self._unwrap(wrapper)
 
     def hf_quantization_config(self) -> Any:
         """transformers' ``GPTQConfig`` with these settings (load-time quantization runs GPTQModel)."""
         return gptq_config(self.options)
 
 
-class AutoGPTQQuantizer(Quantizer):
+class AutoGPTQQuantizer(_DelegatedGPTQ):
     """GPTQ by AutoGPTQ: kept only to explain why it cannot run (unmaintained; breaks on transformers >= 5)."""
 
-    name: ClassVar[str] = "gptq"
     backend: ClassVar[str] = "auto-gptq"
-    Options: ClassVar[type] = GPTQOptions
+    wrapper_attr: ClassVar[str] = "_llmtune_autogptq"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -212,16 +225,12 @@ class AutoGPTQQuantizer(Quantizer):
         wrapper.quantize(examples)
         if progress:
             progress("all blocks", 1, 1)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
-        return module
+        return self._unwrap(wrapper)
 
     def save(self, model: Any, path: str | Path) -> Path:
         """AutoGPTQ's ``save_quantized``."""
         self._check()
-        wrapper = getattr(model, "_llmtune_autogptq", None)
-        if wrapper is None:
-            raise InvalidOptionError("save: this model was not quantized by backend 'auto-gptq'")
+        wrapper = self._wrapper_of(model)
         wrapper.save_quantized(str(path), use_safetensors=True)
         return Path(path)
 
@@ -229,6 +238,4 @@ class AutoGPTQQuantizer(Quantizer):
         """AutoGPTQ's ``from_quantized``."""
         ag = self._check()
         wrapper = ag.AutoGPTQForCausalLM.from_quantized(str(path), use_safetensors=True, **kwargs)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
-        return module
+        return self._unwrap(wrapper)
