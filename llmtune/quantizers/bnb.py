@@ -31,7 +31,7 @@ from llmtune.core.errors import (
 )
 from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
-from llmtune.core.options import check_choice, check_type
+from llmtune.core.options import check_choice, check_positive, check_type
 from llmtune.quantizers._modules import check_skip_modules, hf_skip_regex, is_skipped, skip_matches
 
 if TYPE_CHECKING:
@@ -137,10 +137,7 @@ class Int8Options:
     skip_modules: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:
-        check_type("threshold", self.threshold, (int, float))
-        if not self.threshold >= 0.0 or self.threshold == float("inf"):
-            raise InvalidOptionError(f"option threshold={self.threshold!r} must be a finite number >= 0",
-                                     field="threshold")
+        check_positive("threshold", self.threshold, (int, float), zero_ok=True)
         object.__setattr__(self, "threshold", float(self.threshold))
         check_type("has_fp16_weights", self.has_fp16_weights, bool)
         object.__setattr__(self, "skip_modules", check_skip_modules(self.skip_modules))

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
-from llmtune.core.options import check_choice, check_type
+from llmtune.core.options import check_choice, check_positive, check_type
 from llmtune.quantizers._modules import check_skip_modules
 
 __all__ = ["CalibrationError", "GPTQOptions", "GPTQQuantizer", "GridOptions", "RTNOptions", "RTNQuantizer",
@@ -107,9 +107,7 @@ class GPTQOptions(GridOptions):
                 raise InvalidOptionError("options act_order=True and desc_act=False contradict each other "
                                          "(desc_act is another name for act_order)", field="desc_act")
             object.__setattr__(self, "act_order", self.desc_act)
-        check_type("block_size", self.block_size, int)
-        if self.block_size <= 0:
-            raise InvalidOptionError(f"option block_size={self.block_size} must be positive", field="block_size")
+        check_positive("block_size", self.block_size)
 
 
 def gptq_config(options: GridOptions) -> Any:
