@@ -25,7 +25,10 @@ from llmtune.quantizers._modules import check_skip_modules
 __all__ = ["CalibrationError", "GPTQOptions", "GPTQQuantizer", "GridOptions", "RTNOptions", "RTNQuantizer",
            "gptq_config", "load_quantized", "save_quantized"]
 
-_FORMATS = ("gptq", "gptq_v2")
+#: Bits per weight the GPTQ int32 layout packs.
+SUPPORTED_BITS = (2, 3, 4, 8)
+#: Zero-point conventions: "gptq" (v1, zero - 1 stored) and "gptq_v2" (the zero itself).
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 class CalibrationError(ConfigError):
@@ -57,7 +60,7 @@ class GridOptions:
 
     def __post_init__(self) -> None:
         check_type("bits", self.bits, int)
-        check_choice("bits", self.bits, (2, 3, 4, 8))
+        check_choice("bits", self.bits, SUPPORTED_BITS)
         check_type("group_size", self.group_size, int)
         if self.group_size != -1 and self.group_size <= 0:
             raise InvalidOptionError(f"option group_size={self.group_size} must be positive, or -1 (one group per row)",
@@ -67,7 +70,7 @@ class GridOptions:
             # v1 ("gptq") is what readers assume by default, but GPTQModel refuses asymmetric v1 checkpoints not
             # written by itself (AutoGPTQ's old asymmetric v1 was lossy): asymmetric grids go out as "gptq_v2".
             object.__setattr__(self, "checkpoint_format", self.layout)
-        check_choice("checkpoint_format", self.checkpoint_format, _FORMATS)
+        check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         object.__setattr__(self, "skip_modules", check_skip_modules(self.skip_modules))
         check_type("quiet", self.quiet, bool)
 
