@@ -236,3 +236,34 @@ def test_progress_is_reported_through_the_callback_once_per_block(base, data, ca
                    progress=lambda step, done, total: seen.append((step, done, total)))
         assert seen == [("model.layers.0", 1, 2), ("model.layers.1", 2, 2)]
     assert capsys.readouterr().out == ""  # the library prints nothing; the CLI renders the bar
+
+
+def test_another_tools_damaged_checkpoint_is_a_one_line_llmtune_error(base, tmp_path: Path) -> None:
+    """Without a manifest (another tool's checkpoint) damage is still named: file, field or module."""
+    from safetensors.torch import load_file, save_file
+
+    from llmtune.core.errors import DamagedFileError
+    from llmtune.core.manifest import MANIFEST
+
+    q = llmtune.get_quantizer("rtn", group_size=32)
+    saved = q.save(q.quantize(copy.deepcopy(base)), tmp_path / "q")
+    (saved / MANIFEST).unlink()
+    weights = saved / "model.safetensors"
+    good = weights.read_bytes()
+
+    state = load_file(str(weights))
+    state["model.layers.9.mlp.up_proj.qweight"] = state.pop("model.layers.0.mlp.up_proj.qweight")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"model.layers.9.mlp.up_proj.qweight.*no module 'model.layers.9"):
+        q.load(saved)
+
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DamagedFileError, match=r"model\.safetensors: unreadable"):
+        q.load(saved)
+
+    weights.write_bytes(good)
+    config = json.loads((saved / "config.json").read_text())
+    del config["quantization_config"]["bits"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="bits/group_size"):
+        q.load(saved)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from llmtune.core.errors import ConfigError, InvalidOptionError
+from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionError
 from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
 from llmtune.core.options import check_choice, check_positive, check_type
@@ -235,20 +235,44 @@ def save_quantized(model: Any, path: str | Path) -> Path:
     return out
 
 
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     single = path / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, Any] = {}
-        for f in files:
+    if single.is_file():
+        files = [single.name]
+    elif index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index}: field 'weight_map' missing or not a mapping")
+        files = sorted(set(weight_map.values()))
+    else:
+        raise ConfigError(f"{path}: no model.safetensors (or model.safetensors.index.json) to load")
+    state: dict[str, Any] = {}
+    for f in files:
+        try:
             state.update(load_file(str(path / f)))
-        return state
-    raise ConfigError(f"{path}: no model.safetensors (or model.safetensors.index.json) to load")
+        except (SafetensorError, OSError) as exc:
+            raise DamagedFileError(f"{path / f}: unreadable ({exc})") from None
+    return state
+
+
+def _grid_fields(qcfg: dict[str, Any], root: Path) -> tuple[int, int, str]:
+    """``bits``, ``group_size`` and the checkpoint format a GPTQ ``quantization_config`` declares."""
+    try:
+        bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{root}: the GPTQ quantization_config has no usable bits/group_size ({exc!r})") from None
+    return bits, group_size, qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
 
 
 def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = None) -> Any:
@@ -267,11 +291,10 @@ def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = 
     config = AutoConfig.from_pretrained(str(root))
     qcfg = getattr(config, "quantization_config", None)
     if not isinstance(qcfg, dict):
-        qcfg = json.loads(qcfg_file.read_text()) if qcfg_file.is_file() else None
-    if not qcfg or qcfg.get("quant_method", "gptq") != "gptq":
+        qcfg = _read_json(qcfg_file) if qcfg_file.is_file() else None
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method", "gptq") != "gptq":
         raise ConfigError(f"{root}: config.json has no GPTQ quantization_config and there is no quantize_config.json")
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
-    fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+    bits, group_size, fmt = _grid_fields(qcfg, root)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build a plain model; we swap the layers ourselves
     model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype is not None else \
@@ -279,12 +302,20 @@ def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = 
     state = _read_state_dict(root)
     for key in [k for k in state if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
-        lin = model.get_submodule(name)
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"{root}: the checkpoint holds {key}, but the model built from config.json has no "
+                              f"module {name!r}") from None
         layer = QuantLinear(lin.in_features, lin.out_features, bits=bits, group_size=group_size,
                             bias=f"{name}.bias" in state, checkpoint_format=fmt,
                             dtype=state[f"{name}.bias"].dtype if f"{name}.bias" in state else torch.float16)
         _set_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with config.json
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"{root}: checkpoint does not match the model built from config.json: {text[:300]}") from None
     tied = {k for k in missing if "lm_head" in k} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
