@@ -32,7 +32,7 @@ from llmtune.core.errors import (
 from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
 from llmtune.core.options import check_choice, check_positive, check_type
-from llmtune.quantizers._modules import check_skip_modules, hf_skip_regex, is_skipped, skip_matches
+from llmtune.quantizers.skip import check_skip_modules, hf_skip_regex, is_skipped, skip_matches
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +113,7 @@ class FourBitOptions:
     #: dtype the packed bytes are stored as (uint8, or a float type for FSDP sharding).
     quant_storage: str = "uint8"
     #: Modules left in full precision: names, dotted suffixes ("mlp.down_proj") or globs ("*.0.*"); a parent
-    #: skips its children (`llmtune.quantizers._modules`: the same meaning for every quantizer).
+    #: skips its children (`llmtune.quantizers.skip`: the same meaning for every quantizer).
     skip_modules: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:

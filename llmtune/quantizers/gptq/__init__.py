@@ -20,7 +20,7 @@ from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionErro
 from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
 from llmtune.core.options import check_choice, check_positive, check_type
-from llmtune.quantizers._modules import check_skip_modules
+from llmtune.quantizers.skip import check_skip_modules
 
 __all__ = ["CalibrationError", "GPTQOptions", "GPTQQuantizer", "GridOptions", "RTNOptions", "RTNQuantizer",
            "gptq_config", "load_quantized", "save_quantized"]
@@ -47,7 +47,7 @@ class GridOptions:
     group_size: int = 128
     sym: bool = True
     #: Modules left in full precision: names, dotted suffixes or globs; a parent skips its children
-    #: (`llmtune.quantizers._modules`, the same meaning as for bitsandbytes).
+    #: (`llmtune.quantizers.skip`, the same meaning as for bitsandbytes).
     skip_modules: tuple[str, ...] = ("lm_head",)
     checkpoint_format: str | None = None  # None: "gptq" (v1) when sym, else "gptq_v2"
     #: Accepted for compatibility and ignored: the library prints nothing; pass ``progress=`` to ``quantize``.

@@ -19,10 +19,10 @@ from torch import nn
 
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.interfaces import ProgressFn
-from llmtune.quantizers._modules import is_skipped
 from llmtune.quantizers.gptq import CalibrationError, GridOptions
 from llmtune.quantizers.gptq.algorithm import GPTQ, QuantResult, _few_threads, check_bits_and_group, rtn
 from llmtune.quantizers.gptq.quant_linear import QuantLinear
+from llmtune.quantizers.skip import is_skipped
 
 #: "True sequential" order inside a block (GPTQModel's for Llama-family and OPT-style names).
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
