@@ -1,5 +1,5 @@
 """Sessions: tests (CPU, what CI runs), property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
-bench-gpu. Each installs what it needs itself."""
+llamacpp, bench-gpu. Each installs what it needs itself."""
 
 from __future__ import annotations
 
@@ -94,6 +94,19 @@ def interop(session: nox.Session) -> None:
     session.install("-e", ".[gptq,test]", "gptqmodel==7.3.4", "requests")
     session.run("pytest", "tests/integration", "-k", "interop", *session.posargs,
                 env={"GPTQMODEL_CPU_WORKERS": "2", "LLMTUNE_REQUIRE_GPTQMODEL": "1"})
+
+
+@nox.session
+def llamacpp(session: nox.Session) -> None:
+    """llama.cpp (through llama-cpp-python, built from source: minutes) loads our GGUF; greedy tokens vs transformers."""
+    # Tested: llama-cpp-python 0.3.36 built from its sdist with these flags; the whole session took 13 minutes on a
+    # loaded 2-core CPU (torch install, llama.cpp build, 10 tests in 20 s).
+    _install(session, "test")
+    session.install("llama-cpp-python==0.3.36", env={
+        "CMAKE_ARGS": "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF",
+        "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")})
+    session.run("pytest", "tests/integration/test_export.py", "-k", "llamacpp", "-s", *session.posargs,
+                env={"LLMTUNE_REQUIRE_LLAMACPP": "1"})
 
 
 @nox.session(name="bench-gpu", venv_backend="none")

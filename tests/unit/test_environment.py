@@ -9,7 +9,7 @@ import os
 import pytest
 
 FULL_ENV_MODULES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers",
-                    "rouge_score", "sacrebleu", "nltk", "matplotlib")
+                    "rouge_score", "sacrebleu", "nltk", "matplotlib", "gguf")
 
 
 @pytest.mark.skipif(os.environ.get("LLMTUNE_FULL_ENV") != "1", reason="only in the full environment (nox -s tests)")
