@@ -23,7 +23,9 @@ def _spec(model: str) -> Any:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f}"
+    from llmtune.core.units import MiB
+
+    return f"{n / MiB:,.0f}"
 
 
 def _pyplot() -> Any:
