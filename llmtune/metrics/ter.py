@@ -13,7 +13,7 @@ Our implementation maps words to integer ids, caches the DP cost rows of hypothe
 row depends only on the prefix, so the cache never changes a value) and recovers the alignment from the
 cost matrix instead of storing operations in every cell.
 
-With several references a segment keeps the fewest edits and the *average* reference length. The corpus
+References are tokenized twice, as sacrebleu does (`_ref_words`). With several references a segment keeps the fewest edits and the *average* reference length. The corpus
 TER is 100 * (summed edits) / (summed reference lengths) (100 when the references are empty and the
 hypotheses are not, 0 when both are); ``per_example["ter"]`` is sacrebleu's ``sentence_score``.
 """
@@ -107,6 +107,13 @@ def ter_tokenize(sent: str, opts: TerOptions) -> tuple[str, ...]:
             for pattern in _ASIAN_PUNCT_RE:
                 sent = pattern.sub("", sent)
     return tuple(sent.split())
+
+
+def _ref_words(ref: str, opts: TerOptions) -> tuple[str, ...]:
+    """A reference's words as sacrebleu has them: it runs the tokenizer on references twice (once when it
+    caches them, once when it extracts their words), which is not idempotent with ``normalized``
+    (``"it's."`` -> ``"it's ."`` -> ``"it 's ."``)."""
+    return ter_tokenize(" ".join(ter_tokenize(ref, opts)), opts)
 
 
 # --- beam edit distance with a prefix-row cache ------------------------------------------------------------
@@ -292,7 +299,7 @@ def ter_statistics(preds: list[str], refs: list[list[str]], opts: TerOptions) ->
         best = _INF
         total = 0
         for ref in group:
-            words = ter_tokenize(ref, opts)
+            words = _ref_words(ref, opts)
             best = min(best, ter_edits(hyp, words))
             total += len(words)
         out.append((best, total / len(group)))

@@ -40,6 +40,32 @@ def test_numpy_equals_sacrebleu(data: tuple[list[str], list[list[str]]], opts: d
     assert ours.signature.startswith(signature + "|impl:llmtune-numpy")
 
 
+TERCOM_WORDS = ["it's.", "it's", "Mr.", "420,846", "3.5", "x-y", "9-", "&amp;", "&quot;a", "a.b", "'s", "end.",
+                "(see", "why?", "日本語", "ひらがなカタカナ", "。", "，", "the", "The", "cat", "\n-", "a\nb"]
+
+
+@st.composite
+def tercom_corpus(draw: st.DrawFn) -> tuple[list[str], list[list[str]]]:
+    """Segments of words the Tercom normalizer rewrites (possessives, numbers, entities, CJK, punctuation),
+    references a permuted / edited copy: the normalizer is applied to references twice, as sacrebleu does."""
+    preds, refs = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        words = draw(st.lists(st.sampled_from(TERCOM_WORDS), max_size=14))
+        ref = list(draw(st.permutations(words))) + draw(st.lists(st.sampled_from(TERCOM_WORDS), max_size=3))
+        preds.append(" ".join(words))
+        refs.append([" ".join(ref)])
+    return preds, refs
+
+
+@given(tercom_corpus(), ter_options)
+def test_normalizer_inputs_equal_sacrebleu(data: tuple[list[str], list[list[str]]], opts: dict[str, bool]) -> None:
+    preds, refs = data
+    ours = llmtune.get_metric("ter", **opts).compute(preds, refs)
+    want, want_sent, _ = sacre(opts, preds, refs)
+    assert ours.scores["ter"] == want
+    assert list(ours.per_example["ter"]) == want_sent
+
+
 @st.composite
 def word_pair(draw: st.DrawFn) -> tuple[list[str], list[str]]:
     """Long segments over a tiny vocabulary (many shift candidates: the 1,000-candidate limit), references a
