@@ -180,7 +180,8 @@ def bench_ter(preds: list[str], refs: list[str], repeats: int) -> list[dict[str,
     from llmtune.metrics.ter import ter_tokenize
 
     rows = []
-    for opts in ({}, {"normalized": True, "case_sensitive": True}):
+    settings: list[dict[str, Any]] = [{}, {"normalized": True, "case_sensitive": True}]
+    for opts in settings:
         metric = llmtune.get_metric("ter", **opts)
         sacre = TER(**opts)
         got = _race({"ours": lambda m=metric: m.compute(preds, refs),  # type: ignore[misc]
