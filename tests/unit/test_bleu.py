@@ -340,3 +340,19 @@ def test_rouge_score_backend_same_keys_as_numpy(opts: dict[str, object]) -> None
     for key in ours.per_example:
         assert list(ours.per_example[key]) == list(theirs.per_example[key]), key
     assert ours.signature.split("|impl:")[0] == theirs.signature.split("|impl:")[0]
+
+
+def test_intl_joined_encoding_equals_sacrebleu_across_cache_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The joined-corpus intl encoder (memoised words, line-edge words redone in context) gives sacrebleu's
+    tokens, also when its memo is reset between and during calls."""
+    tokenizer_intl = pytest.importorskip("sacrebleu.tokenizers.tokenizer_intl")
+    official = tokenizer_intl.TokenizerV14International()
+    monkeypatch.setattr(toks, "_CACHE_MAX_WORDS", 4)
+    corpora = [[".5 a.", " x, 1,000 ", "", "(a) b€ ¿q?", "end."], ["«a» 5.", "", " .x", "a-b —", "日本。x"]]
+    for lines in corpora * 2:
+        ids, lens = toks.encode(lines, "intl", False)
+        want = [official(line.rstrip()).split() for line in lines]
+        assert lens.tolist() == [len(w) for w in want]
+        flat = [t for w in want for t in w]
+        pairs = set(zip(ids.tolist(), flat))
+        assert len(pairs) == len({t for _, t in pairs}) == len({i for i, _ in pairs})  # equal tokens <=> equal ids
