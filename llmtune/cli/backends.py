@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("backends")
     def backends(
-        kind: str = typer.Option(None, "--kind", help="Only this kind: metric, quantizer or trainer."),
+        kind: str = typer.Option(None, "--kind", help="Only this kind: metric, quantizer, trainer or task."),
         as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
     ) -> None:
         """List every registered backend and whether it can run on this machine."""
@@ -33,4 +33,22 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             table.add_row(r.kind, r.name, r.backend, "yes" if r.default else "",
                           "[green]yes[/]" if r.available else "[red]no[/]", escape(r.reason or ""))
-        Console().print(table)
+        console = Console()
+        console.print(table)
+        if kind in (None, "trainer"):
+            console.print(_matrix_table())
+
+
+def _matrix_table() -> object:
+    """The trainer support matrix: objective x backend -> methods (and those that train on a quantized base)."""
+    from rich.table import Table
+
+    from llmtune.trainers.matrix import support_matrix
+
+    table = Table(title="trainer support matrix (objective x method x backend)")
+    for col in ("trainer", "objective", "backend", "methods", "on a quantized base", "quantizers"):
+        table.add_column(col, overflow="fold")
+    for r in support_matrix():
+        table.add_row(r.name, r.objective, r.backend, ", ".join(r.methods), ", ".join(r.quantized) or "-",
+                      ", ".join(r.quantizers) if r.quantizers is not None else "any trainable")
+    return table

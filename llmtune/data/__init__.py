@@ -7,10 +7,20 @@
 Importing this package imports neither torch nor transformers.
 """
 
-from llmtune.data.examples import IGNORE_INDEX, TRUNCATION, Example, build_examples, collate, pack_examples
+from llmtune.data.examples import (
+    IGNORE_INDEX,
+    TRUNCATION,
+    Example,
+    build_examples,
+    collate,
+    is_tokenized,
+    pack_examples,
+    tokenized_examples,
+)
 from llmtune.data.formats import FORMATS, ROLES, detect_format, to_messages
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
 from llmtune.data.records import Records, as_records, load_records
+from llmtune.data.stream import BlockStream, TextSource, text_sources
 from llmtune.data.templates import (
     TEMPLATES,
     Segment,
@@ -23,7 +33,7 @@ from llmtune.data.templates import (
 
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "ROLES", "TEMPLATES", "TRUNCATION", "Example", "Records", "Segment", "as_records",
-    "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
+    "BlockStream", "TextSource", "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
     "load_records", "pack_examples", "render_prompt", "render_segments", "render_text", "split_instructions",
-    "stop_token_ids", "to_messages",
+    "stop_token_ids", "text_sources", "to_messages", "is_tokenized", "tokenized_examples",
 ]

@@ -85,3 +85,11 @@ def test_model_spec_from_hub_id_and_error():
 
     with pytest.raises(ConfigError, match=r"no local config\.json"):
         model_spec("someone/unknown-model")
+
+
+def test_pretrain_options_add_only_irrelevant_fields():
+    from llmtune.trainers._memory_gate import IRRELEVANT
+    from llmtune.trainers.options import PretrainOptions, TrainOptions
+
+    extra = {f.name for f in dataclasses.fields(PretrainOptions)} - {f.name for f in dataclasses.fields(TrainOptions)}
+    assert extra == set(IRRELEVANT["PretrainOptions"])
