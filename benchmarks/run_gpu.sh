@@ -95,7 +95,7 @@ if want c; then
 fi
 # (d) ~40 s: metric speed (CPU)
 if want d; then
-  step metrics_speed 55 "$PY" benchmarks/metrics_speed.py --repeats 3
+  step metrics_speed 55 "$PY" benchmarks/metrics_speed.py --repeats 3 --corpora short --ter-pairs 200
 fi
 echo "{\"bench\": \"run_gpu\", \"total_seconds\": $(( $(date +%s) - T0 )), \"results\": \"$RESULTS\"}" \
   | tee -a "$RESULTS/summary.jsonl"
