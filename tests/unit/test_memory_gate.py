@@ -93,3 +93,11 @@ def test_pretrain_options_add_only_irrelevant_fields():
 
     extra = {f.name for f in dataclasses.fields(PretrainOptions)} - {f.name for f in dataclasses.fields(TrainOptions)}
     assert extra == set(IRRELEVANT["PretrainOptions"])
+
+
+def test_every_config_key_is_declared():
+    """A new top-level config key fails here until the gate says how it treats it."""
+    from llmtune.trainers._config import TOP_LEVEL
+    from llmtune.trainers._memory_gate import CONFIG_KEYS
+
+    assert set(TOP_LEVEL) == set(CONFIG_KEYS)
