@@ -8,7 +8,8 @@ n}}}``; ``result.extra["tasks"]`` (and ``result.json``) holds them all. After a 
 checkpoint are not carried over.
 
 `VllmCheck` (always attached by the loop) runs `llmtune.export.check_vllm` on the saved adapter: the findings
-go to ``result.extra["vllm_check"]``, ``result.json`` and a ``log.jsonl`` line ``{"event": "vllm_check"}``.
+go to ``result.extra["vllm_check"]`` (``[]``: none; None: no adapter), ``result.json`` and, when there is any, a
+``log.jsonl`` line ``{"step", "event": "vllm_check", "findings"}``.
 It never fails a run: a finding is information, and an error of the check itself is recorded as such.
 """
 
@@ -164,7 +165,7 @@ class VllmCheck(Callback):
         findings = vllm_findings(result.adapter_dir)
         result.extra["vllm_check"] = findings
         _update_result_json(state, "vllm_check", findings)
-        if findings is not None:
+        if findings:  # a clean adapter adds no line: log.jsonl stays one line per step
             _append_log(state, {"step": state.step, "event": "vllm_check", "findings": findings})
 
 

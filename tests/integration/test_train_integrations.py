@@ -80,7 +80,7 @@ def test_vllm_check_at_the_end_dora_finding_lora_none(tok: Any, tmp_path: Path) 
     lora = llmtune.get_trainer("sft", **FAST).train(_base(tok, tmp_path / "base"), train[:16], tokenizer=tok,
                                                     output_dir=tmp_path / "lora", max_steps=1)
     assert lora.extra["vllm_check"] == []
-    assert [r["findings"] for r in _log(tmp_path / "lora") if r.get("event") == "vllm_check"] == [[]]
+    assert [r for r in _log(tmp_path / "lora") if "event" in r] == []     # one line per step, nothing else
 
 
 def _config(tmp_path: Path, tasks: str, trainer: str = "") -> Path:
