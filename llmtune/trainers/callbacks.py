@@ -11,7 +11,8 @@ The loop calls every callback on every process (``state.is_main_process`` says w
     on_train_end(state, result)           after the result is written
 
 ``state`` is the run's `RunState` (read it, do not change it); a callback may raise ``KeyboardInterrupt``
-in ``on_step_end`` to stop the run as Ctrl-C would. `JsonlLogger` (``OUT/log.jsonl``) is always attached;
+in ``on_step_end`` to stop the run as Ctrl-C would. `JsonlLogger` (``OUT/log.jsonl``) and `VllmCheck`
+(`llmtune.trainers.callbacks_tasks`: the vLLM check of the saved adapter) are always attached;
 the CLI adds `ProgressBar` and `ConsoleReporter`. `TensorBoardLogger`/`MLflowLogger` are optional extras.
 """
 

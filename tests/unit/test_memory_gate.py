@@ -101,3 +101,10 @@ def test_every_config_key_is_declared():
     from llmtune.trainers._memory_gate import CONFIG_KEYS
 
     assert set(TOP_LEVEL) == set(CONFIG_KEYS)
+
+
+def test_eval_tasks_are_named_as_not_modelled(tmp_path):
+    """A config with eval_tasks gets a note saying task scoring is not in the estimate."""
+    cfg = _write(tmp_path, "llama-3.2-1b", "  rank: 8\neval_tasks: [kopitiam-mc]\n")
+    _, rows = estimate_for_config(cfg, gpu="A100-80GB")
+    assert any(n.startswith("eval_tasks:") for n in rows[0]["notes"])
