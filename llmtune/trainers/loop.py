@@ -178,6 +178,28 @@ def _memory_bytes(device: torch.device) -> int:
         return 0
 
 
+def peak_memory_report(options: Any, backend: str, model_config: Any, world: int, device: torch.device
+                       ) -> dict[str, Any] | None:
+    """On CUDA: the memory gate's prediction for this run next to the measured ``max_memory_allocated``
+    (``None`` elsewhere: there is no allocator peak to compare with)."""
+    if device.type != "cuda":
+        return None
+    from llmtune.memory import ModelSpec, estimate_training
+    from llmtune.trainers._memory_gate import training_arguments
+
+    measured = int(torch.cuda.max_memory_allocated(device))
+    out: dict[str, Any] = {"measured_peak_bytes": measured, "device": torch.cuda.get_device_name(device)}
+    try:
+        config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+        kw, notes = training_arguments(options, backend)
+        est = estimate_training(ModelSpec.from_hf_config(config), gpus=world, **kw)
+    except (LlmtuneError, TypeError, ValueError, KeyError) as exc:
+        return {**out, "predicted_peak_bytes": None, "why_no_prediction": f"{type(exc).__name__}: {exc}"}
+    predicted = int(est.peak_tensor_bytes)
+    return {**out, "predicted_peak_bytes": predicted, "predicted_device_bytes": int(est.device_bytes),
+            "measured_over_predicted": measured / predicted if predicted else None, "notes": notes}
+
+
 def accelerator(mixed_precision: str) -> Any:
     """An `Accelerator`; in one process, a second run may change the precision the first one chose."""
     from accelerate import Accelerator
@@ -666,6 +688,10 @@ def finish(state: RunState) -> TrainResult:
              "checkpoint_events": [e.to_dict() for e in state.checkpoint_events],
              "trainable_parameters": sum(p.numel() for p in state.trainable), "num_threads": state.num_threads,
              "seconds": time.perf_counter() - state.t_start}
+    peak = peak_memory_report(state.options, getattr(state.backend, "name", "peft") or "peft",
+                              getattr(model, "config", None) or {}, state.world, state.acc.device)
+    if peak is not None:
+        extra["peak_memory"] = peak
     result = TrainResult(adapter_dir=result_dir if method.adapter else None, history=state.history, eval=evals,
                          output_dir=state.out, stopped_early=state.stopped, extra=extra, model_dir=result_dir)
     if state.is_main_process:
