@@ -258,9 +258,6 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
 
     precision = resolve_precision(options.precision)
     acc = accelerator({"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"))
-    if acc.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
     ctx = BackendContext(options=options, device=acc.device, precision=precision, method=get_method(options.method),
                          objective=trainer.objective, seed=options.seed)
     state = RunState(options=options, objective=get_objective(trainer.objective), backend=backend, ctx=ctx, acc=acc,
@@ -313,13 +310,46 @@ def _claim(state: RunState, trainer: Any, model: Any, data: Any, resume: Any, ov
     state.run_fingerprint = ckpt.Fingerprint(
         config={"trainer": f"{trainer.name}/{trainer.backend}", "model": model_identity(model), **config},
         data=state.objective.data_digest(data))
+    outcome: dict[str, Any] = {"events": []}
+    error: BaseException | None = None
     if state.is_main_process:
-        state.checkpoint_events += ckpt.claim_output_dir(
-            state.out, state.run_fingerprint, overwrite=overwrite, resume=resume not in (False, None),
-            allow_changes=state.allow_changes).events
-    state.acc.wait_for_everyone()
+        try:
+            claimed = ckpt.claim_output_dir(state.out, state.run_fingerprint, overwrite=overwrite,
+                                            resume=resume not in (False, None), allow_changes=state.allow_changes)
+            outcome["events"] = [e.to_dict() for e in claimed.events]
+        except Exception as exc:  # every process must learn it, or the others wait at the next barrier forever
+            error = exc
+            outcome = {"error": type(exc).__name__, "message": str(exc)}
+    outcome = broadcast_from_main(state, outcome)
+    if error is not None:
+        raise error
+    if "error" in outcome:
+        raise _same_error(outcome["error"], outcome["message"])
+    state.checkpoint_events += [ckpt.CheckpointEvent(**e) for e in outcome["events"]]
     state.resume_from, skipped = ckpt.resolve_resume(resume, state.out)
     state.checkpoint_events += skipped
+
+
+def broadcast_from_main(state: RunState, obj: Any) -> Any:
+    """``obj`` of the main process, on every process (pickled through torch.distributed; one process: as is)."""
+    import torch.distributed as dist
+
+    if state.world == 1 or not dist.is_available() or not dist.is_initialized():
+        return obj
+    box = [obj if state.is_main_process else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _same_error(name: str, message: str) -> LlmtuneError:
+    """The main process's error, re-created on another process (an llmtune error class by name, else
+    `OutputDirError` naming what the main process raised)."""
+    from llmtune.core import errors
+
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, LlmtuneError):
+        return cls(message)
+    return OutputDirError(f"output_dir: the main process could not claim it: {name}: {message}")
 
 
 def _setup_data(state: RunState, data: Any, eval_data: Any) -> None:
