@@ -161,9 +161,23 @@ class _LossModule(nn.Module):
         self.model = model
         self._state = [state]  # a list, so nn.Module does not register it
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, _call: Any = None, **batch: torch.Tensor) -> Any:
+        """The loss of ``batch``; or ``_call(model)`` (FSDP: inside the root's forward, its weights gathered)."""
+        if _call is not None:
+            return _call(self.model)
         s = self._state[0]
         return s.objective.loss(s.backend, self.model, batch, s.ctx)
+
+
+def _fsdp(state: RunState) -> bool:
+    return getattr(state.options, "distributed", "ddp") == "fsdp"
+
+
+def _with_model(state: RunState, model: nn.Module, fn: Any) -> Any:
+    """``fn(model)``; under FSDP through the sharded root's forward (every rank must call it)."""
+    if _fsdp(state) and state.wrapped is not None and model is state.model:
+        return state.wrapped(_call=fn)
+    return fn(model)
 
 
 def _memory_bytes(device: torch.device) -> int:
@@ -405,10 +419,22 @@ def _setup_optimization(state: RunState) -> None:
     from llmtune.trainers._optim import build_optimizer, build_scheduler
 
     opts = state.options
+    root = _LossModule(state.model, state)
+    if _fsdp(state):
+        from llmtune.trainers import _fsdp as fsdp
+
+        if state.world < 2:
+            raise ConfigError("distributed='fsdp' shards over processes: launch 2 or more (torchrun / accelerate "
+                              "launch), or use distributed='ddp' in one process")
+        fsdp.shard(root, state.model)   # the parameters become this rank's shards (DTensors)
+        state.trainable = [p for p in state.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(opts.optimizer, state.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
     warmup = round(opts.warmup * state.total_steps) if opts.warmup < 1 else int(opts.warmup)
     state.scheduler = build_scheduler(opts.scheduler, optimizer, warmup, state.total_steps)
-    state.wrapped, state.optimizer = state.acc.prepare(_LossModule(state.model, state), optimizer)
+    if _fsdp(state):
+        state.wrapped, state.optimizer = root, optimizer
+    else:
+        state.wrapped, state.optimizer = state.acc.prepare(root, optimizer)
     if state.resume_from is not None:
         _load_train_state(state, state.resume_from)
         ckpt.load_rng(state.resume_from, state.acc.process_index)
@@ -446,7 +472,12 @@ def train_step(state: RunState) -> dict[str, Any] | None:
     reason = _guard(state, loss)
     grad_norm = None
     if reason is None and state.options.max_grad_norm > 0:
-        grad_norm = float(state.acc.clip_grad_norm_(state.trainable, state.options.max_grad_norm))
+        if _fsdp(state):
+            from llmtune.trainers._fsdp import clip_grad_norm
+
+            grad_norm = clip_grad_norm(state.trainable, state.options.max_grad_norm)
+        else:
+            grad_norm = float(state.acc.clip_grad_norm_(state.trainable, state.options.max_grad_norm))
         if not math.isfinite(grad_norm) and state.ctx.precision != "fp16":
             reason = f"non-finite gradient norm ({grad_norm}) at step {state.step + 1}"
     if reason is not None:
@@ -478,7 +509,8 @@ def _forward_backward(state: RunState, examples: list[Any]) -> tuple[float, int]
         batch = state.objective.collate(examples[lo:lo + opts.batch_size], pad_id)
         batch = {key: v.to(acc.device) for key, v in batch.items()}
         local_tok += int(batch["attention_mask"].sum())
-        sync = contextlib.nullcontext() if j == opts.grad_accum - 1 else acc.no_sync(state.wrapped)
+        last = j == opts.grad_accum - 1 or _fsdp(state)   # FSDP: every micro-batch reduce-scatters
+        sync = contextlib.nullcontext() if last else acc.no_sync(state.wrapped)
         with sync:
             loss_sum = state.wrapped(**batch)
             # DDP averages gradients over processes: scale so the result is sum / global tokens
@@ -614,7 +646,9 @@ def validation_loss(state: RunState, model: nn.Module, examples: list[Any]) -> f
     """Token-mean loss of ``examples`` (each process scores its share; the sums are all-reduced)."""
     was_training = model.training
     model.eval()
-    mine = examples[state.acc.process_index::state.world]
+    # FSDP: a forward is collective, so every rank scores every example (no reduction needed)
+    every = _fsdp(state) and model is state.model
+    mine = examples if every else examples[state.acc.process_index::state.world]
     total = torch.zeros(2, device=state.acc.device, dtype=torch.float64)
     bs = state.options.eval_batch_size
     try:
@@ -622,11 +656,12 @@ def validation_loss(state: RunState, model: nn.Module, examples: list[Any]) -> f
             part = mine[start:start + bs]
             batch = state.objective.collate(part, state.tokenizer.pad_token_id)
             batch = {k: v.to(state.acc.device) for k, v in batch.items()}
-            total[0] += state.objective.loss(state.backend, model, batch, state.ctx).double()
+            loss = _with_model(state, model, lambda m, b=batch: state.objective.loss(state.backend, m, b, state.ctx))
+            total[0] += loss.double()
             total[1] += sum(state.objective.scored_tokens(ex) for ex in part)
     finally:
         model.train(was_training)
-    if state.world > 1:
+    if state.world > 1 and not every:
         total = state.acc.reduce(total, reduction="sum")
     return float(total[0] / total[1].clamp(min=1))
 
@@ -636,11 +671,17 @@ def _generation_scores(state: RunState, model: nn.Module, ev: EvalData, tag: str
     from llmtune.trainers._evaluate import generate, score
 
     world, rank = state.world, state.acc.process_index
-    mine = list(range(rank, len(ev.prompts), world))
-    with state.backend.generation(model) as target:
-        answers = generate(target, state.tokenizer, [ev.prompts[i] for i in mine],
-                           max_new_tokens=state.options.max_new_tokens, batch_size=state.options.eval_batch_size)
-    if world > 1:
+    every = _fsdp(state) and model is state.model   # FSDP: every rank answers every prompt (greedy: the same)
+    mine = list(range(len(ev.prompts))) if every else list(range(rank, len(ev.prompts), world))
+
+    def answer(m: nn.Module) -> list[str]:
+        with state.backend.generation(m) as target:
+            return list(generate(target, state.tokenizer, [ev.prompts[i] for i in mine],
+                                 max_new_tokens=state.options.max_new_tokens,
+                                 batch_size=state.options.eval_batch_size))
+
+    answers = _with_model(state, model, answer)
+    if world > 1 and not every:
         from accelerate.utils import gather_object
 
         pairs = gather_object([list(zip(mine, answers))])
@@ -656,16 +697,42 @@ def _generation_scores(state: RunState, model: nn.Module, ev: EvalData, tag: str
 
 
 # ====================================================================== checkpoints
-def _write_train_state(state: RunState, directory: Path) -> None:
+def _gathered(state: RunState, optimizer: bool) -> tuple[Any, Any]:
+    """FSDP: the full model state dict and (``optimizer``) optimizer state on rank 0; (None, None) otherwise.
+    Collective: every rank calls it."""
+    if not _fsdp(state) or state.wrapped is None:
+        return None, None
+    from llmtune.trainers import _fsdp as fsdp
+
+    model_sd = fsdp.full_model_state(state.wrapped)
+    return model_sd, fsdp.full_optimizer_state(state.wrapped, state.optimizer) if optimizer else None
+
+
+def _savable(state: RunState, model: nn.Module, model_sd: Any) -> Any:
+    """What ``backend.save`` gets: the model, or under FSDP the model saving the gathered state dict."""
+    if model_sd is None:
+        return model
+    from llmtune.trainers._fsdp import WithStateDict
+
+    return WithStateDict(model, model_sd)
+
+
+def _write_train_state(state: RunState, directory: Path, optimizer_sd: Any = None) -> None:
     """Optimizer and scheduler state of the run into a checkpoint directory (main process; no pickle)."""
     opt = state.optimizer.optimizer if hasattr(state.optimizer, "optimizer") else state.optimizer
-    ckpt.save_state(directory, "optimizer", opt.state_dict())
+    ckpt.save_state(directory, "optimizer", optimizer_sd if optimizer_sd is not None else opt.state_dict())
     ckpt.save_state(directory, "scheduler", state.scheduler.state_dict())
 
 
 def _load_train_state(state: RunState, directory: Path) -> None:
     opt = state.optimizer.optimizer if hasattr(state.optimizer, "optimizer") else state.optimizer
-    opt.load_state_dict(ckpt.load_state(directory, "optimizer"))
+    saved = ckpt.load_state(directory, "optimizer")
+    if _fsdp(state):
+        from llmtune.trainers._fsdp import load_optimizer_state
+
+        load_optimizer_state(state.wrapped, opt, saved)
+    else:
+        opt.load_state_dict(saved)
     state.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
 
 
@@ -678,10 +745,11 @@ def save_checkpoint(state: RunState) -> Path:
     acc.wait_for_everyone()
     tmp = ckpt.tmp_dir_for(final)
     ckpt.save_rng(tmp, acc.process_index)
+    model_sd, optimizer_sd = _gathered(state, optimizer=True)
     if acc.is_main_process:
         model = acc.unwrap_model(state.wrapped).model
-        state.backend.save(model, None, tmp / state.ctx.method.output_name, state.ctx)
-        _write_train_state(state, tmp)
+        state.backend.save(_savable(state, model, model_sd), None, tmp / state.ctx.method.output_name, state.ctx)
+        _write_train_state(state, tmp, optimizer_sd)
     acc.wait_for_everyone()
     if acc.is_main_process:
         info = {**state.run_info, "step": state.step, "history": state.history, "eval": state.evals}
@@ -693,9 +761,10 @@ def save_checkpoint(state: RunState) -> Path:
 
 def _save_final(state: RunState, model: nn.Module, final: Path) -> None:
     """Atomically write what the method trained, and the tokenizer, to ``final``."""
+    model_sd, _ = _gathered(state, optimizer=False)
     if state.is_main_process:
         tmp = ckpt.begin(final)
-        state.backend.save(model, state.tokenizer, tmp, state.ctx)
+        state.backend.save(_savable(state, model, model_sd), state.tokenizer, tmp, state.ctx)
         ckpt.commit(final)
     state.acc.wait_for_everyone()
 
