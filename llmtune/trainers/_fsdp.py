@@ -75,7 +75,7 @@ def _options() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_model_state(root: nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(root: nn.Module) -> dict[str, Any]:
     """The trained model's full state dict on rank 0 (CPU; empty elsewhere). Collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -101,7 +101,7 @@ class WithStateDict:
     """``model`` whose ``save_pretrained`` writes ``state_dict`` (the gathered full one) instead of its own
     sharded tensors; everything else is the model's."""
 
-    def __init__(self, model: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: Any, state_dict: dict[str, Any]) -> None:
         self._model = model
         self._state_dict = state_dict
 
