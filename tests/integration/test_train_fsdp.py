@@ -122,3 +122,65 @@ def test_fsdp_adapter_equals_ddp_reloads_in_peft_and_resumes_exactly(tmp_path: P
         assert not torch.allclose(base(input_ids=ids).logits, outs[1], atol=1e-5)   # the adapter does something
     diff = max(float((a_fsdp[k] - a_ddp[k]).abs().max()) for k in a_ddp)
     print(json.dumps({"fsdp_vs_ddp_adapter_max_abs_diff": diff}))
+
+
+FULL_WORKER = textwrap.dedent('''
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from transformers import PreTrainedTokenizerFast
+    import llmtune
+    from llmtune.data import split_instructions
+    from llmtune.models.tiny import build_tiny_model
+
+    tok_dir, out, small, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    train, held = split_instructions()
+
+    def run(name, resume=False, allow_changes=(), **kw):
+        r = llmtune.get_trainer("sft", **{**opts, **kw}).train(
+            build_tiny_model(tok, seed=0, **small), train[:32], eval_data=held[:3], tokenizer=tok,
+            output_dir=f"{out}/{name}", resume=resume, allow_changes=allow_changes)
+        return {"losses": [h["loss"] for h in r.history], "eval": r.eval}
+
+    got = {"ddp": run("ddp"), "fsdp": run("fsdp", distributed="fsdp")}
+    run("resumed", distributed="fsdp", max_steps=2)
+    got["resumed"] = run("resumed", distributed="fsdp", resume="auto", allow_changes=("max_steps",))
+    json.dump(got, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+''')
+
+
+def test_fsdp_full_fine_tuning_saves_the_whole_model_as_ddp_does(tmp_path: Path) -> None:
+    """method='full': every weight (tied embeddings included) sharded, gathered, saved; resumed exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.models.tiny import train_tiny_tokenizer
+
+    train_tiny_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    script = tmp_path / "worker.py"
+    script.write_text(FULL_WORKER)
+    opts = {**{k: OPTS[k] for k in ("warmup", "progress", "max_length", "eval_examples", "max_new_tokens",
+                                    "batch_size", "grad_accum", "scheduler")},
+            "method": "full", "lr": 2e-3, "max_steps": 3, "save_every": 2}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(tmp_path / "tok"), str(tmp_path),
+           json.dumps(SMALL), json.dumps(opts)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["fsdp"]["losses"] == pytest.approx(r0["ddp"]["losses"], rel=1e-5)
+    assert r0["fsdp"]["eval"]["after"]["loss"] == pytest.approx(r0["ddp"]["eval"]["after"]["loss"], rel=1e-5)
+    assert r0["resumed"]["losses"] == r0["fsdp"]["losses"]
+    ddp, fsdp, resumed = (load_file(str(tmp_path / n / "model" / "model.safetensors"))
+                          for n in ("ddp", "fsdp", "resumed"))
+    assert ddp.keys() == fsdp.keys() == resumed.keys()
+    for k in ddp:
+        assert fsdp[k].shape == ddp[k].shape and torch.allclose(fsdp[k], ddp[k], atol=1e-6, rtol=0), k
+        assert torch.equal(resumed[k], fsdp[k]), k
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "model"))
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in fsdp.items())
