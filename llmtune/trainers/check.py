@@ -130,6 +130,15 @@ def _check_support(trainer: Any) -> tuple[str, None]:
     return f"{trainer.describe()}: method {opts.method!r}{q} is supported", None
 
 
+def _check_fsdp(processes: int) -> tuple[str, None]:
+    from llmtune.core.errors import ConfigError
+
+    if processes < 2:
+        raise ConfigError("distributed='fsdp' shards over 2 or more processes; check with --processes N "
+                          "(the number you launch)")
+    return f"fsdp over {processes} processes (weights, gradients, optimizer states sharded)", None
+
+
 def check_config(config: Any, gpu: str | int | None = None, *, processes: int = 1,
                  spec: Any = None) -> ConfigCheck:
     """Check a `TrainConfig` (or a YAML path) without training; see the module doc.
@@ -147,6 +156,8 @@ def check_config(config: Any, gpu: str | int | None = None, *, processes: int = 
     checks = [Check("options", True, f"{len(dataclasses.fields(opts))} options valid (lr={opts.lr:g}, "
                                      f"batch_size={opts.batch_size}, max_length={opts.max_length})")]
     _attempt(checks, "support", lambda: _check_support(trainer))
+    if getattr(opts, "distributed", "ddp") == "fsdp":
+        _attempt(checks, "distributed", lambda: _check_fsdp(processes))
     _attempt(checks, "model", lambda: _check_model(config.model))
     tokenizer_dir = config.tokenizer or config.model
     _attempt(checks, "tokenizer", lambda: _check_tokenizer(tokenizer_dir, opts.template))

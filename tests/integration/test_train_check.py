@@ -113,6 +113,19 @@ def test_check_names_every_failing_part_and_exits_1(demo_dir: Path) -> None:
     assert code != 0 and "broken.yaml:4" in out and "lr" in out
 
 
+def test_check_of_an_fsdp_config_needs_its_process_count(demo_dir: Path) -> None:
+    config = demo_dir / "fsdp.yaml"
+    config.write_text(f"model: base\ndata: train.jsonl\n{TRAINER}  distributed: fsdp\n")
+    code, out = _invoke(str(config), "--check", "--json")
+    assert code == 1 and "--processes" in {c["name"]: c["detail"] for c in json.loads(out)["checks"]}["distributed"]
+    code, out = _invoke(str(config), "--check", "--json", "--processes", "2")
+    report = json.loads(out)
+    assert code == 0 and report["ok"], report["checks"]
+    # sharded over 2: less per device than one replica
+    code, ddp = _invoke(str(config).replace("fsdp.yaml", "train.yaml"), "--check", "--json", "--processes", "2")
+    assert report["estimate"]["device_bytes"] <= json.loads(ddp)["estimate"]["device_bytes"]
+
+
 def test_check_flags_need_check(demo_dir: Path) -> None:
     code, out = _invoke(str(demo_dir / "train.yaml"), "--gpu", "T4")
     assert code != 0 and "--check" in out
