@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from llmtune.core.errors import ConfigError
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
+from llmtune.trainers.objectives.dpo import DpoTrainOptions, RewardTrainOptions
 from llmtune.trainers.options import PretrainOptions, TrainOptions
 
 
@@ -53,6 +54,7 @@ class PeftBackend(TrainerBackend):
     """transformers + PEFT, run by llmtune's loop on Accelerate."""
 
     name: ClassVar[str] = "peft"
+    objectives: ClassVar[tuple[str, ...]] = ("sft", "pretrain", "dpo", "reward")
 
     def _load_module(self, model: Any, tokenizer: Any, ctx: BackendContext) -> tuple[Any, Any]:
         from torch import nn
@@ -156,3 +158,23 @@ class PeftPretrainTrainer(RecipeTrainer):
     objective: ClassVar[str] = "pretrain"
     engine: ClassVar[type[TrainerBackend]] = PeftBackend
     Options: ClassVar[type] = PretrainOptions
+
+
+class PeftDpoTrainer(RecipeTrainer):
+    """``dpo`` on the ``peft`` backend: DPO / IPO / SimPO / ORPO, reference = the adapter switched off."""
+
+    name: ClassVar[str] = "dpo"
+    backend: ClassVar[str] = "peft"
+    objective: ClassVar[str] = "dpo"
+    engine: ClassVar[type[TrainerBackend]] = PeftBackend
+    Options: ClassVar[type] = DpoTrainOptions
+
+
+class PeftRewardTrainer(RecipeTrainer):
+    """``reward`` on the ``peft`` backend: Bradley-Terry on a 1-label sequence-classification model (full)."""
+
+    name: ClassVar[str] = "reward"
+    backend: ClassVar[str] = "peft"
+    objective: ClassVar[str] = "reward"
+    engine: ClassVar[type[TrainerBackend]] = PeftBackend
+    Options: ClassVar[type] = RewardTrainOptions
