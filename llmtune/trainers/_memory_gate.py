@@ -149,6 +149,9 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     trainer = config.trainer
     spec = spec if spec is not None else model_spec(config.model)
     kw, notes = training_arguments(trainer.options, getattr(type(trainer), "backend", "peft"))
+    objective = getattr(type(trainer), "objective", "sft")
+    if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
+        kw["objective"] = objective
     est = estimate_training(spec, gpus=processes, **kw)
     o = trainer.options
     q = o.quantizer

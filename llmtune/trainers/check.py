@@ -112,6 +112,11 @@ def _check_records(path: str, what: str, objective: str) -> tuple[str, None]:
         sources = text_sources(path, what)
         size = sum(s.path.stat().st_size for s in sources if s.path is not None)
         return f"{path}: {len(sources)} text source(s), {size:,} bytes", None
+    if objective != "sft":   # another objective (dpo, reward, a plugin's): read as it reads its data
+        from llmtune.trainers.objectives import get_objective
+
+        get_objective(objective).data_digest(path)
+        return f"{path}: read by objective {objective!r} (its records are validated when it tokenizes them)", None
     from llmtune.data import load_records
     from llmtune.data.formats import detect_format
 

@@ -126,6 +126,18 @@ def test_check_of_an_fsdp_config_needs_its_process_count(demo_dir: Path) -> None
     assert report["estimate"]["device_bytes"] <= json.loads(ddp)["estimate"]["device_bytes"]
 
 
+def test_check_of_a_dpo_config_estimates_the_preference_objective(demo_dir: Path) -> None:
+    (demo_dir / "prefs.jsonl").write_text(json.dumps({"prompt": "What is Kopi O?", "chosen": "Black coffee with "
+                                                      "sugar.", "rejected": "Tea."}) + "\n")
+    config = demo_dir / "dpo.yaml"
+    config.write_text("model: base\ndata: prefs.jsonl\ntrainer:\n  name: dpo\n  batch_size: 1\n  max_length: 64\n")
+    code, out = _invoke(str(config), "--check", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"], report["checks"]
+    assert "objective 'dpo'" in {c["name"]: c["detail"] for c in report["checks"]}["data"]
+    assert any("dpo" in str(n) for n in report["estimate"]["assumptions"])   # chosen + rejected, reference pass
+
+
 def test_check_flags_need_check(demo_dir: Path) -> None:
     code, out = _invoke(str(demo_dir / "train.yaml"), "--gpu", "T4")
     assert code != 0 and "--check" in out
