@@ -77,11 +77,6 @@ def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], 
         _marks(value_node, path, out, where)
 
 
-def _option_field(message: str) -> str | None:
-    m = re.search(r"option (\w+)", message)
-    return m.group(1) if m else None
-
-
 def load_config(path: str | Path) -> TrainConfig:
     """Parse and validate a YAML training config; every problem is a `ConfigError` with ``file:line``."""
     import yaml
@@ -210,7 +205,7 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
     try:
         return factory(name, backend, **options)
     except (InvalidOptionError, UnknownOptionError) as exc:
-        field = _option_field(str(exc))
+        field = exc.field
         loc = at(section, field) if field else at(section)
         hint = ""
         value = options.get(field) if field else None
