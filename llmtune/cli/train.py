@@ -68,6 +68,25 @@ def _render_check(report: object, as_json: bool) -> None:
             con.print(f"[yellow]note[/]: {note}", highlight=False)
 
 
+def _run_check(cfg: Any, config: Path, gpu: str | None, processes: int, as_json: bool) -> None:
+    """``train --check``: render `llmtune.trainers.check_config`; exit 1 when a check fails or it does not fit."""
+    from rich.console import Console
+
+    from llmtune.trainers.check import check_config
+
+    report = check_config(cfg, gpu=int(gpu) if gpu and gpu.isdigit() else gpu, processes=processes)
+    _render_check(report, as_json)
+    if not as_json and report.ok:
+        Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
+    elif not as_json:
+        failed = [c.name for c in report.checks if not c.ok]
+        why = [f"failed: {', '.join(failed)}"] if failed else []
+        why += [f"does not fit {gpu}"] if report.rows and not all(r["fits"] for r in report.rows) else []
+        Console(stderr=True).print(f"[bold red]check failed[/]: {config}: {'; '.join(why)}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _callbacks(options: object, loggers: tuple[str, ...] = ()) -> list[object]:
     """What the CLI attaches to a run: a progress bar (unless the options say progress: false), one-line
     messages for Ctrl-C and guard stops (stderr), and the config's ``loggers`` (tensorboard, mlflow)."""
@@ -116,19 +135,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config)
         _quiet_transformers()
         if check:
-            from llmtune.trainers.check import check_config
-
-            report = check_config(cfg, gpu=int(gpu) if gpu and gpu.isdigit() else gpu, processes=processes)
-            _render_check(report, as_json)
-            if not as_json and report.ok:
-                Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
-            elif not as_json:
-                failed = [c.name for c in report.checks if not c.ok]
-                why = [f"failed: {', '.join(failed)}"] if failed else []
-                why += [f"does not fit {gpu}"] if report.rows and not all(r["fits"] for r in report.rows) else []
-                Console(stderr=True).print(f"[bold red]check failed[/]: {config}: {'; '.join(why)}", highlight=False)
-            if not report.ok:
-                raise typer.Exit(1)
+            _run_check(cfg, config, gpu, processes, as_json)
             return
         elif gpu is not None or processes != 1 or as_json:
             from llmtune.core.errors import ConfigError
