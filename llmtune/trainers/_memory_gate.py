@@ -28,6 +28,7 @@ MAPPED: dict[str, dict[str, str]] = {
         "quantizer": "method='qlora', weight_format, double_quant",
         "upcast_embeddings": "recipe.kbit_upcast_fp32",
         "gradient_checkpointing": "gradient_checkpointing",
+        "distributed": "sharding ('fsdp' with more than one process: weights, gradients, optimizer states sharded)",
         "precision": "precision (auto/bf16/fp16 -> 2-byte activations, fp32 -> fp32)",
         "batch_size": "batch_size",
         "max_length": "seq_len (every micro-batch padded or packed to max_length: the worst case)",
@@ -116,6 +117,8 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
         lora_rank=o.rank, lora_dropout=float(o.dropout), lora_targets=o.targets, recipe=recipe, packing=o.packing,
         precision="fp32" if o.precision == "fp32" else "bf16", loss_chunk_tokens=max(1, o.loss_chunk_tokens),
         num_virtual_tokens=o.num_virtual_tokens, method=o.method, optimizer=getattr(o, "optimizer", "adamw"))
+    if getattr(o, "distributed", "ddp") == "fsdp":
+        kw["sharding"] = "fsdp"
     if q is not None:
         kw |= _quantizer_arguments(q, o.method, notes)
     if o.method == "prompt_tuning" and q is not None:
@@ -156,6 +159,9 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     trainer = config.trainer
     spec = spec if spec is not None else model_spec(config.model)
     kw, notes = training_arguments(trainer.options, getattr(type(trainer), "backend", "peft"))
+    objective = getattr(type(trainer), "objective", "sft")
+    if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
+        kw["objective"] = objective
     est = estimate_training(spec, gpus=processes, **kw)
     o = trainer.options
     q = o.quantizer
