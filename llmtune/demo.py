@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmtune.core.units import MiB
+
 #: The settings of the full demo (about two to three minutes on a 2-core CPU).
 DEFAULTS: dict[str, Any] = {
     "pretrain_steps": 300,
@@ -43,8 +45,8 @@ def _memory_lines(model: Any, *, batch_size: int, seq_len: int, rank: int) -> tu
         est = estimate_training(spec, "lora", batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=False,
                                 lora_rank=rank, lora_targets="all-linear", recipe=recipe)
         data[recipe] = {"peak_tensor_bytes": est.peak_tensor_bytes, "device_bytes": est.device_bytes}
-        lines.append(f"  recipe {recipe:8s} peak tensors {est.peak_tensor_bytes / 2**20:8.1f} MiB, "
-                     f"device {est.device_bytes / 2**20:8.1f} MiB (bf16 base on a GPU, incl. CUDA context)")
+        lines.append(f"  recipe {recipe:8s} peak tensors {est.peak_tensor_bytes / MiB:8.1f} MiB, "
+                     f"device {est.device_bytes / MiB:8.1f} MiB (bf16 base on a GPU, incl. CUDA context)")
     return lines, data
 
 
