@@ -162,6 +162,8 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     objective = getattr(type(trainer), "objective", "sft")
     if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
         kw["objective"] = objective
+    elif objective in ("rloo", "grpo"):  # K sampled answers per prompt (KV cache), the adapter-off reference
+        kw.update(objective="online_rl", rl_samples=trainer.options.samples)
     est = estimate_training(spec, gpus=processes, **kw)
     o = trainer.options
     q = o.quantizer

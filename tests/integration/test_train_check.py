@@ -138,6 +138,18 @@ def test_check_of_a_dpo_config_estimates_the_preference_objective(demo_dir: Path
     assert any("dpo" in str(n) for n in report["estimate"]["assumptions"])   # chosen + rejected, reference pass
 
 
+def test_check_of_an_rloo_config_estimates_k_samples(demo_dir: Path) -> None:
+    (demo_dir / "prompts.jsonl").write_text(json.dumps({"prompt": "What is Kopi O?"}) + "\n")
+    config = demo_dir / "rloo.yaml"
+    config.write_text("model: base\ndata: prompts.jsonl\ntrainer:\n  name: rloo\n  batch_size: 1\n  max_length: 64\n"
+                      "  reward_model: rm\n  samples: 6\n")
+    code, out = _invoke(str(config), "--check", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"], report["checks"]
+    assert any("online_rl" in str(n) or "6 samples" in str(n) for n in report["estimate"]["assumptions"]), \
+        report["estimate"]["assumptions"]
+
+
 def test_check_flags_need_check(demo_dir: Path) -> None:
     code, out = _invoke(str(demo_dir / "train.yaml"), "--gpu", "T4")
     assert code != 0 and "--check" in out
