@@ -122,7 +122,7 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str,
 
 
 DEFAULTS: dict[str, Any] = {
-    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rank_reference": True, "rm_steps": 150, "rm_lr": 1e-3,
+    "samples": 4, "rank_samples": None, "temperature": 1.0, "rm_method": "lora", "rank_reference": True, "rm_steps": 150, "rm_lr": 1e-3,
     "rm_batch": 8, "rl_steps": 30, "rl_lr": 3e-4, "rl_prompts_per_step": 8, "kl_coef": 0.5, "rank": 16, "alpha": 32,
     "max_new_tokens": 24,
 }
@@ -155,13 +155,13 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     out = Path(out)
     t0 = time.perf_counter()
     rm_train, rm_val = _split(train, seed)
-    gen = {"k": cfg["samples"], "template": template, "max_new_tokens": cfg["max_new_tokens"],
+    gen = {"k": cfg["rank_samples"] or cfg["samples"], "template": template, "max_new_tokens": cfg["max_new_tokens"],
            "temperature": cfg["temperature"]}
     groups = ranked_groups(sft_model, tokenizer, rm_train, seed=seed, add_reference=cfg["rank_reference"], **gen)
     val_groups = ranked_groups(sft_model, tokenizer, rm_val, seed=seed + 1, **gen)
     held_groups = ranked_groups(sft_model, tokenizer, heldout, seed=seed + 2, **gen)
     n_pairs = sum(len(g.pairs) for g in groups)
-    echo(f"      the rule ranked {cfg['samples']} sampled answers for {len(rm_train)} prompts: {len(groups)} "
+    echo(f"      the rule ranked {gen['k']} sampled answers for {len(rm_train)} prompts: {len(groups)} "
          f"rankings with a preference, {n_pairs} pairs")
     rm = reward_model_from_causal_lm(sft_model, tokenizer, seed=seed)
     rm_opts = RewardOptions(method=cfg["rm_method"], rank=cfg["rank"], alpha=cfg["alpha"], lr=cfg["rm_lr"], steps=cfg["rm_steps"],
