@@ -54,7 +54,8 @@ def test_short_demo_second_act_rlhf(tmp_path: Path) -> None:
     from llmtune.demo import run_demo
 
     lines: list[str] = []
-    settings = {"rm_steps": 4, "rl_steps": 2, "rl_prompts_per_step": 2, "samples": 2, "max_new_tokens": 6}
+    settings = {"rm_steps": 4, "rl_steps": 2, "rl_prompts_per_step": 2, "samples": 2, "rank_samples": 2,
+                "max_new_tokens": 6}
     summary = run_demo(tmp_path, pretrain_steps=8, epochs=1, eval_examples=4, progress=False, echo=lines.append,
                        rlhf=True, rlhf_settings=settings)
     written = json.loads((tmp_path / "summary.json").read_text())
