@@ -176,7 +176,7 @@ def loading_peak_extra(spec: ModelSpec, fmt: str, double_quant: bool = True) -> 
     order = checkpoint_order(spec)
     outs = {x.name: x.out_features for x in spec.layer_linears()}
     best = (0, 0)
-    for i, (name, n) in enumerate(order):
+    for i, (_name, n) in enumerate(order):
         later = sum(result_bytes(fmt, m, outs[nm], double_quant) for nm, m in order[i + 1:])
         temps = quantize_temporaries(fmt, n, double_quant)
         if temps - later > best[0] - best[1]:

@@ -66,6 +66,8 @@ def test_nf4_loaded_and_loading_peak_match_h100():
     temps, later = loading_peak_extra(SPEC_1B, "nf4")
     n = 2048 * 8192
     assert temps == quantize_temporaries("nf4", n) == 2 * n + 2 * 4 * (n // 64)
+    attention = (2048 * 512, 2048 * 2048, 2048 * 2048, 2048 * 512)  # k, o, q, v: loaded after up_proj
+    assert later == sum(sum(bnb4_linear_bytes(m)) for m in attention)
 
 
 def test_cublas_handles_add_workspaces_and_are_checked():
