@@ -28,6 +28,7 @@ MAPPED: dict[str, dict[str, str]] = {
         "quantizer": "method='qlora', weight_format, double_quant",
         "upcast_embeddings": "recipe.kbit_upcast_fp32",
         "gradient_checkpointing": "gradient_checkpointing",
+        "distributed": "sharding ('fsdp' with more than one process: weights, gradients, optimizer states sharded)",
         "precision": "precision (auto/bf16/fp16 -> 2-byte activations, fp32 -> fp32)",
         "batch_size": "batch_size",
         "max_length": "seq_len (every micro-batch padded or packed to max_length: the worst case)",
@@ -77,6 +78,16 @@ IRRELEVANT: dict[str, dict[str, str]] = {
 }
 
 
+#: Top-level config keys (`_config.TOP_LEVEL`) -> how the gate treats them; guarded like the option tables.
+CONFIG_KEYS: dict[str, str] = {
+    "model": "mapped: the ModelSpec (config.json or a preset)", "tokenizer": "irrelevant: no device memory",
+    "data": "irrelevant: read on the CPU", "eval_data": "mapped: the evaluation generation phase",
+    "output_dir": "irrelevant: a path", "resume": "irrelevant: the same run", "trainer": "mapped: its options",
+    "quantizer": "mapped: its options", "loggers": "irrelevant: CPU-side logging",
+    "eval_tasks": "not modelled: task scoring (no-grad forwards of batch_size sequences) is reported in notes",
+}
+
+
 def model_spec(model: str) -> Any:
     """The ModelSpec of a config's ``model``: its config.json when local, else a preset named like the hub id."""
     from llmtune.memory import PRESETS, ModelSpec
@@ -106,6 +117,8 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
         lora_rank=o.rank, lora_dropout=float(o.dropout), lora_targets=o.targets, recipe=recipe, packing=o.packing,
         precision="fp32" if o.precision == "fp32" else "bf16", loss_chunk_tokens=max(1, o.loss_chunk_tokens),
         num_virtual_tokens=o.num_virtual_tokens, method=o.method, optimizer=getattr(o, "optimizer", "adamw"))
+    if getattr(o, "distributed", "ddp") == "fsdp":
+        kw["sharding"] = "fsdp"
     if q is not None:
         kw |= _quantizer_arguments(q, o.method, notes)
     if o.method == "prompt_tuning" and q is not None:
@@ -146,6 +159,9 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     trainer = config.trainer
     spec = spec if spec is not None else model_spec(config.model)
     kw, notes = training_arguments(trainer.options, getattr(type(trainer), "backend", "peft"))
+    objective = getattr(type(trainer), "objective", "sft")
+    if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
+        kw["objective"] = objective
     est = estimate_training(spec, gpus=processes, **kw)
     o = trainer.options
     q = o.quantizer
@@ -158,6 +174,8 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     if eval_device > est.device_bytes:
         notes.append(f"evaluation generation (batch {o.eval_batch_size}, {o.max_length + o.max_new_tokens} tokens) "
                      "needs more than the training step")
+    if getattr(config, "eval_tasks", None):
+        notes.append("eval_tasks: task scoring during training (no-grad forwards) is not modelled")
     targets = {str(gpu): gpu_bytes(gpu)} if gpu is not None else dict(GPUS)
     rows = [{"gpu": name, "capacity_bytes": cap, "device_bytes": device, "fits": device <= cap,
              "headroom_bytes": cap - device, "notes": list(notes)} for name, cap in targets.items()]
