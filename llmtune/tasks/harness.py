@@ -184,29 +184,16 @@ class MMLUHarness(HarnessTask):
         return cfg
 
 
-class HellaSwagHarness(HarnessTask):
-    name: ClassVar[str] = "hellaswag"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.HellaSwagTask
+def _harness_for(ours: type[builtin.DataTask]) -> type[HarnessTask]:
+    """The harness twin of a built-in task that needs nothing but its name (``FooTask`` -> ``FooHarness``)."""
+    cls_name = ours.__name__.removesuffix("Task") + "Harness"
+    return type(cls_name, (HarnessTask,), {"name": ours.name, "ours": ours, "__module__": __name__,
+                                           "__qualname__": cls_name})
 
 
-class ArcEasyHarness(HarnessTask):
-    name: ClassVar[str] = "arc_easy"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.ArcEasyTask
-
-
-class ArcChallengeHarness(HarnessTask):
-    name: ClassVar[str] = "arc_challenge"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.ArcChallengeTask
-
-
-class BoolQHarness(HarnessTask):
-    name: ClassVar[str] = "boolq"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.BoolQTask
-
-
-class TruthfulQAMC1Harness(HarnessTask):
-    name: ClassVar[str] = "truthfulqa_mc1"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.TruthfulQAMC1Task
+HellaSwagHarness, ArcEasyHarness, ArcChallengeHarness, BoolQHarness, TruthfulQAMC1Harness = (
+    _harness_for(ours) for ours in (builtin.HellaSwagTask, builtin.ArcEasyTask, builtin.ArcChallengeTask,
+                                    builtin.BoolQTask, builtin.TruthfulQAMC1Task))
 
 
 class Gsm8kHarness(HarnessTask):
