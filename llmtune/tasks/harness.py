@@ -217,6 +217,10 @@ class KopitiamMCHarness(HarnessTask):
     def harness_config(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
         if self.options.template is not None:
             raise ConfigError("the lm-eval backend runs kopitiam-mc with its plain prompt only (template=None)")
+        return self._plain_mc(docs, tmp)
+
+    def _plain_mc(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
+        """ARC's "Question: ...\\nAnswer:" prompt and acc/acc_norm over ``question``/``choices``/``label``."""
         cfg = {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
                "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}",
                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -230,12 +234,7 @@ class GenericMCHarness(KopitiamMCHarness):
     ours: ClassVar[type[builtin.DataTask]] = builtin.GenericMCTask
 
     def harness_config(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
-        cfg = {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-               "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}",
-               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                               {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-               "metadata": {"version": 1.0}}
-        return self._local(cfg, docs, tmp)
+        return self._plain_mc(docs, tmp)
 
 
 class SquadHarness(HarnessTask):
