@@ -1,0 +1,302 @@
+"""Bottleneck adapters (LLM-Adapters, Hu et al. 2023, arXiv 2304.01933), our own implementation.
+
+A bottleneck adapter is ``A(x) = s · W_up f(W_down x)`` with ``W_down: d -> b``, ``W_up: b -> d``, a
+non-linearity ``f`` and a scaling ``s``. It is placed after a sub-layer ``F`` (the attention block or the MLP
+block of each decoder layer):
+
+* **series** (Houlsby et al. 2019): ``y = F(x) + A(F(x))``  — the adapter reads the sub-layer's output;
+* **parallel** (He et al. 2022): ``y = F(x) + A(x)``  — the adapter reads the sub-layer's input.
+
+``W_up`` starts at zero, so at step 0 the adapted model computes exactly what the base computes.
+
+Injection: a forward hook on each decoder layer's ``self_attn`` / ``mlp`` module (what "wrapping" means here),
+with the adapter registered as that module's child ``bottleneck_adapter``. The base modules keep their class
+and their parameter names (a quantized ``Linear4bit`` stays untouched), so the same code works on a bnb NF4
+base; only the adapter's parameters train. Saved as ``bottleneck_model.safetensors`` + ``bottleneck_config.json``.
+
+A bottleneck adapter cannot be merged into the base weights (``f`` is non-linear): `merge_bottleneck` raises
+`MergeNotSupportedError`. It is not offered on the Unsloth backend: Unsloth's fast decoding paths call its own
+attention/MLP kernels on the layer's weights directly instead of the modules, so hooks would be skipped at
+generation time and the adapter silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmtune.core.errors import ConfigError, InvalidOptionError, MergeNotSupportedError
+from llmtune.core.options import check_choice, check_type
+
+PLACEMENTS = ("series", "parallel")
+SITES = ("attn", "mlp")
+NON_LINEARITIES = ("tanh", "relu", "gelu", "silu")
+#: decoder-layer child names of each site (llama, mistral, qwen2, qwen3, gemma, phi3 all use these)
+SITE_MODULES = {"attn": "self_attn", "mlp": "mlp"}
+CONFIG_FILE = "bottleneck_config.json"
+WEIGHTS_FILE = "bottleneck_model.safetensors"
+ADAPTER_ATTR = "bottleneck_adapter"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleneckOptions:
+    """Where and how big the adapters are. Defaults: one series adapter after each MLP (the paper's best)."""
+
+    size: int = 64                          #: bottleneck width b
+    placement: str = "series"               #: "series" (reads F(x)) or "parallel" (reads x)
+    sites: tuple[str, ...] = ("mlp",)       #: any of "attn", "mlp": after which sub-layers
+    non_linearity: str = "tanh"             #: f: "tanh", "relu", "gelu" or "silu"
+    scaling: float = 1.0                    #: s
+    dropout: float = 0.0                    #: dropout on the adapter's input
+    bias: bool = True                       #: biases in W_down and W_up
+
+    def __post_init__(self) -> None:
+        check_type("size", self.size, int)
+        if self.size < 1:
+            raise InvalidOptionError(f"option size={self.size!r} must be > 0")
+        check_choice("placement", self.placement, PLACEMENTS)
+        sites = self.sites
+        if isinstance(sites, str):
+            sites = (sites,)
+        if isinstance(sites, list):
+            sites = tuple(sites)
+        if not isinstance(sites, tuple) or not sites:
+            raise InvalidOptionError(f"option sites={self.sites!r} must be a non-empty list of 'attn', 'mlp'")
+        for site in sites:
+            check_choice("sites", site, SITES)
+        if len(set(sites)) != len(sites):
+            raise InvalidOptionError(f"option sites={self.sites!r} names a site twice")
+        object.__setattr__(self, "sites", tuple(s for s in SITES if s in sites))
+        check_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        check_type("scaling", self.scaling, (int, float))
+        if not math.isfinite(self.scaling) or self.scaling == 0:
+            raise InvalidOptionError(f"option scaling={self.scaling!r} must be finite and non-zero")
+        check_type("dropout", self.dropout, (int, float))
+        if not 0 <= self.dropout < 1:
+            raise InvalidOptionError(f"option dropout={self.dropout!r} must be in [0, 1)")
+        check_type("bias", self.bias, bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (what `save_bottleneck` writes)."""
+        out = dataclasses.asdict(self)
+        out["sites"] = list(self.sites)
+        return out
+
+
+def parameter_count(options: BottleneckOptions, hidden_size: int, num_layers: int) -> int:
+    """Trainable parameters: ``L · |sites| · (2·d·b + [b + d if bias])``."""
+    d, b = hidden_size, options.size
+    per_adapter = 2 * d * b + ((b + d) if options.bias else 0)
+    return num_layers * len(options.sites) * per_adapter
+
+
+def _activation(name: str) -> nn.Module:
+    return {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[name]()
+
+
+class BottleneckAdapter(nn.Module):
+    """``A(x) = s · W_up f(W_down dropout(x))``; W_up (and its bias) start at zero."""
+
+    def __init__(self, hidden_size: int, options: BottleneckOptions, *, device: Any = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden_size, options.size, bias=options.bias, device=device, dtype=dtype)
+        self.act = _activation(options.non_linearity)
+        self.dropout = nn.Dropout(options.dropout)
+        self.up = nn.Linear(options.size, hidden_size, bias=options.bias, device=device, dtype=dtype)
+        self.scaling = float(options.scaling)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        if self.down.bias is not None:
+            nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        if self.up.bias is not None:
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.down.weight.dtype
+        out = self.up(self.act(self.down(self.dropout(x.to(dtype)))))
+        return (out * self.scaling).to(x.dtype)
+
+
+def _hook(placement: str) -> Any:
+    """The forward hook that adds ``A(.)`` to a sub-layer's output (the first element of a tuple output)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        adapter = getattr(module, ADAPTER_ATTR)
+        hidden = output[0] if isinstance(output, tuple) else output
+        if placement == "series":
+            source = hidden
+        else:
+            source = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            if not isinstance(source, torch.Tensor):
+                raise RuntimeError(f"parallel bottleneck adapter: {type(module).__name__} was called without a "
+                                   "hidden-states tensor to read")
+        hidden = hidden + adapter(source)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every decoder layer: a module with both a ``self_attn`` and an ``mlp`` child."""
+    found = []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if all(isinstance(children.get(m), nn.Module) for m in SITE_MODULES.values()):
+            found.append((name, module))
+    return found
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The residual-stream width ``d`` (``config.hidden_size``, of the text config for multimodal models)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    if not isinstance(size, int):
+        raise ConfigError(f"{type(model).__name__} has no config.hidden_size: cannot size bottleneck adapters")
+    return size
+
+
+def _site_modules(model: nn.Module, sites: tuple[str, ...]) -> Iterator[tuple[str, nn.Module]]:
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no decoder layers with 'self_attn' and 'mlp' children; "
+                          "bottleneck adapters support Hugging Face causal LMs such as Llama, Mistral, Qwen2")
+    for name, layer in layers:
+        for site in sites:
+            child = SITE_MODULES[site]
+            yield f"{name}.{child}", getattr(layer, child)
+
+
+def inject_bottleneck(model: nn.Module, options: BottleneckOptions | None = None) -> list[str]:
+    """Add a bottleneck adapter after every chosen sub-layer of ``model`` (in place); returns the module names.
+
+    The adapters are fp32 (computed in fp32 and cast back to the sub-layer's dtype), on each sub-layer's device.
+    Base parameters are left as they are (freeze them yourself, as the trainer does).
+    """
+    options = options or BottleneckOptions()
+    if getattr(model, "_llmtune_bottleneck", None):
+        raise ConfigError(f"{type(model).__name__} already has bottleneck adapters; call remove_bottleneck first")
+    d = hidden_size_of(model)
+    names = []
+    for name, module in _site_modules(model, options.sites):
+        ref = next(module.parameters(), None)
+        device = ref.device if ref is not None else None
+        module.add_module(ADAPTER_ATTR, BottleneckAdapter(d, options, device=device))
+        handle = module.register_forward_hook(_hook(options.placement), with_kwargs=True)
+        module._llmtune_bottleneck_handle = handle  # type: ignore[assignment]
+        names.append(name)
+    model._llmtune_bottleneck = {"options": options, "modules": names, "placement": options.placement}  # type: ignore[assignment]
+    return names
+
+
+def remove_bottleneck(model: nn.Module) -> None:
+    """Take the adapters out again (hooks and parameters); the model is its base again."""
+    info = getattr(model, "_llmtune_bottleneck", None)
+    if not info:
+        raise ConfigError(f"{type(model).__name__} has no bottleneck adapters to remove")
+    for name in info["modules"]:
+        module = model.get_submodule(name)
+        module._llmtune_bottleneck_handle.remove()
+        del module._llmtune_bottleneck_handle
+        delattr(module, ADAPTER_ATTR)
+    del model._llmtune_bottleneck
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors, keyed by their names in ``model`` (``...mlp.bottleneck_adapter.down.weight``)."""
+    # Not ``model.state_dict()``: on CPU, bitsandbytes 0.50 re-packs a Linear4bit's weight when asked for its
+    # state dict, which changes the base's outputs (by ~1e-3 on a tiny Llama); only the adapters are read here.
+    out: dict[str, torch.Tensor] = {}
+    for name in getattr(model, "_llmtune_bottleneck", {}).get("modules", []):
+        adapter = model.get_submodule(f"{name}.{ADAPTER_ATTR}")
+        out.update(adapter.state_dict(prefix=f"{name}.{ADAPTER_ATTR}."))
+    return out
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' parameters (what trains)."""
+    marker = f".{ADAPTER_ATTR}."
+    return [p for n, p in model.named_parameters() if marker in f".{n}"]
+
+
+def save_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write ``bottleneck_model.safetensors`` and ``bottleneck_config.json`` to ``directory``."""
+    from safetensors.torch import save_file
+
+    info = getattr(model, "_llmtune_bottleneck", None)
+    if not info:
+        raise ConfigError(f"{type(model).__name__} has no bottleneck adapters to save")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {"method": "bottleneck", "format_version": FORMAT_VERSION, "options": info["options"].to_dict(),
+              "hidden_size": hidden_size_of(model), "modules": info["modules"],
+              "base_model_class": type(model).__name__,
+              "trainable_parameters": sum(t.numel() for t in tensors.values())}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    return out
+
+
+def read_bottleneck_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The saved config, validated (its options become a `BottleneckOptions`)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (not a bottleneck adapter directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if config.get("method") != "bottleneck" or config.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{path}: field 'method'/'format_version': expected 'bottleneck' / {FORMAT_VERSION}, got "
+                          f"{config.get('method')!r} / {config.get('format_version')!r}")
+    try:
+        config["options"] = BottleneckOptions(**config["options"])
+    except (KeyError, TypeError, InvalidOptionError) as exc:
+        raise ConfigError(f"{path}: field 'options': {exc}") from None
+    return config
+
+
+def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Inject the saved adapters into ``model`` (the same base) and load their weights; returns ``model``."""
+    from safetensors.torch import load_file
+
+    config = read_bottleneck_config(directory)
+    if hidden_size_of(model) != config["hidden_size"]:
+        raise ConfigError(f"{Path(directory) / CONFIG_FILE}: field 'hidden_size': the adapter was trained on width "
+                          f"{config['hidden_size']}, this {type(model).__name__} has {hidden_size_of(model)}")
+    names = inject_bottleneck(model, config["options"])
+    if names != config["modules"]:
+        remove_bottleneck(model)
+        raise ConfigError(f"{Path(directory) / CONFIG_FILE}: field 'modules': saved for {len(config['modules'])} "
+                          f"sub-layers, this model has {len(names)}; load it on the base it was trained on")
+    weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    expected = adapter_state_dict(model)
+    if set(weights) != set(expected):
+        remove_bottleneck(model)
+        missing = sorted(set(expected) - set(weights))[:3]
+        extra = sorted(set(weights) - set(expected))[:3]
+        raise ConfigError(f"{Path(directory) / WEIGHTS_FILE}: tensors do not match the model (missing {missing}, "
+                          f"unexpected {extra})")
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            expected[key].copy_(tensor)
+    return model
+
+
+def merge_bottleneck(model: nn.Module) -> nn.Module:
+    """Always raises: ``W_up f(W_down x)`` is not linear in ``x``, so no base weight can absorb it."""
+    raise MergeNotSupportedError(
+        "bottleneck adapters cannot be merged into the base weights: the adapter applies a non-linearity "
+        "f(W_down x), which no change of a linear layer reproduces; load the adapter at inference "
+        "(llmtune.trainers.methods.bottleneck.load_bottleneck) instead")
