@@ -32,10 +32,19 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str = field(default="", compare=False)
+    #: a pack's example lengths, in order (None: not a pack). Each packed example attends only to itself.
+    segments: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
+        if self.segments is not None and (sum(self.segments) != len(self.input_ids) or min(self.segments) < 1):
+            raise ValueError(f"segments {self.segments} do not add up to the {len(self.input_ids)} tokens")
+
+    @property
+    def position_ids(self) -> list[int]:
+        """Positions, restarting at 0 at every packed example's first token."""
+        return [i for n in (self.segments or [len(self.input_ids)]) for i in range(n)]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -122,35 +131,44 @@ def build_examples(
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
     """Concatenate consecutive examples into sequences of at most `max_length` tokens (order kept, none split).
 
-    The first token of each example after the first in a pack gets label -100, so nothing is learned across the
-    boundary. Attention still spans the whole pack (as in Hugging Face's ``group_texts``).
+    Each pack records its examples' lengths (``segments``); `collate` turns them into position ids that restart
+    at 0 for every example, and the trainer into a block-diagonal causal mask (SDPA, eager) or flash-attention
+    varlen boundaries, so an example attends only to itself and its per-token losses equal the unpacked ones.
+    The first token of each example after the first gets label -100: it would be predicted from the previous
+    example's last token (unpacked, the shift drops it).
     """
     max_length = _check_length("max_length", max_length)
     packs: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
     wheres: list[str] = []
+    lengths: list[int] = []
     for example in examples:
         if len(example) > max_length:
             raise ConfigError(f"{example.where or 'example'}: {len(example)} tokens do not fit a pack of "
                               f"max_length={max_length}")
         if ids and len(ids) + len(example) > max_length:
-            packs.append(Example(ids, labels, "+".join(wheres)))
-            ids, labels, wheres = [], [], []
+            packs.append(Example(ids, labels, "+".join(wheres), lengths))
+            ids, labels, wheres, lengths = [], [], [], []
         if ids:
             ids = ids + example.input_ids
             labels = [*labels, IGNORE_INDEX, *example.labels[1:]]
         else:
             ids, labels = list(example.input_ids), list(example.labels)
         wheres.append(example.where)
+        lengths.append(len(example))
     if ids:
-        packs.append(Example(ids, labels, "+".join(wheres)))
+        packs.append(Example(ids, labels, "+".join(wheres), lengths))
     return packs
 
 
 def collate(examples: Sequence[Example], pad_token_id: int, *, pad_to_multiple_of: int | None = None
             ) -> dict[str, torch.Tensor]:
-    """A right-padded batch: ``input_ids`` (pad id), ``attention_mask`` (0 on padding), ``labels`` (-100)."""
+    """A right-padded batch: ``input_ids`` (pad id), ``attention_mask`` (0 on padding), ``labels`` (-100).
+
+    When any example is a pack, ``position_ids`` too (restarting at 0 per packed example; padding counts as one
+    more segment), from which `llmtune.data.packing.block_causal_mask` builds the per-example attention mask.
+    """
     import torch
 
     if not examples:
@@ -168,4 +186,12 @@ def collate(examples: Sequence[Example], pad_token_id: int, *, pad_to_multiple_o
         input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.segments is not None for e in examples):
+        positions = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example)
+            positions[row, :n] = torch.tensor(example.position_ids, dtype=torch.long)
+            positions[row, n:] = torch.arange(width - n)
+        batch["position_ids"] = positions
+    return batch

@@ -198,8 +198,11 @@ class _LossModule(nn.Module):
         self.model = model
         self._trainer = [trainer]  # a list, so nn.Module does not try to register it
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         return self._trainer[0]._loss(self.model, batch)
 
 
