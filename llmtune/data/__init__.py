@@ -7,14 +7,23 @@
 Importing this package imports neither torch nor transformers.
 """
 
-from llmtune.data.examples import IGNORE_INDEX, TRUNCATION, Example, build_examples, collate, pack_examples
-from llmtune.data.formats import FORMATS, ROLES, detect_format, to_messages
+from llmtune.data.examples import (
+    IGNORE_INDEX,
+    TRAIN_ON,
+    TRUNCATION,
+    Example,
+    build_examples,
+    collate,
+    pack_examples,
+)
+from llmtune.data.formats import FORMATS, ROLES, SHAREGPT_ROLES, detect_format, record_tools, to_messages
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
 from llmtune.data.records import Records, as_records, load_records
 from llmtune.data.templates import (
     TEMPLATES,
     Segment,
     check_template,
+    llama31_chat_template,
     render_prompt,
     render_segments,
     render_text,
@@ -22,8 +31,8 @@ from llmtune.data.templates import (
 )
 
 __all__ = [
-    "FORMATS", "IGNORE_INDEX", "ROLES", "TEMPLATES", "TRUNCATION", "Example", "Records", "Segment", "as_records",
+    "FORMATS", "IGNORE_INDEX", "ROLES", "SHAREGPT_ROLES", "TEMPLATES", "TRAIN_ON", "TRUNCATION", "Example", "Records", "Segment", "as_records",
     "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
-    "load_records", "pack_examples", "render_prompt", "render_segments", "render_text", "split_instructions",
+    "llama31_chat_template", "load_records", "pack_examples", "record_tools", "render_prompt", "render_segments", "render_text", "split_instructions",
     "stop_token_ids", "to_messages",
 ]

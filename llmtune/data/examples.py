@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 TRUNCATION = ("truncate", "error")
+#: which tokens carry the loss: every assistant turn, only the last assistant turn, or every token
+TRAIN_ON = ("assistant", "last_turn", "everything")
 
 
 @dataclass
@@ -71,8 +73,16 @@ def build_examples(
     train_on_prompt: bool = False,
     source: str | None = None,
     truncation: str = "truncate",
+    train_on: str = "assistant",
+    system_prompt: str | None = None,
+    date_string: str | None = None,
 ) -> list[Example]:
     """Render, tokenize and label records; loss only on answers unless `train_on_prompt`.
+
+    ``train_on``: ``"assistant"`` (every assistant turn, the default), ``"last_turn"`` (only the final assistant
+    turn: earlier answers are context) or ``"everything"`` (every token, as ``train_on_prompt=True``). Tool
+    results are never answers. ``system_prompt``: the system turn of records that have none.
+    ``date_string``: the ``Today Date`` of the ``llama3.1`` header (default: the template's own).
 
     Longer than `max_length`: ``truncation="truncate"`` (default) cuts from the end and warns with the count;
     an example whose answer is cut away entirely is then left out, and that count is in the warning too.
@@ -80,14 +90,23 @@ def build_examples(
     """
     max_length = _check_length("max_length", max_length)
     check_choice("truncation", truncation, TRUNCATION)
+    check_choice("train_on", train_on, TRAIN_ON)
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InvalidOptionError(f"option system_prompt={system_prompt!r} must be a string")
     check_template(template, tokenizer)
+    train_on_prompt = train_on_prompt or train_on == "everything"
     recs = as_records(records, source=source)
+    extra = {"date_string": date_string} if date_string is not None else {}
 
     rendered: list[tuple[str, list[tuple[str, bool]]]] = []
     for i, record in enumerate(recs):
         where = recs.where(i)
-        segments = render_segments(record, template, tokenizer, where=where)
-        rendered.append((where, [(s.text, s.trainable) for s in segments if s.text]))
+        segments = render_segments(record, template, tokenizer, where=where, system_prompt=system_prompt, **extra)
+        pieces = [(s.text, s.trainable) for s in segments if s.text]
+        if train_on == "last_turn":
+            last = max((k for k, (_, trainable) in enumerate(pieces) if trainable), default=-1)
+            pieces = [(text, k == last) for k, (text, _) in enumerate(pieces)]
+        rendered.append((where, pieces))
 
     flat = [text for _, segs in rendered for text, _ in segs]
     ids_per_segment = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
