@@ -18,7 +18,15 @@ from llmtune.data.examples import (
 )
 from llmtune.data.formats import FORMATS, ROLES, SHAREGPT_ROLES, detect_format, record_tools, to_messages
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
-from llmtune.data.records import Records, as_records, load_records
+from llmtune.data.preference import (
+    PreferencePair,
+    RankedRecord,
+    load_preference_records,
+    parse_preference,
+    preference_texts,
+    to_pairs,
+)
+from llmtune.data.records import Records, as_records, load_records, read_records
 from llmtune.data.templates import (
     TEMPLATES,
     Segment,
@@ -31,8 +39,9 @@ from llmtune.data.templates import (
 )
 
 __all__ = [
-    "FORMATS", "IGNORE_INDEX", "ROLES", "SHAREGPT_ROLES", "TEMPLATES", "TRAIN_ON", "TRUNCATION", "Example", "Records", "Segment", "as_records",
+    "FORMATS", "IGNORE_INDEX", "PreferencePair", "RankedRecord", "ROLES", "SHAREGPT_ROLES", "TEMPLATES", "TRAIN_ON", "TRUNCATION", "Example", "Records", "Segment", "as_records",
     "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
-    "llama31_chat_template", "load_records", "pack_examples", "record_tools", "render_prompt", "render_segments", "render_text", "split_instructions",
-    "stop_token_ids", "to_messages",
+    "llama31_chat_template", "load_preference_records", "load_records", "parse_preference", "preference_texts",
+    "read_records", "pack_examples", "record_tools", "render_prompt", "render_segments", "render_text", "split_instructions",
+    "stop_token_ids", "to_messages", "to_pairs",
 ]

@@ -127,10 +127,10 @@ def _parse_csv(text: str, source: str, delimiter: str) -> tuple[list[Any], list[
     return items, lines
 
 
-def load_records(path: str | Path) -> Records:
-    """Records from a .jsonl/.ndjson, .json (array, or JSON Lines) or .csv/.tsv file, each validated.
+def read_records(path: str | Path) -> Records:
+    """Records from a .jsonl/.ndjson, .json (array, or JSON Lines) or .csv/.tsv file, not yet validated.
 
-    Raises `ConfigError` naming the file, the line and the field for anything malformed; no record is dropped.
+    Raises `ConfigError` naming the file and line for anything that is not well-formed JSON / CSV.
     """
     path = Path(path)
     source = str(path)
@@ -157,7 +157,15 @@ def load_records(path: str | Path) -> Records:
         items, lines = _parse_csv(text, source, "\t" if suffix == ".tsv" else ",")
     if not items:
         raise ConfigError(f"{source}: no records")
-    records = Records(items, source=source, lines=lines)
+    return Records(items, source=source, lines=lines)
+
+
+def load_records(path: str | Path) -> Records:
+    """Training records from a .jsonl/.ndjson, .json (array, or JSON Lines) or .csv/.tsv file, each validated.
+
+    Raises `ConfigError` naming the file, the line and the field for anything malformed; no record is dropped.
+    """
+    records = read_records(path)
     for i, record in enumerate(records):
         detect_format(record, records.where(i))
     return records
