@@ -1,4 +1,5 @@
-"""Trainer ``lora`` (backend ``peft``): LoRA, DoRA, prompt tuning and QLoRA through PEFT, on HF Accelerate.
+"""Trainer ``lora`` (backend ``peft``): LoRA (rsLoRA, PiSSA, OLoRA, LoftQ, LoRA+), DoRA, IA3, prompt and prefix
+tuning, and QLoRA through PEFT, plus our bottleneck adapters (`llmtune.trainers.methods`), on HF Accelerate.
 
 The loop is llmtune's own (not ``transformers.Trainer``) so that it can promise what it does:
 
@@ -42,7 +43,9 @@ from llmtune.trainers import _checkpoint as ckpt
 from llmtune.trainers._evaluate import generate, score
 from llmtune.trainers._loss import model_loss
 
-_TEMPLATES = ("llama3", "chatml", "alpaca", "tokenizer")
+_TEMPLATES = ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
+_METHODS = ("lora", "dora", "prompt_tuning", "prefix_tuning", "ia3", "bottleneck")
+_SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning")
 _ADAPTER = "adapter"
 
 
@@ -58,12 +61,20 @@ class PeftLoraOptions:
     """Options of the ``lora`` trainer; every one can also be passed to `PeftLoraTrainer.train` to override."""
 
     # adapter
-    method: str = "lora"                     #: "lora", "dora" or "prompt_tuning"
+    method: str = "lora"                     #: "lora", "dora", "prompt_tuning", "prefix_tuning", "ia3", "bottleneck"
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     targets: str | tuple[str, ...] = "all-linear"   #: module names, or "all-linear" (every linear but lm_head)
-    num_virtual_tokens: int = 20             #: soft-prompt length for method="prompt_tuning"
+    num_virtual_tokens: int = 20             #: soft-prompt / prefix length for "prompt_tuning" / "prefix_tuning"
+    rslora: bool = False                     #: LoRA/DoRA: scaling alpha/sqrt(rank) instead of alpha/rank
+    init: str = "default"                    #: LoRA init: "default", "gaussian", "pissa", "olora", "loftq" (GPU)
+    loraplus_ratio: float | None = None      #: LoRA+: the B matrices' learning rate is lr * loraplus_ratio
+    bottleneck_size: int = 64                #: method="bottleneck": bottleneck width b
+    bottleneck_placement: str = "series"     #: "series" (reads the sub-layer output) or "parallel" (its input)
+    bottleneck_sites: str | tuple[str, ...] = ("mlp",)   #: after "attn" and/or "mlp"
+    bottleneck_non_linearity: str = "tanh"   #: "tanh", "relu", "gelu" or "silu"
+    bottleneck_scaling: float = 1.0
     quantizer: Quantizer | None = None       #: a trainable quantizer (e.g. get_quantizer("nf4")) -> QLoRA
     upcast_embeddings: bool = False          #: cast non-quantized 16-bit params to fp32 (PEFT's kbit recipe)
     gradient_checkpointing: bool = False
@@ -81,10 +92,12 @@ class PeftLoraOptions:
     max_grad_norm: float = 1.0               #: 0 disables clipping
     loss_chunk_tokens: int = 1024            #: rows of logits per chunk in the loss; 0 = all at once
     # data
-    template: str = "llama3"                 #: "llama3", "chatml", "alpaca" or "tokenizer" (its chat template)
+    template: str = "llama3"                 #: "llama3", "llama3.1", "chatml", "alpaca" or "tokenizer" (its own)
     max_length: int = 512
     packing: bool = False
     train_on_prompt: bool = False
+    train_on: str = "assistant"              #: "assistant" (every answer), "last_turn" or "everything"
+    system_prompt: str | None = None         #: the system turn of records that have none
     # evaluation, checkpoints, logs
     eval_every: int = 0                      #: also evaluate every N steps (0: only before and after)
     eval_examples: int = 64                  #: held-out examples generated per evaluation (0 = all)
@@ -98,7 +111,7 @@ class PeftLoraOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, ("lora", "dora", "prompt_tuning"))
+        check_choice("method", self.method, _METHODS)
         _positive("rank", self.rank)
         _positive("alpha", self.alpha, (int, float))
         check_type("dropout", self.dropout, (int, float))
@@ -122,8 +135,6 @@ class PeftLoraOptions:
             if not type(self.quantizer).trainable:
                 raise InvalidOptionError(f"option quantizer: {self.quantizer.describe()} cannot be trained on "
                                          "(trainable=False); use nf4, fp4 or int8")
-            if self.method == "prompt_tuning":
-                pass  # soft prompts on a quantized base are fine
         check_type("upcast_embeddings", self.upcast_embeddings, bool)
         check_type("gradient_checkpointing", self.gradient_checkpointing, bool)
         check_choice("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
@@ -145,12 +156,67 @@ class PeftLoraOptions:
         _positive("max_length", self.max_length)
         check_type("packing", self.packing, bool)
         check_type("train_on_prompt", self.train_on_prompt, bool)
+        check_choice("train_on", self.train_on, ("assistant", "last_turn", "everything"))
+        if self.system_prompt is not None:
+            check_type("system_prompt", self.system_prompt, str)
+        self._check_method()
         for name in ("eval_every", "eval_examples", "save_every", "keep_checkpoints", "seed"):
             _positive(name, getattr(self, name), zero_ok=True)
         for name in ("eval_batch_size", "max_new_tokens", "log_every"):
             _positive(name, getattr(self, name))
         check_type("output_dir", self.output_dir, (str, os.PathLike))
         check_type("progress", self.progress, bool)
+
+    def _check_method(self) -> None:
+        """Validate the method's own options (typed dataclasses in `llmtune.trainers.methods`) and combinations."""
+        from llmtune.trainers.methods.peft_methods import check_quantized_base
+
+        if isinstance(self.bottleneck_sites, (str, list)):
+            sites = (self.bottleneck_sites,) if isinstance(self.bottleneck_sites, str) else tuple(self.bottleneck_sites)
+            object.__setattr__(self, "bottleneck_sites", sites)
+        lora = self.method in ("lora", "dora")
+        for field, default in (("rslora", False), ("init", "default"), ("loraplus_ratio", None)):
+            if getattr(self, field) != default and not lora:
+                raise InvalidOptionError(f"option {field}={getattr(self, field)!r} applies to method 'lora' or 'dora', "
+                                         f"not {self.method!r}")
+        self.method_options()  # raises InvalidOptionError for a bad value
+        if self.loraplus_ratio is not None:
+            _positive("loraplus_ratio", self.loraplus_ratio, (int, float))
+            if self.loraplus_ratio < 1:
+                raise InvalidOptionError(f"option loraplus_ratio={self.loraplus_ratio!r} must be >= 1")
+        if self.quantizer is not None:
+            if self.init == "loftq":
+                raise InvalidOptionError("option init='loftq' replaces the base weights by their quantized "
+                                         f"approximation itself; leave quantizer unset (got {self.quantizer.describe()})")
+            try:
+                check_quantized_base(self.init, quantized=True)
+            except ConfigError as exc:
+                raise InvalidOptionError(f"option init={self.init!r}: {exc}") from None
+        if self.packing and self.method in _SOFT_PROMPTS:
+            raise InvalidOptionError(f"option packing=True with method={self.method!r}: the virtual tokens would be "
+                                     "shared by every packed example; use packing=False")
+
+    def method_options(self) -> Any:
+        """The typed options of the method (`LoraVariantOptions`, `IA3Options`, `PrefixTuningOptions`,
+        `BottleneckOptions`), or None for prompt tuning."""
+        from llmtune.trainers.methods import peft_methods as pm
+        from llmtune.trainers.methods.bottleneck import BottleneckOptions
+
+        if self.method in ("lora", "dora"):
+            return pm.LoraVariantOptions(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                                         rslora=self.rslora, init=self.init, dora=self.method == "dora")
+        if self.method == "ia3":
+            if self.targets == "all-linear":
+                return pm.IA3Options()
+            targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+            return pm.IA3Options(targets=targets, feedforward=tuple(t for t in pm.IA3_FEEDFORWARD if t in targets))
+        if self.method == "prefix_tuning":
+            return pm.PrefixTuningOptions(num_virtual_tokens=self.num_virtual_tokens)
+        if self.method == "bottleneck":
+            return BottleneckOptions(size=self.bottleneck_size, placement=self.bottleneck_placement,
+                                     sites=self.bottleneck_sites, non_linearity=self.bottleneck_non_linearity,
+                                     scaling=self.bottleneck_scaling, dropout=self.dropout)
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (the quantizer becomes its description)."""
@@ -159,6 +225,7 @@ class PeftLoraOptions:
         out["quantizer"] = None if q is None else {"name": q.name, "backend": q.backend,
                                                    **_jsonable(dataclasses.asdict(q.options))}
         out["targets"] = out["targets"] if isinstance(out["targets"], str) else list(out["targets"])
+        out["bottleneck_sites"] = list(out["bottleneck_sites"])
         out["output_dir"] = str(out["output_dir"])
         return out
 
@@ -224,7 +291,7 @@ def _memory_bytes(device: torch.device) -> int:
 
 
 class PeftLoraTrainer(Trainer):
-    """LoRA / DoRA / prompt tuning / QLoRA fine-tuning with PEFT, on HF Accelerate."""
+    """LoRA-family / IA3 / soft-prompt / bottleneck-adapter fine-tuning (QLoRA too), on HF Accelerate."""
 
     name: ClassVar[str] = "lora"
     backend: ClassVar[str] = "peft"
@@ -282,23 +349,42 @@ class PeftLoraTrainer(Trainer):
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _apply_adapter(self, model: nn.Module) -> nn.Module:
-        """Wrap the base model in a PEFT adapter (LoRA, DoRA or prompt tuning)."""
-        from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+        """Add the method's trainable parameters: a PEFT adapter, or our bottleneck adapters (in place)."""
+        from peft import PromptTuningConfig, TaskType, get_peft_model
 
         opts = self.options
-        config: Any
-        if opts.method == "prompt_tuning":
-            config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens)
-        else:
-            targets = opts.targets if isinstance(opts.targets, str) else list(opts.targets)
-            config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.rank,
-                                lora_alpha=opts.alpha,  # type: ignore[arg-type]  # PEFT takes floats too
-                                lora_dropout=opts.dropout, target_modules=targets, use_dora=opts.method == "dora")
+        method = opts.method_options()
+        if opts.method == "bottleneck":
+            from llmtune.trainers.methods.bottleneck import inject_bottleneck
+
+            inject_bottleneck(model, method)
+            return model
+        config = (PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens)
+                  if method is None else method.peft_config())
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ConfigError(f"could not apply {opts.method} to {type(model).__name__}: {exc}") from exc
         return peft_model
+
+    def _optimizer(self, model: nn.Module, trainable: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters; LoRA+ groups (B at lr * loraplus_ratio) when asked."""
+        opts = self.options
+        if opts.loraplus_ratio is not None:
+            from llmtune.trainers.methods.peft_methods import loraplus_optimizer
+
+            return loraplus_optimizer(model, lr=opts.lr, ratio=opts.loraplus_ratio,  # type: ignore[no-any-return]
+                                      weight_decay=opts.weight_decay)
+        return torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+
+    def _write_adapter(self, model: nn.Module, directory: Path) -> None:
+        """The adapter's files: PEFT's format, or ``bottleneck_model.safetensors`` + ``bottleneck_config.json``."""
+        if self.options.method == "bottleneck":
+            from llmtune.trainers.methods.bottleneck import save_bottleneck
+
+            save_bottleneck(model, directory)
+        else:
+            model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
 
     def _loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """SUM (not mean) of next-token cross-entropies over the labelled tokens of ``batch`` (chunked)."""
@@ -339,7 +425,8 @@ class PeftLoraTrainer(Trainer):
 
         opts = self.options
         examples = build_examples(records, tokenizer, template=opts.template, max_length=opts.max_length,
-                                  train_on_prompt=opts.train_on_prompt, source=source)
+                                  train_on_prompt=opts.train_on_prompt, source=source, train_on=opts.train_on,
+                                  system_prompt=opts.system_prompt)
         if opts.packing:
             examples = pack_examples(examples, opts.max_length)
         return list(examples)
@@ -352,7 +439,8 @@ class PeftLoraTrainer(Trainer):
         chosen = records if n == 0 else records[:n]
         prompts, refs = [], []
         for rec in chosen:
-            prompt, answer = render_prompt(rec, self.options.template, tokenizer)
+            prompt, answer = render_prompt(rec, self.options.template, tokenizer,
+                                           system_prompt=self.options.system_prompt)
             prompts.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
             refs.append(answer.strip())
         return prompts, refs
@@ -481,7 +569,7 @@ class PeftLoraTrainer(Trainer):
         if not trainable:
             raise LlmtuneError("the adapter has no trainable parameters (check targets)")
 
-        optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+        optimizer = self._optimizer(peft_model, trainable)
         warmup = round(opts.warmup * total_steps) if opts.warmup < 1 else int(opts.warmup)
         scheduler = self._scheduler(optimizer, warmup, total_steps)
         wrapped = _LossModule(peft_model, self)
@@ -679,6 +767,11 @@ class PeftLoraTrainer(Trainer):
             yield update
 
     def _load_adapter_weights(self, peft_model: nn.Module, adapter_dir: Path) -> None:
+        if self.options.method == "bottleneck":
+            from llmtune.trainers.methods.bottleneck import load_bottleneck_weights
+
+            load_bottleneck_weights(peft_model, adapter_dir)
+            return
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -693,7 +786,7 @@ class PeftLoraTrainer(Trainer):
         acc = self._accelerator
         if acc.is_main_process:
             tmp = ckpt.begin(final)
-            model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+            self._write_adapter(model, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             ckpt.commit(final)
@@ -711,7 +804,7 @@ class PeftLoraTrainer(Trainer):
         ckpt.save_rng(tmp, acc.process_index)
         if acc.is_main_process:
             model = acc.unwrap_model(wrapped).model
-            model.save_pretrained(str(tmp / _ADAPTER), safe_serialization=True)
+            self._write_adapter(model, tmp / _ADAPTER)
             torch.save(optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
                        tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

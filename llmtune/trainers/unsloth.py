@@ -119,9 +119,22 @@ class UnslothLoraOptions(PeftLoraOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.method == "bottleneck":
+            raise InvalidOptionError("option method='bottleneck': not on the unsloth backend. Bottleneck adapters hook "
+                                     "the attention/MLP modules, and Unsloth's fast paths run its own kernels on those "
+                                     "modules' weights without calling them, so the adapters would be skipped; use "
+                                     "backend='peft'")
         if self.method != "lora":
             raise InvalidOptionError(f"option method={self.method!r}: the unsloth backend trains LoRA only; use "
-                                     "backend='peft' for DoRA and prompt tuning")
+                                     "backend='peft' for DoRA, IA3, prompt and prefix tuning")
+        if self.rslora or self.init != "default":
+            raise InvalidOptionError("options rslora / init: the unsloth backend hands only rank, alpha and dropout "
+                                     "to FastLanguageModel.get_peft_model; use backend='peft' for rsLoRA, PiSSA, "
+                                     "OLoRA and LoftQ")
+        if self.packing:
+            raise InvalidOptionError("option packing=True: on the unsloth backend the loss is Unsloth's own forward, "
+                                     "which is not given the per-example block mask, so packed examples would "
+                                     "attend to each other; use backend='peft' for packing")
         if self.upcast_embeddings:
             raise InvalidOptionError("option upcast_embeddings=True: Unsloth chooses the dtypes of the 4-bit "
                                      "model itself; use backend='peft' for PEFT's kbit recipe")

@@ -269,8 +269,6 @@ def read_bottleneck_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     """Inject the saved adapters into ``model`` (the same base) and load their weights; returns ``model``."""
-    from safetensors.torch import load_file
-
     config = read_bottleneck_config(directory)
     if hidden_size_of(model) != config["hidden_size"]:
         raise ConfigError(f"{Path(directory) / CONFIG_FILE}: field 'hidden_size': the adapter was trained on width "
@@ -280,18 +278,33 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.M
         remove_bottleneck(model)
         raise ConfigError(f"{Path(directory) / CONFIG_FILE}: field 'modules': saved for {len(config['modules'])} "
                           f"sub-layers, this model has {len(names)}; load it on the base it was trained on")
-    weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    try:
+        load_bottleneck_weights(model, directory)
+    except ConfigError:
+        remove_bottleneck(model)
+        raise
+    return model
+
+
+def load_bottleneck_weights(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Copy saved adapter weights into the adapters already injected in ``model`` (e.g. to resume training)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (not a bottleneck adapter directory)")
+    weights = load_file(str(path))
     expected = adapter_state_dict(model)
     if set(weights) != set(expected):
-        remove_bottleneck(model)
         missing = sorted(set(expected) - set(weights))[:3]
         extra = sorted(set(weights) - set(expected))[:3]
-        raise ConfigError(f"{Path(directory) / WEIGHTS_FILE}: tensors do not match the model (missing {missing}, "
-                          f"unexpected {extra})")
+        raise ConfigError(f"{path}: tensors do not match the model (missing {missing}, unexpected {extra})")
     with torch.no_grad():
         for key, tensor in weights.items():
+            if tensor.shape != expected[key].shape:
+                raise ConfigError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's adapter "
+                                  f"{tuple(expected[key].shape)}")
             expected[key].copy_(tensor)
-    return model
 
 
 def merge_bottleneck(model: nn.Module) -> nn.Module:
