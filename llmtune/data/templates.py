@@ -223,7 +223,8 @@ def _from_tokenizer(messages: list[dict[str, Any]], tokenizer: PreTrainedTokeniz
     """The tokenizer's chat template, split into turns by rendering growing prefixes of the conversation."""
 
     def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
-        text = tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False,  # type: ignore[arg-type]
+                                             add_generation_prompt=generation_prompt)
         return str(text)
 
     stops = _stop_tokens(tokenizer)

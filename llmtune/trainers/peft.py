@@ -213,8 +213,9 @@ class PeftLoraOptions:
         if self.method == "prefix_tuning":
             return pm.PrefixTuningOptions(num_virtual_tokens=self.num_virtual_tokens)
         if self.method == "bottleneck":
-            return BottleneckOptions(size=self.bottleneck_size, placement=self.bottleneck_placement,
-                                     sites=self.bottleneck_sites, non_linearity=self.bottleneck_non_linearity,
+            sites = (self.bottleneck_sites,) if isinstance(self.bottleneck_sites, str) else self.bottleneck_sites
+            return BottleneckOptions(size=self.bottleneck_size, placement=self.bottleneck_placement, sites=sites,
+                                     non_linearity=self.bottleneck_non_linearity,
                                      scaling=self.bottleneck_scaling, dropout=self.dropout)
         return None
 

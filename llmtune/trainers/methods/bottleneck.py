@@ -193,7 +193,7 @@ def inject_bottleneck(model: nn.Module, options: BottleneckOptions | None = None
         device = ref.device if ref is not None else None
         module.add_module(ADAPTER_ATTR, BottleneckAdapter(d, options, device=device))
         handle = module.register_forward_hook(_hook(options.placement), with_kwargs=True)
-        module._llmtune_bottleneck_handle = handle  # type: ignore[assignment]
+        module.__dict__["_llmtune_bottleneck_handle"] = handle
         names.append(name)
     model._llmtune_bottleneck = {"options": options, "modules": names, "placement": options.placement}  # type: ignore[assignment]
     return names
@@ -206,8 +206,8 @@ def remove_bottleneck(model: nn.Module) -> None:
         raise ConfigError(f"{type(model).__name__} has no bottleneck adapters to remove")
     for name in info["modules"]:
         module = model.get_submodule(name)
-        module._llmtune_bottleneck_handle.remove()
-        del module._llmtune_bottleneck_handle
+        handle = module.__dict__.pop("_llmtune_bottleneck_handle")
+        handle.remove()
         delattr(module, ADAPTER_ATTR)
     del model._llmtune_bottleneck
 
