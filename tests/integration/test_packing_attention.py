@@ -102,3 +102,31 @@ def test_trainer_loss_uses_the_packed_mask(tok: Any, examples: list[Any]) -> Non
     want = unpacked_losses(model, three)
     assert int(count) == want.numel()
     assert abs(float(loss_sum) - float(want.sum())) <= 1e-4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_transformers_finds_boundaries_from_position_ids_only_without_a_cache(tok: Any, examples: list[Any],
+                                                                               attn: str) -> None:
+    """What the flash-attention varlen path relies on: restarting position ids, no mask (transformers 5.x)."""
+    model = model_with(tok, attn)
+    want = unpacked_losses(model, examples)
+    flat = padding_free(examples)
+    with torch.no_grad():
+        no_cache = token_losses(model(input_ids=flat["input_ids"], position_ids=flat["position_ids"],
+                                      use_cache=False).logits, flat["labels"])
+        cached = token_losses(model(input_ids=flat["input_ids"], position_ids=flat["position_ids"],
+                                    use_cache=True).logits, flat["labels"])
+    assert (no_cache - want).abs().max().item() <= 1e-5
+    assert (cached - want).abs().max().item() > 1e-3  # why the trainer builds the mask itself
+
+
+def test_flash_attention_gets_position_ids_and_no_mask() -> None:
+    class Config:
+        _attn_implementation = "flash_attention_2"
+
+    class Model:
+        config = Config()
+
+    pos = torch.tensor([[0, 1, 0, 1, 2]])
+    kwargs = packed_attention_kwargs(Model(), pos)
+    assert kwargs["attention_mask"] is None and kwargs["position_ids"] is pos

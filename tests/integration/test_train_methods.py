@@ -68,6 +68,16 @@ def test_bottleneck_trains_saves_and_reloads(tok: Any, split: Any, tmp_path: Pat
     assert set(result.eval) == {"before", "after"}
 
 
+def test_bottleneck_with_gradient_checkpointing_gives_the_same_curve(tok: Any, split: Any, tmp_path: Path) -> None:
+    train, _ = split
+    opts = {**FAST, "method": "bottleneck", "bottleneck_size": 4, "bottleneck_sites": ["attn", "mlp"]}
+    plain = llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path / "a",
+                                                      max_steps=4)
+    ckpt = llmtune.get_trainer("lora", **opts, gradient_checkpointing=True).train(
+        tiny(tok), train, tokenizer=tok, output_dir=tmp_path / "b", max_steps=4)
+    assert curve(ckpt) == pytest.approx(curve(plain), abs=1e-5)
+
+
 def test_bottleneck_resume_reproduces_the_curve(tok: Any, split: Any, tmp_path: Path) -> None:
     train, _ = split
     opts = {**FAST, "method": "bottleneck", "bottleneck_size": 4, "bottleneck_placement": "parallel"}
