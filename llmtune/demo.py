@@ -121,7 +121,8 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         eval_batch_size=32, max_new_tokens=cfg["max_new_tokens"], seed=seed, progress=progress,
         loss_chunk_tokens=1024)
     t = time.perf_counter()
-    result = trainer.train(model, train, eval_data=heldout, tokenizer=tokenizer, output_dir=out / "run")
+    result = trainer.train(model, train, eval_data=heldout, tokenizer=tokenizer, output_dir=out / "run",
+                           overwrite=True)  # the demo rebuilds everything under out: a rerun replaces its run
     train_seconds = time.perf_counter() - t
     before, after = result.eval.get("before", {}), result.eval.get("after", {})
     echo(f"      {len(result.history)} steps in {train_seconds:.1f} s; loss {result.history[0]['loss']:.3f} -> "

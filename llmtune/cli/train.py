@@ -42,6 +42,9 @@ def register(app: typer.Typer) -> None:
         resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint in output_dir) or a checkpoint "
                                    "path; overrides the config's 'resume'."),
         check: bool = typer.Option(False, "--check", help="Only validate the config, then exit."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in output_dir."),
+        allow_change: Annotated[list[str] | None, typer.Option(
+            "--allow-change", help="Resume although this setting changed (repeatable: max_steps, lr, data, ...).")] = None,
     ) -> None:
         """Fine-tune as a YAML config says (LoRA/DoRA/prompt tuning/QLoRA); writes adapter, checkpoints, log."""
         from rich.console import Console
@@ -53,10 +56,15 @@ def register(app: typer.Typer) -> None:
             Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
             return
         try:
-            result = run(cfg, resume=resume)
+            result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()))
         except KeyboardInterrupt:
             Console(stderr=True).print("[yellow]interrupted[/]: checkpoint saved; rerun with --resume auto")
             raise typer.Exit(130) from None
+        for event in result.extra.get("checkpoint_events", []):
+            if event["event"] in ("checkpoint_skipped", "fell_back"):
+                what = "skipped damaged checkpoint" if event["event"] == "checkpoint_skipped" else "resumed from"
+                Console(stderr=True).print(f"[yellow]{what}[/] {event['path']}: {event['reason']}",
+                                           highlight=False, soft_wrap=True)
         _render_eval(result.eval)
         if result.stopped_early:
             Console(stderr=True).print(f"[bold red]stopped early[/]: {result.stopped_early}; adapter: "

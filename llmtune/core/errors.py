@@ -41,6 +41,14 @@ class ConfigError(LlmtuneError, ValueError):
     """A configuration file or data file that cannot be used; names file, line and field."""
 
 
+class DamagedFileError(LlmtuneError, ValueError):
+    """A checkpoint or saved model whose files are missing, truncated or altered; names each file."""
+
+
+class OutputDirError(ConfigError):
+    """An output directory that holds another run (or a resume whose settings changed); names what differs."""
+
+
 class PluginError(LlmtuneError):
     """A plugin that failed to load or registered something inconsistent."""
 

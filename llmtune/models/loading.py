@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError
+from llmtune.core.manifest import verify_manifest
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _TRUE = ("1", "true", "yes", "on")
@@ -77,6 +78,7 @@ def load_model_and_tokenizer(
         source, local_only = str(local), True
         if not (local / "config.json").is_file():
             raise ConfigError(f"{local}: not a model directory (no config.json)")
+        verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
     elif isinstance(name_or_path, Path) or _looks_like_path(name) or local.exists():
         raise ConfigError(f"{name}: no such model directory")
     else:

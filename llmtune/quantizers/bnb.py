@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmtune.core.errors import ConfigError, GPURequiredError, InvalidOptionError, LlmtuneError
 from llmtune.core.interfaces import Quantizer
+from llmtune.core.manifest import verify_manifest, write_manifest
 from llmtune.core.options import check_choice, check_type
 
 if TYPE_CHECKING:
@@ -269,6 +270,7 @@ class _BnbQuantizer(Quantizer):
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         (out / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_manifest(out)  # checksums of every file, verified by load()
         return out
 
     def load(self, path: str | Path, **kwargs: Any) -> Any:
@@ -279,6 +281,7 @@ class _BnbQuantizer(Quantizer):
         import transformers
 
         directory = Path(path)
+        verify_manifest(directory, required=False)  # a damaged file is named (no manifest: another tool's files)
         record_path = directory / RECORD_FILE
         if not record_path.is_file():
             raise ConfigError(

@@ -202,8 +202,9 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
         raise ConfigError(f"{loc}: {exc}{hint}") from None
 
 
-def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
-    """Train as the config says; returns the trainer's `TrainResult`."""
+def run(config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False,
+        allow_changes: tuple[str, ...] = ()) -> Any:
+    """Train as the config says; returns the trainer's `TrainResult` (``overwrite``/``allow_changes``: see train)."""
     tokenizer = None
     if config.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -212,6 +213,7 @@ def run(config: TrainConfig, *, resume: bool | str | None = None) -> Any:
     return config.trainer.train(
         config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
         output_dir=config.output_dir, resume=config.resume if resume is None else resume,
+        **({"overwrite": True} if overwrite else {}), **({"allow_changes": allow_changes} if allow_changes else {}),
     )
 
 

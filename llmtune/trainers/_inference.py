@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.core.errors import ConfigError
+from llmtune.core.manifest import verify_manifest
 
 
 def adapter_base(adapter: str | Path) -> str | None:
@@ -39,6 +40,7 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
         from peft import PeftModel
 
         adapter = Path(adapter)
+        verify_manifest(adapter, required=False)  # an adapter llmtune saved carries checksums; damage is named
         if (adapter / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(adapter))
         base = PeftModel.from_pretrained(base, str(adapter))

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError
+from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionError, LlmtuneError, OutputDirError
 from llmtune.core.interfaces import Quantizer, Trainer
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import TrainResult
@@ -47,6 +47,10 @@ _TEMPLATES = ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
 _METHODS = ("lora", "dora", "prompt_tuning", "prefix_tuning", "ia3", "bottleneck")
 _SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning")
 _ADAPTER = "adapter"
+#: Options that do not change what is trained: changing them keeps the run (and its output_dir) the same.
+_NOT_RUN_IDENTITY = frozenset({"eval_every", "eval_examples", "eval_batch_size", "max_new_tokens", "save_every",
+                               "keep_checkpoints", "output_dir", "log_every", "progress", "gradient_checkpointing",
+                               "loss_chunk_tokens"})
 
 
 def _positive(field: str, value: object, kind: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
@@ -474,6 +478,39 @@ class PeftLoraTrainer(Trainer):
                     fh.write(json.dumps({"prediction": p, "reference": r}) + "\n")
         return result
 
+    def _claim(self, out: Path, model: Any, records: list[dict[str, Any]], resume: bool | str | os.PathLike[str],
+               overwrite: bool, allow_changes: tuple[str, ...]
+               ) -> tuple[ckpt.Fingerprint, Path | None, list[ckpt.CheckpointEvent]]:
+        """Claim ``out`` for this run (see `_checkpoint.claim_output_dir`) and find the checkpoint to resume."""
+        acc = self._accelerator
+        data = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        config = {k: v for k, v in self.options.to_dict().items() if k not in _NOT_RUN_IDENTITY}
+        run_fp = ckpt.Fingerprint(config={"trainer": f"{self.name}/{self.backend}", "model": self._model_id(model),
+                                          **config}, data=data)
+        events: list[ckpt.CheckpointEvent] = []
+        if acc.is_main_process:
+            events += ckpt.claim_output_dir(out, run_fp, overwrite=overwrite, resume=resume not in (False, None),
+                                            allow_changes=allow_changes).events
+        acc.wait_for_everyone()
+        resume_from, skipped = ckpt.resolve_resume(resume, out)
+        return run_fp, resume_from, events + skipped
+
+    @staticmethod
+    def _model_id(model: Any) -> str:
+        """What names the base model in the run fingerprint: a local directory by its config and weight-file
+        sizes (so a moved project still resumes, a changed model does not), a hub id as is, a module by size."""
+        if isinstance(model, (str, os.PathLike)):
+            local = Path(model).expanduser()
+            if not (local / "config.json").is_file():
+                return str(model)
+            h = hashlib.sha256((local / "config.json").read_bytes())
+            for f in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+            return f"local:{h.hexdigest()[:16]}"
+        if isinstance(model, nn.Module):
+            return f"{type(model).__name__}({sum(p.numel() for p in model.parameters())} parameters)"
+        return type(model).__name__
+
     def _fingerprint(self, examples: list[Any]) -> str:
         h = hashlib.sha256()
         for ex in examples:
@@ -486,12 +523,15 @@ class PeftLoraTrainer(Trainer):
     # ------------------------------------------------------------------ the public call
     def train(self, model: Any, data: Any, *, eval_data: Any = None, tokenizer: Any = None,
               output_dir: str | os.PathLike[str] | None = None, resume: bool | str | os.PathLike[str] = False,
-              **overrides: Any) -> TrainResult:
+              overwrite: bool = False, allow_changes: Sequence[str] = (), **overrides: Any) -> TrainResult:
         """Fine-tune ``model`` (path, hub id or ``nn.Module``) on ``data`` (path or records); see the class doc.
 
         ``eval_data`` (path or records) is answered greedily and scored (ROUGE/BLEU) before and after
         training and every ``eval_every`` steps. ``resume``: False, "auto" (newest checkpoint in
-        ``output_dir`` if any) or a checkpoint path. Any option can be overridden here by keyword.
+        ``output_dir`` if any) or a checkpoint path. ``output_dir`` belongs to one run: another run's directory
+        is refused unless ``overwrite=True``; a resume whose settings or data changed is refused unless each
+        changed field is named in ``allow_changes`` (e.g. ``("max_steps",)``). Any option can be overridden here
+        by keyword.
         """
         base_options = self.options
         if overrides:
@@ -506,12 +546,13 @@ class PeftLoraTrainer(Trainer):
         try:
             return self._train(model, data, eval_data=eval_data, tokenizer=tokenizer,
                                output_dir=Path(output_dir if output_dir is not None else self.options.output_dir),
-                               resume=resume)
+                               resume=resume, overwrite=overwrite, allow_changes=tuple(allow_changes))
         finally:
             self.options = base_options
 
     def _train(self, model: Any, data: Any, *, eval_data: Any, tokenizer: Any, output_dir: Path,
-               resume: bool | str | os.PathLike[str]) -> TrainResult:
+               resume: bool | str | os.PathLike[str], overwrite: bool = False,
+               allow_changes: tuple[str, ...] = ()) -> TrainResult:
         from accelerate.utils import set_seed
 
         from llmtune.data import collate
@@ -527,12 +568,12 @@ class PeftLoraTrainer(Trainer):
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        resume_from = ckpt.resolve_resume(resume, out)
         set_seed(opts.seed)
 
-        # ---- model and data
-        base, tokenizer = self._load(model, tokenizer)
+        # ---- the output directory (before the model loads: a refused directory costs nothing), model and data
         train_records = self._records(data, "data")
+        run_fp, resume_from, events = self._claim(out, model, train_records, resume, overwrite, allow_changes)
+        base, tokenizer = self._load(model, tokenizer)
         examples = self._examples(train_records, tokenizer, "data")
         if not examples:
             raise ConfigError("data: no training examples")
@@ -550,10 +591,10 @@ class PeftLoraTrainer(Trainer):
 
         state: dict[str, Any] = {}
         if resume_from is not None:
-            state = ckpt.read_state(resume_from)
-            if state.get("fingerprint") != fingerprint:
-                raise ConfigError(f"cannot resume from {resume_from}: the training data differ from that run's "
-                                  f"(fingerprint {state.get('fingerprint')} != {fingerprint})")
+            state = ckpt.check_resumable(resume_from, run_fp, allow_changes)
+            if state.get("fingerprint") != fingerprint and "data" not in allow_changes:
+                raise OutputDirError(f"cannot resume from {resume_from}: the tokenized training data differ from "
+                                     f"that run's (a changed tokenizer?); allow it with --allow-change data")
             if state.get("world_size") != world or state.get("global_batch") != global_batch:
                 raise ConfigError(f"cannot resume from {resume_from}: it ran with {state.get('world_size')} processes "
                                   f"and global batch {state.get('global_batch')}, this run has {world} and {global_batch}")
@@ -578,13 +619,13 @@ class PeftLoraTrainer(Trainer):
         start_step = 0
         history: list[dict[str, Any]] = []
         if resume_from is not None:
-            optimizer.optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
-            scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+            optimizer.optimizer.load_state_dict(ckpt.load_state(resume_from, "optimizer"))
+            scheduler.load_state_dict(ckpt.load_state(resume_from, "scheduler"))
             ckpt.load_rng(resume_from, rank)
             start_step = int(state["step"])
             history = list(state.get("history", []))
 
-        run = {"fingerprint": fingerprint, "world_size": world, "global_batch": global_batch,
+        run = {"fingerprint": fingerprint, "run": run_fp.to_dict(), "world_size": world, "global_batch": global_batch,
                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
         log_path = out / "log.jsonl"
         if acc.is_main_process:
@@ -592,6 +633,8 @@ class PeftLoraTrainer(Trainer):
             with open(log_path, "w") as fh:  # on resume: the log up to the checkpoint, then the new steps
                 for rec in history:
                     fh.write(json.dumps(rec) + "\n")
+                for event in events:  # damaged checkpoints skipped, crash leftovers cleaned up, a run replaced
+                    fh.write(json.dumps({"step": start_step, **event.to_dict()}) + "\n")
 
         pad_id = tokenizer.pad_token_id
         labels_per_example = [_label_count(ex.labels) for ex in examples]
@@ -697,6 +740,7 @@ class PeftLoraTrainer(Trainer):
         result = TrainResult(adapter_dir=adapter_dir, history=history, eval=evals, output_dir=out,
                              stopped_early=stopped,
                              extra={"steps": step, "total_steps": total_steps, "world_size": world,
+                                    "checkpoint_events": [e.to_dict() for e in events],
                                     "precision": self._precision,
                                     "trainable_parameters": sum(p.numel() for p in trainable),
                                     "seconds": time.perf_counter() - t_start})
@@ -774,9 +818,13 @@ class PeftLoraTrainer(Trainer):
             load_bottleneck_weights(peft_model, adapter_dir)
             return
         from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        try:
+            weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise DamagedFileError(f"{adapter_dir / 'adapter_model.safetensors'}: unreadable ({exc})") from None
         result = set_peft_model_state_dict(peft_model, weights)
         missing = [k for k in getattr(result, "unexpected_keys", [])]
         if missing:
@@ -806,13 +854,12 @@ class PeftLoraTrainer(Trainer):
         if acc.is_main_process:
             model = acc.unwrap_model(wrapped).model
             self._write_adapter(model, tmp / _ADAPTER)
-            torch.save(optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                       tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.save_state(tmp, "optimizer", optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer")
+                            else optimizer.state_dict())
+            ckpt.save_state(tmp, "scheduler", scheduler.state_dict())
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.write_json(tmp / ckpt.STATE_FILE, _jsonable(state))
-            ckpt.commit(final)
-            ckpt.prune(out, self.options.keep_checkpoints)
+            ckpt.commit(final, _jsonable(state))
+            ckpt.prune(out, self.options.keep_checkpoints, current=final)
         acc.wait_for_everyone()
         return final

@@ -217,7 +217,8 @@ def test_periodic_checkpoints_are_complete_and_pruned(tok: Any, split: Any, tmp_
     assert names == ["step-000004", "step-000006"]
     for name in names:
         files = {p.name for p in (tmp_path / "checkpoints" / name).iterdir()}
-        assert {"adapter", "optimizer.pt", "scheduler.pt", "rng-0.pt", "state.json"} <= files
+        assert {"adapter", "optimizer.safetensors", "scheduler.safetensors", "rng-0.safetensors", "state.json",
+                "manifest.json"} <= files
     assert len(result.history) == 7
     # resume from an explicit checkpoint path: steps 5..7 again, identical to the first run's
     again = llmtune.get_trainer("lora", **FAST).train(

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.interfaces import Quantizer
+from llmtune.core.manifest import verify_manifest, write_manifest
 from llmtune.core.options import check_choice, check_type
 
 __all__ = ["CalibrationError", "GPTQQuantizer", "RTNQuantizer", "load_quantized", "save_quantized"]
@@ -232,6 +233,7 @@ def save_quantized(model: Any, path: str | Path) -> Path:
     quantize_config["static_groups"] = qcfg["static_groups"]
     quantize_config["true_sequential"] = qcfg["true_sequential"]
     (out / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2) + "\n")
+    write_manifest(out)  # checksums of every file, verified by load_quantized()
     return out
 
 
@@ -260,6 +262,7 @@ def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = 
     from llmtune.quantizers.gptq.quant_linear import QuantLinear
 
     root = Path(path)
+    verify_manifest(root, required=False)  # a damaged file is named (no manifest: another tool's checkpoint)
     if not (root / "config.json").is_file():
         raise ConfigError(f"{root}: no config.json; is this a directory written by Quantizer.save?")
     qcfg_file = root / "quantize_config.json"
