@@ -166,3 +166,38 @@ def test_quantized_base_rules() -> None:
     with pytest.raises(InvalidOptionError, match="leave quantizer unset"):
         llmtune.get_trainer("lora", init="loftq", quantizer=nf4)
     llmtune.get_trainer("lora", method="bottleneck", quantizer=nf4)  # QLoRA-style bottleneck is fine
+
+
+def test_inference_loads_a_bottleneck_adapter_and_refuses_to_merge_it(tok: Any, split: Any, tmp_path: Path) -> None:
+    from llmtune.core.errors import MergeNotSupportedError
+    from llmtune.trainers._inference import adapter_base, load_for_inference, merge_adapter
+
+    train, _ = split
+    base_dir = tmp_path / "base"
+    tiny(tok).save_pretrained(str(base_dir))
+    tok.save_pretrained(str(base_dir))
+    result = llmtune.get_trainer("lora", **FAST, method="bottleneck", bottleneck_size=4).train(
+        str(base_dir), train, output_dir=tmp_path / "run", max_steps=3)
+    assert adapter_base(result.adapter_dir) == str(base_dir)
+    model, tokenizer = load_for_inference(adapter=result.adapter_dir)
+    reloaded = bn.load_bottleneck(tiny(tok), result.adapter_dir)
+    assert torch.allclose(logits_of(model, tokenizer), logits_of(reloaded, tok), atol=1e-6)
+    assert not torch.allclose(logits_of(model, tokenizer), logits_of(tiny(tok), tok), atol=1e-4)
+    with pytest.raises(MergeNotSupportedError, match="cannot be merged"):
+        merge_adapter(result.adapter_dir, tmp_path / "merged")
+
+
+def test_ia3_adapter_merges(tok: Any, split: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.trainers._inference import load_for_inference, merge_adapter
+
+    train, _ = split
+    base_dir = tmp_path / "base"
+    tiny(tok).save_pretrained(str(base_dir))
+    tok.save_pretrained(str(base_dir))
+    result = llmtune.get_trainer("lora", **FAST, method="ia3").train(str(base_dir), train, output_dir=tmp_path / "r",
+                                                                      max_steps=3, lr=0.3)
+    peft_model, tokenizer = load_for_inference(adapter=result.adapter_dir)
+    merged = AutoModelForCausalLM.from_pretrained(str(merge_adapter(result.adapter_dir, tmp_path / "merged")))
+    assert torch.allclose(logits_of(merged, tokenizer), logits_of(peft_model, tokenizer), atol=1e-5)

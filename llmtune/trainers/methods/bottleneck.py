@@ -229,6 +229,12 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if marker in f".{n}"]
 
 
+def _name_or_path(model: nn.Module) -> str | None:
+    """Where the base was loaded from (``config._name_or_path``), if it was loaded from somewhere."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
+
+
 def save_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write ``bottleneck_model.safetensors`` and ``bottleneck_config.json`` to ``directory``."""
     from safetensors.torch import save_file
@@ -242,10 +248,15 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {"method": "bottleneck", "format_version": FORMAT_VERSION, "options": info["options"].to_dict(),
               "hidden_size": hidden_size_of(model), "modules": info["modules"],
-              "base_model_class": type(model).__name__,
+              "base_model_class": type(model).__name__, "base_model_name_or_path": _name_or_path(model),
               "trainable_parameters": sum(t.numel() for t in tensors.values())}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     return out
+
+
+def is_bottleneck_dir(directory: str | os.PathLike[str]) -> bool:
+    """True for a directory `save_bottleneck` wrote."""
+    return (Path(directory) / CONFIG_FILE).is_file()
 
 
 def read_bottleneck_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -307,7 +318,7 @@ def load_bottleneck_weights(model: nn.Module, directory: str | os.PathLike[str])
             expected[key].copy_(tensor)
 
 
-def merge_bottleneck(model: nn.Module) -> nn.Module:
+def merge_bottleneck(model: nn.Module | None = None) -> nn.Module:
     """Always raises: ``W_up f(W_down x)`` is not linear in ``x``, so no base weight can absorb it."""
     raise MergeNotSupportedError(
         "bottleneck adapters cannot be merged into the base weights: the adapter applies a non-linearity "
