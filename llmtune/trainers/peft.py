@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -183,7 +184,11 @@ class PeftLoraOptions:
             if getattr(self, field) != default and not lora:
                 raise InvalidOptionError(f"option {field}={getattr(self, field)!r} applies to method 'lora' or 'dora', "
                                          f"not {self.method!r}")
-        self.method_options()  # raises InvalidOptionError for a bad value
+        try:
+            self.method_options()
+        except InvalidOptionError as exc:  # name the trainer's option (bottleneck_size), not the dataclass field
+            message = re.sub(r"option (size|placement|sites|non_linearity|scaling)\b", r"option bottleneck_\1", str(exc))
+            raise InvalidOptionError(message) from None
         if self.loraplus_ratio is not None:
             _positive("loraplus_ratio", self.loraplus_ratio, (int, float))
             if self.loraplus_ratio < 1:
