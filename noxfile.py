@@ -72,6 +72,7 @@ def bench(session: nox.Session) -> None:
     _install(session, "all")
     session.run("python", "benchmarks/metrics_speed.py")
     session.run("python", "benchmarks/quantization_quality.py")
+    session.run("python", "benchmarks/bnb_guard.py")
 
 
 @nox.session

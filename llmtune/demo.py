@@ -82,10 +82,11 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     import torch
 
     import llmtune
+    from llmtune.core.paths import check_output_dir
     from llmtune.models.tiny import build_tiny_model, pretrain, split_instructions, train_tiny_tokenizer
 
     t0 = time.perf_counter()
-    out = Path(out)
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(DEFAULTS)
     if pretrain_steps is not None:

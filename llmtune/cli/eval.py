@@ -59,6 +59,10 @@ def read_texts(path: Path, fmt: str, field: str, allow_lists: bool) -> list[Any]
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (cannot read it)") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     if not _is_jsonl(path, fmt):

@@ -26,6 +26,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure (also LLMTUNE_DEBUG=1)."),
 ) -> None:
     """llmtune: fine-tune, quantize, evaluate and size LLMs."""
 
@@ -36,18 +37,64 @@ for _name in _COMMANDS:
     importlib.import_module(f"llmtune.cli.{_name}").register(app)
 
 
-def main() -> None:
-    """Run the CLI; an `LlmtuneError` becomes a one-line message and exit code 2."""
+def _one_line(exc: BaseException) -> tuple[str, int]:
+    """The message and exit code a failure is reported with: 2 for what the user can fix, 1 for the rest."""
     from llmtune.core.errors import LlmtuneError
 
-    try:
-        app()
-    except LlmtuneError as exc:
-        from rich.console import Console
-        from rich.markup import escape
+    if isinstance(exc, LlmtuneError):
+        return str(exc), 2
+    if isinstance(exc, OSError) and exc.filename is not None:  # IsADirectory, Permission, FileExists, ...
+        what = {IsADirectoryError: "is a directory, not a file", NotADirectoryError: "is not a directory",
+                FileExistsError: "already exists", PermissionError: "permission denied",
+                FileNotFoundError: "no such file or directory"}.get(type(exc), exc.strerror or str(exc))
+        return f"{exc.filename}: {what}", 2
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})", 2
+    text = " ".join(str(exc).split()) or repr(exc)
+    return f"{type(exc).__name__}: {text[:500]}", 1
 
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        raise SystemExit(2) from None
+
+def _report(exc: BaseException) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    message, code = _one_line(exc)
+    hint = "" if code == 2 else " (rerun with --debug for the traceback)"
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}{hint}", highlight=False)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. Any failure is one line on stderr (exit 2: fix the input; 1: anything else);
+    ``--debug`` (anywhere on the line, or ``LLMTUNE_DEBUG=1``) shows the traceback instead."""
+    import os
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LLMTUNE_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    args = [a for a in args if a != "--debug"]
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars on every command
+    quiet_third_party()
+    try:
+        app(args=args, prog_name="llmtune")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        from rich.console import Console
+
+        Console(stderr=True).print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        raise SystemExit(_report(exc)) from None
+
+
+def quiet_third_party() -> None:
+    """Hide the advice bitsandbytes logs on import about an optional ``kernels`` package."""
+    from llmtune.quantizers.bnb import quiet_bnb_import
+
+    quiet_bnb_import()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ def _spec(model: str) -> Any:
     """A ModelSpec from a preset name, a config.json path or a model directory."""
     from llmtune.memory import ModelSpec
 
+    if Path(model).is_file() and Path(model).suffix != ".json":
+        from llmtune.core.errors import ConfigError
+
+        raise ConfigError(f"{model}: not a config.json; give a model directory, its config.json or a preset name")
     if Path(model).exists():
         return ModelSpec.from_hf_config(model)
     return ModelSpec.from_preset(model)
@@ -22,8 +26,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def plot_estimate(estimate: Any, path: str, title: str) -> None:
-    """Write a stacked bar chart (one bar per phase, one colour per term) to ``path``."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -33,6 +36,36 @@ def plot_estimate(estimate: Any, path: str, title: str) -> None:
         from llmtune.core.errors import MissingDependencyError
 
         raise MissingDependencyError("--plot needs matplotlib: pip install 'llmtune[plot]'") from None
+    return plt
+
+
+def check_plot_path(path: str) -> None:
+    """Refuse, before any work, a --plot path matplotlib could not write: unknown format, directory, no folder."""
+    import os
+
+    from llmtune.core.errors import ConfigError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--plot {path} is a directory; give a file name such as {target / 'memory.png'}")
+    plt = _pyplot()
+    fig = plt.figure()
+    formats = fig.canvas.get_supported_filetypes()
+    plt.close(fig)
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ConfigError(f"--plot {path}: unknown image format {suffix or '(no extension)'!r}; use one of "
+                          f"{', '.join(sorted(formats))}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--plot {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--plot {path}: folder {folder} is not writable")
+
+
+def plot_estimate(estimate: Any, path: str, title: str) -> None:
+    """Write a stacked bar chart (one bar per phase, one colour per term) to ``path``."""
+    plt = _pyplot()
     phases = list(estimate.phase_breakdowns)
     terms: list[str] = []
     for p in phases:
@@ -84,6 +117,8 @@ def register(app: typer.Typer) -> None:
         """Predict the peak GPU memory of fine-tuning or serving MODEL, term by term."""
         from llmtune.memory import GPUS, estimate_serving, estimate_training, max_batch_size, max_seq_len
 
+        if plot:
+            check_plot_path(plot)
         spec = _spec(model)
         if serve:
             kw: dict[str, Any] = dict(weight_bits=bits, kv_bits=kv_bits, gpus=gpus)

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         given = {"bits": bits, "group_size": group_size, "act_order": act_order, "sym": sym,
                  "damp_percent": damp_percent}
         options = {k: v for k, v in given.items() if v is not None}
-        if quiet and method in ("gptq", "rtn"):
+        if (quiet or as_json) and method in ("gptq", "rtn"):  # a bar would mix into the JSON on stdout
             options["quiet"] = True
         if quiet or as_json:
             from transformers.utils import logging as hf_logging

@@ -57,8 +57,12 @@ def register(app: typer.Typer) -> None:
             return
         try:
             result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()))
-        except KeyboardInterrupt:
-            Console(stderr=True).print("[yellow]interrupted[/]: checkpoint saved; rerun with --resume auto")
+        except KeyboardInterrupt as exc:
+            # the trainer raises KeyboardInterrupt("interrupted after step N; checkpoint PATH") once it saved one
+            saved = "checkpoint" in str(exc)
+            Console(stderr=True).print("[yellow]interrupted[/]: " + (
+                f"{exc}; rerun with --resume auto" if saved
+                else "before a checkpoint was saved; nothing to resume from this run"))
             raise typer.Exit(130) from None
         for event in result.extra.get("checkpoint_events", []):
             if event["event"] in ("checkpoint_skipped", "fell_back"):

@@ -1,6 +1,7 @@
 """The core: interfaces, result types, registry and errors. Knows no backend, imports nothing heavy."""
 
 from llmtune.core.errors import (
+    ArgumentTypeError,
     BackendUnavailableError,
     ConfigError,
     GPURequiredError,
@@ -26,7 +27,7 @@ from llmtune.core.registry import (
 from llmtune.core.results import LazyMapping, MetricResult, TrainResult
 
 __all__ = [
-    "REGISTRY", "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError",
+    "REGISTRY", "ArgumentTypeError", "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError",
     "InvalidOptionError", "LazyMapping", "LlmtuneError", "Metric", "MetricResult", "MissingDependencyError",
     "PluginError", "Quantizer", "TrainResult", "Trainer", "UnknownBackendError", "UnknownOptionError",
     "get_metric", "get_quantizer", "get_trainer", "list_backends", "register_metric", "register_quantizer",

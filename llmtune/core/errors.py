@@ -33,6 +33,10 @@ class UnknownOptionError(LlmtuneError, TypeError):
     """An option a backend does not take: never silently ignored."""
 
 
+class ArgumentTypeError(LlmtuneError, TypeError):
+    """An argument of the wrong kind (e.g. a path where a model object is needed); names what was expected."""
+
+
 class InvalidOptionError(LlmtuneError, ValueError):
     """An option with a value the backend cannot use."""
 

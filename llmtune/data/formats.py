@@ -64,7 +64,7 @@ def _tool_call(call: Any, where: str, field: str) -> dict[str, Any]:
     """One tool call, normalised to ``{"type": "function", "function": {"name": str, "arguments": dict}}``."""
     if not isinstance(call, dict):
         raise _fail(where, field, f"must be an object with 'name' and 'arguments', got {_type_name(call)}")
-    fn = call.get("function", call) if "function" in call else call
+    fn = call["function"] if "function" in call else call
     inner = f"{field}.function" if "function" in call else field
     if not isinstance(fn, dict):
         raise _fail(where, inner, f"must be an object, got {_type_name(fn)}")

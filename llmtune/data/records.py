@@ -134,6 +134,8 @@ def read_records(path: str | Path) -> Records:
     """
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise ConfigError(f"{source}: is a directory, not a data file")
     if not path.is_file():
         raise ConfigError(f"{source}: no such data file")
     suffix = path.suffix.lower()
@@ -144,6 +146,8 @@ def read_records(path: str | Path) -> Records:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: permission denied (cannot read the data file)") from None
     if suffix in (".jsonl", ".ndjson"):
         items, lines = _parse_jsonl(text, source)
     elif suffix == ".json":

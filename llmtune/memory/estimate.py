@@ -103,10 +103,10 @@ def _check_spec(spec: object) -> ModelSpec:
 
 def rule_of_thumb_serving_gb(params: float, bits: float) -> float:
     """The lecture's serving rule ``M = (P x 4B / (32/Q)) x 1.2`` in GB (1e9 bytes); no KV cache, no batch."""
-    if isinstance(params, bool) or not isinstance(params, (int, float)) or params <= 0:
-        raise InvalidOptionError(f"params must be a positive number, got {params!r}")
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
-        raise InvalidOptionError(f"bits must be a positive number, got {bits!r}")
+    if isinstance(params, bool) or not isinstance(params, (int, float)) or not 0 < params <= 1e15:
+        raise InvalidOptionError(f"params must be a positive finite number (at most 1e15), got {params!r}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 64:
+        raise InvalidOptionError(f"bits must be a number in (0, 64], got {bits!r}")
     return round(params * 4 / (32 / bits) * 1.2 / GB, 6)
 
 

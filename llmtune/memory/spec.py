@@ -241,6 +241,9 @@ class ModelSpec:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{source}: not a config.json (not UTF-8 text); give a model directory, "
+                                  "its config.json or a preset name") from None
             if name is None:
                 name = path.parent.name or "model"
         elif isinstance(config, Mapping):
@@ -266,8 +269,8 @@ class ModelSpec:
     @classmethod
     def from_params(cls, num_params: float, vocab_size: int = 32000, name: str | None = None) -> ModelSpec:
         """A Llama-shaped stand-in with about ``num_params`` parameters (shapes guessed: estimates are rough)."""
-        if isinstance(num_params, bool) or not isinstance(num_params, (int, float)) or not num_params > 0:
-            raise ConfigError(f"num_params must be a positive number, got {num_params!r}")
+        if isinstance(num_params, bool) or not isinstance(num_params, (int, float)) or not 0 < num_params <= 1e15:
+            raise ConfigError(f"num_params must be a positive finite number (at most 1e15), got {num_params!r}")
         _positive("vocab_size", vocab_size, "from_params")
         # Llama proportions: head_dim 128, about 128 hidden units per layer, SwiGLU ffn ~ 2.7 h.
         h = max(128, round((num_params * 128 / 12.0) ** (1 / 3) / 128) * 128)

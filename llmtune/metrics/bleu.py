@@ -44,6 +44,8 @@ DEFINITIONS = ("sacrebleu", "nltk")
 TOKENIZERS = ("13a", "intl", "char", "none")
 SMOOTH_METHODS = ("exp", "floor", "add-k", "none")
 SMOOTH_DEFAULTS: dict[str, float | int | None] = {"none": None, "floor": 0.1, "add-k": 1, "exp": None}
+#: Largest n-gram order accepted (BLEU uses 4; the cost grows with the order, 1e8 would run for minutes).
+MAX_NGRAM_ORDER = 100
 _SACRE_ONLY = ("tokenize", "smooth_method", "smooth_value", "lowercase", "effective_order", "max_ngram_order")
 _NLTK_ONLY = ("smoothing", "weights", "auto_reweigh")
 
@@ -94,8 +96,9 @@ class BleuOptions:
                 check_type(field, getattr(self, field), bool)
         if self.max_ngram_order is not None:
             check_type("max_ngram_order", self.max_ngram_order, int)
-            if self.max_ngram_order < 1:
-                raise InvalidOptionError(f"option max_ngram_order={self.max_ngram_order} must be >= 1")
+            if not 1 <= self.max_ngram_order <= MAX_NGRAM_ORDER:
+                raise InvalidOptionError(f"option max_ngram_order={self.max_ngram_order} must be >= 1 and <= "
+                                         f"{MAX_NGRAM_ORDER} (BLEU uses 4)")
         if self.smooth_value is not None:
             check_type("smooth_value", self.smooth_value, (int, float))
             method = self.smooth_method or "exp"
@@ -118,6 +121,9 @@ class BleuOptions:
                 raise InvalidOptionError(f"option weights={self.weights!r} must be a sequence of numbers")
             if not self.weights:
                 raise InvalidOptionError("option weights=() must give at least one n-gram weight")
+            if len(self.weights) > MAX_NGRAM_ORDER:
+                raise InvalidOptionError(f"option weights has {len(self.weights)} entries (n-gram orders); at most "
+                                         f"{MAX_NGRAM_ORDER}")
             for i, w in enumerate(self.weights):
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                     raise InvalidOptionError(f"option weights[{i}]={w!r} must be a finite number")

@@ -79,7 +79,9 @@ def load_model_and_tokenizer(
         if not (local / "config.json").is_file():
             raise ConfigError(f"{local}: not a model directory (no config.json)")
         verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
-    elif isinstance(name_or_path, Path) or _looks_like_path(name) or local.exists():
+    elif local.exists():
+        raise ConfigError(f"{name}: is a file, not a model directory")
+    elif isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ConfigError(f"{name}: no such model directory")
     else:
         source = name
@@ -100,7 +102,16 @@ def load_model_and_tokenizer(
         model_kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        if local.is_dir() and quantization_config is None and _gptq_checkpoint(local):
+            # a GPTQ-layout directory (llmtune quantize wrote it, or another tool): our own loader, so neither
+            # optimum nor gptqmodel is needed to run it
+            from llmtune.quantizers.gptq import load_quantized
+
+            model = load_quantized(local, dtype=torch_dtype if torch_dtype != "auto" else None)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except LlmtuneError:
+        raise
     except (OSError, ValueError) as err:
         text = str(err)
         if "trust_remote_code" in text and not trust_remote_code:
@@ -112,5 +123,29 @@ def load_model_and_tokenizer(
                            f"{hint.capitalize()}.") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    _guard_4bit(model)
     model.eval()
     return model, tokenizer
+
+
+def _gptq_checkpoint(directory: Path) -> bool:
+    """Whether ``directory/config.json`` declares a GPTQ ``quantization_config``."""
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers' own loader reports it
+    qcfg = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq"
+
+
+def _guard_4bit(model: Any) -> None:
+    """A model with bitsandbytes 4-bit layers (load-time QLoRA or a saved nf4/fp4 model) gets the kernel check."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    if str(getattr(method, "value", method)) != "bitsandbytes":
+        return
+    from llmtune.quantizers.bnb_guard import guard_4bit_model
+
+    guard_4bit_model(model)

@@ -23,7 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmtune.core.errors import ConfigError, GPURequiredError, InvalidOptionError, LlmtuneError
+from llmtune.core.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    GPURequiredError,
+    InvalidOptionError,
+    LlmtuneError,
+    UnknownOptionError,
+)
 from llmtune.core.interfaces import Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
 from llmtune.core.options import check_choice, check_type
@@ -65,9 +72,32 @@ class _OnceFilter(logging.Filter):
         return True
 
 
+class _DropFilter(logging.Filter):
+    """Drop log messages that start with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 _INT8_CAST_LOG = logging.getLogger("bitsandbytes.autograd._functions")
 if not any(isinstance(f, _OnceFilter) for f in _INT8_CAST_LOG.filters):
     _INT8_CAST_LOG.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+def quiet_bnb_import() -> None:
+    """Drop the warning bitsandbytes logs on import on AVX512-BF16 CPUs when the optional ``kernels`` package
+    (a faster fused CPU kernel from the hub) is absent: bitsandbytes then uses its built-in kernel, which
+    llmtune checks (`llmtune.quantizers.bnb_guard`). Cheap; imports nothing."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropFilter) for f in log.filters):
+        log.addFilter(_DropFilter("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
+quiet_bnb_import()
 
 
 def _check_skip_modules(value: object) -> tuple[str, ...]:
@@ -225,7 +255,7 @@ class _BnbQuantizer(Quantizer):
         import torch
 
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"{self.describe()}: quantize() needs a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"{self.describe()}: quantize() needs a torch.nn.Module, got {type(model).__name__}")
         if getattr(model, "llmtune_quantization", None) is not None or getattr(model, "is_quantized", False):
             raise LlmtuneError(f"{self.describe()}: the model is already quantized; quantize the original model")
         skip = list(self.options.skip_modules)
@@ -254,6 +284,7 @@ class _BnbQuantizer(Quantizer):
         record = self._record([n for n, _ in targets], kept, device_type)
         setattr(model, "llmtune_quantization", record)  # noqa: B010 (a torch Module attribute, not a tensor)
         self._mark_transformers_model(model, skip, device_type)
+        self._guard(model)
         return model
 
     def save(self, model: Any, path: str | Path) -> Path:
@@ -294,7 +325,7 @@ class _BnbQuantizer(Quantizer):
         record = self._check_record(record, where=f"load() of {directory}")
         unknown = set(kwargs) - {"device_map"}
         if unknown:
-            raise TypeError(f"{self.describe()}: load() takes device_map only, got {sorted(unknown)}")
+            raise UnknownOptionError(f"{self.describe()}: load() takes device_map only, got {sorted(unknown)}")
         config = transformers.AutoConfig.from_pretrained(directory)
         architectures = getattr(config, "architectures", None) or []
         cls = getattr(transformers, architectures[0], None) if architectures else None
@@ -304,9 +335,13 @@ class _BnbQuantizer(Quantizer):
             )
         model = cls.from_pretrained(directory, device_map=kwargs.get("device_map", "cpu"))
         model.llmtune_quantization = record
+        self._guard(model)
         return model
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _guard(self, model: Any) -> None:
+        """4-bit layers whose bitsandbytes kernel fails the self-check compute on the reference path."""
+
     def _record(self, quantized: list[str], kept: list[str], device_type: str) -> dict[str, Any]:
         """The settings stored on the model (``model.llmtune_quantization``) and saved next to it."""
         import bitsandbytes
@@ -361,6 +396,11 @@ class _FourBitQuantizer(_BnbQuantizer):
 
     def _resolved(self, device_type: str) -> dict[str, Any]:
         return {"compute_dtype": resolve_compute_dtype(self.options.compute_dtype, device_type)}
+
+    def _guard(self, model: Any) -> None:
+        from llmtune.quantizers.bnb_guard import guard_4bit_model
+
+        guard_4bit_model(model)
 
     def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb

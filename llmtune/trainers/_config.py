@@ -86,9 +86,16 @@ def load_config(path: str | Path) -> TrainConfig:
     from llmtune.core.registry import REGISTRY, get_quantizer
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied (cannot read it)") from None
     where = str(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)

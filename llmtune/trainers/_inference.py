@@ -49,7 +49,15 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
         verify_manifest(adapter, required=False)  # an adapter llmtune saved carries checksums; damage is named
         if (adapter / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-        base = load_bottleneck(base, adapter) if is_bottleneck_dir(adapter) else PeftModel.from_pretrained(base, str(adapter))
+        if is_bottleneck_dir(adapter):
+            base = load_bottleneck(base, adapter)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                        category=FutureWarning)
+                base = PeftModel.from_pretrained(base, str(adapter))
     if tokenizer is None:
         raise ConfigError(f"no tokenizer found with {model} or {adapter}")
     if tokenizer.pad_token_id is None:
@@ -97,9 +105,12 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = N
     if cfg.get("peft_type") not in (None, "LORA", "IA3"):
         raise ConfigError(f"adapter {adapter} is a {cfg.get('peft_type')} adapter; only LoRA/DoRA and IA3 adapters "
                           "can be merged into the base weights")
+    from llmtune.core.paths import check_output_dir
+
+    base = model if model is not None else (cfg.get("base_model_name_or_path") or None)
+    out = check_output_dir(out, [adapter, base])
     peft_model, tokenizer = load_for_inference(model, adapter, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     merged = peft_model.merge_and_unload()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,8 +58,8 @@ _NOT_RUN_IDENTITY = frozenset({"eval_every", "eval_examples", "eval_batch_size",
 def _positive(field: str, value: object, kind: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
     check_type(field, value, kind)
     assert isinstance(value, (int, float))
-    if value < 0 or (value == 0 and not zero_ok):
-        raise InvalidOptionError(f"option {field}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +354,10 @@ class PeftLoraTrainer(Trainer):
 
     def _enable_gradient_checkpointing(self, model: nn.Module) -> None:
         """Non-reentrant activation checkpointing (no input-grad hack needed, frozen embeddings stay frozen)."""
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 (the old name warns)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:
             raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -372,7 +377,10 @@ class PeftLoraTrainer(Trainer):
         config = (PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens)
                   if method is None else method.peft_config())
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                        category=FutureWarning)
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ConfigError(f"could not apply {opts.method} to {type(model).__name__}: {exc}") from exc
         return peft_model

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 import llmtune  # noqa: E402
 from llmtune.core.errors import ConfigError, GPURequiredError, LlmtuneError  # noqa: E402
 from llmtune.quantizers.bnb import RECORD_FILE  # noqa: E402
+from llmtune.quantizers.bnb_guard import guard_4bit_model  # noqa: E402
 
 LINEARS = (*(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
            *(f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")))
@@ -175,6 +176,8 @@ def test_load_time_quantization_with_hf_config_equals_quantize(tmp_path, base, t
     assert a.keys() == b.keys()
     for key in a:
         assert same_bits(a[key], b[key]), key
+    # llmtune's loader (llmtune.models.loading) puts a load-time-quantized model through the same kernel guard
+    guard_4bit_model(loaded)
     assert torch.equal(logits(ours, tokens), logits(loaded, tokens))
 
 
@@ -235,4 +238,9 @@ def test_saved_dir_loads_in_plain_transformers(tmp_path, tokens) -> None:
     saved = q.save(model, Path(tmp_path) / "fp4")
     plain = transformers.AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
     assert isinstance(plain.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(same_bits(ours[k], theirs[k]) for k in ours)
+    # plain transformers runs whatever kernel bitsandbytes picks for this CPU; with llmtune's guard on top
+    # (which llmtune's own loaders apply) the outputs are the quantized model's, bit for bit
+    guard_4bit_model(plain)
     assert torch.equal(logits(plain, tokens), logits(model, tokens))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llmtune.core.errors import InvalidOptionError
+from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.quantizers.gptq.packing import SUPPORTED_BITS
 
 
@@ -137,11 +137,11 @@ class GPTQ:
     def _quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, act_order: bool,
                   static_groups: bool, damp_percent: float, block_size: int) -> QuantResult:
         if self.nsamples == 0:
-            raise ValueError("GPTQ needs calibration inputs: add_batch was never called with any token")
+            raise ConfigError("GPTQ needs calibration inputs: add_batch was never called with any token")
         W = weight.detach().to(device=self.H.device, dtype=torch.float32).clone()
         rows, cols = W.shape
         if cols != self.columns:
-            raise ValueError(f"weight has {cols} input columns, the Hessian was built for {self.columns}")
+            raise InvalidOptionError(f"weight has {cols} input columns, the Hessian was built for {self.columns}")
         check_bits_and_group(bits, group_size, cols)
         maxq = 2**bits - 1
         H = self.H.clone()
@@ -262,7 +262,7 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tenso
             if int(info) == 0:
                 return U, damp
         if damp >= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"GPTQ: the Hessian is not positive definite even with damp_percent={damp:.2f}; "
                 "use more (or more varied) calibration data"
             )

@@ -42,6 +42,38 @@ def text_calibration(
     return [tensor[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
+def read_calibration_text(path: Path) -> str:
+    """The text of a calibration file, or a `ConfigError` naming the file and what is wrong with it."""
+    if path.is_dir():
+        raise ConfigError(f"calibration file {path} is a directory, not a text file")
+    if not path.is_file():
+        raise ConfigError(f"calibration file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"calibration file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except PermissionError:
+        raise ConfigError(f"calibration file {path}: permission denied (cannot read it)") from None
+
+
+def _load_local(src: Path) -> tuple[Any, Any]:
+    """Model (eval mode, its own dtype) and tokenizer of a local directory, unchanged; custom code is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype="auto",
+                                                     trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        text = " ".join(str(err).split())
+        if "trust_remote_code" in text:
+            raise ConfigError(f"{src} contains custom code (auto_map in config.json); llmtune quantize does not "
+                              "run code from model directories") from err
+        raise ConfigError(f"{src}: cannot load the model: {text[:300]}") from err
+    model.eval()
+    return model, tokenizer
+
+
 def quantize_directory(
     model_dir: str | Path,
     out: str | Path,
@@ -57,27 +89,25 @@ def quantize_directory(
     """Load a local HF model + tokenizer, quantize it with ``method``/``backend``, save model and tokenizer to ``out``."""
     import time
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import llmtune
+    from llmtune.core.paths import check_output_dir
 
     src = Path(model_dir)
+    if src.is_file():
+        raise ConfigError(f"{src}: is a file, not a model directory")
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src}: not a model directory (no config.json)")
+    check_output_dir(out, [src, calibration_file])
     quantizer = llmtune.get_quantizer(method, backend=backend, **options)
-    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype="auto")
-    model.eval()
-    calibration = None
-    if calibration_file is not None:
-        path = Path(calibration_file)
-        if not path.is_file():
-            raise ConfigError(f"calibration file {path} does not exist")
-        calibration = text_calibration(tokenizer, path.read_text(encoding="utf-8"), n_samples=n_samples,
-                                       seq_len=seq_len, seed=seed, source=str(path))
-    elif method == "gptq":
+    text = read_calibration_text(Path(calibration_file)) if calibration_file is not None else None
+    if text is None and method == "gptq":
         raise ConfigError("--calibration FILE is required for gptq: a text file in the model's domain "
                           "(it is tokenized and cut into fixed-length samples)")
+    model, tokenizer = _load_local(src)
+    calibration = None
+    if text is not None:
+        calibration = text_calibration(tokenizer, text, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                       source=str(calibration_file))
     start = time.perf_counter()
     qmodel = quantizer.quantize(model, calibration=calibration)
     seconds = time.perf_counter() - start

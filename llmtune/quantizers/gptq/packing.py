@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from llmtune.core.errors import InvalidOptionError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
@@ -25,7 +27,7 @@ _U32 = 1 << 32
 
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; GPTQ packing supports {SUPPORTED_BITS}")
+        raise InvalidOptionError(f"bits={bits!r} is not supported; GPTQ packing supports {SUPPORTED_BITS}")
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -44,11 +46,11 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     n, m = codes.shape
     if (n * bits) % 32:
-        raise ValueError(f"cannot pack {n} {bits}-bit codes into whole int32 words: the packed dimension "
+        raise InvalidOptionError(f"cannot pack {n} {bits}-bit codes into whole int32 words: the packed dimension "
                          f"times bits ({n * bits}) must be a multiple of 32")
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
-        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+        raise InvalidOptionError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     chunks = -(-n // 32)
     if chunks * 32 != n:  # pad to whole runs of 32 codes; the padding words are dropped below
         c = torch.cat([c, c.new_zeros(chunks * 32 - n, m)])
@@ -104,7 +106,7 @@ def _ones_pattern(bits: int) -> int:
 def pack_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """Zero points ``[groups, out]`` (integers in [0, 2**bits)) to ``qzeros`` in the given checkpoint format."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+        raise InvalidOptionError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
     if checkpoint_format == "gptq_v2":
         return pack_cols(zeros, bits)
     if bits == 3:
@@ -116,7 +118,7 @@ def pack_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") 
 def unpack_zeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """``qzeros`` in the given checkpoint format back to integer zero points ``[groups, out]``."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+        raise InvalidOptionError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
     if checkpoint_format == "gptq_v2":
         return unpack_cols(qzeros, bits)
     if bits == 3:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmtune.core.errors import InvalidOptionError
 from llmtune.quantizers.gptq.algorithm import QuantResult
 from llmtune.quantizers.gptq.packing import (
     CHECKPOINT_FORMATS,
@@ -42,17 +43,17 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         if bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantLinear: bits={bits} is not one of {SUPPORTED_BITS}")
+            raise InvalidOptionError(f"QuantLinear: bits={bits} is not one of {SUPPORTED_BITS}")
         if checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ValueError(f"QuantLinear: checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+            raise InvalidOptionError(f"QuantLinear: checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
         if (in_features * bits) % 32 or (out_features * bits) % 32:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"QuantLinear: in_features*bits={in_features * bits} and out_features*bits="
                 f"{out_features * bits} must be multiples of 32 for the GPTQ int32 layout"
             )
         gs = in_features if group_size == -1 else group_size
         if in_features % gs:
-            raise ValueError(f"QuantLinear: group_size={group_size} does not divide in_features={in_features}")
+            raise InvalidOptionError(f"QuantLinear: group_size={group_size} does not divide in_features={in_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits

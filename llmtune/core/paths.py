@@ -1,0 +1,44 @@
+"""Checks on output paths made before any work starts: never write over an input, fail before loading a model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from llmtune.core.errors import ConfigError
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (), *, what: str = "--out") -> Path:
+    """``out`` as a Path, or a `ConfigError` when writing a directory there would be unsafe or impossible.
+
+    Refused: an output that is, or contains, one of ``inputs`` (writing there would overwrite the source:
+    ``quantize M --out M``), a path that exists and is not a directory, and a location that cannot be
+    written (read-only directory). Symbolic links are resolved first, so a link to the source is the source.
+    """
+    path = Path(out).expanduser()
+    target = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue
+        if _within(source.resolve(), target):
+            relation = "is" if source.resolve() == target else "contains"
+            raise ConfigError(f"{what} {path} {relation} the input {source}: writing there would overwrite it; "
+                              "choose another output directory")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a directory")
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable (permission denied)")
+    return path
