@@ -214,8 +214,10 @@ def remove_bottleneck(model: nn.Module) -> None:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors, keyed by their names in ``model`` (``...mlp.bottleneck_adapter.down.weight``)."""
-    # Not ``model.state_dict()``: on CPU, bitsandbytes 0.50 re-packs a Linear4bit's weight when asked for its
-    # state dict, which changes the base's outputs (by ~1e-3 on a tiny Llama); only the adapters are read here.
+    # Not ``model.state_dict()``: on AVX512-BF16 CPUs bitsandbytes 0.50 re-packs a Linear4bit's weight in place
+    # on an eval forward and back when asked for its state dict, which changed the base's outputs by ~2e-3 on a
+    # tiny Llama (llmtune's bnb guard now turns that repacking off, a model quantized elsewhere may not have it
+    # off); reading only the adapters never touches the base.
     out: dict[str, torch.Tensor] = {}
     for name in getattr(model, "_llmtune_bottleneck", {}).get("modules", []):
         adapter = model.get_submodule(f"{name}.{ADAPTER_ATTR}")
