@@ -88,11 +88,32 @@ def plot_estimate(estimate: Any, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _print_capacity(con: Any, cap: Any, gpu: str, seq: int, tp: int) -> None:
+    """vLLM's block pool and the concurrency it admits, as a table."""
+    from rich.table import Table
+
+    t = Table(title=f"vLLM on {gpu}" + (f" (tensor parallel {tp}, per GPU)" if tp > 1 else ""))
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    rows = [("requested (total x gpu_memory_utilization)", f"{_mib(cap.requested_bytes)} MiB"),
+            ("weights + profiling-run peak", f"{_mib(cap.non_kv_bytes)} MiB"),
+            ("KV block pool", f"{_mib(cap.kv_pool_bytes)} MiB"),
+            ("KV per token (all layers, this GPU)", f"{cap.kv_bytes_per_token / 1024:,.0f} KiB"),
+            (f"blocks of {cap.block_size} tokens", f"{cap.num_blocks:,}"),
+            ("tokens of KV cache", f"{cap.kv_tokens:,}"),
+            (f"max concurrency at max_model_len={cap.max_model_len:,}", f"{cap.max_concurrency():.2f}x")]
+    for k, v in rows:
+        t.add_row(k, v)
+    con.print(t)
+    con.print(f"concurrent sequences of {seq:,} tokens: [bold]{cap.concurrent_sequences(seq)}[/]"
+              f" (max_num_seqs {cap.max_num_seqs})")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("memory")
     def memory(
         model: str = typer.Argument(..., help="Preset name (e.g. llama-3.1-8b), config.json path or model dir."),
-        method: str = typer.Option("lora", "--method", help="full, lora, qlora or dora."),
+        method: str = typer.Option("lora", "--method", help="full, lora, qlora, dora, prompt_tuning, prefix_tuning, ia3 or bottleneck."),
         batch: int = typer.Option(1, "--batch", help="Micro-batch size per GPU."),
         seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),
         recipe: str = typer.Option("llmtune", "--recipe", help="Whose loop: llmtune, hf or unsloth."),
@@ -102,6 +123,11 @@ def register(app: typer.Typer) -> None:
         optimizer: str = typer.Option("adamw", "--optimizer", help="adamw, adamw_8bit, sgd, sgd_momentum, adafactor."),
         attention: str = typer.Option("sdpa", "--attention", help="sdpa, flash or eager."),
         precision: str = typer.Option("bf16", "--precision", help="Full fine-tuning: bf16, fp32 or mixed."),
+        objective: str = typer.Option("sft", "--objective", help="sft, reward, dpo or online_rl."),
+        packing: bool = typer.Option(False, "--packing", help="Packed sequences (SDPA gets a block-diagonal mask)."),
+        virtual_tokens: int = typer.Option(20, "--virtual-tokens", help="Prompt tuning: soft-prompt length."),
+        bottleneck: int = typer.Option(64, "--bottleneck", help="Bottleneck adapters: bottleneck size."),
+        rl_samples: int = typer.Option(4, "--rl-samples", help="Online RL: samples per prompt."),
         gpus: int = typer.Option(1, "--gpus", help="Number of GPUs."),
         sharding: str = typer.Option("none", "--sharding", help="none, ddp, fsdp, zero1, zero2, zero3."),
         serve: bool = typer.Option(False, "--serve", help="Estimate serving (a forward with KV cache) instead."),
@@ -111,6 +137,13 @@ def register(app: typer.Typer) -> None:
                                                       "A100-80GB, H100, H200)."),
         max_batch: bool = typer.Option(False, "--max-batch", help="Solve for the largest batch that fits --gpu."),
         max_seq: bool = typer.Option(False, "--max-seq", help="Solve for the longest sequence that fits --gpu."),
+        engine: str = typer.Option("hf", "--engine", help="Serving engine: hf (one transformers forward) or vllm "
+                                                          "(KV block pool; answers how many sequences fit)."),
+        util: float = typer.Option(0.9, "--gpu-memory-utilization", help="vLLM gpu_memory_utilization."),
+        block_size: int = typer.Option(16, "--block-size", help="vLLM block size in tokens."),
+        max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="vLLM max_num_seqs."),
+        max_model_len: int = typer.Option(None, "--max-model-len", help="vLLM max_model_len (default: max(--seq, 8192))."),
+        prefix: int = typer.Option(0, "--shared-prefix", help="vLLM prefix caching: tokens of prompt every request shares."),
         plot: str = typer.Option(None, "--plot", help="Write a stacked bar chart of the terms to this PNG."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ) -> None:
@@ -122,15 +155,32 @@ def register(app: typer.Typer) -> None:
         spec = _spec(model)
         if serve:
             kw: dict[str, Any] = dict(weight_bits=bits, kv_bits=kv_bits, gpus=gpus)
+            if engine == "vllm":
+                kw |= dict(engine="vllm", gpu=gpu, vllm=dict(
+                    gpu_memory_utilization=util, block_size=block_size, max_num_seqs=max_num_seqs,
+                    max_model_len=max_model_len or max(seq, 8192), shared_prefix_tokens=prefix))
+            elif engine != "hf":
+                from llmtune.core.errors import InvalidOptionError
+
+                raise InvalidOptionError(f"--engine {engine!r} is not one of hf, vllm")
             est = estimate_serving(spec, batch_size=batch, seq_len=seq, **kw)
             mode = "serving"
         else:
             kw = dict(method=method, recipe=recipe, gradient_checkpointing=gc, lora_rank=rank, lora_targets=targets,
-                      optimizer=optimizer, attention=attention, precision=precision, gpus=gpus, sharding=sharding)
+                      optimizer=optimizer, attention=attention, precision=precision, gpus=gpus, sharding=sharding,
+                      objective=objective, packing=packing, num_virtual_tokens=virtual_tokens,
+                      bottleneck_size=bottleneck, rl_samples=rl_samples)
             est = estimate_training(spec, batch_size=batch, seq_len=seq, **kw)
             mode = "training"
         solved: dict[str, int] = {}
-        if max_batch:
+        if est.capacity is not None:
+            if max_batch or max_seq:
+                from llmtune.core.errors import InvalidOptionError
+
+                raise InvalidOptionError("--max-batch/--max-seq solve the hf engine; with --engine vllm read "
+                                         "concurrent_sequences from the output")
+            solved["concurrent_sequences"] = est.capacity.concurrent_sequences(seq)
+        elif max_batch:
             solved["max_batch"] = max_batch_size(spec, gpu, seq_len=seq, mode=mode, **kw)
         if max_seq:
             solved["max_seq"] = max_seq_len(spec, gpu, batch_size=batch, mode=mode, **kw)
@@ -139,6 +189,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             out = {"model": spec.name, "params": spec.num_params, "mode": mode, "batch": batch, "seq": seq,
                    **est.to_dict(), "fits": est.fitting_gpus(), **({"gpu": gpu, **solved} if solved else {})}
+            if est.capacity is not None:
+                out.pop("fits")
             typer.echo(json.dumps(out))
             return
         from rich.console import Console
@@ -164,6 +216,11 @@ def register(app: typer.Typer) -> None:
         for p, n in est.phases.items():
             ph.add_row(("[bold]" + p + "[/]") if p == est.peak_phase else p, _mib(n))
         con.print(ph)
+        if est.capacity is not None:
+            _print_capacity(con, est.capacity, gpu, seq, gpus)
+            for note in est.assumptions:
+                con.print(f"[dim]- {note}[/]")
+            return
         fits = Table(title="fits on one GPU?")
         fits.add_column("GPU")
         fits.add_column("memory (MiB)", justify="right")

@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmtune.core.errors import InvalidOptionError, did_you_mean
+from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
 from llmtune.memory.gpus import GPUS, gpu_bytes
+from llmtune.memory.mechanisms import (
+    ADAPTER_METHODS,
+    adapter_layer_bytes,
+    adapter_params,
+    check_mechanism,
+    generation_terms,
+    prefix_layer_bytes,
+    reference_pass_terms,
+    sequences_per_example,
+)
+from llmtune.memory.recipes import RECIPE_FACTS, Recipe, resolve_recipe
+from llmtune.memory.serving import ServingCapacity, kv_heads_per_gpu, vllm_capacity
 from llmtune.memory.spec import ModelSpec
 from llmtune.memory.weights import default_format, weight_terms
 
 MiB = 2**20
 GB = 10**9
 
-METHODS = ("full", "lora", "qlora", "dora")
-RECIPES = ("llmtune", "hf", "unsloth")
+METHODS = ("full", "lora", "qlora", "dora", *ADAPTER_METHODS)
+RECIPES = tuple(RECIPE_FACTS)
 ATTENTIONS = ("sdpa", "flash", "eager")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum", "adafactor")
 PRECISIONS = ("bf16", "fp32", "mixed")
@@ -45,6 +58,7 @@ class Estimate:
     peak_phase: str
     phase_breakdowns: dict[str, dict[str, int]]
     assumptions: tuple[str, ...] = ()
+    capacity: ServingCapacity | None = None  # serving with engine="vllm": the KV block pool
 
     @property
     def peak_gib(self) -> float:
@@ -66,7 +80,9 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (bytes as ints)."""
-        return dataclasses.asdict(self) | {"assumptions": list(self.assumptions)}
+        out = dataclasses.asdict(self) | {"assumptions": list(self.assumptions)}
+        out["capacity"] = self.capacity.to_dict() if self.capacity else None
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -146,13 +162,13 @@ class _Ctx:
     lora_dropout: float
     dora: bool
     attention: str
-    kernels: str  # "hf" (eager PyTorch ops) or "unsloth" (fused Triton kernels)
+    fused: bool  # fused Triton kernels (Unsloth) instead of eager PyTorch ops
 
 
 def _norm_bytes(spec: ModelSpec, c: _Ctx, width: int) -> int:
     """Bytes per token one norm saves for backward."""
     a = c.act
-    if c.kernels == "unsloth":  # fused RMSNorm kernel: saves its input and 1/rms
+    if c.fused:  # fused RMSNorm kernel: saves its input and 1/rms
         return a * width + 4
     if spec.norm == "layernorm":  # native_layer_norm saves input, mean and rstd
         return a * width + 8
@@ -161,11 +177,23 @@ def _norm_bytes(spec: ModelSpec, c: _Ctx, width: int) -> int:
     return 4 * width + 4 + ((a if spec.norm == "rms" else 4) * width if c.train_base else 0)
 
 
-def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[str, float], float, float]:
-    """Bytes per token that autograd saves for one decoder layer, by term; the eager s^2 coefficient;
-    and the bytes of the layer's first norm (not saved in layer 0 when the embedding output needs no grad).
+class _Layer(NamedTuple):
+    """One decoder layer's saved bytes per token, by term, and what its attention keeps."""
 
-    Second value: bytes per token per key position (multiply by seq_len) for the eager attention matrix.
+    terms: dict[str, float]
+    quad: float  # bytes per token per key position (times seq_len): an explicit attention matrix
+    first_norm: float  # the layer's first norm (not saved in layer 0 when the embedding output needs no grad)
+    attn_kept: float  # bytes per token the attention block still holds when its softmax runs backward
+    attn_bwd: AttentionBackward
+    kernel: str
+    # fp32 activations: RMSNorm's x.float() is x itself, so the first norm's saved input is the layer input
+    # (with checkpointing: the checkpoint, not a second copy)
+    norm_input_shared: float
+
+
+def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
+    """Bytes per token that autograd saves for one decoder layer, by term, and its attention kernel.
+
     ``masked``: SDPA gets an explicit mask (sliding-window layers longer than the window): transformers then
     repeats K/V to every head, and SDPA turns the boolean mask into a float bias it saves for backward.
     """
@@ -187,7 +215,7 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
         if name in c.lora:
             if c.lora_dropout > 0:  # dropout output (adapter dtype) + bool mask, per module
                 add("lora_inputs", (c.lora_bytes + 1) * n_in)
-            elif c.lora_bytes != a and c.kernels != "unsloth":  # PEFT casts x to the adapter dtype: a copy per module
+            elif c.lora_bytes != a and not c.fused:  # PEFT casts x to the adapter dtype: a copy per module
                 add("lora_inputs", c.lora_bytes * n_in)
             elif src not in saved:
                 saved.add(src)
@@ -210,7 +238,9 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
     if spec.qk_norm:
         add("norms", 4 * (q + kv) + 4 * (heads + spec.num_kv_heads)
             + (((a if spec.norm == "rms" else 4) * (q + kv)) if c.train_base else 0))
-    gqa_native = c.attention != "eager" and spec.head_dim <= 256 and not masked
+    kernel = cuda_attention_kernel(spec, a, c.attention, masked)
+    pre_kernel = sum(t.values())
+    gqa_native = kernel != "eager" and spec.head_dim <= 256 and not masked
     # repeat_kv materialises full-head K/V when SDPA cannot take GQA (a reshape view when there is 1 kv head)
     k_saved = kv if (gqa_native or kv == q or spec.num_kv_heads == 1) else q
     if spec.family == "gpt2":
@@ -231,6 +261,9 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
             quad += a * heads  # attention-logit soft-capping: tanh output
         if spec.dropout:
             quad += (1 + a) * heads  # attention dropout mask + output
+    elif kernel == "math":  # scaled q, scaled k and v repeated to all heads (fp32) + the fp32 softmax output
+        add("attention", 3 * 4 * q)
+        quad += 4 * heads
     else:  # flash / memory-efficient SDPA: q, k, v, output and fp32 logsumexp; no s^2 term
         add("attention", qkv_store + qk_store + v_store + a * q + 4 * heads)
         if spec.family not in ("gpt_neox", "phi3"):  # output laid out (b, s, h, d): o_proj's input shares it
@@ -271,7 +304,7 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
         else:
             linear("gate_proj", src, h, f)
             linear("up_proj", src, h, f)
-            add("mlp", (2 if c.kernels == "unsloth" else 3) * a * f)  # gate, up (+ act(gate) for mul)
+            add("mlp", (2 if c.fused else 3) * a * f)  # gate, up (+ act(gate) for mul)
         linear("down_proj", "mlp_mid", f, h)
     else:
         fc = {"gpt2": "c_fc"}.get(spec.family, "dense_h_to_4h")
@@ -283,13 +316,215 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> tuple[dict[s
         norm(h)  # Gemma 2/3 post-feed-forward norm
     if spec.dropout:
         add("dropout_masks", h)
-    return t, quad, first_norm
+    # what the attention block still holds when its softmax runs backward: o_proj's input and V were consumed
+    kept = {"math": 2 * 4 * q, "eager": qkv_store + qk_store}.get(kernel, 0.0)
+    bwd = attention_backward(spec, kernel, a, v_width=4 * q if kernel == "math" else a * max(k_saved, kv))
+    shared = a * h if (a == 4 and not c.fused and spec.norm != "layernorm") else 0.0
+    return _Layer(t, quad, first_norm, pre_kernel + kept, bwd, kernel, shared)
+
+
+def _attention_backward_terms(lay: _Layer, L: int, s: int, T: int, gc: bool, layer: Mapping[str, float],
+                              acts: Mapping[str, int]) -> dict[str, int]:
+    """Terms alive while the first layer's softmax runs backward (explicit-attention kernels only).
+
+    With checkpointing: the checkpoints, and the recomputed layer's attention block (its MLP block was
+    freed by its own backward). Without: every other layer's saved tensors and this layer's attention block.
+    Plus the softmax gradient and the softmax-backward result (``AttentionBackward``).
+    """
+    if not lay.attn_bwd.quad:
+        return {}
+    own_pt = lay.attn_kept - (lay.norm_input_shared if gc else 0.0) + lay.quad * s
+    own = {"activations_recomputed_attention" if gc else "activations_last_layer_attention": int(own_pt * T)}
+    if gc:
+        kept = {k: v for k, v in acts.items() if k != "activations_model"}  # the final norm's input was freed
+    else:
+        kept = {k: v for k, v in acts.items() if not k.startswith("activations_")}
+        kept |= {f"activations_{k}": int((L - 1) * v * T) for k, v in layer.items()}
+        if lay.quad:
+            kept["activations_attention_scores"] = int((L - 1) * lay.quad * s * T)
+    return {**kept, **own, "attention_backward_grads": int((lay.attn_bwd.quad * s + lay.attn_bwd.per_token) * T)}
+
+
+def _loss_terms(spec: ModelSpec, r: Recipe, act: int, T: int, chunk_tokens: int,
+                notes: list[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]:
+    """Loss-forward and loss-backward terms, the logits the loop holds, and last step's logits in the forward."""
+    V, h = spec.vocab_size, spec.hidden_size
+    logits = act * V * T
+    if r.loss == "full_fp32":
+        loss_fwd = {"logits": logits, "loss_fp32_logits": (4 * V * T if act != 4 else 0), "loss_log_softmax": 4 * V * T}
+        loss_bwd = {"logits": logits, "loss_log_softmax": 4 * V * T, "loss_grad_nll": 4 * V * T,
+                    "loss_grad_log_softmax": 4 * V * T}
+        if spec.final_logit_softcapping is not None:
+            loss_fwd["logits_softcap"] = loss_bwd["logits_softcap"] = logits
+        notes.append(f"{r.name}: transformers' loss upcasts all logits to fp32")
+    elif r.loss == "chunked":
+        ck = min(chunk_tokens, T)
+        loss_fwd = {"loss_chunk_working_set": ck * V * (act + 8), "loss_hidden_saved": act * h * T}
+        loss_bwd = {"loss_chunk_working_set": ck * V * (act + 12), "loss_hidden_saved": act * h * T,
+                    "loss_grad_hidden": act * h * T}
+        notes.append(f"{r.name}: chunked cross-entropy, {ck} tokens per chunk recomputed in backward; "
+                     "no full logits tensor is kept")
+    else:
+        loss_fwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T}
+        loss_bwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T, "loss_grad_hidden": act * h * T}
+        notes.append(f"{r.name}: cut cross-entropy never materialises logits")
+    if not (r.keeps_outputs and r.loss == "full_fp32"):
+        return loss_fwd, loss_bwd, {}, {}
+    loss_fwd["logits_prev_step"] = logits
+    notes.append(f"{r.name}: the loop keeps `out` (with its logits) alive through backward and optimizer step "
+                 "and into the next forward")
+    return loss_fwd, loss_bwd, {"logits": logits}, {"logits_prev_step": logits}
+
+
+class _Acts(NamedTuple):
+    """Activation terms by phase role."""
+
+    acts: dict[str, int]
+    recompute: dict[str, int]
+    attn_phase: dict[str, int]
+    scores_tmp: dict[str, int]
+    bwd_temp: dict[str, int]
+
+
+def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, full: bool, quant: bool, gc: bool,
+                      method: str, packing: bool, bottleneck_size: int, sites: tuple[str, ...],
+                      num_virtual_tokens: int, notes: list[str]) -> _Acts:
+    """What autograd keeps: per-layer saved tensors (or checkpoints + one recomputed layer), model-level terms,
+    the attention-backward working set and the backward temporaries."""
+    act, h, T = c.act, spec.hidden_size, b * s
+    adapter_method = method in ADAPTER_METHODS
+    prefix = num_virtual_tokens if method == "prefix_tuning" else 0
+    masked = (packing or bool(prefix)) and c.attention == "sdpa"
+    lay = _layer_terms(spec, c, masked=masked)
+    layer, quad, first_norm = dict(lay.terms), lay.quad, lay.first_norm
+    if adapter_method and method not in ("prompt_tuning", "prefix_tuning"):
+        layer["adapters"] = adapter_layer_bytes(spec, method, act, c.lora_bytes, bottleneck_size=bottleneck_size,
+                                                sites=sites)
+    if prefix:
+        layer["prefix_kv"] = prefix_layer_bytes(spec, act, prefix, s)
+    L = spec.num_layers
+    window_mask = s + prefix if masked else 0
+    if packing and window_mask:
+        notes.append("packing with SDPA: a block-diagonal mask for every layer (K/V repeated to all heads, float "
+                     "bias saved per layer); attention='flash' packs varlen without a mask")
+    if lay.kernel == "math":
+        notes.append(f"fp32 activations with GQA ({spec.num_heads} query / {spec.num_kv_heads} kv heads) and no mask: "
+                     "CUDA SDPA can run neither flash (16-bit only) nor memory-efficient (no GQA), so the math kernel "
+                     "keeps the fp32 [b, heads, s, s] softmax output per layer")
+    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and c.attention != "eager" \
+            and not window_mask:
+        n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
+        sl_lay = _layer_terms(spec, c, masked=True)
+        sl, sl_quad = sl_lay.terms, sl_lay.quad
+        layer = {k: ((L - n_sl) * layer.get(k, 0.0) + n_sl * sl.get(k, 0.0)) / L for k in set(layer) | set(sl)}
+        quad = ((L - n_sl) * quad + n_sl * sl_quad) / L
+        window_mask = s  # the boolean (b, 1, s, s) mask, shared by the sliding layers
+        notes.append(f"{n_sl} sliding-window layers (window {spec.sliding_window} < seq {s}) get an explicit mask: "
+                     "K/V repeated to all heads, float bias saved per layer")
+    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
+    # (b, 1, s, s) causal mask shared by all layers: eager attention, and Falcon always passes one
+    eager_mask = act * s if (c.attention == "eager" or spec.family == "falcon") else window_mask
+    model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
+    model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
+    dead: dict[str, float] = {}
+    if not full and not gc and method == "bottleneck":
+        # nothing upstream of layer 0's first adapter needs a gradient, so layer 0 saves nothing there
+        dead = ({"attention": lay.terms.get("attention", 0.0)} if "attention" in sites else
+                {k: v - (first_norm if k == "norms" else 0.0) for k, v in lay.terms.items()})
+    if not full and not gc and method != "prompt_tuning":
+        model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
+    if spec.dropout:
+        model_level += h  # embedding dropout mask
+    offloaded = r.offload_checkpoints and gc
+    if gc:
+        per_layer_kept = 0 if offloaded else act * h  # the layer input; the rest is recomputed
+        acts = {"activations_checkpoints": L * per_layer_kept * T, "activations_model": int((model_level + eager_mask) * T)}
+        if offloaded:
+            acts["offload_buffers"] = 2 * act * h * T
+            notes.append("unsloth gradient checkpointing offloads each layer's input to CPU RAM")
+        recompute = {"activations_recomputed_layer": int(layer_pt * T)}
+        if quant and r.kbit_reentrant_checkpointing:
+            recompute["reentrant_checkpoint_outputs"] = 2 * act * h * T
+    else:
+        acts = {f"activations_{k}": int((L * v - dead.get(k, 0.0)) * T) for k, v in layer.items()}
+        if quad:
+            acts["activations_attention_scores"] = int((L * quad - (lay.quad if dead else 0.0)) * s * T)
+        acts["activations_model"] = int((model_level + eager_mask) * T)
+        recompute = {}
+    bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
+    attn_phase = _attention_backward_terms(lay, L, s, T, gc, layer, acts)
+    if attn_phase and "reentrant_checkpoint_outputs" in recompute:
+        attn_phase["reentrant_checkpoint_outputs"] = recompute["reentrant_checkpoint_outputs"]
+    scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gc) else {}
+    return _Acts(acts, recompute, attn_phase, scores_tmp, bwd_temp)
+
+
+def _optimizer_state_bytes(spec: ModelSpec, optimizer: str, trainable: int, state_dtype: int, full: bool, rank: int,
+                           targets: Iterable[str]) -> int:
+    """Bytes of optimizer states for ``trainable`` parameters (states in ``state_dtype`` bytes)."""
+    state_bytes = {"adamw": 2 * state_dtype, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": state_dtype,
+                   "adafactor": 0}[optimizer]
+    states = trainable * state_bytes
+    if optimizer == "adamw_8bit":
+        states += trainable * 2 * 4 // 256  # bitsandbytes: one fp32 absmax per 256-value block, per state
+    if optimizer != "adafactor":
+        return states
+    ts = set(targets)  # Adafactor's factored second moment: one row and one column vector per matrix
+    if full:
+        states = spec.num_layers * sum(4 * (x.in_features + x.out_features) * x.count for x in spec.layer_linears())
+        return states + 4 * (spec.vocab_size + spec.hidden_size) * (1 if spec.tie_embeddings else 2)
+    return spec.num_layers * sum(4 * (rank + x.in_features) + 4 * (rank + x.out_features)
+                                 for x in spec.layer_linears() if x.name in ts and not x.expert)
+
+
+def _shard(spec: ModelSpec, sharding: str, n_gpu: int, st: dict[str, int], wterms: dict[str, int], fmt: str, full: bool,
+           grad_bytes: int, grad_total: int, notes: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Divide model states per GPU as ``sharding`` does (``st`` in place); the weights and the extra buffers."""
+    shard_terms: dict[str, int] = {}
+    if sharding in ("zero1", "zero2", "zero3", "fsdp"):
+        for k in ("states", "opt_temp", "master"):
+            st[k] //= n_gpu
+    if sharding in ("zero2", "zero3", "fsdp"):
+        st["grads"] //= n_gpu
+    if sharding in ("zero3", "fsdp"):
+        wterms = {k: v // n_gpu for k, v in wterms.items()}
+        st["adapters"] //= n_gpu
+        layer_params = spec.layer_linear_params + spec.layer_other_params
+        shard_terms["gathered_layers"] = 2 * layer_params * {"bf16": 2, "fp32": 4}.get(fmt, 1)
+        if full:
+            shard_terms["grad_reduce_buffer"] = layer_params * grad_bytes
+        notes.append(f"{sharding}: parameters, gradients and optimizer states sharded over {n_gpu} GPUs; "
+                     "two layers gathered at a time (current + prefetch)")
+    elif sharding == "ddp" and n_gpu > 1:
+        shard_terms["ddp_grad_buckets"] = grad_total
+        notes.append("DDP: gradient buckets hold a second copy of the gradients")
+    return wterms, shard_terms
+
+
+def _objective_phases(spec: ModelSpec, objective: str, static: dict[str, int], act: int, b_ex: int, b: int, s: int,
+                      ref_copy: bool, notes: list[str]) -> dict[str, dict[str, int]]:
+    """Phases an objective adds: the reference pass (DPO, online RL) and generation (online RL).
+
+    The reference pass runs before the policy forward, so nothing of the policy step is alive yet; a
+    reference held as a second model is a static term (``reference_weights``) of every phase.
+    """
+    out: dict[str, dict[str, int]] = {}
+    if objective in ("dpo", "online_rl"):
+        out["reference_forward"] = {**static, **reference_pass_terms(spec, act, b * s)}
+        notes.append(f"{objective}: reference log-probs from a no-grad pass "
+                     + ("of a second copy of the model" if ref_copy else "with the adapter disabled (no second copy)"))
+    if objective == "online_rl":
+        out["generation"] = {**static, **generation_terms(spec, act, b, s)}
+        notes.append(f"online RL: {b // b_ex} samples per prompt generated with a KV cache, then trained on")
+    if objective in ("dpo", "reward"):
+        notes.append(f"{objective}: chosen and rejected sequences in one batch ({b} sequences per micro-batch)")
+    return out
 
 
 def _bwd_temp(spec: ModelSpec, c: _Ctx) -> float:
     """Per-token gradient temporaries while one layer runs backward (residual grads, MLP-sized grads)."""
     f = spec.experts_per_token * spec.moe_intermediate_size if spec.is_moe else spec.intermediate_size
-    extra = 4 * f if ("down_proj" in c.lora and c.lora_bytes != c.act and c.kernels != "unsloth") else 0
+    extra = 4 * f if ("down_proj" in c.lora and c.lora_bytes != c.act and not c.fused) else 0
     return 2 * c.act * spec.hidden_size + 3 * c.act * f + extra
 
 
@@ -321,19 +556,36 @@ def estimate_training(
     lora_targets: str | Iterable[str] = "all-linear",
     lora_dropout: float = 0.0,
     optimizer: str = "adamw",
-    recipe: str = "llmtune",
+    recipe: str | Recipe = "llmtune",
     attention: str = "sdpa",
     precision: str = "bf16",
     weight_bits: int | None = None,
     weight_format: str | None = None,
+    double_quant: bool = True,
     gpus: int = 1,
     sharding: str = "none",
     loss_chunk_tokens: int = 1024,
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
     workspace_bytes: int = DEFAULT_WORKSPACE,
     allocator_fraction: float = DEFAULT_ALLOCATOR_FRACTION,
+    objective: str = "sft",
+    packing: bool = False,
+    num_virtual_tokens: int = 20,
+    bottleneck_size: int = 64,
+    bottleneck_sites: tuple[str, ...] = ("attention", "mlp"),
+    bottleneck_placement: str = "series",
+    dpo_reference: str = "adapter_off",
+    rl_samples: int = 4,
 ) -> Estimate:
     """Peak GPU memory of fine-tuning ``spec`` (per GPU), as the max over forward, backward and optimizer step.
+
+    ``method``: ``full``, ``lora``, ``qlora``, ``dora``, ``prompt_tuning`` (``num_virtual_tokens``), ``ia3``,
+    ``bottleneck`` (``bottleneck_size``, ``bottleneck_sites``, ``bottleneck_placement``). ``objective``:
+    ``sft``; ``reward`` (scalar head, chosen + rejected); ``dpo`` (chosen + rejected, a no-grad reference
+    pass; ``dpo_reference="adapter_off"`` reuses the base, ``"copy"`` holds a second model); ``online_rl``
+    (``rl_samples`` completions per prompt generated with a KV cache, then trained on, with a KL reference
+    pass). ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
+    mask (K/V repeated, float bias saved); with ``attention="flash"`` packing runs varlen, maskless.
 
     ``recipe``: ``"hf"`` = plain transformers + PEFT + bitsandbytes (../shared/memory/reference_recipe.py:
     full fp32 logits in the loss, QLoRA through ``prepare_model_for_kbit_training``); ``"llmtune"`` = llmtune's
@@ -342,7 +594,7 @@ def estimate_training(
     """
     spec = _check_spec(spec)
     method = _check_choice("method", method, METHODS)
-    recipe = _check_choice("recipe", recipe, RECIPES)
+    r = resolve_recipe(recipe)
     attention = _check_choice("attention", attention, ATTENTIONS)
     optimizer = _check_choice("optimizer", optimizer, OPTIMIZERS)
     precision = _check_choice("precision", precision, PRECISIONS)
@@ -362,11 +614,19 @@ def estimate_training(
         sharding = "none"
     if n_gpu > 1 and sharding == "none":
         sharding = "ddp"
-    if recipe == "unsloth" and method == "full" and sharding != "none":
-        raise InvalidOptionError("recipe='unsloth' has no FSDP/ZeRO support; use recipe='hf' or 'llmtune'")
-    if method != "full" and precision != "bf16":
+    if not r.sharding and method == "full" and sharding != "none":
+        raise InvalidOptionError(f"recipe={r.name!r} has no FSDP/ZeRO support; use recipe='hf' or 'llmtune'")
+    if method != "full" and precision == "mixed":
         raise InvalidOptionError(f"precision={precision!r} applies to method='full' only")
-
+    check_mechanism(method, objective, num_virtual_tokens=num_virtual_tokens, bottleneck_size=bottleneck_size,
+                    sites=tuple(bottleneck_sites), placement=bottleneck_placement, rl_samples=rl_samples,
+                    dpo_reference=dpo_reference)
+    if not isinstance(packing, bool):
+        raise InvalidOptionError(f"packing must be True or False, got {packing!r}")
+    n_seq = sequences_per_example(objective, rl_samples)
+    b_ex, b = b, b * n_seq  # sequences through the model per micro-batch
+    if method == "prompt_tuning":
+        s += num_virtual_tokens  # the soft prompt is prepended to every sequence
     T = b * s
     V, h = spec.vocab_size, spec.hidden_size
     notes: list[str] = []
@@ -382,16 +642,17 @@ def estimate_training(
         if weight_bits not in (None, 16, 32) or weight_format not in (None, "bf16", "fp16", "fp32"):
             raise InvalidOptionError(f"method={method!r} trains a 16/32-bit base; for a quantized base use "
                                      "method='qlora'")
-        fmt = "fp32" if (full and precision == "fp32") else "bf16"
+        fmt = "fp32" if precision == "fp32" else "bf16"
         bits = 16
-    upcast = quant and recipe == "hf"
-    wterms = weight_terms(spec, fmt, bits=bits, upcast_fp32=upcast)
-    act = 4 if (upcast or (full and precision == "fp32")) else 2
+    upcast = quant and r.kbit_upcast_fp32
+    wterms = weight_terms(spec, fmt, bits=bits, double_quant=double_quant, upcast_fp32=upcast)
+    act = 4 if (upcast or precision == "fp32") else 2
     if upcast:
         notes.append("hf QLoRA: prepare_model_for_kbit_training upcasts embeddings/lm_head/norms to fp32, so the "
                      "residual stream, activations and logits are fp32")
     # ---- trainable parameters, gradients, optimizer states
-    targets = [] if full else resolve_lora_targets(spec, lora_targets)
+    adapter_method = method in ADAPTER_METHODS
+    targets = [] if (full or adapter_method) else resolve_lora_targets(spec, lora_targets)
     if full:
         trainable = spec.num_params
         # bf16: torch optimizers keep states in the parameter dtype; fp32: everything fp32;
@@ -399,132 +660,63 @@ def estimate_training(
         p_bytes = 4 if precision == "fp32" else 2
         state_dtype = 4 if precision in ("fp32", "mixed") else 2
     else:
-        trainable = lora_params(spec, rank, targets, dora=method == "dora")
+        trainable = (adapter_params(spec, method, num_virtual_tokens=num_virtual_tokens, bottleneck_size=bottleneck_size,
+                                    sites=tuple(bottleneck_sites)) if adapter_method
+                     else lora_params(spec, rank, targets, dora=method == "dora"))
+        if objective == "reward":
+            trainable += h  # the scalar score head (PEFT modules_to_save)
         p_bytes = state_dtype = 4  # PEFT (and Unsloth) keep adapters in fp32
     grad_bytes = p_bytes
-    state_bytes = {"adamw": 2 * state_dtype, "adamw_8bit": 2, "sgd": 0, "sgd_momentum": state_dtype,
-                   "adafactor": 0}[optimizer]
-    states = trainable * state_bytes
-    if optimizer == "adamw_8bit":
-        states += trainable * 2 * 4 // 256  # bitsandbytes: one fp32 absmax per 256-value block, per state
-    if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix
-        if full:
-            states = spec.num_layers * sum(4 * (x.in_features + x.out_features) * x.count for x in spec.layer_linears())
-            states += 4 * (V + h) * (1 if spec.tie_embeddings else 2)
-        else:
-            states = spec.num_layers * sum(4 * (rank + x.in_features) + 4 * (rank + x.out_features)
-                                           for x in spec.layer_linears() if x.name in targets and not x.expert)
+    states = _optimizer_state_bytes(spec, optimizer, trainable, state_dtype, full, rank, targets)
     master_fp32 = trainable * 4 if (full and precision == "mixed") else 0
     opt_temp = trainable * state_dtype if optimizer == "adamw" else 0  # foreach AdamW: sqrt(exp_avg_sq) copy
     grads = trainable * grad_bytes
     # ---- sharding (per GPU)
     adapters = trainable * p_bytes if not full else 0  # LoRA adapters (full: the weights are the parameters)
-    shard_terms: dict[str, int] = {}
-    if sharding in ("zero1", "zero2", "zero3", "fsdp"):
-        states //= n_gpu
-        opt_temp //= n_gpu
-        master_fp32 //= n_gpu
-    if sharding in ("zero2", "zero3", "fsdp"):
-        grads //= n_gpu
-    if sharding in ("zero3", "fsdp"):
-        wterms = {k: v // n_gpu for k, v in wterms.items()}
-        adapters //= n_gpu
-        layer_params = spec.layer_linear_params + spec.layer_other_params
-        shard_terms["gathered_layers"] = 2 * layer_params * {"bf16": 2, "fp32": 4}.get(fmt, 1)
-        if full:
-            shard_terms["grad_reduce_buffer"] = layer_params * grad_bytes
-        notes.append(f"{sharding}: parameters, gradients and optimizer states sharded over {n_gpu} GPUs; "
-                     "two layers gathered at a time (current + prefetch)")
-    elif sharding == "ddp" and n_gpu > 1:
-        shard_terms["ddp_grad_buckets"] = trainable * grad_bytes
-        notes.append("DDP: gradient buckets hold a second copy of the gradients")
+    model_states = {"states": states, "opt_temp": opt_temp, "master": master_fp32, "grads": grads, "adapters": adapters}
+    wterms, shard_terms = _shard(spec, sharding, n_gpu, model_states, wterms, fmt, full, grad_bytes,
+                                 trainable * grad_bytes, notes)
+    states, opt_temp, master_fp32, grads, adapters = (model_states[k] for k in
+                                                      ("states", "opt_temp", "master", "grads", "adapters"))
     mixed_cache = {"master_weights_fp32": master_fp32} if master_fp32 else {}
     # ---- activations
-    c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if recipe != "unsloth" else act,
-             rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention,
-             kernels="unsloth" if recipe == "unsloth" else "hf")
-    layer, quad, first_norm = _layer_terms(spec, c)
-    L = spec.num_layers
-    window_mask = 0
-    if spec.sliding_layers and spec.sliding_window and s > spec.sliding_window and attention != "eager":
-        n_sl = spec.sliding_layers  # these layers get an explicit sliding-window mask
-        sl, sl_quad, _ = _layer_terms(spec, c, masked=True)
-        layer = {k: ((L - n_sl) * layer.get(k, 0.0) + n_sl * sl.get(k, 0.0)) / L for k in set(layer) | set(sl)}
-        quad = ((L - n_sl) * quad + n_sl * sl_quad) / L
-        window_mask = s  # the boolean (b, 1, s, s) mask, shared by the sliding layers
-        notes.append(f"{n_sl} sliding-window layers (window {spec.sliding_window} < seq {s}) get an explicit mask: "
-                     "K/V repeated to all heads, float bias saved per layer")
-    layer_pt = sum(layer.values()) + quad * s  # one layer, bytes per token
-    # (b, 1, s, s) causal mask shared by all layers: eager attention, and Falcon always passes one
-    eager_mask = act * s if (attention == "eager" or spec.family == "falcon") else window_mask
-    model_level = float(_norm_bytes(spec, c, h) + (act * h if full else 0))  # final norm (+ lm_head input for dW)
-    model_level += 2 * act * spec.head_dim * (2 if spec.family == "gemma3" else 1) / b  # RoPE cos/sin, (1, s, d)
-    if not full and not gradient_checkpointing:
-        model_level -= first_norm  # frozen embeddings: layer 0's input norm needs no grad, saves nothing
-    if spec.dropout:
-        model_level += h  # embedding dropout mask
-    offloaded = recipe == "unsloth" and gradient_checkpointing
-    if gradient_checkpointing:
-        per_layer_kept = 0 if offloaded else act * h  # the layer input; the rest is recomputed
-        acts = {"activations_checkpoints": L * per_layer_kept * T, "activations_model": int((model_level + eager_mask) * T)}
-        if offloaded:
-            acts["offload_buffers"] = 2 * act * h * T
-            notes.append("unsloth gradient checkpointing offloads each layer's input to CPU RAM")
-        recompute = {"activations_recomputed_layer": int(layer_pt * T)}
-    else:
-        acts = {f"activations_{k}": int(L * v * T) for k, v in layer.items()}
-        if quad:
-            acts["activations_attention_scores"] = int(L * quad * s * T)
-        acts["activations_model"] = int((model_level + eager_mask) * T)
-        recompute = {}
-    bwd_temp = {"backward_temporaries": int(_bwd_temp(spec, c) * T)}
+    c = _Ctx(act=act, train_base=full, lora=frozenset(targets), lora_bytes=4 if r.adapter_fp32 else act,
+             rank=rank, lora_dropout=dropout, dora=method == "dora", attention=attention, fused=r.fused_kernels)
+    ac = _activation_terms(spec, c, r, s=s, b=b, full=full, quant=quant, gc=gradient_checkpointing, method=method,
+                           packing=packing, bottleneck_size=bottleneck_size, sites=tuple(bottleneck_sites),
+                           num_virtual_tokens=num_virtual_tokens, notes=notes)
+    acts, recompute, attn_phase, scores_tmp, bwd_temp = ac.acts, ac.recompute, ac.attn_phase, ac.scores_tmp, ac.bwd_temp
     dequant = {"dequant_buffer": spec.largest_linear() * 2} if quant else {}
     # ---- logits and loss, by recipe
-    softcap = spec.final_logit_softcapping is not None
-    if recipe == "hf":
-        logits = act * V * T
-        loss_fwd = {"logits": logits, "logits_prev_step": logits,
-                    "loss_fp32_logits": (4 * V * T if act != 4 else 0), "loss_log_softmax": 4 * V * T}
-        if softcap:
-            loss_fwd["logits_softcap"] = logits
-        loss_bwd = {"logits": logits, "loss_log_softmax": 4 * V * T, "loss_grad_nll": 4 * V * T,
-                    "loss_grad_log_softmax": 4 * V * T}
-        if softcap:
-            loss_bwd["logits_softcap"] = logits
-        held = {"logits": logits}  # the returned logits stay alive until the next forward overwrites `out`
-        fwd_prev = {"logits_prev_step": logits}
-        notes.append("hf: transformers' loss upcasts all logits to fp32; the recipe keeps `out` (with its logits) "
-                     "alive through backward and optimizer step and into the next forward")
-    elif recipe == "llmtune":
-        ck = min(chunk_tokens, T)
-        loss_fwd = {"loss_chunk_working_set": ck * V * (act + 8), "loss_hidden_saved": act * h * T}
-        loss_bwd = {"loss_chunk_working_set": ck * V * (act + 12), "loss_hidden_saved": act * h * T,
-                    "loss_grad_hidden": act * h * T}
+    loss_fwd, loss_bwd, held, fwd_prev = _loss_terms(spec, r, act, T, chunk_tokens, notes)
+    if objective == "reward":  # a (T, 1) score instead of (T, V) logits; the lm_head is replaced by the score head
+        loss_fwd = loss_bwd = {"reward_scores": 3 * 4 * T}
         held, fwd_prev = {}, {}
-        notes.append(f"llmtune: chunked cross-entropy, {ck} tokens per chunk recomputed in backward; "
-                     "no full logits tensor is kept")
-    else:
-        loss_fwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T}
-        loss_bwd = {"loss_hidden_saved": act * h * T, "loss_logsumexp": 4 * T, "loss_grad_hidden": act * h * T}
-        held, fwd_prev = {}, {}
-        notes.append("unsloth: cut cross-entropy never materialises logits")
+        head = spec.lm_head_params * (4 if upcast else (2 if fmt not in ("fp32",) else 4))
+        wkey = "weights" if "weights" in wterms else "embeddings_lm_head"
+        wterms = {**wterms, wkey: max(0, wterms[wkey] - head)}
     # ---- phases (steady state: optimizer states exist, gradients were set to None by zero_grad)
-    static = {**wterms, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
+    ref_copy = objective in ("dpo", "online_rl") and (dpo_reference == "copy" or full)
+    ref_w = {"reference_weights": sum(wterms.values())} if ref_copy else {}
+    static = {**wterms, **ref_w, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
               "cublas_workspace": 2 * ws, **shard_terms}
     grads_all = {"gradients": grads}
     lm_head_grad = {"gradients_lm_head": V * h * grad_bytes} if full else {}
     embed_temp = {"embedding_grad_temp": V * h * grad_bytes} if (full and spec.tie_embeddings) else {}
     phases: dict[str, dict[str, int]] = {
-        "forward": {**static, **acts, **recompute, **fwd_prev, **dequant},
+        "forward": {**static, **acts, **recompute, **fwd_prev, **dequant, **scores_tmp},
         "loss_forward": {**static, **acts, **loss_fwd},
         "loss_backward": {**static, **acts, **loss_bwd,
-                          **(lm_head_grad if recipe != "hf" else {})},
+                          **(lm_head_grad if r.loss != "full_fp32" else {})},
         "backward_start": {**static, **acts, **recompute, **held, **bwd_temp, **lm_head_grad, **dequant},
         "backward_end": {**static, **grads_all, **held, **bwd_temp, **recompute, **embed_temp, **dequant,
                          "activations_model": acts.get("activations_model", 0)},
         "optimizer_step": {**static, **grads_all, **held, **({"optimizer_temp": opt_temp} if opt_temp else {})},
     }
-    if quant and recipe == "hf":
+    if attn_phase:
+        phases["attention_backward"] = {**static, **attn_phase, **held}
+    phases |= _objective_phases(spec, objective, static, act, b_ex, b, s, ref_copy, notes)
+    if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
     statics = set(static)
     return _finish(phases, statics, context, frac, notes)
@@ -545,12 +737,27 @@ def estimate_serving(
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT,
     workspace_bytes: int = DEFAULT_WORKSPACE,
     allocator_fraction: float = DEFAULT_ALLOCATOR_FRACTION,
+    engine: str = "hf",
+    gpu: str | int = "H100",
+    vllm: Mapping[str, Any] | None = None,
 ) -> Estimate:
-    """Peak GPU memory of a forward pass over ``batch_size`` x ``seq_len`` tokens with a KV cache.
+    """Peak GPU memory of serving: a transformers forward (``engine="hf"``) or vLLM's block pool (``"vllm"``).
 
+    ``engine="hf"``: one forward over ``batch_size`` x ``seq_len`` tokens with a KV cache.
     ``logits="all"`` is a plain ``model(input_ids)`` call (logits for every position, as measured);
     ``"last"`` is ``generate``'s prefill (last position only, upcast to fp32). ``gpus`` > 1 = tensor parallel.
+
+    ``engine="vllm"``: vLLM sizes a KV block pool on ``gpu`` at start-up; ``vllm`` holds its engine
+    arguments (``gpu_memory_utilization`` 0.9, ``block_size`` 16, ``max_num_seqs`` 256, ``max_model_len``,
+    ``max_num_batched_tokens`` 8192, ``non_torch_bytes``, ``cudagraph_bytes``, ``shared_prefix_tokens`` for
+    prefix caching). The result's ``capacity`` has the blocks, the tokens of KV cache and
+    ``concurrent_sequences(n)``; ``batch_size`` and ``seq_len`` are ignored there.
     """
+    engine = _check_choice("engine", engine, ("hf", "vllm"))
+    if engine == "vllm":
+        return _serve_vllm(spec, weight_bits, kv_bits=kv_bits, weight_format=weight_format, group_size=group_size,
+                           double_quant=double_quant, gpus=gpus, gpu=gpu, context=cuda_context_bytes,
+                           workspace=workspace_bytes, options=dict(vllm or {}))
     spec = _check_spec(spec)
     b = _check_int("batch_size", batch_size)
     s = _check_int("seq_len", seq_len)
@@ -595,6 +802,48 @@ def estimate_serving(
         "logits": {**static, "kv_cache": kv, **lg},
     }
     return _finish(phases, static, context, frac, notes)
+
+
+_VLLM_OPTIONS = ("gpu_memory_utilization", "block_size", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
+                 "non_torch_bytes", "cudagraph_bytes", "shared_prefix_tokens")
+
+
+def _serve_vllm(spec: ModelSpec, weight_bits: int, *, kv_bits: int, weight_format: str | None, group_size: int,
+                double_quant: bool, gpus: int, gpu: str | int, context: int, workspace: int,
+                options: dict[str, Any]) -> Estimate:
+    """vLLM's start-up memory on one GPU: weights, the profiling run's peak, and the KV block pool."""
+    spec = _check_spec(spec)
+    tp = _check_int("gpus", gpus)
+    _check_int("weight_bits", weight_bits)
+    if kv_bits not in (8, 16, 32):
+        raise InvalidOptionError(f"kv_bits={kv_bits!r} is not one of 8 (fp8 KV cache), 16, 32 for vLLM")
+    bad = sorted(set(options) - set(_VLLM_OPTIONS))
+    if bad:
+        raise InvalidOptionError(f"vllm option {bad[0]!r} is not one of {', '.join(_VLLM_OPTIONS)}."
+                                 f"{did_you_mean(bad[0], _VLLM_OPTIONS)}")
+    fmt = weight_format or default_format(weight_bits)
+    wterms = {k: v // tp for k, v in weight_terms(spec, fmt, bits=weight_bits, group_size=group_size,
+                                                  double_quant=double_quant).items()}
+    static = {**wterms, "cublas_workspace": _check_nonneg_bytes("workspace_bytes", workspace)}
+    cap, prof = vllm_capacity(spec, sum(static.values()), gpu=gpu, kv_bytes=kv_bits / 8, tp=tp, **options)
+    if cap.num_blocks == 0:
+        raise InvalidOptionError(f"vLLM cannot start: weights and the profiling run need "
+                                 f"{cap.non_kv_bytes / 2**30:.2f} GiB of the {cap.requested_bytes / 2**30:.2f} GiB "
+                                 f"that gpu_memory_utilization leaves on {gpu}; no KV block fits")
+    phases = {"profile_run": {**static, **prof}, "serving": {**static, "kv_cache_pool": cap.kv_pool_bytes}}
+    notes = [f"vLLM: {cap.num_blocks:,} blocks of {cap.block_size} tokens = {cap.kv_tokens:,} tokens of KV cache per GPU "
+             f"({cap.kv_bytes_per_token / 1024:.0f} KiB per token"
+             + (f", {kv_heads_per_gpu(spec, tp)} of {spec.num_kv_heads} kv heads per GPU at tensor parallel {tp})"
+                if tp > 1 else ")"),
+             "the pool is allocated at start-up: the device shows requested memory (total x "
+             "gpu_memory_utilization) whatever the load"]
+    if cap.shared_prefix_tokens:
+        notes.append(f"prefix caching: the first {cap.shared_prefix_tokens} tokens' full blocks are stored once")
+    else:
+        notes.append("prefix caching (on by default in vLLM v1) stores a shared prompt prefix once; pass "
+                     "shared_prefix_tokens to count it")
+    est = _finish(phases, static, _check_nonneg_bytes("cuda_context_bytes", context), 0.0, notes)
+    return dataclasses.replace(est, device_bytes=max(est.device_bytes, cap.requested_bytes + context), capacity=cap)
 
 
 def estimate_weights(

@@ -407,3 +407,69 @@ def test_memory_package_never_imports_torch():
             "bad=[k for k in sys.modules if k.split('.')[0] in ('torch','transformers','numpy')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_recipes_are_data_no_branches():
+    """Every recipe difference is a field of RECIPE_FACTS: the estimator names no recipe, and module names
+    come only from ModelSpec.layer_linears() (no hard-coded projection names in the recipe table)."""
+    import dataclasses
+    import inspect
+
+    from llmtune.memory import estimate, recipes
+
+    src = inspect.getsource(estimate)
+    for name in recipes.RECIPE_FACTS:
+        assert f'recipe == "{name}"' not in src and f'recipe != "{name}"' not in src
+    assert "_proj" not in inspect.getsource(recipes)
+    # a variant is a replace(), and it changes the estimate exactly through its facts
+    upcast = dataclasses.replace(recipes.RECIPE_FACTS["llmtune"], name="llmtune+upcast", kbit_upcast_fp32=True)
+    kw = dict(batch_size=2, seq_len=256)
+    a = estimate_training(SPEC_1B, "qlora", recipe="llmtune", **kw).breakdown
+    b = estimate_training(SPEC_1B, "qlora", recipe=upcast, **kw).breakdown
+    assert b["embeddings_lm_head"] == 2 * a["embeddings_lm_head"]
+    with pytest.raises(InvalidOptionError, match="loss"):
+        dataclasses.replace(upcast, loss="fused")
+
+
+def test_objectives_dpo_reward_online_rl():
+    """DPO = the SFT step on 2x the sequences + a no-grad reference pass; adapter-off reference holds no second
+    copy, a copied reference (or full fine-tuning) holds one; reward = no logits, a scalar head; online RL =
+    K samples' generation KV cache + training on K x the sequences."""
+    kw = dict(seq_len=512, recipe="hf", gradient_checkpointing=True)
+    sft2 = estimate_training(SPEC_1B, "lora", batch_size=4, **kw)
+    dpo = estimate_training(SPEC_1B, "lora", batch_size=2, objective="dpo", **kw)
+    assert dpo.phases["loss_backward"] == sft2.phases["loss_backward"]
+    assert "reference_forward" in dpo.phases and "reference_weights" not in dpo.breakdown
+    copy = estimate_training(SPEC_1B, "lora", batch_size=2, objective="dpo", dpo_reference="copy", **kw)
+    assert copy.breakdown["reference_weights"] == sft2.breakdown["weights"]
+    full = estimate_training(SPEC_1B, "full", batch_size=2, objective="dpo", **kw)
+    assert "reference_weights" in full.phase_breakdowns["optimizer_step"]
+    rm = estimate_training(SPEC_1B, "lora", batch_size=2, objective="reward", **kw)
+    assert "loss_log_softmax" not in rm.phase_breakdowns["loss_backward"]
+    assert rm.peak_tensor_bytes < dpo.peak_tensor_bytes
+    rl = estimate_training(SPEC_1B, "lora", batch_size=1, objective="online_rl", rl_samples=8, **kw)
+    g = rl.phase_breakdowns["generation"]["generation_kv_cache"]
+    assert g == 2 * 16 * 512 * 2 * 8 * 512  # 2 (K,V) x layers x kv_dim x bf16 x 8 samples x 512 tokens
+    assert rl.phases["loss_backward"] == estimate_training(SPEC_1B, "lora", batch_size=8, **kw).phases["loss_backward"]
+    with pytest.raises(InvalidOptionError, match="objective"):
+        estimate_training(SPEC_1B, objective="ppo")
+    with pytest.raises(InvalidOptionError, match="rl_samples"):
+        estimate_training(SPEC_1B, objective="online_rl", rl_samples=0)
+
+
+def test_adapter_method_parameter_counts():
+    """Bottleneck: 2hm + m + h per adapter; IA3: 2 kv + f per layer; prompt tuning: n x h; all fp32 (4 B)."""
+    h, kv, f, L = 2048, 512, 8192, 16
+    kw = dict(batch_size=1, seq_len=128)
+    bn = estimate_training(SPEC_1B, "bottleneck", bottleneck_size=64, **kw).breakdown["lora_params"]
+    assert bn == 4 * L * 2 * (2 * h * 64 + 64 + h)
+    assert estimate_training(SPEC_1B, "ia3", **kw).breakdown["lora_params"] == 4 * L * (2 * kv + f)
+    assert estimate_training(SPEC_1B, "prompt_tuning", num_virtual_tokens=20, **kw).breakdown["lora_params"] == 4 * 20 * h
+    pt = estimate_training(SPEC_1B, "prefix_tuning", num_virtual_tokens=20, **kw)
+    assert pt.breakdown["lora_params"] == 4 * 20 * L * 2 * kv
+    for name in ("gemma-3-1b", "qwen3-30b-a3b", "gpt2", "falcon-7b"):  # every adapter method on odd families
+        spec = ModelSpec.from_preset(name)
+        for method in ("prompt_tuning", "prefix_tuning", "ia3", "bottleneck"):
+            for gc in (True, False):
+                e = estimate_training(spec, method, gradient_checkpointing=gc, recipe="hf", **kw)
+                assert e.peak_tensor_bytes > 0 and all(v >= 0 for v in e.breakdown.values())

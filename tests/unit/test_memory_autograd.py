@@ -111,3 +111,140 @@ def test_parameter_count_matches_transformers_meta_model(name):
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == ModelSpec.from_preset(name).num_params
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_math_kernel_terms_match_autograd_fp32_gqa(family):
+    """The ``hf`` QLoRA recipe's fp32 activations with GQA run CUDA's math SDPA kernel (flash takes 16-bit
+    only, memory-efficient no grouped heads): scaled q, scaled and repeated k, repeated v (fp32) and the
+    fp32 [b, heads, s, s] softmax output are saved. The CPU picks its flash kernel for fp32, so the math
+    kernel is forced here. An fp32 model with fp32 LoRA stands for the recipe (bitsandbytes casts the 4-bit
+    matmul's output back to the fp32 input dtype). Predicted within 1% of autograd's saved tensors."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llmtune.memory.attention import cuda_attention_kernel
+
+    spec = ModelSpec.from_hf_config(TINY[family])
+    assert cuda_attention_kernel(spec, 4, "sdpa") == "math"
+    model = _build(TINY[family], "sdpa").float()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                       target_modules=spec.linear_module_names()))
+    model.train()
+    with sdpa_kernel(SDPBackend.MATH):
+        measured = _saved_bytes(model)
+    e = estimate_training(spec, "qlora", batch_size=B, seq_len=S, gradient_checkpointing=False, recipe="hf",
+                          lora_rank=8)
+    b = e.phase_breakdowns["loss_forward"]
+    predicted = sum(v for k, v in b.items() if k.startswith("activations_")) + b["loss_log_softmax"]
+    assert b["activations_attention_scores"] == spec.num_layers * 4 * spec.num_heads * S * S * B
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
+
+
+def _predicted_saved(spec, **kw) -> int:
+    e = estimate_training(spec, batch_size=B, seq_len=S, gradient_checkpointing=False, recipe="hf", **kw)
+    b = e.phase_breakdowns["loss_forward"]
+    return sum(v for k, v in b.items() if k.startswith("activations_")) + b["loss_log_softmax"]
+
+
+def test_prompt_tuning_terms_match_autograd():
+    """PEFT prompt tuning, 8 virtual tokens: every layer runs s + 8 positions, layer 0's norm saves (the input
+    needs a gradient), no adapter tensors; trainable 8 x h. Within 1% of autograd's saved tensors."""
+    spec = ModelSpec.from_hf_config(TINY["llama"])
+    model = peft.get_peft_model(_build(TINY["llama"], "sdpa"),
+                                peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    model.train()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 8 * spec.hidden_size
+    measured = _saved_bytes(model)
+    predicted = _predicted_saved(spec, method="prompt_tuning", num_virtual_tokens=8)
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
+
+
+def test_ia3_terms_match_autograd():
+    """PEFT IA3 with its Llama defaults (k_proj, v_proj output scaling; down_proj input scaling): saves the
+    scaled k/v outputs (a x 2 kv) and the fp32 copy of down_proj's input PEFT makes (4 f) per token
+    and layer; parameters L x (2 kv + f). Within 1%."""
+    from llmtune.memory.mechanisms import adapter_params
+
+    spec = ModelSpec.from_hf_config(TINY["llama"])
+    model = peft.get_peft_model(_build(TINY["llama"], "sdpa"), peft.IA3Config(task_type="CAUSAL_LM"))
+    model.train()
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == adapter_params(spec, "ia3", num_virtual_tokens=1, bottleneck_size=1, sites=("mlp",))
+    measured = _saved_bytes(model)
+    predicted = _predicted_saved(spec, method="ia3")
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
+
+
+class _Bottleneck(torch.nn.Module):
+    """A series bottleneck adapter (Houlsby et al.) in fp32 after a bf16 sublayer: x + up(silu(down(x)))."""
+
+    def __init__(self, inner, width: int, m: int, parallel_input: bool = False):
+        super().__init__()
+        self.inner, self.down, self.up = inner, torch.nn.Linear(width, m), torch.nn.Linear(m, width)
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y + self.up(torch.nn.functional.silu(self.down(y.float()))).to(y.dtype)
+
+
+@pytest.mark.parametrize("sites", [("attention", "mlp"), ("mlp",)])
+def test_bottleneck_adapter_terms_match_autograd(sites):
+    """Series bottleneck adapters (m = 16) after attention and/or the MLP, fp32 weights on a bf16 model:
+    2hm + m + h parameters each; each saves its fp32 input copy, the down output and the activation output
+    (4 x (h + 2m) per token). Within 1% of autograd's saved tensors."""
+    spec = ModelSpec.from_hf_config(TINY["llama"])
+    model = _build(TINY["llama"], "sdpa")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    h, m = spec.hidden_size, 16
+    for layer in model.model.layers:
+        if "attention" in sites:
+            layer.self_attn.o_proj = _Bottleneck(layer.self_attn.o_proj, h, m)
+        if "mlp" in sites:
+            layer.mlp.down_proj = _Bottleneck(layer.mlp.down_proj, h, m)
+    model.train()
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == spec.num_layers * len(sites) * (2 * h * m + m + h)
+    measured = _saved_bytes(model)
+    predicted = _predicted_saved(spec, method="bottleneck", bottleneck_size=m, bottleneck_sites=sites)
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"
+
+
+def test_packing_with_sdpa_matches_autograd():
+    """Two packed sequences per row (position_ids restart, no attention mask, use_cache=False as in training):
+    transformers' masking_utils detects the packing and gives SDPA a block-diagonal mask, so K/V are repeated
+    to every head and the mask's float bias is saved per layer. (With a cache object it skips the detection
+    and the sequences attend across the boundary.) Within 1%."""
+    spec = ModelSpec.from_hf_config(TINY["llama"])
+    model = peft.get_peft_model(_build(TINY["llama"], "sdpa"),
+                                peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                target_modules=spec.linear_module_names()))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(3, 1000, (B, S), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(S // 2), torch.arange(S // 2)]).expand(B, S)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, position_ids=pos, use_cache=False)
+    predicted = _predicted_saved(spec, method="lora", lora_rank=8, packing=True)
+    assert predicted > _predicted_saved(spec, method="lora", lora_rank=8)
+    assert abs(predicted / sum(seen.values()) - 1) <= 0.01, f"predicted {predicted} vs autograd {sum(seen.values())}"
+
+
+def test_prefix_tuning_terms_match_autograd():
+    """PEFT prefix tuning, 8 virtual tokens: n x L x 2 x kv_dim parameters; K/V of s + 8 positions repeated to
+    every head (PEFT passes a mask) and a float bias over s + 8 keys per layer. Within 1% of autograd."""
+    spec = ModelSpec.from_hf_config(TINY["llama"])
+    model = peft.get_peft_model(_build(TINY["llama"], "sdpa"),
+                                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    model.train()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 8 * spec.num_layers * 2 * spec.kv_dim
+    measured = _saved_bytes(model)
+    predicted = _predicted_saved(spec, method="prefix_tuning", num_virtual_tokens=8)
+    assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted} vs autograd {measured}"

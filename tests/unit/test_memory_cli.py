@@ -63,3 +63,13 @@ def test_errors_name_what_is_wrong():
     assert isinstance(r.exception, InvalidOptionError) and "method" in str(r.exception)
     r = runner.invoke(app, ["memory", "gpt2", "--max-batch", "--gpu", "V100"])
     assert isinstance(r.exception, InvalidOptionError) and "V100" in str(r.exception)
+
+
+def test_mechanisms_from_the_command_line():
+    r = runner.invoke(app, ["memory", "llama-3.2-1b", "--method", "bottleneck", "--bottleneck", "32", "--objective",
+                            "dpo", "--packing", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    e = estimate_training(ModelSpec.from_preset("llama-3.2-1b"), "bottleneck", bottleneck_size=32, objective="dpo",
+                          packing=True, batch_size=1, seq_len=2048)
+    assert out["peak_tensor_bytes"] == e.peak_tensor_bytes and "reference_forward" in out["phases"]

@@ -1,0 +1,159 @@
+"""Pre-run memory gate: a training config mapped to the memory model's arguments, and a verdict per GPU.
+
+`estimate_for_config` is a pure function (no torch, no GPU, nothing printed): it reads the trainer's and
+the quantizer's options, turns them into `llmtune.memory.estimate_training` arguments and returns the
+estimate with a fit verdict per GPU. Every option is either mapped (`MAPPED`) or declared irrelevant to
+the peak with the reason (`IRRELEVANT`); tests/unit/test_memory_gate.py fails when an options class gains a
+field that is in neither table, so the trainer and the memory model cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from llmtune.core.errors import ConfigError
+
+#: Options class name -> {field: estimator argument it becomes (or what it decides)}.
+MAPPED: dict[str, dict[str, str]] = {
+    "PeftLoraOptions": {
+        "method": "method (lora / dora / prompt_tuning; with a quantizer: qlora)",
+        "rank": "lora_rank",
+        "dropout": "lora_dropout",
+        "targets": "lora_targets",
+        "num_virtual_tokens": "num_virtual_tokens",
+        "quantizer": "method='qlora', weight_format, double_quant",
+        "upcast_embeddings": "recipe.kbit_upcast_fp32",
+        "gradient_checkpointing": "gradient_checkpointing",
+        "precision": "precision (auto/bf16/fp16 -> 2-byte activations, fp32 -> fp32)",
+        "batch_size": "batch_size",
+        "max_length": "seq_len (every micro-batch padded or packed to max_length: the worst case)",
+        "packing": "packing",
+        "loss_chunk_tokens": "loss_chunk_tokens (0: recipe.loss='full_fp32')",
+        "eval_batch_size": "evaluation phase: estimate_serving batch_size",
+        "max_new_tokens": "evaluation phase: estimate_serving seq_len = max_length + max_new_tokens",
+    },
+    "FourBitOptions": {
+        "double_quant": "double_quant",
+        "skip_modules": "checked: a list other than ('lm_head',) is reported as not modelled",
+    },
+    "Int8Options": {
+        "has_fp16_weights": "weight_format (True keeps 16-bit weights)",
+        "skip_modules": "checked: a list other than ('lm_head',) is reported as not modelled",
+    },
+}
+
+#: Options class name -> {field: why it does not change the peak}.
+IRRELEVANT: dict[str, dict[str, str]] = {
+    "PeftLoraOptions": {
+        "alpha": "a scalar multiplier on the adapter output",
+        "trust_remote_code": "how the model code is loaded",
+        "lr": "a scalar", "epochs": "how long, not how much", "max_steps": "how long, not how much",
+        "grad_accum": "micro-batches accumulate into the same .grad buffers",
+        "warmup": "a schedule", "scheduler": "a schedule", "weight_decay": "AdamW's in-place decay, no buffer",
+        "max_grad_norm": "clip_grad_norm_ keeps one scalar norm per parameter tensor",
+        "template": "text formatting (the token count is bounded by max_length)",
+        "train_on_prompt": "which labels are -100, not how many tokens",
+        "eval_every": "how often evaluation runs, not its size",
+        "eval_examples": "how many batches evaluation runs, not their size",
+        "save_every": "checkpoints are written from the state dicts, no GPU copy",
+        "keep_checkpoints": "files on disk", "seed": "randomness", "output_dir": "a path",
+        "log_every": "logging", "progress": "a progress bar",
+    },
+    "FourBitOptions": {
+        "compute_dtype": "bitsandbytes casts the matmul output back to the input dtype; only the transient "
+                         "dequantized weight (the largest linear) changes size",
+        "blocksize": "absmax metadata: 0.2% of the 4-bit weights at 64, less at larger blocks",
+        "quant_storage": "the same packed bytes under another dtype",
+    },
+    "Int8Options": {"threshold": "outlier columns are computed in a transient fp16 slice"},
+}
+
+
+def model_spec(model: str) -> Any:
+    """The ModelSpec of a config's ``model``: its config.json when local, else a preset named like the hub id."""
+    from llmtune.memory import PRESETS, ModelSpec
+
+    path = Path(model)
+    if (path / "config.json").is_file() or path.name == "config.json":
+        return ModelSpec.from_hf_config(path)
+    key = re.sub(r"[^a-z0-9.]+", "-", model.rsplit("/", 1)[-1].lower()).strip("-").replace("meta-", "")
+    if key in PRESETS:
+        return ModelSpec.from_preset(key)
+    raise ConfigError(f"model {model!r}: no local config.json and no preset named {key!r}; pass spec= "
+                      "(llmtune.memory.ModelSpec.from_hf_config) to estimate its memory")
+
+
+def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list[str]]:
+    """`estimate_training` keyword arguments for a trainer's options, and the notes on what is not modelled."""
+    from llmtune.memory.recipes import RECIPE_FACTS
+
+    o, notes = options, list[str]()
+    q = getattr(o, "quantizer", None)
+    recipe = RECIPE_FACTS["unsloth" if backend == "unsloth" else "llmtune"]
+    if backend != "unsloth":
+        recipe = dataclasses.replace(recipe, name="llmtune", kbit_upcast_fp32=bool(o.upcast_embeddings),
+                                     loss="full_fp32" if o.loss_chunk_tokens == 0 else "chunked")
+    kw: dict[str, Any] = dict(
+        batch_size=o.batch_size, seq_len=o.max_length, gradient_checkpointing=o.gradient_checkpointing,
+        lora_rank=o.rank, lora_dropout=float(o.dropout), lora_targets=o.targets, recipe=recipe, packing=o.packing,
+        precision="fp32" if o.precision == "fp32" else "bf16", loss_chunk_tokens=max(1, o.loss_chunk_tokens),
+        num_virtual_tokens=o.num_virtual_tokens, method=o.method)
+    if q is not None:
+        kw |= _quantizer_arguments(q, o.method, notes)
+    if o.method == "prompt_tuning" and q is not None:
+        notes.append("prompt tuning on a quantized base: weights counted in 16 bits (an over-estimate)")
+    return kw, notes
+
+
+def _quantizer_arguments(q: Any, method: str, notes: list[str]) -> dict[str, Any]:
+    """Arguments a bitsandbytes quantizer decides."""
+    qo = q.options
+    if tuple(getattr(qo, "skip_modules", ("lm_head",))) != ("lm_head",):
+        notes.append(f"quantizer skip_modules={list(qo.skip_modules)}: modules kept in 16 bits beyond lm_head are "
+                     "not modelled (an under-estimate)")
+    if q.name == "int8" and getattr(qo, "has_fp16_weights", False):
+        return {}
+    out: dict[str, Any] = {"weight_format": {"nf4": "nf4", "fp4": "fp4", "int8": "int8"}.get(q.name, q.name)}
+    if method != "prompt_tuning":
+        out["method"] = "qlora"
+        if method == "dora":
+            notes.append("DoRA on a quantized base: counted as QLoRA (the magnitude vectors are not counted)")
+    else:
+        out.pop("weight_format")
+    if q.name in ("nf4", "fp4"):
+        out["double_quant"] = bool(qo.double_quant)
+    return out
+
+
+def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any = None,
+                        processes: int = 1) -> tuple[Any, list[dict[str, Any]]]:
+    """The memory estimate of a training config (`TrainConfig`) and a verdict table, one row per GPU.
+
+    ``gpu``: one GPU name or byte count (default: every GPU in ``llmtune.memory.GPUS``). ``processes`` > 1:
+    data parallel (DDP), ``batch_size`` per process. Each row: ``gpu``, ``capacity_bytes``, ``device_bytes``
+    (the larger of the training step and, when the config has ``eval_data``, an evaluation generation), ``fits``, ``headroom_bytes``, ``notes``.
+    """
+    from llmtune.memory import GPUS, estimate_serving, estimate_training, gpu_bytes
+
+    trainer = config.trainer
+    spec = spec if spec is not None else model_spec(config.model)
+    kw, notes = training_arguments(trainer.options, getattr(type(trainer), "backend", "peft"))
+    est = estimate_training(spec, gpus=processes, **kw)
+    o = trainer.options
+    q = o.quantizer
+    bits = {"nf4": 4, "fp4": 4, "int8": 8}.get(q.name, 16) if q is not None else 16
+    serve = estimate_serving(spec, bits, batch_size=o.eval_batch_size, seq_len=o.max_length + o.max_new_tokens,
+                             logits="last")
+    held = sum(est.breakdown.get(k, 0) for k in ("lora_params", "optimizer_states"))
+    eval_device = serve.device_bytes + held if getattr(config, "eval_data", None) else 0
+    device = max(est.device_bytes, eval_device)
+    if eval_device > est.device_bytes:
+        notes.append(f"evaluation generation (batch {o.eval_batch_size}, {o.max_length + o.max_new_tokens} tokens) "
+                     "needs more than the training step")
+    targets = {str(gpu): gpu_bytes(gpu)} if gpu is not None else dict(GPUS)
+    rows = [{"gpu": name, "capacity_bytes": cap, "device_bytes": device, "fits": device <= cap,
+             "headroom_bytes": cap - device, "notes": list(notes)} for name, cap in targets.items()]
+    return est, rows

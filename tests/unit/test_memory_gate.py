@@ -1,0 +1,87 @@
+"""The pre-run memory gate: every trainer/quantizer option mapped or declared irrelevant; configs estimated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from llmtune.memory import GPUS, PRESETS, ModelSpec, estimate_training
+from llmtune.memory.recipes import RECIPE_FACTS
+from llmtune.trainers._memory_gate import IRRELEVANT, MAPPED, estimate_for_config, model_spec, training_arguments
+
+
+def _options_classes():
+    from llmtune.quantizers.bnb import FourBitOptions, Int8Options
+    from llmtune.trainers.peft import PeftLoraOptions
+
+    return {"PeftLoraOptions": PeftLoraOptions, "FourBitOptions": FourBitOptions, "Int8Options": Int8Options}
+
+
+@pytest.mark.parametrize("name", ["PeftLoraOptions", "FourBitOptions", "Int8Options"])
+def test_every_option_is_mapped_or_declared_irrelevant(name):
+    """A new trainer or quantizer option fails here until the gate maps it or says why it does not matter;
+    a name in the tables that is no longer an option fails too."""
+    fields = {f.name for f in dataclasses.fields(_options_classes()[name])}
+    mapped, irrelevant = set(MAPPED.get(name, {})), set(IRRELEVANT.get(name, {}))
+    assert not mapped & irrelevant, f"{name}: both mapped and irrelevant: {sorted(mapped & irrelevant)}"
+    assert fields - mapped - irrelevant == set(), f"{name}: options neither mapped nor declared irrelevant"
+    assert (mapped | irrelevant) - fields == set(), f"{name}: stale names in the gate's tables"
+
+
+def test_unsloth_options_add_nothing_unmapped():
+    from llmtune.trainers.peft import PeftLoraOptions
+    from llmtune.trainers.unsloth import UnslothLoraOptions
+
+    assert {f.name for f in dataclasses.fields(UnslothLoraOptions)} == {f.name for f in dataclasses.fields(PeftLoraOptions)}
+
+
+def _write(tmp_path, model: str, trainer: str, quantizer: str = "") -> object:
+    from llmtune.trainers._config import load_config
+
+    (tmp_path / model).mkdir()
+    (tmp_path / model / "config.json").write_text(json.dumps(PRESETS[model].config))
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "c.yaml").write_text(f"model: ./{model}\ndata: train.jsonl\ntrainer:\n{trainer}{quantizer}")
+    return load_config(tmp_path / "c.yaml")
+
+
+def test_demo_shaped_config_equals_direct_estimate(tmp_path):
+    """A LoRA config: the gate's estimate is estimate_training with the options' values, and fits everywhere."""
+    cfg = _write(tmp_path, "llama-3.2-1b", "  rank: 8\n  batch_size: 4\n  max_length: 512\n  dropout: 0.0\n"
+                                          "  gradient_checkpointing: true\n  loss_chunk_tokens: 256\n")
+    est, rows = estimate_for_config(cfg)
+    direct = estimate_training(ModelSpec.from_preset("llama-3.2-1b"), "lora", batch_size=4, seq_len=512, lora_rank=8,
+                               gradient_checkpointing=True, recipe="llmtune", loss_chunk_tokens=256)
+    assert est.peak_tensor_bytes == direct.peak_tensor_bytes
+    assert [r["gpu"] for r in rows] == list(GPUS) and all(r["fits"] for r in rows)
+
+
+def test_70b_qlora_config_verdict_per_gpu(tmp_path):
+    """Llama-3.1-70B QLoRA (nf4) at batch 1 x 2048: fits an 80 GB GPU, not a 40 GB one; non-default skip_modules noted."""
+    cfg = _write(tmp_path, "llama-3.1-70b", "  batch_size: 1\n  max_length: 2048\n  gradient_checkpointing: true\n",
+                 "quantizer:\n  name: nf4\n  skip_modules: [lm_head, '*.mlp.down_proj']\n")
+    est, rows = estimate_for_config(cfg)
+    verdict = {r["gpu"]: r["fits"] for r in rows}
+    assert verdict["A100-80GB"] and verdict["H100-80GB"] and not verdict["A100-40GB"] and not verdict["L4"]
+    assert "weights_nf4" in est.breakdown and any("skip_modules" in n for n in rows[0]["notes"])
+    one = estimate_for_config(cfg, "H100")[1]
+    assert len(one) == 1 and one[0]["gpu"] == "H100"
+
+
+def test_options_become_recipe_facts():
+    from llmtune.trainers.peft import PeftLoraOptions
+
+    kw, _ = training_arguments(PeftLoraOptions(upcast_embeddings=True, loss_chunk_tokens=0), "peft")
+    assert kw["recipe"].kbit_upcast_fp32 and kw["recipe"].loss == "full_fp32"
+    kw, _ = training_arguments(PeftLoraOptions(dropout=0.0), "unsloth")
+    assert kw["recipe"] == RECIPE_FACTS["unsloth"]
+
+
+def test_model_spec_from_hub_id_and_error():
+    assert model_spec("meta-llama/Llama-3.1-8B").num_params == PRESETS["llama-3.1-8b"].published_params
+    from llmtune.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no local config\.json"):
+        model_spec("someone/unknown-model")
