@@ -176,3 +176,31 @@ def test_not_a_decoder_model_and_double_injection_are_errors() -> None:
     bn.inject_bottleneck(model)
     with pytest.raises(ConfigError, match="already has"):
         bn.inject_bottleneck(model)
+
+
+@pytest.mark.parametrize("act", bn.NON_LINEARITIES)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_saved_activations_per_token_and_the_memory_model(act: str, dropout: float) -> None:
+    """What one adapter saves for backward, per token: 4·(d + k·b) bytes (k = 1 for tanh/relu, which keep only
+    their output, 2 for gelu/silu) plus 4·d with dropout; llmtune.memory counts 4·(d + 2b) per site."""
+    from llmtune.memory import ModelSpec
+    from llmtune.memory.mechanisms import adapter_layer_bytes
+
+    d, b, tokens = 64, 8, 10
+    adapter = bn.BottleneckAdapter(d, bn.BottleneckOptions(size=b, non_linearity=act, dropout=dropout)).train()
+    params = {p.untyped_storage().data_ptr() for p in adapter.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(tokens, d, dtype=torch.bfloat16, requires_grad=True)  # a bf16 base: the fp32 copy is saved
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        adapter(x)
+    k = 1 if act in ("tanh", "relu") else 2
+    assert sum(saved.values()) / tokens == 4 * (d + k * b) + (4 * d if dropout else 0)
+    spec = ModelSpec.from_preset("llama-3.2-1b")
+    model_bytes = adapter_layer_bytes(spec, "bottleneck", 2, 4, bottleneck_size=b, sites=("mlp",))
+    assert model_bytes == 4 * (spec.hidden_size + 2 * b)  # exact for gelu/silu without dropout, + 4b for tanh/relu
