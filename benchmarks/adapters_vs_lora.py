@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-examples", type=int, default=32)
+    parser.add_argument("--seeds", default="0", help="training seeds (data order, adapter init), comma-separated")
     args = parser.parse_args()
 
     import torch
@@ -63,9 +64,9 @@ def main() -> None:
     base, tok, _ = pretrained_tiny(seed=0, steps=args.pretrain_steps)
     train, held = split_instructions()
     held = held[:args.eval_examples]
-    for name in args.methods.split(","):
+    for name, seed in ((n, int(s)) for s in args.seeds.split(",") for n in args.methods.split(",")):
         opts = {"lr": args.lr, "batch_size": 8, "warmup": 0.05, "dropout": 0.0, "max_length": 128,
-                "eval_examples": args.eval_examples, "max_new_tokens": 24, "progress": False, "seed": 0,
+                "eval_examples": args.eval_examples, "max_new_tokens": 24, "progress": False, "seed": seed,
                 **METHODS[name]}
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
@@ -80,7 +81,7 @@ def main() -> None:
             after = heldout_loss(model, tok, held)
         losses = [h["loss"] for h in result.history]
         print(json.dumps({
-            "bench": "adapters_vs_lora", "method": name, "options": METHODS[name],
+            "bench": "adapters_vs_lora", "method": name, "seed": seed, "options": METHODS[name],
             "trainable_parameters": result.extra["trainable_parameters"], "steps": len(losses),
             "train_loss_first10": round(sum(losses[:10]) / 10, 4), "train_loss_last10": round(sum(losses[-10:]) / 10, 4),
             "heldout_loss_before": round(heldout_loss(base, tok, held), 4), "heldout_loss_after": round(after, 4),
