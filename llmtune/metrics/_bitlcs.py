@@ -13,6 +13,8 @@ too: at column ``j`` the walk moves to the highest row ``i' <= i`` that is a mat
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 MAX_BITS = 63  # V + U must not overflow 64 bits
@@ -69,14 +71,14 @@ def lcs_batch(
     offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
     keys = owner * vocab_size + tokens[owner + offset]
     bits = np.left_shift(_ONE, offset.astype(np.uint64))
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)
     keys, bits = keys[order], bits[order]
     head = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     table_keys = keys[head]
     table_masks = np.bitwise_or.reduceat(bits, head)
 
     # Pairs in order of b length, in chunks, so that short pairs do not pay for the longest b.
-    by_len = np.argsort(b_len, kind="stable")
+    by_len = np.argsort(b_len)
     sorted_len = b_len[by_len]
     pos = 0
     while pos < n_pairs:
@@ -146,3 +148,238 @@ def _run_chunk(
         j = j - 1
         keep = (i > 0) & (j > 0)
         rows, i, j = rows[keep], i[keep], j[keep]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rougeLsum: union LCS of packed reference lines against every candidate line, forward and back in lock-step
+# ---------------------------------------------------------------------------------------------------------------
+_SWAPS = tuple((np.uint64(shift), np.uint64(mask)) for shift, mask in
+               ((1, 0x5555555555555555), (2, 0x3333333333333333), (4, 0x0F0F0F0F0F0F0F0F)))
+
+
+def reverse_bits(x: np.ndarray) -> np.ndarray:
+    """Bit ``i`` of each ``uint64`` moved to bit ``63 - i``: reverse the bytes, then swap bits, pairs and nibbles."""
+    y = np.asarray(x, dtype=np.uint64).byteswap()
+    t = np.empty_like(y)
+    for shift, mask in _SWAPS:
+        np.right_shift(y, shift, out=t)
+        t &= mask
+        y &= mask
+        y <<= shift
+        y |= t
+    return y
+
+
+@dataclasses.dataclass
+class PackedLines:
+    """Reference lines packed into 64-bit words ("units"), each line a segment followed by one guard bit.
+
+    ``unit_row``: the row (pair) of each unit; ``pos_unit``/``pos_bit``/``pos_tok``: per reference position,
+    its unit, bit and token; ``full``: per unit, the bits of its segments; ``seg_lo``/``seg_top``: per unit,
+    the lowest and highest bit of each segment, as bit sets.
+    """
+
+    unit_row: np.ndarray
+    pos_unit: np.ndarray
+    pos_bit: np.ndarray
+    pos_tok: np.ndarray
+    full: np.ndarray
+    seg_lo: np.ndarray
+    seg_top: np.ndarray
+
+
+def pack_lines(line_row: np.ndarray, line_start: np.ndarray, line_len: np.ndarray, tokens: np.ndarray) -> PackedLines:
+    """Pack lines (``1 <= len <= 63``, grouped by row, in order) greedily: a line goes into its row's current
+    unit while ``sum(len + 1) <= 64``, else opens the next unit. Lines never straddle two units."""
+    n_lines = len(line_len)
+    n_rows = int(line_row[-1]) + 1 if n_lines else 0
+    bits = line_len + 1
+    row_bits = np.bincount(line_row, weights=bits, minlength=n_rows)
+    first = np.searchsorted(line_row, np.arange(n_rows))
+    # a row that fits one word: its lines side by side; the others greedily, line by line
+    lo_of_line = np.cumsum(bits) - bits
+    lo_of_line -= lo_of_line[first][line_row] if n_lines else 0
+    within = np.zeros(n_lines, dtype=np.int64)
+    for k in np.flatnonzero(row_bits[line_row] > 64).tolist() if (row_bits > 64).any() else []:
+        if k == first[line_row[k]]:
+            unit, used = 0, 0
+        elif used + int(bits[k]) > 64:
+            unit, used = unit + 1, 0
+        within[k], lo_of_line[k] = unit, used
+        used += int(bits[k])
+    units_per_row = np.zeros(n_rows, dtype=np.int64)
+    np.maximum.at(units_per_row, line_row, within + 1)
+    unit_of_line = (np.cumsum(units_per_row) - units_per_row)[line_row] + within
+    n_units = int(units_per_row.sum())
+    unit_row = np.repeat(np.arange(n_rows), units_per_row)
+    total = int(line_len.sum())
+    offset = np.arange(total) - np.repeat(np.cumsum(line_len) - line_len, line_len)
+    pos_unit = np.repeat(unit_of_line, line_len)
+    pos_bit = (np.repeat(lo_of_line, line_len) + offset).astype(np.uint64)
+    pos_tok = tokens[np.repeat(line_start, line_len) + offset]
+    full = np.zeros(n_units, dtype=np.uint64)
+    np.add.at(full, pos_unit, np.left_shift(_ONE, pos_bit))
+    seg_lo = np.zeros(n_units, dtype=np.uint64)
+    seg_top = np.zeros(n_units, dtype=np.uint64)
+    np.add.at(seg_lo, unit_of_line, np.left_shift(_ONE, lo_of_line.astype(np.uint64)))
+    np.add.at(seg_top, unit_of_line, np.left_shift(_ONE, (lo_of_line + line_len - 1).astype(np.uint64)))
+    return PackedLines(unit_row, pos_unit, pos_bit, pos_tok, full, seg_lo, seg_top)
+
+
+def union_lcs(
+    packed: PackedLines, cand_tokens: np.ndarray, cand_start: np.ndarray, cand_len: np.ndarray,
+    line_first: np.ndarray, line_last: np.ndarray, vocab_size: int,
+) -> np.ndarray:
+    """Which reference positions are in rouge-score's union LCS (``_summary_level_lcs``), as a bool per position.
+
+    Row ``r``'s candidate is ``cand_tokens[cand_start[r]:cand_start[r] + cand_len[r]]``; ``line_first`` /
+    ``line_last`` (bool, parallel to ``cand_tokens``) mark its line starts and ends. For every candidate line
+    and every reference line, the position set that rouge-score's ``lcs_ind`` back-tracking picks is OR-ed in.
+    Each unit runs the Hyyro recurrence over the whole candidate (``V`` refilled at each line start), then the
+    back-tracking of every segment at once, columns in reverse: in reversed bit order "the highest row below
+    i that is a match or a 0 bit" is the lowest set bit of each segment, found for all segments with one
+    subtraction (the guard bits stop the borrows).
+    """
+    n_units = len(packed.unit_row)
+    in_union = np.zeros(len(packed.pos_tok), dtype=bool)
+    if n_units == 0:
+        return in_union
+    table, table_base, lid, at = _local_masks(packed, cand_tokens, cand_start, cand_len, vocab_size)
+    first_flag, last_flag = line_first[at], line_last[at]
+    row_start = np.cumsum(cand_len) - cand_len
+    row = packed.unit_row
+    blen = cand_len[row]
+    by_len = np.argsort(blen)
+    union = np.zeros(n_units, dtype=np.uint64)
+    pos = 0
+    while pos < n_units:
+        end = min(n_units, pos + max(1, _CELLS_PER_CHUNK // max(1, int(blen[by_len[pos]]))))
+        while end - pos > 1 and (end - pos) * int(blen[by_len[end - 1]]) > _CELLS_PER_CHUNK:
+            end = pos + max(1, _CELLS_PER_CHUNK // int(blen[by_len[end - 1]]))
+        chunk = by_len[pos:end]
+        union[chunk] = _union_chunk(packed, chunk, table, table_base, lid, row_start[row[chunk]], blen[chunk],
+                                    first_flag, last_flag)
+        pos = end
+    bits = np.right_shift(union[packed.pos_unit], packed.pos_bit) & _ONE
+    return bits.astype(bool)
+
+
+def _local_masks(
+    packed: PackedLines, cand_tokens: np.ndarray, cand_start: np.ndarray, cand_len: np.ndarray, vocab_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dense match masks: per row, the distinct reference tokens get local ids ``0..K-1`` (``K`` = absent);
+    unit ``u``'s mask of local id ``l`` is ``table[table_base[u] + l]``. Returns ``(table, table_base, lid,
+    at)``: per row ``r`` and column ``j`` (flat index ``sum(cand_len[:r]) + j``) the candidate token's local id
+    and its index in ``cand_tokens`` (a candidate text may serve several rows, with different local ids)."""
+    pos_row = packed.unit_row[packed.pos_unit]
+    n_rows = len(cand_start)
+    c_row = np.repeat(np.arange(n_rows), cand_len)
+    c_at = np.repeat(cand_start, cand_len) + np.arange(len(c_row)) - np.repeat(np.cumsum(cand_len) - cand_len, cand_len)
+    n_ref = len(pos_row)
+    # one sort of every (row, token) key, reference positions and candidate tokens together
+    keys = np.concatenate([pos_row * vocab_size + packed.pos_tok, c_row * vocab_size + cand_tokens[c_at]])
+    order = np.argsort(keys)
+    sk = keys[order]
+    head = np.empty(len(sk), dtype=bool)
+    head[:1] = True
+    np.not_equal(sk[1:], sk[:-1], out=head[1:])
+    group = np.empty(len(sk), dtype=np.int64)
+    group[order] = np.cumsum(head) - 1
+    has_ref = np.zeros(int(group.max(initial=-1)) + 1, dtype=bool)
+    has_ref[group[:n_ref]] = True
+    rank = np.cumsum(has_ref) - 1  # global rank of each reference token group
+    k_row = np.bincount(sk[head][has_ref] // vocab_size, minlength=n_rows)
+    row_rank0 = np.cumsum(k_row) - k_row
+    widths = k_row[packed.unit_row] + 1
+    table_base = np.cumsum(widths) - widths
+    pos_lid = rank[group[:n_ref]] - row_rank0[pos_row]
+    table = np.zeros(int(widths.sum()), dtype=np.uint64)
+    np.add.at(table, table_base[packed.pos_unit] + pos_lid, np.left_shift(_ONE, packed.pos_bit))
+    c_group = group[n_ref:]
+    lid = np.where(has_ref[c_group], rank[c_group] - row_rank0[c_row], k_row[c_row])
+    return table, table_base, lid, c_at
+
+
+def _union_chunk(
+    packed: PackedLines, chunk: np.ndarray, table: np.ndarray, table_base: np.ndarray, lid: np.ndarray,
+    start: np.ndarray, blen: np.ndarray, first_flag: np.ndarray, last_flag: np.ndarray,
+) -> np.ndarray:
+    """Union bit set (normal bit order) of each unit of ``chunk`` (sorted by candidate length ``blen``).
+
+    Matrices are column-major (``[column, unit]``) so that each lock-step column is contiguous.
+    """
+    n = len(chunk)
+    width = int(blen.max())
+    cell_unit = np.repeat(np.arange(n), blen)
+    cell_col = np.arange(len(cell_unit)) - np.repeat(np.cumsum(blen) - blen, blen)
+    at = np.repeat(start, blen) + cell_col
+    cell = cell_col * n + cell_unit
+    full = packed.full[chunk]
+    seg = reverse_bits(full)
+    masks_flat = np.zeros(width * n, dtype=np.uint64)
+    masks_flat[cell] = table[table_base[chunk][cell_unit] + lid[at]]
+    masks = masks_flat.reshape(width, n)
+    refill_flat = np.zeros(width * n, dtype=np.uint64)
+    refill_flat[cell] = np.where(first_flag[at], full[cell_unit], np.uint64(0))
+    refill = refill_flat.reshape(width, n)
+    end_fill_flat = np.zeros(width * n, dtype=np.uint64)
+    end_fill_flat[cell] = np.where(last_flag[at], seg[cell_unit], np.uint64(0))
+    end_fill = end_fill_flat.reshape(width, n)
+    running = np.searchsorted(blen, np.arange(width), side="right")  # units with blen > j are a suffix
+    history = np.empty((width + 1, n), dtype=np.uint64)
+    history[0] = full
+    u = np.empty(n, dtype=np.uint64)
+    w = np.empty(n, dtype=np.uint64)
+    for j in range(width):
+        k = int(running[j])
+        vk = history[j + 1, k:]
+        np.bitwise_or(history[j, k:], refill[j, k:], out=vk)
+        uk, wk = u[k:], w[k:]
+        np.bitwise_and(vk, masks[j, k:], out=uk)
+        np.add(vk, uk, out=wk)
+        np.subtract(vk, uk, out=vk)
+        vk |= wk
+        vk &= full[k:]
+    lowest = reverse_bits(packed.seg_top[chunk])  # in reversed order each segment's top bit is its lowest
+    guard = reverse_bits(packed.seg_lo[chunk] >> _ONE)  # the free bit above each segment (reversed order)
+    union = _walk_back(reverse_bits(history), reverse_bits(masks), end_fill, seg, lowest, guard, running)
+    return reverse_bits(union)
+
+
+def _walk_back(
+    history: np.ndarray, masks: np.ndarray, end_fill: np.ndarray, seg: np.ndarray, lowest: np.ndarray,
+    guard: np.ndarray, running: np.ndarray,
+) -> np.ndarray:
+    """rouge-score's ``_backtrack_norec`` for every segment of every unit, all candidate lines, in reversed bits.
+
+    ``alive`` holds, per segment, the rows still below the walk's row ``i`` (set to the whole segment at the
+    end of each candidate line). At column ``j`` the walk stops at the highest such row that matches token
+    ``j - 1`` or has a 0 bit in column ``j`` (the lowest set bit of ``stop``, per segment); a match is a hit
+    and leaves the rows below it, a 0 bit (a move left) keeps that row too; no such row ends the walk.
+    """
+    width, n = masks.shape
+    alive = np.zeros(n, dtype=np.uint64)
+    union = np.zeros(n, dtype=np.uint64)
+    z_buf = np.empty(n, dtype=np.uint64)
+    b_buf = np.empty(n, dtype=np.uint64)
+    for j in range(width, 0, -1):
+        k = int(running[j - 1])
+        a = alive[k:]
+        a |= end_fill[j - 1, k:]
+        match = masks[j - 1, k:]
+        z, below = z_buf[k:], b_buf[k:]
+        np.invert(history[j, k:], out=z)
+        z |= match
+        z &= a
+        z |= guard[k:]
+        np.subtract(z, lowest[k:], out=below)
+        below ^= z  # per segment: its bottom bits up to and including the lowest set one
+        z &= below
+        z &= seg[k:]  # the walk's stop in each segment (0 where it ended)
+        np.invert(below, out=below)
+        np.bitwise_and(seg[k:], below, out=a)
+        np.bitwise_and(z, match, out=below)
+        union[k:] |= below
+        z ^= below  # stops that are not matches: moves left, the row stays
+        a |= z
+    return union

@@ -11,6 +11,7 @@ words' tokens (each word taken with the whitespace, or line edge, around it).
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -258,17 +259,38 @@ def encode(lines: list[str], name: str, lowercase: bool) -> tuple[np.ndarray, np
     return ids, lens
 
 
+_WORD_TOKENS: dict[str, tuple[int, ...]] = {"\0": (-1,)}  # 13a tokens (as ids) of every word seen; "\0": separator
+_TOKEN_IDS: dict[str, int] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_MAX_WORDS = 1 << 20  # a long-running process starts afresh past this many distinct words
+
+
+def _add_words(words: list[str]) -> list[int]:
+    """Expand and memoise every word of ``words`` not seen yet, under the lock that hands out ids; returns the
+    token ids of ``words`` (read under the same lock, so a concurrent reset cannot intervene)."""
+    with _CACHE_LOCK:
+        if len(_WORD_TOKENS) > _CACHE_MAX_WORDS:
+            _WORD_TOKENS.clear()
+            _TOKEN_IDS.clear()
+            _WORD_TOKENS["\0"] = (-1,)
+        token_id, tokens_of = _TOKEN_IDS, _WORD_TOKENS
+        for w in dict.fromkeys(words):
+            if w not in tokens_of:
+                tokens_of[w] = tuple([token_id.setdefault(t, len(token_id)) for t in expand_13a(w)])
+        return list(chain.from_iterable(map(tokens_of.__getitem__, words)))
+
+
 def _encode_13a_text(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
-    """`encode` for 13a from `_joined_13a`'s text: one split, one expansion per distinct word, separators -1."""
+    """`encode` for 13a from `_joined_13a`'s text: one split, one expansion per distinct word ever seen (the
+    expansions persist between calls), separators -1."""
     import numpy as np
 
     words = text.split()
-    token_id: dict[str, int] = {}
-    tokens_of: dict[str, tuple[int, ...]] = {}
-    for w in dict.fromkeys(words):
-        tokens_of[w] = tuple([token_id.setdefault(t, len(token_id)) for t in expand_13a(w)])
-    tokens_of["\0"] = (-1,)  # "\0" only occurs as the separator (checked by _joined_13a)
-    stream = np.array(list(chain.from_iterable(map(tokens_of.__getitem__, words))), dtype=np.int64)
+    try:
+        flat = list(chain.from_iterable(map(_WORD_TOKENS.__getitem__, words)))
+    except KeyError:
+        flat = _add_words(words)
+    stream = np.array(flat, dtype=np.int64)
     seps = np.flatnonzero(stream < 0)
     assert seps.size == n_lines - 1
     bounds = np.concatenate([[-1], seps, [stream.size]])

@@ -20,7 +20,7 @@ import math
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from itertools import chain
 from typing import Any, ClassVar
@@ -29,11 +29,10 @@ import numpy as np
 
 from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError
-from llmtune.core.interfaces import Metric
 from llmtune.core.options import check_choice, check_type
-from llmtune.core.results import LazyMapping, MetricResult
+from llmtune.core.results import LazyMapping
 from llmtune.metrics._bleu_tokenizers import encode as _encode
-from llmtune.metrics._inputs import check_corpus
+from llmtune.metrics.base import CorpusMetric
 
 #: sacrebleu version whose behaviour (and signature format) this module reproduces.
 SACREBLEU_COMPAT = "2.6.0"
@@ -186,7 +185,7 @@ class SegmentStats:
 
 
 def _unique_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    codes = np.sort(codes, kind="stable")
+    codes = np.sort(codes)
     if codes.size == 0:
         return codes, codes.copy()
     edge = np.empty(codes.size, dtype=bool)
@@ -419,7 +418,7 @@ def nltk_score(
 # ------------------------------------------------------------------------------------------------------------
 # Signature
 # ------------------------------------------------------------------------------------------------------------
-def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str, version: str | None = None) -> str:
+def bleu_signature(options: BleuOptions, n_refs: list[int] | str, impl: str, version: str | None = None) -> str:
     """sacrebleu-style signature: ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0|impl:...``.
 
     The sacrebleu part has sacrebleu's keys, order and formats; ``version`` is the sacrebleu version the
@@ -427,8 +426,11 @@ def bleu_signature(options: BleuOptions, n_refs: list[int], impl: str, version: 
     ``impl`` says which code computed the numbers (``llmtune-numpy-<version>`` or the official library);
     ``version`` overrides the reproduced library version (the official backends pass the installed one).
     """
-    counts = set(n_refs)
-    nrefs = str(counts.pop()) if len(counts) == 1 else "var"
+    if isinstance(n_refs, str):
+        nrefs = n_refs
+    else:
+        counts = set(n_refs)
+        nrefs = str(counts.pop()) if len(counts) == 1 else "var"
     if options.definition == "nltk":
         weights = ",".join(repr(float(w)) for w in options.nltk_weights)
         parts = [f"nrefs:{nrefs}", "def:nltk", f"smooth:method{options.smoothing or 0}", f"weights:{weights}"]
@@ -452,37 +454,47 @@ def result_keys(options: BleuOptions) -> list[str]:
     return ["bleu", "bp", "sys_len", "ref_len", *[f"precision_{n}" for n in range(1, options.order + 1)]]
 
 
-class NumpyBleu(Metric):
-    """BLEU from scratch: sacrebleu's definition (default) or NLTK's (``definition="nltk"``), exactly."""
+class BleuTemplate(CorpusMetric):
+    """What every ``bleu`` backend shares: the label, the options check and the signature layout."""
 
     name: ClassVar[str] = "bleu"
-    backend: ClassVar[str] = "numpy"
+    label: ClassVar[str] = "BLEU"
     Options: ClassVar[type] = BleuOptions
     options: BleuOptions
 
-    def compute(
-        self,
-        predictions: Sequence[str],
-        references: Sequence[str] | Sequence[Sequence[str]],
-    ) -> MetricResult:
-        """Corpus BLEU in ``scores``; sentence BLEU per prediction in ``per_example["bleu"]`` (lazy)."""
-        preds, refs = check_corpus(predictions, references, "BLEU")
+    def implementation(self) -> tuple[str, str | None]:
+        """``(impl, version)`` for the signature: which code computed it, which library version it equals."""
+        return f"llmtune-numpy-{__version__}", None
+
+    def aggregate(self, stats: Any, preds: list[str], refs: list[list[str]],
+                  ) -> tuple[dict[str, float], Mapping[str, np.ndarray]]:
+        """BLEU backends compute ``(scores, per_example)`` in `extract` (the corpus score is not a mean)."""
+        scores, per_example = stats
+        return scores, per_example
+
+    def signature(self, nrefs: str) -> str:
+        """`bleu_signature` with this backend's implementation and version."""
+        impl, version = self.implementation()
+        return bleu_signature(self.options, nrefs, impl, version=version)
+
+
+class NumpyBleu(BleuTemplate):
+    """BLEU from scratch: sacrebleu's definition (default) or NLTK's (``definition="nltk"``), exactly."""
+
+    backend: ClassVar[str] = "numpy"
+
+    def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
+        """Corpus BLEU, and sentence BLEU per prediction in ``per_example["bleu"]`` (lazy)."""
         opts = self.options
         if opts.definition == "nltk":
             hyp_toks = [p.split() for p in preds]
             ref_toks = [[r.split() for r in group] for group in refs]
             st = segment_stats(hyp_toks, ref_toks, opts.order)
-        else:
-            ids, lens = _encode(preds + [r for group in refs for r in group], opts.tokenizer, bool(opts.lowercase))
-            st = segment_stats_ids(ids, lens, [len(group) for group in refs], opts.order)
-        impl = f"llmtune-numpy-{__version__}"
-        if opts.definition == "nltk":
-            scores = {"bleu": _nltk_corpus(st, hyp_toks, ref_toks, opts)}
-            per = LazyMapping(["bleu"], lambda: {"bleu": _nltk_sentences(st, hyp_toks, ref_toks, opts)})
-        else:
-            scores = _sacre_corpus(st, opts)
-            per = LazyMapping(["bleu"], lambda: {"bleu": _sacre_sentences(st, opts)})
-        return MetricResult(scores=scores, per_example=per, signature=bleu_signature(opts, st.n_refs, impl))
+            return ({"bleu": _nltk_corpus(st, hyp_toks, ref_toks, opts)},
+                    LazyMapping(["bleu"], lambda: {"bleu": _nltk_sentences(st, hyp_toks, ref_toks, opts)}))
+        ids, lens = _encode(preds + [r for group in refs for r in group], opts.tokenizer, bool(opts.lowercase))
+        st = segment_stats_ids(ids, lens, [len(group) for group in refs], opts.order)
+        return _sacre_corpus(st, opts), LazyMapping(["bleu"], lambda: {"bleu": _sacre_sentences(st, opts)})
 
 
 def _sacre_corpus(st: SegmentStats, opts: BleuOptions) -> dict[str, float]:
@@ -509,7 +521,14 @@ def _nltk_corpus(st: SegmentStats, hyps: list[list[str]], refs: list[list[list[s
     try:
         return nltk_score(num, den, int(st.hyp_len.sum()), int(st.ref_len.sum()), hyps[-1], refs[-1], opts)
     except Method6Error as exc:
-        raise ValueError(f"corpus BLEU: {exc}") from None
+        warn_method6(str(exc))
+        return math.nan
+
+
+def warn_method6(reason: str) -> None:
+    """NLTK's method 6 has no corpus value here: the score is NaN (per-example values stay readable)."""
+    warnings.warn(f"corpus BLEU is NaN: {reason}; per_example['bleu'] has NLTK's value wherever NLTK defines one "
+                  "(NaN elsewhere)", UserWarning, stacklevel=5)
 
 
 def warn_method0(opts: BleuOptions, num: list[int]) -> None:
@@ -543,6 +562,6 @@ def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[lis
     return out
 
 
-__all__ = ["BleuOptions", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature",
-           "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "segment_stats_ids", "warn_method0",
+__all__ = ["BleuOptions", "BleuTemplate", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature",
+           "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "segment_stats_ids", "warn_method0", "warn_method6",
            "warn_zero_orders"]

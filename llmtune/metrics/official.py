@@ -16,68 +16,53 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
 
 from llmtune.core.errors import InvalidOptionError
-from llmtune.core.interfaces import Metric
-from llmtune.core.results import LazyMapping, MetricResult
-from llmtune.metrics._bootstrap import bootstrap_intervals
-from llmtune.metrics._inputs import check_corpus
+from llmtune.core.results import LazyMapping
+from llmtune.metrics.base import CorpusMetric
 from llmtune.metrics.bleu import (
-    BleuOptions,
+    BleuTemplate,
     NltkBleuOptions,
-    bleu_signature,
     result_keys,
+    warn_method6,
     warn_zero_orders,
 )
+from llmtune.metrics.chrf import ChrfTemplate
 from llmtune.metrics.rouge import RougeOptions, rouge_signature
 
 #: NLTK method0's warning text (one per n-gram order without matches).
 _ZERO_ORDER = re.compile(r"contains 0 counts of (\d+)-gram overlaps")
 
 
-def _nrefs(refs: list[list[str]]) -> str:
-    counts = {len(g) for g in refs}
-    return str(counts.pop()) if len(counts) == 1 else "var"
-
-
-class RougeScoreRouge(Metric):
+class RougeScoreRouge(CorpusMetric):
     """rouge-score's ``RougeScorer``: ``score`` for one reference, ``score_multi`` for several; corpus = mean."""
 
     name: ClassVar[str] = "rouge"
     backend: ClassVar[str] = "rouge-score"
+    label: ClassVar[str] = "ROUGE"
+    chunkable: ClassVar[bool] = True
     Options: ClassVar[type] = RougeOptions
     options: RougeOptions
 
-    def compute(
-        self,
-        predictions: Sequence[str],
-        references: Sequence[str] | Sequence[Sequence[str]],
-    ) -> MetricResult:
-        """Per-example P/R/F from rouge-score; corpus values are their plain means (no bootstrap median)."""
+    def extract(self, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
+        """Per-example P/R/F from rouge-score (corpus values: their plain means, no bootstrap median)."""
         from rouge_score import rouge_scorer
 
-        preds, refs = check_corpus(predictions, references, "ROUGE")
-        opts = self.options
-        types = list(opts.rouge_types)
-        scorer = rouge_scorer.RougeScorer(types, use_stemmer=opts.use_stemmer)
+        types = list(self.options.rouge_types)
+        scorer = rouge_scorer.RougeScorer(types, use_stemmer=self.options.use_stemmer)
         rows = [scorer.score(group[0], pred) if len(group) == 1 else scorer.score_multi(group, pred)
-                for pred, group in zip(preds, refs)]
-        per_example: dict[str, np.ndarray] = {}
-        for t in types:
-            for measure in ("precision", "recall", "fmeasure"):
-                per_example[f"{t}_{measure}"] = np.array([float(getattr(row[t], measure)) for row in rows],
-                                                         dtype=np.float64)
-        scores = {key: float(np.mean(values)) for key, values in per_example.items()}
-        if opts.bootstrap:
-            scores.update(bootstrap_intervals(per_example, samples=opts.bootstrap_samples,
-                                              confidence=float(opts.confidence), seed=opts.seed))
-        return MetricResult(scores=scores, per_example=per_example,
-                            signature=rouge_signature(opts, _nrefs(refs), f"rouge-score-{_version('rouge-score')}"))
+                for pred, group in zip(preds, refs, strict=True)]
+        return {f"{t}_{measure}": np.array([float(getattr(row[t], measure)) for row in rows], dtype=np.float64)
+                for t in types for measure in ("precision", "recall", "fmeasure")}
+
+    def signature(self, nrefs: str) -> str:
+        """`rouge_signature` with ``impl:rouge-score-<installed version>``."""
+        return rouge_signature(self.options, nrefs, f"rouge-score-{_version('rouge-score')}")
 
 
 def _version(dist: str) -> str:
@@ -101,13 +86,10 @@ def _quiet_sacrebleu() -> Iterator[None]:
         logger.setLevel(level)
 
 
-class SacreBleu(Metric):
+class SacreBleu(BleuTemplate):
     """``sacrebleu.metrics.BLEU(**options)``: ``corpus_score`` for the corpus, ``sentence_score`` per example."""
 
-    name: ClassVar[str] = "bleu"
     backend: ClassVar[str] = "sacrebleu"
-    Options: ClassVar[type] = BleuOptions
-    options: BleuOptions
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -117,22 +99,20 @@ class SacreBleu(Metric):
                 "(or backend='numpy' with definition='nltk')"
             )
 
-    def compute(
-        self,
-        predictions: Sequence[str],
-        references: Sequence[str] | Sequence[Sequence[str]],
-    ) -> MetricResult:
-        """sacrebleu's numbers with our keys; references are transposed into sacrebleu's streams (None-padded)."""
+    def implementation(self) -> tuple[str, str | None]:
+        """sacrebleu itself, at the installed version."""
         import sacrebleu
+
+        return f"sacrebleu-{sacrebleu.__version__}", sacrebleu.__version__
+
+    def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
+        """sacrebleu's numbers with our keys; references are transposed into sacrebleu's streams (None-padded)."""
         from sacrebleu.metrics import BLEU
 
-        preds, refs = check_corpus(predictions, references, "BLEU")
         opts = self.options
         kwargs = opts.sacrebleu_kwargs()
-        width = max(len(g) for g in refs)
-        streams = [[g[k] if k < len(g) else None for g in refs] for k in range(width)]
         with _quiet_sacrebleu():
-            res = BLEU(**kwargs).corpus_score(preds, streams)  # type: ignore[arg-type]  # None = no reference
+            res = BLEU(**kwargs).corpus_score(preds, _streams(refs))  # type: ignore[arg-type]  # None = no reference
         scores: dict[str, float] = {"bleu": res.score, "bp": res.bp, "sys_len": res.sys_len, "ref_len": res.ref_len}
         scores.update({f"precision_{n}": p for n, p in enumerate(res.precisions, start=1)})
         assert list(scores) == result_keys(opts)
@@ -140,21 +120,17 @@ class SacreBleu(Metric):
         def sentences() -> dict[str, np.ndarray]:
             metric = BLEU(**kwargs)
             with _quiet_sacrebleu():
-                values = [metric.sentence_score(p, g).score for p, g in zip(preds, refs)]
+                values = [metric.sentence_score(p, g).score for p, g in zip(preds, refs, strict=True)]
             return {"bleu": np.array(values, dtype=np.float64)}
 
-        sig = bleu_signature(opts, [len(g) for g in refs], f"sacrebleu-{sacrebleu.__version__}",
-                             version=sacrebleu.__version__)
-        return MetricResult(scores=scores, per_example=LazyMapping(["bleu"], sentences), signature=sig)
+        return scores, LazyMapping(["bleu"], sentences)
 
 
-class NltkBleu(Metric):
+class NltkBleu(BleuTemplate):
     """NLTK's ``corpus_bleu`` / ``sentence_bleu`` on whitespace tokens with ``SmoothingFunction().methodK``."""
 
-    name: ClassVar[str] = "bleu"
     backend: ClassVar[str] = "nltk"
     Options: ClassVar[type] = NltkBleuOptions
-    options: NltkBleuOptions
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -164,16 +140,16 @@ class NltkBleu(Metric):
                 "(or the default backend='numpy')"
             )
 
-    def compute(
-        self,
-        predictions: Sequence[str],
-        references: Sequence[str] | Sequence[Sequence[str]],
-    ) -> MetricResult:
-        """NLTK's numbers (0-1) with our keys; NLTK's assert in smoothing method 6 becomes a ValueError / NaN."""
+    def implementation(self) -> tuple[str, str | None]:
+        """NLTK itself, at the installed version."""
         import nltk
+
+        return f"nltk-{nltk.__version__}", nltk.__version__
+
+    def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
+        """NLTK's numbers (0-1) with our keys; where NLTK's method 6 fails its assert the value is NaN."""
         from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
-        preds, refs = check_corpus(predictions, references, "BLEU")
         opts = self.options
         hyps = [p.split() for p in preds]
         ref_toks = [[r.split() for r in g] for g in refs]
@@ -188,10 +164,12 @@ class NltkBleu(Metric):
             except (AssertionError, IndexError) as exc:
                 if opts.smoothing != 6:
                     raise
-                raise ValueError(
-                    "corpus BLEU: NLTK smoothing method 6 needs at least 3 weights and a non-zero trigram precision "
-                    f"(NLTK raises {type(exc).__name__} here)"
-                ) from None
+                corpus, failure = math.nan, type(exc).__name__
+            else:
+                failure = ""
+        if failure:
+            warn_method6("NLTK smoothing method 6 needs at least 3 weights and a non-zero trigram precision "
+                         f"(NLTK raises {failure} here)")
         found = (_ZERO_ORDER.search(str(w.message)) for w in caught)
         warn_zero_orders(sorted({int(m[1]) for m in found if m}))
 
@@ -199,7 +177,7 @@ class NltkBleu(Metric):
             values = []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for r, h in zip(ref_toks, hyps):
+                for r, h in zip(ref_toks, hyps, strict=True):
                     try:
                         values.append(float(sentence_bleu(r, h, **kwargs)))
                     except (AssertionError, IndexError):
@@ -208,5 +186,35 @@ class NltkBleu(Metric):
                         values.append(math.nan)
             return {"bleu": np.array(values, dtype=np.float64)}
 
-        sig = bleu_signature(opts, [len(g) for g in refs], f"nltk-{nltk.__version__}", version=nltk.__version__)
-        return MetricResult(scores={"bleu": corpus}, per_example=LazyMapping(["bleu"], sentences), signature=sig)
+        return {"bleu": corpus}, LazyMapping(["bleu"], sentences)
+
+
+def _streams(refs: list[list[str]]) -> list[list[str | None]]:
+    """Per-prediction reference lists as sacrebleu's streams, None-padded where a prediction has fewer."""
+    width = max(len(g) for g in refs)
+    return [[g[k] if k < len(g) else None for g in refs] for k in range(width)]
+
+
+class SacreChrf(ChrfTemplate):
+    """``sacrebleu.metrics.CHRF(**options)``: ``corpus_score`` for the corpus, ``sentence_score`` per example."""
+
+    backend: ClassVar[str] = "sacrebleu"
+
+    def implementation(self) -> tuple[str, str | None]:
+        """sacrebleu itself, at the installed version."""
+        import sacrebleu
+
+        return f"sacrebleu-{sacrebleu.__version__}", sacrebleu.__version__
+
+    def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
+        """sacrebleu's corpus chrF and (lazily) its sentence chrF per prediction."""
+        from sacrebleu.metrics import CHRF
+
+        kwargs = self.options.sacrebleu_kwargs()
+        corpus = CHRF(**kwargs).corpus_score(preds, _streams(refs)).score  # type: ignore[arg-type]
+
+        def sentences() -> dict[str, np.ndarray]:
+            metric = CHRF(**kwargs)
+            return {"chrf": np.array([metric.sentence_score(p, g).score for p, g in zip(preds, refs, strict=True)])}
+
+        return {"chrf": corpus}, LazyMapping(["chrf"], sentences)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
@@ -29,16 +30,14 @@ import numpy as np
 
 from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError, did_you_mean
-from llmtune.core.interfaces import Metric
 from llmtune.core.options import check_type
-from llmtune.core.results import MetricResult
 from llmtune.metrics import _porter
-from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch
-from llmtune.metrics._bootstrap import bootstrap_intervals
-from llmtune.metrics._inputs import check_corpus
+from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, pack_lines, union_lcs
+from llmtune.metrics.base import CorpusMetric
 
 __all__ = [
-    "DEFAULT_ROUGE_TYPES", "MEASURES", "ROUGE_TYPES", "NumpyRouge", "RougeOptions", "rouge_signature", "tokenize",
+    "DEFAULT_ROUGE_TYPES", "MEASURES", "ROUGE_TYPES", "NumpyRouge", "RougeOptions", "clear_caches", "rouge_signature",
+    "tokenize",
 ]
 
 #: Every ROUGE type rouge-score accepts (``rouge[0-9]$`` minus ``rouge0``, plus the two LCS variants).
@@ -67,6 +66,7 @@ class RougeOptions:
     are dropped). ``use_stemmer``: NLTK's Porter stemmer on tokens longer than 3 characters.
     ``bootstrap``: also report seeded percentile intervals ``{key}_low``/``{key}_high`` of the mean
     (``bootstrap_samples`` resamples, ``confidence`` level, ``seed``); the headline stays the plain mean.
+    ``n_jobs``: score contiguous chunks of the corpus in that many worker processes (identical results).
     """
 
     rouge_types: Sequence[str] = DEFAULT_ROUGE_TYPES
@@ -75,6 +75,7 @@ class RougeOptions:
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    n_jobs: int = 1
 
     def __post_init__(self) -> None:
         types = self.rouge_types
@@ -107,6 +108,9 @@ class RougeOptions:
         if not 0.0 < self.confidence < 1.0:
             raise InvalidOptionError(f"option confidence={self.confidence} must be between 0 and 1 (e.g. 0.95)")
         check_type("seed", self.seed, int)
+        check_type("n_jobs", self.n_jobs, int)
+        if self.n_jobs < 1:
+            raise InvalidOptionError(f"option n_jobs={self.n_jobs} must be >= 1 (worker processes; 1 = no workers)")
 
 
 def rouge_signature(options: RougeOptions, refs: str, impl: str) -> str:
@@ -114,9 +118,10 @@ def rouge_signature(options: RougeOptions, refs: str, impl: str) -> str:
 
     ``refs``: the number of references per prediction, or ``"var"``; ``impl``: e.g. ``"llmtune-numpy"``.
     """
+    types = sorted(options.rouge_types, key=ROUGE_TYPES.index)  # canonical: the order given does not matter
     parts = [
         "rouge",
-        f"types:{','.join(options.rouge_types)}",
+        f"types:{','.join(types)}",
         f"stem:{'yes' if options.use_stemmer else 'no'}",
         "tok:rouge-score-default",
         "lsum-split:newline",
@@ -147,14 +152,15 @@ class _Encoder:
         self.token_ids: dict[str, int] = {}
 
     def _add(self, words: list[bytes]) -> None:
-        word_ids, token_ids = self.word_ids, self.token_ids
-        stem = _porter.stem
-        for w in words:
-            if w not in word_ids:
-                text = w.decode("ascii")
-                # A Porter stem of an [a-z0-9]{4,} word is never empty, so no token is dropped here.
-                tok = stem(text) if self.use_stemmer and len(text) > 3 else text
-                word_ids[w] = token_ids.setdefault(tok, len(token_ids))
+        with _ENCODER_LOCK:  # ids are handed out by count: two threads must not hand out the same one
+            word_ids, token_ids = self.word_ids, self.token_ids
+            stem = _porter.stem
+            for w in words:
+                if w not in word_ids:
+                    text = w.decode("ascii")
+                    # A Porter stem of an [a-z0-9]{4,} word is never empty, so no token is dropped here.
+                    tok = stem(text) if self.use_stemmer and len(text) > 3 else text
+                    word_ids[w] = token_ids.setdefault(tok, len(token_ids))
 
     def ids(self, words: list[bytes]) -> list[int]:
         """The ids of split words (the line and text markers map to NEWLINE and TEXT_END)."""
@@ -163,6 +169,27 @@ class _Encoder:
         except KeyError:
             self._add(words)
             return list(map(self.word_ids.__getitem__, words))
+
+
+_ENCODER_LOCK = threading.Lock()
+_ENCODERS: dict[bool, _Encoder] = {}
+_ENCODER_MAX_WORDS = 1 << 20  # a long-running process starts a fresh vocabulary past this many words
+
+
+def _encoder(use_stemmer: bool) -> _Encoder:
+    """The process-wide encoder (its word ids persist between calls: words are split and stemmed once)."""
+    enc = _ENCODERS.get(use_stemmer)
+    if enc is None or len(enc.word_ids) > _ENCODER_MAX_WORDS:
+        with _ENCODER_LOCK:
+            enc = _ENCODERS[use_stemmer] = _Encoder(use_stemmer)
+    return enc
+
+
+def clear_caches() -> None:
+    """Forget every memoised word id and Porter stem (the first call after this pays for all of them)."""
+    with _ENCODER_LOCK:
+        _ENCODERS.clear()
+    _porter._CACHE.clear()
 
 
 _TEXT_SEP = "\x00"
@@ -430,7 +457,7 @@ def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarra
     out = np.zeros(n_rows, dtype=np.int64)
     first = corpus.first_line
     r0, n_r = first[ref_text], first[ref_text + 1] - first[ref_text]
-    c0, n_c = first[pred_text], first[pred_text + 1] - first[pred_text]
+    n_c = first[pred_text + 1] - first[pred_text]
     longest = np.zeros(len(first) - 1, dtype=np.int64)
     has_lines = np.flatnonzero(first[1:] > first[:-1])
     if len(has_lines):
@@ -438,33 +465,35 @@ def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarra
     fast = longest[ref_text] <= MAX_BITS
     rows = np.flatnonzero(fast & (n_r > 0) & (n_c > 0))
     if len(rows):
-        count = n_r[rows] * n_c[rows]
-        total = int(count.sum())
-        within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-        per = np.repeat(n_c[rows], count)
-        ref_line = np.repeat(r0[rows], count) + within // per
-        cand_line = np.repeat(c0[rows], count) + within % per
-        _, pair, pos = lcs_batch(corpus.flat, corpus.line_start[ref_line], corpus.line_len[ref_line],
-                                 corpus.line_start[cand_line], corpus.line_len[cand_line], corpus.vocab_size,
-                                 backtrack=True)
-        if len(pair):
-            vocab = corpus.vocab_size
-            # distinct reference positions in some union LCS; their row (a reference text has one row)
-            flat_pos = _unique(corpus.line_start[ref_line[pair]] + pos)
-            row_of_ref_text = np.full(len(first) - 1, -1, dtype=np.int64)
-            row_of_ref_text[ref_text] = np.arange(n_rows)
-            row = row_of_ref_text[corpus.text_of[flat_pos]]
-            keys, in_union = np.unique(row * vocab + corpus.flat[flat_pos], return_counts=True)
-            key_row = keys // vocab
-            # the same token's count in the row's prediction
-            pred_keys, pred_counts = _text_token_counts(corpus, _unique(pred_text[rows]))
-            query = pred_text[key_row] * vocab + keys % vocab
-            slot = np.minimum(np.searchsorted(pred_keys, query), len(pred_keys) - 1)
-            in_pred = np.where(pred_keys[slot] == query, pred_counts[slot], 0)
-            out += np.bincount(key_row, weights=np.minimum(in_union, in_pred), minlength=n_rows).astype(np.int64)
+        out[rows] = _packed_lsum_hits(corpus, pred_text[rows], r0[rows], n_r[rows])
     for row in np.flatnonzero(~fast).tolist():
         out[row] = _summary_lcs_hits(corpus.lines(int(ref_text[row])), corpus.lines(int(pred_text[row])))
     return out
+
+
+def _packed_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_first: np.ndarray, ref_n: np.ndarray) -> np.ndarray:
+    """rougeLsum hits of rows whose reference lines all have <= 63 tokens: the lines packed into 64-bit
+    units (`_bitlcs.union_lcs`), then hits = sum over tokens x of min(x's union positions, x's count in the
+    prediction)."""
+    n_rows = len(pred_text)
+    line_row = np.repeat(np.arange(n_rows), ref_n)
+    line = np.repeat(ref_first, ref_n) + np.arange(len(line_row)) - np.repeat(np.cumsum(ref_n) - ref_n, ref_n)
+    packed = pack_lines(line_row, corpus.line_start[line], corpus.line_len[line], corpus.flat)
+    first_flag = np.zeros(len(corpus.flat), dtype=bool)
+    last_flag = np.zeros(len(corpus.flat), dtype=bool)
+    first_flag[corpus.line_start] = True
+    last_flag[corpus.line_start + corpus.line_len - 1] = True
+    in_union = union_lcs(packed, corpus.flat, corpus.starts[pred_text], corpus.lengths[pred_text], first_flag,
+                         last_flag, corpus.vocab_size)
+    vocab = corpus.vocab_size
+    row = packed.unit_row[packed.pos_unit[in_union]]
+    keys, count_union = np.unique(row * vocab + packed.pos_tok[in_union], return_counts=True)
+    key_row = keys // vocab
+    pred_keys, pred_counts = _text_token_counts(corpus, _unique(pred_text))
+    query = pred_text[key_row] * vocab + keys % vocab
+    slot = np.minimum(np.searchsorted(pred_keys, query), max(len(pred_keys) - 1, 0))
+    in_pred = np.where(pred_keys[slot] == query, pred_counts[slot], 0) if len(pred_keys) else 0 * query
+    return np.bincount(key_row, weights=np.minimum(count_union, in_pred), minlength=n_rows).astype(np.int64)
 
 
 def _unique(x: np.ndarray) -> np.ndarray:
@@ -496,40 +525,30 @@ def _prf(hits: np.ndarray, n_pred: np.ndarray, n_ref: np.ndarray) -> tuple[np.nd
     return precision, recall, fmeasure
 
 
-class NumpyRouge(Metric):
+class NumpyRouge(CorpusMetric):
     """ROUGE-N/L/Lsum equal to rouge-score (``score`` / ``score_multi``), with our tokenizer and Porter stemmer."""
 
     name: ClassVar[str] = "rouge"
     backend: ClassVar[str] = "numpy"
+    label: ClassVar[str] = "ROUGE"
+    chunkable: ClassVar[bool] = True
     Options: ClassVar[type] = RougeOptions
     options: RougeOptions
 
-    def compute(
-        self,
-        predictions: Sequence[str],
-        references: Sequence[str] | Sequence[Sequence[str]],
-    ) -> MetricResult:
-        """Score each prediction against its reference(s); corpus values are means over predictions."""
-        preds, refs = check_corpus(predictions, references, "ROUGE")
-        opts = self.options
-        types = tuple(opts.rouge_types)
-        per_example = self._per_example(preds, refs, types, opts.use_stemmer)
-        scores = {key: float(np.mean(values)) for key, values in per_example.items()}
-        if opts.bootstrap:
-            scores.update(bootstrap_intervals(
-                per_example, samples=opts.bootstrap_samples, confidence=float(opts.confidence), seed=opts.seed,
-            ))
-        counts = {len(g) for g in refs}
-        nrefs = str(counts.pop()) if len(counts) == 1 else "var"
-        return MetricResult(scores=scores, per_example=per_example,
-                            signature=rouge_signature(opts, nrefs, "llmtune-numpy"))
+    def extract(self, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
+        """Per-example P/R/F of every type (corpus values are their means)."""
+        return self._per_example(preds, refs, tuple(self.options.rouge_types), self.options.use_stemmer)
+
+    def signature(self, nrefs: str) -> str:
+        """`rouge_signature` with ``impl:llmtune-numpy``."""
+        return rouge_signature(self.options, nrefs, "llmtune-numpy")
 
     @staticmethod
     def _per_example(
         preds: list[str], refs: list[list[str]], types: tuple[str, ...], use_stemmer: bool,
     ) -> dict[str, np.ndarray]:
         want_lsum = "rougeLsum" in types
-        corpus = _Corpus([*preds, *chain.from_iterable(refs)], _Encoder(use_stemmer), want_lsum)
+        corpus = _Corpus([*preds, *chain.from_iterable(refs)], _encoder(use_stemmer), want_lsum)
         # One row per (prediction, reference); texts are numbered predictions first, then references.
         group = np.repeat(np.arange(len(preds)), [len(g) for g in refs])
         pred_text = group

@@ -172,13 +172,11 @@ def test_numpy_equals_nltk(data: tuple[list[str], list[list[str]]], smoothing: i
     metric = llmtune.get_metric("bleu", definition="nltk", **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if isinstance(want_corpus, type):  # NLTK failed (method 6 assert): we raise a clear ValueError
-            with pytest.raises(ValueError, match="method 6"):
-                metric.compute(preds, refs)
-            return
         ours = metric.compute(preds, refs)
-    assert isinstance(want_corpus, float)
-    assert close(ours.scores["bleu"], want_corpus), (ours.scores["bleu"], want_corpus)
+    if isinstance(want_corpus, type):  # NLTK failed (method 6 assert): NaN corpus, per-example still NLTK's
+        assert math.isnan(ours.scores["bleu"])
+    else:
+        assert close(ours.scores["bleu"], want_corpus), (ours.scores["bleu"], want_corpus)
     assert all(close(a, b) for a, b in zip(ours.per_example["bleu"], want_sent))
 
 

@@ -146,6 +146,45 @@ def test_equal_to_rouge_score_on_long_texts(pred: str, ref: str, stem: bool) -> 
         assert tuple(got.per_example[f"{t}_{m}"][0] for m in MEASURES) == want[t], t
 
 
+@st.composite
+def document(draw: st.DrawFn, base: list[list[str]] | None = None) -> str:
+    """A long multi-line document (10-40 lines of 1-70 words from a small vocabulary, so that LCS ties abound),
+    or an edited copy of ``base``'s lines: lines dropped, shuffled, words dropped and repeated."""
+    vocab = draw(st.sampled_from([["a", "b", "c"], ["the", "cat", "sat", "on", "mat", "a"], ENGLISH[:40]]))
+    if base is None:
+        n_lines = draw(st.integers(10, 40))
+        lines = [draw(st.lists(st.sampled_from(vocab), min_size=0, max_size=draw(st.sampled_from([8, 20, 70]))))
+                 for _ in range(n_lines)]
+    else:
+        lines = [list(line) for line in base if draw(st.integers(0, 5))]
+        lines = draw(st.permutations(lines)) if lines and draw(st.booleans()) else lines
+        for line in lines:
+            for _ in range(draw(st.integers(0, 3))):
+                if line:
+                    i = draw(st.integers(0, len(line) - 1))
+                    line.insert(i, line[i]) if draw(st.booleans()) else line.pop(i)
+    return "\n".join(" ".join(line) for line in lines)
+
+
+@settings(max_examples=max(10, BUDGET // 5), deadline=None)
+@given(data=st.data(), n=st.integers(1, 3), stem=st.booleans())
+def test_rougelsum_equal_to_rouge_score_on_long_multiline_documents(data: st.DataObject, n: int, stem: bool) -> None:
+    """rougeLsum's packed bit-parallel union LCS (several lines per 64-bit word, rows spanning many words,
+    lines over 63 tokens on the Python path) against rouge-score, bit for bit, several documents at once."""
+    preds, refs = [], []
+    for _ in range(n):
+        ref = data.draw(document())
+        lines = [line.split(" ") if line else [] for line in ref.split("\n")]
+        preds.append(data.draw(st.one_of(document(base=lines), document())))
+        refs.append(ref)
+    types = ["rougeL", "rougeLsum"]
+    got = NumpyRouge(rouge_types=types, use_stemmer=stem).compute(preds, refs)
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        want = official(types, stem, p, [r])
+        for t in types:
+            assert tuple(got.per_example[f"{t}_{m}"][i] for m in MEASURES) == want[t], (t, i)
+
+
 @given(t=text(), stem=st.booleans())
 def test_tokenizer_equals_rouge_score(t: str, stem: bool) -> None:
     assert tokenize(t, stem) == rouge_tokenize.tokenize(t, NLTK_STEMMER if stem else None)

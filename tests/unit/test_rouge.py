@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -252,7 +253,7 @@ def test_unknown_option_suggests_the_right_one() -> None:
         (["a", "b"], ["a", 3], TypeError, r"references\[1\]"),
         (["a"], [["a", b"b"]], TypeError, r"references\[0\]\[1\]"),
         (["a"], [[]], ValueError, r"references\[0\] is an empty list"),
-        ("a", ["a"], TypeError, "predictions must be a sequence"),
+        ("a", ["a"], TypeError, "predictions must be an iterable"),
         ([], [], ValueError, "empty"),
     ],
 )
@@ -288,6 +289,116 @@ def test_bootstrap_is_seeded_and_keeps_the_plain_mean() -> None:
     assert set(a.per_example) == set(plain.per_example)
     assert "ci:0.95,n:200,seed:3" in a.signature
     assert not any(math.isnan(v) for v in a.scores.values())
+
+
+def test_signature_is_canonical_whatever_the_type_order() -> None:
+    a = NumpyRouge(rouge_types=["rougeLsum", "rouge2", "rouge1"]).compute(["a b"], ["a b"]).signature
+    b = NumpyRouge(rouge_types=["rouge1", "rouge2", "rougeLsum"]).compute(["a b"], ["a b"]).signature
+    assert a == b and "types:rouge1,rouge2,rougeLsum|" in a
+
+
+def test_bootstrap_on_one_example_says_it_cannot_give_an_interval() -> None:
+    from llmtune.metrics import InputError
+
+    with pytest.raises(InputError, match="cannot give a confidence interval from 1 example"):
+        NumpyRouge(rouge_types=["rouge1"], bootstrap=True).compute(["a b"], ["a c"])
+
+
+def test_n_jobs_gives_exactly_the_serial_result() -> None:
+    preds = [f"w{i % 7} w{i % 3} common words here\nline {i % 5} two" for i in range(41)]
+    refs = [[f"w{i % 5} common words w{i % 2}", f"line {i % 4} here"] for i in range(41)]
+    serial = NumpyRouge(bootstrap=True, bootstrap_samples=50).compute(preds, refs)
+    parallel = NumpyRouge(bootstrap=True, bootstrap_samples=50, n_jobs=3).compute(preds, refs)
+    assert parallel.scores == serial.scores and parallel.signature == serial.signature
+    for key, values in serial.per_example.items():
+        assert parallel.per_example[key].tolist() == values.tolist()
+    with pytest.raises(InvalidOptionError, match="n_jobs=0"):
+        NumpyRouge(n_jobs=0)
+
+
+# --- inputs people pass ----------------------------------------------------------------------------------------
+
+
+class _Series:
+    """What a pandas Series looks like to us (no pandas dependency): iterable, with ``.values``, and an index
+    that iteration must not use."""
+
+    def __init__(self, values: list[object], index: list[int]) -> None:
+        self.values = np.array(values, dtype=object)
+        self.index = index
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def test_any_iterable_numpy_arrays_and_series_give_the_same_numbers() -> None:
+    preds = ["the cat sat", "a dog ran home", "x"]
+    refs = ["the cat sat down", "a dog ran", "y"]
+    want = NumpyRouge().compute(preds, refs)
+    forms = [
+        (tuple(preds), tuple(refs)),
+        ((p for p in preds), iter(refs)),
+        (np.array(preds), np.array(refs)),
+        (_Series(preds, [7, 8, 9]), _Series(refs, [1, 2, 3])),
+        (np.array(preds), np.array([[r] for r in refs])),  # one reference per row of a 2-D array
+    ]
+    for p, r in forms:
+        got = NumpyRouge().compute(p, r)
+        assert got.scores == want.scores and got.signature == want.signature
+
+
+def test_reference_streams_only_through_the_helper() -> None:
+    """Two predictions, two reference streams: as sacrebleu's layout this is two references each (100.0);
+    read per prediction it would be something else. We never guess: the helper says which layout it is."""
+    from sacrebleu.metrics import BLEU
+
+    from llmtune.metrics import InputError, references_from_streams
+
+    preds = ["the cat sat on the mat", "a dog ran in the park"]
+    streams = [["the cat sat on the mat", "a dog ran in the park"], ["a cat sat on a mat", "the dog ran in a park"]]
+    want = BLEU().corpus_score(preds, streams).score
+    got = llmtune.get_metric("bleu").compute(preds, references_from_streams(streams)).scores["bleu"]
+    assert got == want and want == pytest.approx(100.0)
+    misread = llmtune.get_metric("bleu").compute(preds, streams).scores["bleu"]  # the per-prediction reading
+    assert misread != pytest.approx(100.0)
+    assert references_from_streams([["a", "b"], [None, "c"]]) == [["a"], ["b", "c"]]
+    with pytest.raises(InputError, match="streams\\[1\\] has 1 references"):
+        references_from_streams([["a", "b"], ["c"]])
+    with pytest.raises(InputError, match="references_from_streams"):  # 3 predictions, 2 streams of 3: a hint
+        NumpyRouge().compute(["a", "b", "c"], [["a", "b", "c"], ["a", "b", "c"]])
+
+
+def test_a_mapping_is_not_taken_for_a_list() -> None:
+    with pytest.raises(TypeError, match="predictions must be an iterable"):
+        NumpyRouge().compute({"a": 1}, ["a"])  # type: ignore[arg-type]
+
+
+def _example_plugin():  # type: ignore[no-untyped-def]
+    """This checkout's example plugin, loaded from its file (the installed copy may be another version)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "plugins/example_plugin/llmtune_example_plugin/__init__.py"
+    spec = importlib.util.spec_from_file_location("example_plugin_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_plugin_follows_the_template_and_never_truncates() -> None:
+    plugin = _example_plugin()
+    res = plugin.ExactMatch(ignore_case=True).compute(["Kopi O", "teh"], [["kopi o", "black coffee"], "Teh C"])
+    assert res.scores["exact_match"] == 0.5 and res.signature.startswith("exact_match|nrefs:var|")
+    for cls in (plugin.ExactMatch, plugin.LengthRatio):
+        with pytest.raises(ValueError, match="2 predictions but 1 references"):
+            cls().compute(["a", "b"], ["a"])
+        with pytest.raises(TypeError, match=r"predictions\[1\]"):
+            cls().compute(["a", None], ["a", "b"])
 
 
 # --- the vectorised LCS engine -------------------------------------------------------------------------------

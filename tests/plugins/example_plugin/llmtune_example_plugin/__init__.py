@@ -9,13 +9,19 @@ from typing import Any
 import numpy as np
 
 import llmtune
+from llmtune.metrics import CorpusMetric, check_corpus, nrefs_field
 
 
-class ExactMatch(llmtune.Metric):
-    """Share of predictions equal to one of their references (after optional stripping/lowercasing)."""
+class ExactMatch(CorpusMetric):
+    """Share of predictions equal to one of their references (after optional stripping/lowercasing).
+
+    Built on llmtune's metric template: `CorpusMetric.compute` checks the inputs (lengths, types, empty
+    corpus: errors that name the index), calls `extract`, averages, and adds the ``nrefs`` field.
+    """
 
     name = "exact_match"
     backend = "example"
+    label = "exact match"
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -31,35 +37,30 @@ class ExactMatch(llmtune.Metric):
         text = text.strip() if self.options.strip else text
         return text.lower() if self.options.ignore_case else text
 
-    def compute(self, predictions: Sequence[str], references: Sequence[Any]) -> llmtune.MetricResult:
-        if len(predictions) != len(references):
-            raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-        hits = []
-        for pred, refs in zip(predictions, references):
-            group = [refs] if isinstance(refs, str) else list(refs)
-            hits.append(float(any(self._norm(pred) == self._norm(r) for r in group)))
-        values = np.asarray(hits, dtype=np.float64)
-        return llmtune.MetricResult(
-            scores={"exact_match": float(values.mean()) if len(values) else 0.0},
-            per_example={"exact_match": values},
-            signature=f"exact_match|case:{'lc' if self.options.ignore_case else 'mixed'}|strip:{self.options.strip}",
-        )
+    def extract(self, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
+        hits = [float(any(self._norm(p) == self._norm(r) for r in group)) for p, group in zip(preds, refs, strict=True)]
+        return {"exact_match": np.asarray(hits, dtype=np.float64)}
+
+    def signature(self, nrefs: str) -> str:
+        return f"exact_match|nrefs:{nrefs}|case:{'lc' if self.options.ignore_case else 'mixed'}|strip:{self.options.strip}"
 
 
 class LengthRatio(llmtune.Metric):
-    """Mean ratio of prediction length to first-reference length, in whitespace tokens."""
+    """Mean ratio of prediction length to first-reference length, in whitespace tokens.
+
+    Written against the bare `llmtune.Metric` interface, with llmtune's exported input checks
+    (`check_corpus`: a length mismatch is an error, never a silent truncation).
+    """
 
     name = "length_ratio"
     backend = "example"
 
     def compute(self, predictions: Sequence[str], references: Sequence[Any]) -> llmtune.MetricResult:
-        ratios = []
-        for pred, refs in zip(predictions, references):
-            ref = refs if isinstance(refs, str) else refs[0]
-            ratios.append(len(pred.split()) / max(1, len(ref.split())))
+        preds, refs = check_corpus(predictions, references, "length ratio")
+        ratios = [len(p.split()) / max(1, len(group[0].split())) for p, group in zip(preds, refs, strict=True)]
         values = np.asarray(ratios, dtype=np.float64)
-        return llmtune.MetricResult({"length_ratio": float(values.mean()) if len(values) else 0.0},
-                                    {"length_ratio": values}, "length_ratio|tok:whitespace")
+        return llmtune.MetricResult({"length_ratio": float(values.mean())}, {"length_ratio": values},
+                                    f"length_ratio|nrefs:{nrefs_field(refs)}|tok:whitespace")
 
 
 def register(registry: Any) -> None:
