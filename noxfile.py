@@ -1,5 +1,5 @@
 """Sessions: tests (CPU, what CI runs), property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
-bench-gpu. Each installs what it needs itself."""
+llamacpp, bench-gpu. Each installs what it needs itself."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ nox.options.default_venv_backend = "venv"
 #: The torch build for CPU sessions. `torch==2.13.0` is the CPU wheel on our machines; set LLMTUNE_TORCH
 #: (e.g. "torch==2.13.0+cpu") elsewhere. A bare `torch` would pull a multi-GB CUDA build.
 TORCH_CPU = os.environ.get("LLMTUNE_TORCH", "torch==2.13.0")
-PLUGINS = ["tests/plugins/example_plugin", "tests/plugins/broken_plugin"]
+PLUGINS = ["tests/plugins/example_plugin", "tests/plugins/broken_plugin", "tests/plugins/trainer_plugin"]
 
 
 def _install(session: nox.Session, extras: str) -> None:
@@ -93,6 +93,19 @@ def interop(session: nox.Session) -> None:
     session.install("-e", ".[gptq,test]", "gptqmodel==7.3.4", "requests")
     session.run("pytest", "tests/integration", "-k", "interop", *session.posargs,
                 env={"GPTQMODEL_CPU_WORKERS": "2", "LLMTUNE_REQUIRE_GPTQMODEL": "1"})
+
+
+@nox.session
+def llamacpp(session: nox.Session) -> None:
+    """llama.cpp (through llama-cpp-python, built from source: minutes) loads our GGUF; greedy tokens vs transformers."""
+    # Tested: llama-cpp-python 0.3.36 built from its sdist with these flags; the whole session took 13 minutes on a
+    # loaded 2-core CPU (torch install, llama.cpp build, 10 tests in 20 s).
+    _install(session, "test")
+    session.install("llama-cpp-python==0.3.36", env={
+        "CMAKE_ARGS": "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF",
+        "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")})
+    session.run("pytest", "tests/integration/test_export.py", "-k", "llamacpp", "-s", *session.posargs,
+                env={"LLMTUNE_REQUIRE_LLAMACPP": "1"})
 
 
 @nox.session(name="bench-gpu", venv_backend="none")

@@ -13,8 +13,9 @@ clipping, gradient checkpointing on; QLoRA = NF4 + double quant):
 
 * ``plain``: transformers + PEFT + bitsandbytes as most users write it (``../shared/memory/reference_recipe.py``:
   ``prepare_model_for_kbit_training`` for QLoRA, transformers' own loss);
-* ``peft``: ``llmtune.get_trainer("lora", backend="peft")``: llmtune's whole training loop, fed these tokens;
-* ``unsloth``: ``llmtune.get_trainer("lora", backend="unsloth")``, the same loop with Unsloth's hooks;
+* ``peft``: ``llmtune.get_trainer("lora", backend="peft")``: llmtune's whole training loop, fed these tokens
+  through the public pre-tokenized path (``data=[{"input_ids": ..., "labels": ...}, ...]``);
+* ``unsloth``: ``llmtune.get_trainer("lora", backend="unsloth")``, the same loop on the Unsloth backend;
 * ``unsloth-plain``: Unsloth's own ``FastLanguageModel`` recipe, to see whether llmtune keeps its advantage.
 
 Every recipe runs in its own process (Unsloth patches transformers when imported, and peak-memory counters
@@ -28,7 +29,6 @@ must not mix), with a time budget; a case that fails prints an ``error`` field i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -347,38 +347,17 @@ def _case_unsloth_plain(case: dict[str, Any], d: Path, dev: str, dtype: Any, ids
 
 
 def _case_llmtune(case: dict[str, Any], backend: str, d: Path, ids: Any) -> dict[str, Any]:
-    """llmtune's own trainer (its whole loop), fed exactly these token ids instead of tokenized records."""
+    """llmtune's own trainer (its whole loop), fed exactly these token ids as pre-tokenized examples."""
     import llmtune
-    from llmtune.trainers.peft import PeftLoraTrainer
 
-    base: type[PeftLoraTrainer]
-    if backend == "unsloth":
-        from llmtune.trainers.unsloth import UnslothLoraTrainer as base
-    else:
-        base = PeftLoraTrainer
-    try:
-        from llmtune.data import Example
-    except ImportError:  # the data layer's record type; a plain stand-in has the same two fields
-        @dataclasses.dataclass
-        class Example:  # type: ignore[no-redef]
-            input_ids: list[int]
-            labels: list[int]
-
-    rows = [list(map(int, r)) for r in ids.tolist()]
-
-    class Fed(base):  # type: ignore[valid-type, misc]
-        def _records(self, data: Any, what: str) -> list[dict[str, Any]]:
-            return [{"text": ""}]
-
-        def _examples(self, records: Any, tokenizer: Any, source: str) -> list[Any]:
-            return [Example(input_ids=list(r), labels=list(r)) for r in rows]
-
+    rows = [{"input_ids": list(map(int, r)), "labels": list(map(int, r))} for r in ids.tolist()]
     quantizer = llmtune.get_quantizer("nf4") if case["method"] == "qlora" else None
-    trainer = Fed(rank=case["rank"], alpha=16, dropout=0.0, targets=tuple(SEVEN), quantizer=quantizer,
-                  gradient_checkpointing=True, lr=1e-4, scheduler="constant", warmup=0, max_grad_norm=0.0,
-                  batch_size=case["batch"], max_steps=case["steps"], max_length=case["seq"], progress=False)
+    trainer = llmtune.get_trainer("lora", backend=backend, rank=case["rank"], alpha=16, dropout=0.0,
+                                  targets=tuple(SEVEN), quantizer=quantizer, gradient_checkpointing=True, lr=1e-4,
+                                  scheduler="constant", warmup=0, max_grad_norm=0.0, batch_size=case["batch"],
+                                  max_steps=case["steps"], max_length=case["seq"], progress=False)
     with tempfile.TemporaryDirectory(prefix="llmtune-bench-") as out:
-        result = trainer.train(model=str(d), data=[{"text": ""}], output_dir=out)
+        result = trainer.train(model=str(d), data=rows, output_dir=out)
     hist = result.history
     return {"step_times": [h["tokens"] / h["tokens_per_s"] for h in hist if h.get("tokens_per_s")],
             "losses": [h["loss"] for h in hist], "tokens_per_step": case["batch"] * case["seq"],

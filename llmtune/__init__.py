@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Subpackages reachable as attributes (``llmtune.memory.estimate_training``), imported on first use.
-_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models"})
+_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "export"})
 
 
 def __getattr__(name: str) -> object:

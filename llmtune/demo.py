@@ -3,7 +3,8 @@
 ``llmtune demo --out DIR`` calls `run_demo`. Every step is the real library path a user would take, at toy size:
 
 1. train a byte-level BPE tokenizer on the bundled kopitiam corpus and build a tiny Llama (`llmtune.models.tiny`);
-2. pretrain it briefly (next-token prediction) on that corpus, so it knows some English;
+2. pretrain it briefly with the ``pretrain`` trainer (next-token prediction on the corpus, streamed into
+   64-token blocks; a few documents held out for validation perplexity), so it knows some English;
 3. fine-tune it with the ``lora`` trainer on the bundled instruction set (kopitiam orders -> plain English,
    e.g. "Kopi O Kosong" -> "Black coffee, no sugar."), holding out whole drinks for evaluation;
 4. answer the held-out orders greedily before and after, and score them with ROUGE-L and BLEU (`llmtune.metrics`);
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,16 @@ def run_demo(
     pretrain_steps: int | None = None,
     epochs: int | None = None,
     eval_examples: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     threads: int | None = 1,
     echo: Callable[[str], None] = print,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Run the demo into directory ``out``; returns (and writes to ``out/summary.json``) the summary.
 
     ``pretrain_steps``/``epochs`` shorten it (tests); ``eval_examples`` limits the held-out set (0 = all of it).
+    ``echo`` receives the demo's lines; ``callbacks`` are attached to both training runs (``progress=True``
+    adds a `ProgressBar` to them: the caller asks for output, the library prints nothing by itself).
     ``threads``: torch CPU threads during the demo (restored after; None = leave as is). One thread is the
     default: for a model this small a second thread barely helps, a busy machine makes OpenMP threads spin
     (10x slower), and a fixed count keeps the numbers identical from machine to machine.
@@ -71,19 +75,40 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        cbs = list(callbacks)
+        if progress:
+            from llmtune.trainers.callbacks import ProgressBar
+
+            cbs.append(ProgressBar())
         return _run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs, eval_examples=eval_examples,
-                         progress=progress, echo=echo)
+                         echo=echo, callbacks=cbs, threads=threads)
     finally:
         torch.set_num_threads(previous_threads)
 
 
+def _pretrain(model: Any, tokenizer: Any, out: Path, *, steps: int, seed: int, threads: int | None,
+              callbacks: list[Any]) -> Any:
+    """The ``pretrain`` trainer on the bundled corpus (the last documents held out); returns its result."""
+    import llmtune
+    from llmtune.data import bundled_corpus
+
+    texts = bundled_corpus()
+    held = max(1, len(texts) // 10)
+    trainer = llmtune.get_trainer(
+        "pretrain", lr=3e-3, max_steps=steps, batch_size=8, max_length=64, warmup=min(20, steps // 10),
+        weight_decay=0.01, max_grad_norm=1.0, seed=seed, eval_examples=0, eval_batch_size=16,
+        num_threads=threads or "auto")
+    return trainer.train(model, texts[:-held], eval_data=texts[-held:], tokenizer=tokenizer,
+                         output_dir=out / "pretrain", callbacks=callbacks, overwrite=True)
+
+
 def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs: int | None, eval_examples: int,
-              progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+              echo: Callable[[str], None], callbacks: list[Any], threads: int | None) -> dict[str, Any]:
     import torch
 
     import llmtune
     from llmtune.core.paths import check_output_dir
-    from llmtune.models.tiny import build_tiny_model, pretrain, split_instructions, train_tiny_tokenizer
+    from llmtune.models.tiny import build_tiny_model, split_instructions, train_tiny_tokenizer
 
     t0 = time.perf_counter()
     out = check_output_dir(out)
@@ -101,15 +126,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     echo(f"      vocab {len(tokenizer)}, {n_params / 1e6:.2f} M parameters, torch threads {torch.get_num_threads()}")
 
     echo(f"[2/5] pretraining on the bundled corpus ({cfg['pretrain_steps']} steps)")
-    t = time.perf_counter()
-    losses = pretrain(model, tokenizer, steps=cfg["pretrain_steps"], seed=seed)
-    echo(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f} in {time.perf_counter() - t:.1f} s")
-    # saved so that `llmtune generate/merge --adapter OUT/run/adapter` find the base the adapter records
-    base_dir = out / "base-model"
-    model.save_pretrained(str(base_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(base_dir))
-    model.config._name_or_path = str(base_dir.resolve())
-    model.name_or_path = str(base_dir.resolve())  # what PEFT records as base_model_name_or_path
+    losses, ppl, base_dir = _pretrain_stage(model, tokenizer, out, cfg, seed, threads, callbacks, echo)
 
     train, heldout = split_instructions(seed=seed)
     if eval_examples:
@@ -119,11 +136,11 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     trainer = llmtune.get_trainer(
         "lora", rank=cfg["rank"], alpha=cfg["alpha"], dropout=0.0, lr=cfg["lr"], epochs=cfg["epochs"],
         batch_size=cfg["batch_size"], warmup=0.05, template="llama3", max_length=128, eval_examples=0,
-        eval_batch_size=32, max_new_tokens=cfg["max_new_tokens"], seed=seed, progress=progress,
-        loss_chunk_tokens=1024)
+        eval_batch_size=32, max_new_tokens=cfg["max_new_tokens"], seed=seed, loss_chunk_tokens=1024,
+        num_threads=threads or "auto")
     t = time.perf_counter()
     result = trainer.train(model, train, eval_data=heldout, tokenizer=tokenizer, output_dir=out / "run",
-                           overwrite=True)  # the demo rebuilds everything under out: a rerun replaces its run
+                           callbacks=callbacks, overwrite=True)  # a rerun of the demo replaces its run
     train_seconds = time.perf_counter() - t
     before, after = result.eval.get("before", {}), result.eval.get("after", {})
     echo(f"      {len(result.history)} steps in {train_seconds:.1f} s; loss {result.history[0]['loss']:.3f} -> "
@@ -137,11 +154,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         echo(f"      want {s['reference']!r}  got {s['prediction']!r}")
 
     echo("[5/5] memory estimate of this run on a GPU (llmtune.memory)")
-    longest = max(len(tokenizer(r["instruction"] + r.get("input", "") + r["output"])["input_ids"]) for r in train)
-    seq_len = min(128, longest + 16)
-    lines, memory = _memory_lines(model, batch_size=cfg["batch_size"], seq_len=seq_len, rank=cfg["rank"])
-    for line in lines:
-        echo(line)
+    seq_len, memory = _memory_stage(model, tokenizer, train, cfg, echo)
 
     seconds = time.perf_counter() - t0
     summary = {
@@ -153,6 +166,7 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         "adapter_dir": str(result.adapter_dir) if result.adapter_dir else None,
         "output_dir": str(out / "run"), "base_model_dir": str(base_dir), "seed": seed, "settings": cfg,
         "pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1],
+        "pretrain_perplexity_before": ppl[0], "pretrain_perplexity_after": ppl[1],
         "train_loss_first": result.history[0]["loss"], "train_loss_last": result.history[-1]["loss"],
         "train_examples": len(train), "heldout_examples": len(heldout), "parameters": n_params,
         "trainable_parameters": result.extra.get("trainable_parameters"),
@@ -162,6 +176,37 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     echo(f"done in {seconds:.1f} s; adapter {summary['adapter_dir']}; summary {out / 'summary.json'}")
     return summary
+
+
+def _pretrain_stage(model: Any, tokenizer: Any, out: Path, cfg: dict[str, Any], seed: int, threads: int | None,
+                    callbacks: list[Any], echo: Callable[[str], None]) -> tuple[list[float], tuple[Any, Any], Path]:
+    """Step 2: pretrain, echo the curve, save the base; returns (losses, (ppl before, after), base dir)."""
+    t = time.perf_counter()
+    pre = _pretrain(model, tokenizer, out, steps=cfg["pretrain_steps"], seed=seed, threads=threads,
+                    callbacks=callbacks)
+    losses = [h["loss"] for h in pre.history]
+    ppl = (pre.eval.get("before", {}).get("perplexity"), pre.eval.get("after", {}).get("perplexity"))
+    echo(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out perplexity {ppl[0]:.1f} -> {ppl[1]:.1f} "
+         f"in {time.perf_counter() - t:.1f} s")
+    model.eval()
+    # saved so that `llmtune generate/merge --adapter OUT/run/adapter` find the base the adapter records
+    base_dir = out / "base-model"
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(base_dir))
+    model.config._name_or_path = str(base_dir.resolve())
+    model.name_or_path = str(base_dir.resolve())  # what PEFT records as base_model_name_or_path
+    return losses, ppl, base_dir
+
+
+def _memory_stage(model: Any, tokenizer: Any, train: list[dict[str, Any]], cfg: dict[str, Any],
+                  echo: Callable[[str], None]) -> tuple[int, dict[str, Any]]:
+    """Step 5: the memory estimate of the fine-tuning run, echoed; returns (sequence length, estimate)."""
+    longest = max(len(tokenizer(r["instruction"] + r.get("input", "") + r["output"])["input_ids"]) for r in train)
+    seq_len = min(128, longest + 16)
+    lines, memory = _memory_lines(model, batch_size=cfg["batch_size"], seq_len=seq_len, rank=cfg["rank"])
+    for line in lines:
+        echo(line)
+    return seq_len, memory
 
 
 def _samples(run_dir: Path, n: int) -> list[dict[str, str]]:

@@ -33,4 +33,25 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             table.add_row(r.kind, r.name, r.backend, "yes" if r.default else "",
                           "[green]yes[/]" if r.available else "[red]no[/]", escape(r.reason or ""))
-        Console().print(table)
+        console = Console()
+        console.print(table)
+        if kind in (None, "trainer"):
+            console.print(_matrix_table())
+
+
+def _matrix_table() -> object:
+    """The trainer support matrix: objective x backend -> methods (and those that train on a quantized base)."""
+    from rich.table import Table
+
+    from llmtune.trainers.matrix import support_matrix
+
+    table = Table(title="trainer support matrix (objective x method x backend)")
+    for col in ("trainer", "objective", "backend", "methods", "on a quantized base", "packing", "quantizers",
+                "refused"):
+        table.add_column(col, overflow="fold")
+    for r in support_matrix():
+        table.add_row(r.name, r.objective, r.backend, ", ".join(r.methods), ", ".join(r.quantized) or "-",
+                      ", ".join(r.packing) or "-",
+                      ", ".join(r.quantizers) if r.quantizers is not None else "any trainable",
+                      "; ".join(f"{m}: {why}" for m, why in r.refused) or "-")
+    return table

@@ -20,12 +20,30 @@ def _render_eval(evals: dict[str, dict[str, float]]) -> None:
         return
     table = Table(title="held-out evaluation")
     table.add_column("when")
-    keys = [k for k in ("rougeL", "rouge1", "bleu", "exact_match", "n") if all(k in s for s in evals.values())]
+    keys = [k for k in ("rougeL", "rouge1", "bleu", "exact_match", "n", "loss", "perplexity")
+            if all(k in s for s in evals.values())]
     for k in keys:
         table.add_column(k, justify="right")
     for when, scores in evals.items():
         table.add_row(when, *(f"{scores.get(k, float('nan')):.4g}" for k in keys))
     Console().print(table)
+
+
+def _callbacks(options: object, loggers: tuple[str, ...] = ()) -> list[object]:
+    """What the CLI attaches to a run: a progress bar (unless the options say progress: false), one-line
+    messages for Ctrl-C and guard stops (stderr), and the config's ``loggers`` (tensorboard, mlflow)."""
+    from rich.console import Console
+
+    from llmtune.trainers.callbacks import ConsoleReporter, MLflowLogger, ProgressBar, TensorBoardLogger
+
+    err = Console(stderr=True)
+    # the interrupt message is the command's own (it also covers a Ctrl-C before training started)
+    out: list[object] = [ConsoleReporter(lambda line: err.print(line, highlight=False), interrupts=False)]
+    if getattr(options, "progress", False):
+        out.append(ProgressBar(every=int(getattr(options, "log_every", 1))))
+    makers = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+    out.extend(makers[name]() for name in loggers)
+    return out
 
 
 def _quiet_transformers() -> None:
@@ -52,11 +70,13 @@ def register(app: typer.Typer) -> None:
         from llmtune.trainers._config import load_config, run
 
         cfg = load_config(config)
+        _quiet_transformers()
         if check:
             Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
             return
         try:
-            result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()))
+            result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()),
+                         callbacks=_callbacks(cfg.trainer.options, cfg.loggers))
         except KeyboardInterrupt as exc:
             # the trainer raises KeyboardInterrupt("interrupted after step N; checkpoint PATH") once it saved one
             saved = "checkpoint" in str(exc)
@@ -70,11 +90,12 @@ def register(app: typer.Typer) -> None:
                 Console(stderr=True).print(f"[yellow]{what}[/] {event['path']}: {event['reason']}",
                                            highlight=False, soft_wrap=True)
         _render_eval(result.eval)
+        what = "adapter" if result.adapter_dir is not None else "model"
         if result.stopped_early:
-            Console(stderr=True).print(f"[bold red]stopped early[/]: {result.stopped_early}; adapter: "
-                                       f"{result.adapter_dir}")
+            Console(stderr=True).print(f"[bold red]stopped early[/]: {result.stopped_early}; {what}: "
+                                       f"{result.model_dir}")
             raise typer.Exit(3)
-        Console().print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir}/log.jsonl")
+        Console().print(f"{what}: {result.model_dir}\nlog: {result.output_dir}/log.jsonl")
 
     @app.command("generate")
     def generate(

@@ -67,7 +67,9 @@ class TrainResult:
     """What `Trainer.train` returns.
 
     ``adapter_dir``: where the adapter (PEFT format) was saved; ``history``: one dict per logged step;
-    ``eval``: held-out metric scores, e.g. ``{"before": {...}, "after": {...}}``.
+    ``eval``: held-out metric scores, e.g. ``{"before": {...}, "after": {...}}``; ``model_dir``: where
+    the trained weights went, whatever the method (the adapter directory, or the whole model for
+    ``method="full"``, where ``adapter_dir`` is None).
     """
 
     adapter_dir: Path | None
@@ -76,3 +78,4 @@ class TrainResult:
     output_dir: Path | None = None
     stopped_early: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_dir: Path | None = None

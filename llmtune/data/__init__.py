@@ -14,7 +14,9 @@ from llmtune.data.examples import (
     Example,
     build_examples,
     collate,
+    is_tokenized,
     pack_examples,
+    tokenized_examples,
 )
 from llmtune.data.formats import FORMATS, ROLES, SHAREGPT_ROLES, detect_format, record_tools, to_messages
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
@@ -27,6 +29,7 @@ from llmtune.data.preference import (
     to_pairs,
 )
 from llmtune.data.records import Records, as_records, load_records, read_records
+from llmtune.data.stream import BlockStream, TextSource, text_sources
 from llmtune.data.templates import (
     TEMPLATES,
     Segment,
@@ -43,5 +46,6 @@ __all__ = [
     "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
     "llama31_chat_template", "load_preference_records", "load_records", "parse_preference", "preference_texts",
     "read_records", "pack_examples", "record_tools", "render_prompt", "render_segments", "render_text", "split_instructions",
-    "stop_token_ids", "to_messages", "to_pairs",
+    "stop_token_ids", "to_messages", "to_pairs", "BlockStream", "TextSource", "text_sources", "is_tokenized",
+    "tokenized_examples",
 ]

@@ -214,3 +214,35 @@ def collate(examples: Sequence[Example], pad_token_id: int, *, pad_to_multiple_o
             positions[row, n:] = torch.arange(width - n)
         batch["position_ids"] = positions
     return batch
+
+
+def is_tokenized(data: object) -> bool:
+    """True when ``data`` is a list of pre-tokenized examples (`Example`s or mappings with ``input_ids``)."""
+    if isinstance(data, (str, bytes, Path)) or not isinstance(data, Sequence) or not data:
+        return False
+    first = data[0]
+    return isinstance(first, Example) or (isinstance(first, dict) and "input_ids" in first)
+
+
+def tokenized_examples(items: Iterable[Example | dict[str, Any]], *, source: str = "data") -> list[Example]:
+    """Pre-tokenized examples, checked: `Example`s as they are, or ``{"input_ids": [...], "labels": [...]}``.
+
+    ``labels`` may be left out (every token is then learned: labels = input_ids); -100 marks no loss.
+    """
+    out: list[Example] = []
+    for i, item in enumerate(items):
+        where = f"{source}[{i}]"
+        if isinstance(item, Example):
+            out.append(item)
+            continue
+        if not isinstance(item, dict) or "input_ids" not in item:
+            raise ConfigError(f"{where}: a pre-tokenized example is an Example or a dict with 'input_ids', "
+                              f"not {type(item).__name__}")
+        ids = item["input_ids"]
+        labels = item.get("labels", ids)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids) or not ids:
+            raise ConfigError(f"{where}: input_ids must be a non-empty list of ints")
+        if len(labels) != len(ids):
+            raise ConfigError(f"{where}: labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
+        out.append(Example([int(t) for t in ids], [int(t) for t in labels], where))
+    return out

@@ -51,10 +51,13 @@ from llmtune.core.manifest import MANIFEST, manifest_problems, write_manifest
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 RUN_FILE = "run.json"
-#: What a complete checkpoint must hold besides the per-process RNG files.
-REQUIRED = ("adapter", "optimizer.safetensors", "scheduler.safetensors", STATE_FILE, MANIFEST)
+#: What a complete checkpoint must hold besides the per-process RNG files (and one of `WEIGHTS`).
+REQUIRED = ("optimizer.safetensors", "scheduler.safetensors", STATE_FILE, MANIFEST)
+#: What the method trained: an adapter, or the whole model (``method="full"``); a checkpoint holds one.
+WEIGHTS = ("adapter", "model")
 #: Entries of an output directory that belong to a run (moved away by ``overwrite``); eval-*.jsonl too.
-RUN_ENTRIES = (CHECKPOINTS, "adapter", "log.jsonl", "config.json", "result.json", RUN_FILE)
+RUN_ENTRIES = (CHECKPOINTS, "adapter", "model", "log.jsonl", "config.json", "result.json", RUN_FILE,
+               "tensorboard", "mlflow.db")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.(tmp|old|trash)-(.+)$")
 _TREE_KEY = "llmtune_tree"
@@ -152,6 +155,9 @@ def problems(checkpoint: Path) -> list[str]:
     for name in REQUIRED:
         if not (checkpoint / name).exists() and not any(p.split(":")[0].rstrip("/").endswith(name) for p in found):
             found.append(f"{name}: missing")
+    if not any((checkpoint / w).exists() for w in WEIGHTS) and not any(
+            p.split(":")[0].split("/")[0] in WEIGHTS for p in found):
+        found.append(f"{WEIGHTS[0]}: missing")
     if not found:
         try:
             read_state(checkpoint)

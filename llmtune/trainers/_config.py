@@ -37,7 +37,9 @@ TOP_LEVEL: dict[str, tuple[bool, str]] = {
     "resume": (False, "false, true/'auto' (newest checkpoint in output_dir), or a checkpoint path"),
     "trainer": (False, "the trainer: name, backend, and that backend's options"),
     "quantizer": (False, "quantize the base model (QLoRA): a name like nf4, or name/backend/options"),
+    "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow"),
 }
+LOGGERS = ("tensorboard", "mlflow")
 _PATH_KEYS = ("data", "eval_data", "output_dir")
 
 
@@ -54,6 +56,7 @@ class TrainConfig:
     output_dir: str | None = None
     resume: bool | str = False
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loggers: tuple[str, ...] = ()
 
 
 def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], where: str) -> None:
@@ -163,6 +166,7 @@ def load_config(path: str | Path) -> TrainConfig:
     from llmtune.core.registry import get_trainer
 
     trainer = _build(REGISTRY, "trainer", tspec, at, "trainer", get_trainer)
+    loggers = _loggers(data.get("loggers"), at("loggers"))
     resume_value: bool | str = resume
     if isinstance(resume, str) and resume != "auto":
         resume_value = resolve(resume)
@@ -171,8 +175,16 @@ def load_config(path: str | Path) -> TrainConfig:
         tokenizer=local_or_hub(data["tokenizer"]) if data.get("tokenizer") else None,
         eval_data=resolve(data["eval_data"]) if data.get("eval_data") else None,
         output_dir=resolve(data["output_dir"]) if data.get("output_dir") else None,
-        resume=resume_value, raw=data,
+        resume=resume_value, raw=data, loggers=loggers,
     )
+
+
+def _loggers(value: Any, where: str) -> tuple[str, ...]:
+    """The ``loggers`` key: a name or a list of names from `LOGGERS`."""
+    names = [value] if isinstance(value, str) else (value or [])
+    if not isinstance(names, list) or any(x not in LOGGERS for x in names):
+        raise ConfigError(f"{where}: 'loggers' must be a list of {', '.join(LOGGERS)}, not {value!r}")
+    return tuple(names)
 
 
 def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: str, factory: Any) -> Any:
@@ -210,8 +222,9 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
 
 
 def run(config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False,
-        allow_changes: tuple[str, ...] = ()) -> Any:
-    """Train as the config says; returns the trainer's `TrainResult` (``overwrite``/``allow_changes``: see train)."""
+        allow_changes: tuple[str, ...] = (), callbacks: Any = ()) -> Any:
+    """Train as the config says, reporting through ``callbacks``; returns the trainer's `TrainResult`
+    (``overwrite``/``allow_changes``: see train)."""
     tokenizer = None
     if config.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -219,7 +232,7 @@ def run(config: TrainConfig, *, resume: bool | str | None = None, overwrite: boo
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     return config.trainer.train(
         config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
-        output_dir=config.output_dir, resume=config.resume if resume is None else resume,
+        output_dir=config.output_dir, resume=config.resume if resume is None else resume, callbacks=list(callbacks),
         **({"overwrite": True} if overwrite else {}), **({"allow_changes": allow_changes} if allow_changes else {}),
     )
 

@@ -19,8 +19,9 @@ from llmtune.core.errors import ConfigError
 #: Options class name -> {field: estimator argument it becomes (or what it decides)}.
 MAPPED: dict[str, dict[str, str]] = {
     "PeftLoraOptions": {
-        "method": "method (lora / dora / prompt_tuning / prefix_tuning / ia3 / bottleneck; lora with a quantizer: "
-                  "qlora)",
+        "method": "method (lora / dora / prompt_tuning / prefix_tuning / ia3 / bottleneck / full; lora with a "
+                  "quantizer: qlora)",
+        "optimizer": "optimizer (adamw / adamw_8bit / sgd / sgd_momentum)",
         "rank": "lora_rank",
         "dropout": "lora_dropout",
         "targets": "lora_targets",
@@ -74,7 +75,11 @@ IRRELEVANT: dict[str, dict[str, str]] = {
         "save_every": "checkpoints are written from the state dicts, no GPU copy",
         "keep_checkpoints": "files on disk", "seed": "randomness", "output_dir": "a path",
         "log_every": "logging", "progress": "a progress bar",
+        "divergence_factor": "a check on the loss value", "num_threads": "CPU threads",
+        "early_stopping_patience": "when the run ends, not how much it holds",
     },
+    # PretrainOptions = PeftLoraOptions' fields (other defaults) plus these
+    "PretrainOptions": {"chunk_bytes": "text read and tokenized on the CPU", "text_field": "which field holds the text"},
     "FourBitOptions": {
         "compute_dtype": "bitsandbytes casts the matmul output back to the input dtype; only the transient "
                          "dequantized weight (the largest linear) changes size",
@@ -113,7 +118,7 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
         batch_size=o.batch_size, seq_len=o.max_length, gradient_checkpointing=o.gradient_checkpointing,
         lora_rank=o.rank, lora_dropout=float(o.dropout), lora_targets=o.targets, recipe=recipe, packing=o.packing,
         precision="fp32" if o.precision == "fp32" else "bf16", loss_chunk_tokens=max(1, o.loss_chunk_tokens),
-        num_virtual_tokens=o.num_virtual_tokens, method=o.method)
+        num_virtual_tokens=o.num_virtual_tokens, method=o.method, optimizer=getattr(o, "optimizer", "adamw"))
     if o.method == "bottleneck":
         sites = (o.bottleneck_sites,) if isinstance(o.bottleneck_sites, str) else tuple(o.bottleneck_sites)
         kw |= {"bottleneck_size": o.bottleneck_size, "bottleneck_placement": o.bottleneck_placement,

@@ -1,13 +1,14 @@
-"""Trainer ``lora`` (backend ``unsloth``): the ``peft`` trainer with Unsloth loading the model and the adapter.
+"""Backend ``unsloth``: Unsloth loads the model and adds LoRA; the shared recipe does the rest.
 
 Everything that is not Unsloth-specific (options, data, templates, the Accelerate loop, evaluation,
-checkpoints, logs, outputs) is `PeftLoraTrainer`'s; this class overrides only its hooks:
+checkpoints, logs, outputs) is the recipe's (`llmtune.trainers.loop`); `UnslothBackend` implements the
+`TrainerBackend` protocol:
 
-* `_load`: ``FastLanguageModel.from_pretrained`` (QLoRA through ``load_in_4bit``, i.e. NF4 + double quant);
-* `_enable_gradient_checkpointing` / `_apply_adapter`: ``FastLanguageModel.get_peft_model`` with
-  ``use_gradient_checkpointing="unsloth"`` (Unsloth's checkpointing, which offloads activations on a GPU);
-* `_loss`: the model's own loss (Unsloth's fused cross-entropy on a GPU, its chunked one on the CPU fallback);
-* `_evaluate`: switches the model to Unsloth's inference mode around generation and back.
+* `load`: ``FastLanguageModel.from_pretrained`` (QLoRA through ``load_in_4bit``, i.e. NF4 + double quant);
+* `prepare` / `apply_method`: ``FastLanguageModel.get_peft_model`` with ``use_gradient_checkpointing="unsloth"``
+  (Unsloth's checkpointing, which offloads activations on a GPU);
+* `loss`: the model's own loss (Unsloth's fused cross-entropy on a GPU, its chunked one on the CPU fallback);
+* `generation`: switches the model to Unsloth's inference mode around generation and back.
 
 Unsloth patches transformers, PEFT and TRL when it is imported, so it must be imported before them. The
 module itself imports neither (``llmtune backends`` must stay fast); the trainer imports Unsloth when it is
@@ -16,6 +17,7 @@ constructed, and warns, saying what that costs, if transformers/PEFT/TRL were im
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import os
@@ -24,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,8 +34,9 @@ import torch
 from torch import nn
 
 from llmtune.core.errors import BackendUnavailableError, ConfigError, InvalidOptionError
-from llmtune.core.results import TrainResult
-from llmtune.trainers.peft import PeftLoraOptions, PeftLoraTrainer
+from llmtune.trainers.backend import BackendContext, TrainerBackend
+from llmtune.trainers.base import RecipeTrainer
+from llmtune.trainers.options import TrainOptions
 
 #: The oldest Unsloth whose ``import`` works without a GPU (its CPU fallback: stock transformers + PEFT).
 MIN_CPU_FALLBACK = (2026, 10, 9)
@@ -107,9 +110,19 @@ def import_unsloth() -> Any:
     return FastLanguageModel
 
 
+#: methods the unsloth backend refuses, and why (shown by the support matrix too)
+REFUSED: dict[str, str] = {
+    "bottleneck": "Bottleneck adapters hook the attention/MLP modules, and Unsloth's fast paths run its own "
+                  "kernels on those modules' weights without calling them, so the adapters would be skipped; "
+                  "use backend='peft'",
+}
+NO_PACKING = ("on the unsloth backend the loss is Unsloth's own forward, which is not given the per-example "
+              "block mask, so packed examples would attend to each other; use backend='peft' for packing")
+
+
 @dataclasses.dataclass(frozen=True)
-class UnslothLoraOptions(PeftLoraOptions):
-    """The ``peft`` trainer's options; Unsloth supports ``method="lora"`` only and NF4 as its quantizer.
+class UnslothLoraOptions(TrainOptions):
+    """The recipe's options; Unsloth supports ``method="lora"`` only and NF4 as its quantizer.
 
     ``dropout`` defaults to 0 here (Unsloth's fast LoRA kernels need it; any other value makes Unsloth patch
     everything except the LoRA matrices). ``loss_chunk_tokens`` is not used: Unsloth computes the loss.
@@ -119,11 +132,9 @@ class UnslothLoraOptions(PeftLoraOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method == "bottleneck":
-            raise InvalidOptionError("option method='bottleneck': not on the unsloth backend. Bottleneck adapters hook "
-                                     "the attention/MLP modules, and Unsloth's fast paths run its own kernels on those "
-                                     "modules' weights without calling them, so the adapters would be skipped; use "
-                                     "backend='peft'")
+        if self.method in REFUSED:
+            raise InvalidOptionError(f"option method={self.method!r}: not on the unsloth backend. "
+                                     f"{REFUSED[self.method]}")
         if self.method != "lora":
             raise InvalidOptionError(f"option method={self.method!r}: the unsloth backend trains LoRA only; use "
                                      "backend='peft' for DoRA, IA3, prompt and prefix tuning")
@@ -132,9 +143,7 @@ class UnslothLoraOptions(PeftLoraOptions):
                                      "to FastLanguageModel.get_peft_model; use backend='peft' for rsLoRA, PiSSA, "
                                      "OLoRA and LoftQ")
         if self.packing:
-            raise InvalidOptionError("option packing=True: on the unsloth backend the loss is Unsloth's own forward, "
-                                     "which is not given the per-example block mask, so packed examples would "
-                                     "attend to each other; use backend='peft' for packing")
+            raise InvalidOptionError(f"option packing=True: {NO_PACKING}")
         if self.upcast_embeddings:
             raise InvalidOptionError("option upcast_embeddings=True: Unsloth chooses the dtypes of the 4-bit "
                                      "model itself; use backend='peft' for PEFT's kbit recipe")
@@ -154,16 +163,45 @@ class UnslothLoraOptions(PeftLoraOptions):
                         f"({field}={want!r}); leave it at its default or use backend='peft'")
 
 
-class UnslothLoraTrainer(PeftLoraTrainer):
-    """LoRA / QLoRA fine-tuning with Unsloth's model loading, kernels, checkpointing and loss."""
+def unsloth_unavailable_reason() -> str | None:
+    """Version pins and the CPU fallback, from package metadata only (no import of Unsloth)."""
+    unsloth_v = _installed("unsloth")
+    if unsloth_v is None:
+        return "needs unsloth: pip install 'llmtune[unsloth]'"
+    if _installed("unsloth_zoo") is None:
+        return "needs unsloth_zoo (a dependency of unsloth): pip install 'llmtune[unsloth]'"
+    tf = _installed("transformers")
+    if tf is not None and _version_tuple(tf) > MAX_TRANSFORMERS:
+        return (f"unsloth {unsloth_v} supports transformers <= {_fmt(MAX_TRANSFORMERS)}, this environment has "
+                f"{tf}: install llmtune[unsloth] in its own environment (it pins the stack)")
+    trl = _installed("trl")
+    if trl is None:
+        return "needs trl (a dependency of unsloth): pip install 'llmtune[unsloth]'"
+    if _version_tuple(trl) > MAX_TRL:
+        return (f"unsloth {unsloth_v} supports trl <= {_fmt(MAX_TRL)}, this environment has {trl}: "
+                "pip install 'trl<=1.15'")
+    if not torch.cuda.is_available():
+        if _version_tuple(unsloth_v) < MIN_CPU_FALLBACK:
+            return (f"no CUDA GPU, and unsloth {unsloth_v} needs one (its CPU fallback starts at "
+                    f"{_fmt(MIN_CPU_FALLBACK)}): pip install 'unsloth>={_fmt(MIN_CPU_FALLBACK)}'")
+        if os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1":
+            return "no CUDA GPU, and UNSLOTH_DISABLE_CPU_FALLBACK=1 turns Unsloth's CPU fallback off"
+    return None
 
-    name: ClassVar[str] = "lora"
-    backend: ClassVar[str] = "unsloth"
-    Options: ClassVar[type] = UnslothLoraOptions
-    options: UnslothLoraOptions
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+class UnslothBackend(TrainerBackend):
+    """LoRA / QLoRA with Unsloth's model loading, kernels, checkpointing and loss."""
+
+    name: ClassVar[str] = "unsloth"
+    methods: ClassVar[tuple[str, ...]] = ("lora",)
+    objectives: ClassVar[tuple[str, ...]] = ("sft",)
+    quantizers: ClassVar[tuple[str, ...] | None] = ("nf4",)
+    packing: ClassVar[bool] = False   # NO_PACKING says why
+    refused: ClassVar[dict[str, str]] = REFUSED
+    requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "unsloth")
+    extra: ClassVar[str | None] = "unsloth"
+
+    def __init__(self) -> None:
         # Import now: the earliest moment we know Unsloth will be used (before the loop imports transformers).
         self._fast = import_unsloth()
         self._tmp_model_dir: Path | None = None
@@ -171,41 +209,17 @@ class UnslothLoraTrainer(PeftLoraTrainer):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """Version pins and the CPU fallback, from package metadata only (no import of Unsloth)."""
-        unsloth_v = _installed("unsloth")
-        if unsloth_v is None:
-            return "needs unsloth: pip install 'llmtune[unsloth]'"
-        if _installed("unsloth_zoo") is None:
-            return "needs unsloth_zoo (a dependency of unsloth): pip install 'llmtune[unsloth]'"
-        tf = _installed("transformers")
-        if tf is not None and _version_tuple(tf) > MAX_TRANSFORMERS:
-            return (f"unsloth {unsloth_v} supports transformers <= {_fmt(MAX_TRANSFORMERS)}, this environment has "
-                    f"{tf}: install llmtune[unsloth] in its own environment (it pins the stack)")
-        trl = _installed("trl")
-        if trl is None:
-            return "needs trl (a dependency of unsloth): pip install 'llmtune[unsloth]'"
-        if _version_tuple(trl) > MAX_TRL:
-            return (f"unsloth {unsloth_v} supports trl <= {_fmt(MAX_TRL)}, this environment has {trl}: "
-                    "pip install 'trl<=1.15'")
-        if not torch.cuda.is_available():
-            if _version_tuple(unsloth_v) < MIN_CPU_FALLBACK:
-                return (f"no CUDA GPU, and unsloth {unsloth_v} needs one (its CPU fallback starts at "
-                        f"{_fmt(MIN_CPU_FALLBACK)}): pip install 'unsloth>={_fmt(MIN_CPU_FALLBACK)}'")
-            if os.environ.get("UNSLOTH_DISABLE_CPU_FALLBACK") == "1":
-                return "no CUDA GPU, and UNSLOTH_DISABLE_CPU_FALLBACK=1 turns Unsloth's CPU fallback off"
-        return None
+        return unsloth_unavailable_reason()
 
-    # ------------------------------------------------------------------ the public call
-    def train(self, model: Any, data: Any, **kwargs: Any) -> TrainResult:
-        """As `PeftLoraTrainer.train`; an ``nn.Module`` model is saved to a temporary directory for Unsloth."""
-        try:
-            return super().train(model, data, **kwargs)
-        finally:
-            if self._tmp_model_dir is not None:
-                shutil.rmtree(self._tmp_model_dir, ignore_errors=True)
-                self._tmp_model_dir = None
+    @classmethod
+    def options_class(cls, objective_options: type) -> type:
+        return UnslothLoraOptions
 
-    # ------------------------------------------------------------------ hooks
+    def close(self) -> None:
+        if self._tmp_model_dir is not None:
+            shutil.rmtree(self._tmp_model_dir, ignore_errors=True)
+            self._tmp_model_dir = None
+
     def _model_dir(self, model: Any, tokenizer: Any) -> tuple[str, bool]:
         """(what to hand to Unsloth, whether it is a local directory); a module is saved to a temp dir."""
         if isinstance(model, (str, os.PathLike)):
@@ -236,15 +250,15 @@ class UnslothLoraTrainer(PeftLoraTrainer):
             return str(tmp), True
         raise ConfigError(f"model must be a local path, a hub id or a torch.nn.Module, not {type(model).__name__}")
 
-    def _load(self, model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
+    def load(self, model: Any, tokenizer: Any, ctx: BackendContext) -> tuple[Any, Any]:
         """``FastLanguageModel.from_pretrained``: 16-bit, or NF4 (``load_in_4bit``) when given a quantizer."""
-        opts = self.options
+        opts = ctx.options
         self._gc_mode = False
         name, local = self._model_dir(model, tokenizer)
-        dtype = self._base_dtype() or torch.float32
+        dtype = ctx.base_dtype or torch.float32
         kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
-        if self._device.type == "cuda":  # this process's GPU (one per process under accelerate launch)
-            index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+        if ctx.device.type == "cuda":  # this process's GPU (one per process under accelerate launch)
+            index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
             kwargs["device_map"] = {"": index}
         try:
             loaded, loaded_tok = self._fast.from_pretrained(
@@ -269,13 +283,13 @@ class UnslothLoraTrainer(PeftLoraTrainer):
             loaded.config.use_cache = False
         return loaded, tok
 
-    def _enable_gradient_checkpointing(self, model: nn.Module) -> None:
-        """Unsloth's checkpointing is switched on by `get_peft_model` (called next, in `_apply_adapter`)."""
-        self._gc_mode = "unsloth"
+    def prepare(self, model: Any, ctx: BackendContext) -> None:
+        """Unsloth's checkpointing is switched on by `get_peft_model` (called next, in `apply_method`)."""
+        if ctx.options.gradient_checkpointing:
+            self._gc_mode = "unsloth"
 
-    def _targets(self, model: nn.Module) -> list[str]:
+    def _targets(self, model: nn.Module, targets: Any) -> list[str]:
         """Module names for Unsloth: ``"all-linear"`` becomes every linear leaf name except the output head."""
-        targets = self.options.targets
         if not isinstance(targets, str) or targets != "all-linear":
             return [targets] if isinstance(targets, str) else list(targets)
         getter = getattr(model, "get_output_embeddings", None)
@@ -292,18 +306,18 @@ class UnslothLoraTrainer(PeftLoraTrainer):
             raise ConfigError(f"targets='all-linear': {type(model).__name__} has no linear layers besides its head")
         return names
 
-    def _apply_adapter(self, model: nn.Module) -> nn.Module:
+    def apply_method(self, model: Any, method: Any, ctx: BackendContext) -> Any:
         """``FastLanguageModel.get_peft_model``: LoRA with Unsloth's kernels and (optionally) its checkpointing."""
-        opts = self.options
+        opts = ctx.options
         try:
-            return self._fast.get_peft_model(  # type: ignore[no-any-return]
+            return self._fast.get_peft_model(
                 model, r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, bias="none",
-                target_modules=self._targets(model), use_gradient_checkpointing=self._gc_mode,
+                target_modules=self._targets(model, opts.targets), use_gradient_checkpointing=self._gc_mode,
                 random_state=opts.seed, max_seq_length=opts.max_length)
         except (ValueError, AssertionError, TypeError) as exc:
             raise ConfigError(f"Unsloth could not add LoRA to {type(model).__name__}: {exc}") from exc
 
-    def _loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: Any, batch: Mapping[str, torch.Tensor], ctx: BackendContext) -> torch.Tensor:
         """SUM of next-token cross-entropies, from the model's own (Unsloth's) loss.
 
         ``num_items_in_batch`` makes the model divide by the label count we give (at least 1), so multiplying
@@ -316,13 +330,33 @@ class UnslothLoraTrainer(PeftLoraTrainer):
         loss = out.loss if hasattr(out, "loss") else out[0]
         return loss.float() * count
 
-    def _evaluate(self, model: nn.Module, tokenizer: Any, eval_set: Any, tag: str, out: Path | None) -> dict[str, float]:
+    @contextlib.contextmanager
+    def generation(self, model: Any) -> Iterator[Any]:
         """Generation in Unsloth's inference mode, then back to training mode (with the same checkpointing)."""
-        if eval_set is None or not eval_set[0]:
-            return {}
         target: nn.Module = getattr(model, "module", model)
         self._fast.for_inference(target)
         try:
-            return super()._evaluate(target, tokenizer, eval_set, tag, out)
+            yield target
         finally:
             self._fast.for_training(target, use_gradient_checkpointing=bool(self._gc_mode))
+
+
+class UnslothSftTrainer(RecipeTrainer):
+    """``sft`` on the ``unsloth`` backend (LoRA / QLoRA)."""
+
+    name: ClassVar[str] = "sft"
+    backend: ClassVar[str] = "unsloth"
+    objective: ClassVar[str] = "sft"
+    engine: ClassVar[type[TrainerBackend]] = UnslothBackend
+    Options: ClassVar[type] = UnslothLoraOptions
+    options: UnslothLoraOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        import_unsloth()  # before anything imports transformers
+
+
+class UnslothLoraTrainer(UnslothSftTrainer):
+    """``lora`` on the ``unsloth`` backend, kept for existing callers."""
+
+    name: ClassVar[str] = "lora"

@@ -17,7 +17,9 @@ pytest.importorskip("accelerate")
 
 import llmtune  # noqa: E402
 from llmtune.core.errors import ConfigError, InvalidOptionError, UnknownOptionError  # noqa: E402
-from llmtune.trainers.peft import PeftLoraTrainer  # noqa: E402
+from llmtune.trainers.base import trainer_class  # noqa: E402
+from llmtune.trainers.callbacks import Callback  # noqa: E402
+from llmtune.trainers.peft import PeftBackend  # noqa: E402
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1}
@@ -176,13 +178,13 @@ def test_gradient_checkpointing_gives_the_same_curve(tok: Any, split: Any, tmp_p
     assert losses(plain) == pytest.approx(losses(ckpt), rel=1e-5, abs=1e-6)
 
 
-class _Interrupt(PeftLoraTrainer):
+class _Interrupt(Callback):
     """Raises KeyboardInterrupt (as Ctrl-C would) right after a given step."""
 
     at_step = 3
 
-    def _on_step_end(self, step: int, record: dict[str, Any]) -> None:
-        if step == self.at_step:
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        if record["step"] == self.at_step:
             raise KeyboardInterrupt
 
 
@@ -195,7 +197,8 @@ def test_interrupt_saves_and_resume_reproduces_the_uninterrupted_curve(tok: Any,
 
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        _Interrupt(**opts).train(tiny(tok), train, tokenizer=tok, output_dir=out)
+        llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok, output_dir=out,
+                                                  callbacks=[_Interrupt()])
     assert (out / "checkpoints" / "step-000003" / "state.json").is_file()
     state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
     assert state["step"] == 3
@@ -227,11 +230,11 @@ def test_periodic_checkpoints_are_complete_and_pruned(tok: Any, split: Any, tmp_
     assert losses(again) == losses(result)
 
 
-class _CtrlC(PeftLoraTrainer):
+class _CtrlC(Callback):
     """Sends this process a real SIGINT (Ctrl-C) after step 2."""
 
-    def _on_step_end(self, step: int, record: dict[str, Any]) -> None:
-        if step == 2:
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        if record["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -239,7 +242,8 @@ def test_real_ctrl_c_finishes_the_step_saves_and_resumes(tok: Any, split: Any, t
     train, _ = split
     opts = {**FAST, "dropout": 0.1, "eval_examples": 0}
     with pytest.raises(KeyboardInterrupt, match="after step 2"):
-        _CtrlC(**opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path, max_steps=4)
+        llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path, max_steps=4,
+                                                  callbacks=[_CtrlC()])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
     resumed = llmtune.get_trainer("lora", **opts).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path,
@@ -249,20 +253,24 @@ def test_real_ctrl_c_finishes_the_step_saves_and_resumes(tok: Any, split: Any, t
     assert losses(resumed) == losses(full)
 
 
-class _NaNAt(PeftLoraTrainer):
-    """A loss that turns NaN at a given step."""
+class _NaNBackend(PeftBackend):
+    """The peft backend with a loss that turns NaN at a given call."""
 
     nan_step = 4
     calls = 0
 
-    def _loss(self, model: Any, batch: Any) -> Any:
-        self.calls += 1
-        loss = super()._loss(model, batch)
+    def loss(self, model: Any, batch: Any, ctx: Any) -> Any:
+        type(self).calls += 1
+        loss = super().loss(model, batch, ctx)
         return loss * float("nan") if self.calls >= self.nan_step else loss
+
+
+_NaNAt = trainer_class("sft", _NaNBackend)
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tok: Any, split: Any, tmp_path: Path) -> None:
     train, _ = split
+    _NaNBackend.calls = 0
     result = _NaNAt(**FAST, save_every=2).train(tiny(tok), train, tokenizer=tok, output_dir=tmp_path, max_steps=8)
     assert result.stopped_early is not None and "non-finite loss" in result.stopped_early
     assert len(result.history) == 3

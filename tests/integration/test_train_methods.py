@@ -201,3 +201,65 @@ def test_ia3_adapter_merges(tok: Any, split: Any, tmp_path: Path) -> None:
     peft_model, tokenizer = load_for_inference(adapter=result.adapter_dir)
     merged = AutoModelForCausalLM.from_pretrained(str(merge_adapter(result.adapter_dir, tmp_path / "merged")))
     assert torch.allclose(logits_of(merged, tokenizer), logits_of(peft_model, tokenizer), atol=1e-5)
+
+
+def test_loraplus_groups_reach_the_recipes_optimizer(tok: Any, split: Any, tmp_path: Path) -> None:
+    """The loop builds its optimizer (any of its names) from PEFT's LoRA+ groups: B at lr * ratio, A at lr."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from llmtune.trainers.callbacks import Callback
+
+    seen: dict[str, Any] = {}
+
+    class Groups(Callback):
+        def on_train_start(self, state: Any) -> None:
+            names = {id(p): n for n, p in state.model.named_parameters()}
+            seen["ours"] = [(g["lr"], sorted(names[id(p)] for p in g["params"])) for g in state.optimizer.param_groups]
+            ref = create_loraplus_optimizer(state.model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+            seen["peft"] = [(g["lr"], sorted(names[id(p)] for p in g["params"])) for g in ref.param_groups
+                            if g["params"]]
+
+    train, _ = split
+    for optimizer in ("adamw", "sgd"):
+        llmtune.get_trainer("lora", **FAST, rank=4, loraplus_ratio=16, optimizer=optimizer,
+                            scheduler="constant").train(tiny(tok), train, tokenizer=tok, lr=1e-3, max_steps=1,
+                                                        output_dir=tmp_path / optimizer, callbacks=[Groups()])
+        assert seen["ours"] == seen["peft"]
+        lrs = sorted({lr for lr, _ in seen["ours"]})
+        assert lrs == pytest.approx([1e-3, 16e-3])
+        b_names = [n for lr, names in seen["ours"] if lr == pytest.approx(16e-3) for n in names]
+        assert b_names and all("lora_B" in n for n in b_names)
+
+
+def test_support_matrix_lists_the_new_methods_and_refusals() -> None:
+    from llmtune.trainers.matrix import check_supported, support_of
+    from llmtune.trainers.options import TrainOptions
+    from llmtune.trainers.peft import PeftPretrainTrainer, PeftSftTrainer
+    from llmtune.trainers.unsloth import UnslothSftTrainer
+
+    sft = support_of(PeftSftTrainer)
+    assert {"ia3", "prefix_tuning", "bottleneck"} <= set(sft.methods) and "bottleneck" in sft.quantized
+    assert "prompt_tuning" not in sft.packing and "prefix_tuning" not in sft.packing and "bottleneck" in sft.packing
+    assert support_of(PeftPretrainTrainer).methods == ("lora", "dora", "full")
+    uns = support_of(UnslothSftTrainer)
+    assert uns.methods == ("lora",) and uns.packing == ()
+    assert "adapters would be skipped" in dict(uns.refused)["bottleneck"]
+    trainer = object.__new__(UnslothSftTrainer)  # no Unsloth import: only the matrix is asked (the options
+    with pytest.raises(InvalidOptionError, match="does not pack"):  # class refuses these first, test_unsloth.py)
+        check_supported(trainer, TrainOptions(packing=True))
+    with pytest.raises(InvalidOptionError, match="adapters would be skipped"):
+        check_supported(trainer, TrainOptions(method="bottleneck"))
+    with pytest.raises(InvalidOptionError, match="packing"):
+        llmtune.get_trainer("sft", method="prompt_tuning", packing=True)
+
+
+def test_export_refuses_a_bottleneck_run(tok: Any, split: Any, tmp_path: Path) -> None:
+    from llmtune.core.errors import MergeNotSupportedError
+    from llmtune.export import resolve_source
+
+    train, _ = split
+    result = llmtune.get_trainer("lora", **FAST, method="bottleneck", bottleneck_size=4).train(
+        tiny(tok), train, tokenizer=tok, output_dir=tmp_path / "run", max_steps=1)
+    for path in (tmp_path / "run", result.adapter_dir):
+        with pytest.raises(MergeNotSupportedError, match="bottleneck adapter cannot be exported"):
+            resolve_source(path)

@@ -63,10 +63,12 @@ def test_unsloth_cli_backends_json_reports_the_reason() -> None:
     result = CliRunner().invoke(app, ["backends", "--kind", "trainer", "--json"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
-    (row,) = [r for r in rows if r["backend"] == "unsloth"]
-    assert row["available"] is HAVE_UNSLOTH
-    if not HAVE_UNSLOTH:
-        assert "llmtune[unsloth]" in row["reason"]
+    unsloth = [r for r in rows if r["backend"] == "unsloth"]
+    assert sorted(r["name"] for r in unsloth) == ["lora", "sft"]   # sft on the unsloth backend; lora = sft
+    for row in unsloth:
+        assert row["available"] is HAVE_UNSLOTH
+        if not HAVE_UNSLOTH:
+            assert "llmtune[unsloth]" in row["reason"]
 
 
 def test_unsloth_get_trainer_without_it_names_the_extra() -> None:

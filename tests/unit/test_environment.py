@@ -9,7 +9,7 @@ import os
 import pytest
 
 FULL_ENV_MODULES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers",
-                    "rouge_score", "sacrebleu", "nltk", "matplotlib")
+                    "rouge_score", "sacrebleu", "nltk", "matplotlib", "gguf", "tensorboard", "mlflow")
 
 
 @pytest.mark.skipif(os.environ.get("LLMTUNE_FULL_ENV") != "1", reason="only in the full environment (nox -s tests)")
@@ -23,7 +23,7 @@ def test_every_cpu_backend_is_available() -> None:
     import llmtune
 
     expected_unavailable = {("quantizer", "gptq", "gptqmodel"), ("quantizer", "gptq", "auto-gptq"),
-                            ("trainer", "lora", "unsloth")}
+                            ("trainer", "lora", "unsloth"), ("trainer", "sft", "unsloth")}
     rows = [r for r in llmtune.list_backends() if r.source == "builtin"]
     broken = [(r.kind, r.name, r.backend, r.reason) for r in rows
               if not r.available and (r.kind, r.name, r.backend) not in expected_unavailable]

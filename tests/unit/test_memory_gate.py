@@ -106,3 +106,11 @@ def test_bottleneck_options_reach_the_estimator():
     assert adapter_params(spec, "bottleneck", num_virtual_tokens=kw["num_virtual_tokens"], bottleneck_size=32,
                           sites=kw["bottleneck_sites"]) == spec.num_layers * 2 * (2 * spec.hidden_size * 32 + 32
                                                                                   + spec.hidden_size)
+
+
+def test_pretrain_options_add_only_irrelevant_fields():
+    from llmtune.trainers._memory_gate import IRRELEVANT
+    from llmtune.trainers.options import PretrainOptions, TrainOptions
+
+    extra = {f.name for f in dataclasses.fields(PretrainOptions)} - {f.name for f in dataclasses.fields(TrainOptions)}
+    assert extra == set(IRRELEVANT["PretrainOptions"])

@@ -22,74 +22,30 @@ generation time and the adapter silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from llmtune.core.errors import ConfigError, InvalidOptionError, MergeNotSupportedError
-from llmtune.core.options import check_choice, check_type
-
-PLACEMENTS = ("series", "parallel")
-SITES = ("attn", "mlp")
-NON_LINEARITIES = ("tanh", "relu", "gelu", "silu")
-#: decoder-layer child names of each site (llama, mistral, qwen2, qwen3, gemma, phi3 all use these)
-SITE_MODULES = {"attn": "self_attn", "mlp": "mlp"}
-CONFIG_FILE = "bottleneck_config.json"
-WEIGHTS_FILE = "bottleneck_model.safetensors"
-ADAPTER_ATTR = "bottleneck_adapter"
-FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class BottleneckOptions:
-    """Where and how big the adapters are. Defaults: one series adapter after each MLP (the paper's best)."""
-
-    size: int = 64                          #: bottleneck width b
-    placement: str = "series"               #: "series" (reads F(x)) or "parallel" (reads x)
-    sites: tuple[str, ...] = ("mlp",)       #: any of "attn", "mlp": after which sub-layers
-    non_linearity: str = "tanh"             #: f: "tanh", "relu", "gelu" or "silu"
-    scaling: float = 1.0                    #: s
-    dropout: float = 0.0                    #: dropout on the adapter's input
-    bias: bool = True                       #: biases in W_down and W_up
-
-    def __post_init__(self) -> None:
-        check_type("size", self.size, int)
-        if self.size < 1:
-            raise InvalidOptionError(f"option size={self.size!r} must be > 0")
-        check_choice("placement", self.placement, PLACEMENTS)
-        sites = self.sites
-        if isinstance(sites, str):
-            sites = (sites,)
-        if isinstance(sites, list):
-            sites = tuple(sites)
-        if not isinstance(sites, tuple) or not sites:
-            raise InvalidOptionError(f"option sites={self.sites!r} must be a non-empty list of 'attn', 'mlp'")
-        for site in sites:
-            check_choice("sites", site, SITES)
-        if len(set(sites)) != len(sites):
-            raise InvalidOptionError(f"option sites={self.sites!r} names a site twice")
-        object.__setattr__(self, "sites", tuple(s for s in SITES if s in sites))
-        check_choice("non_linearity", self.non_linearity, NON_LINEARITIES)
-        check_type("scaling", self.scaling, (int, float))
-        if not math.isfinite(self.scaling) or self.scaling == 0:
-            raise InvalidOptionError(f"option scaling={self.scaling!r} must be finite and non-zero")
-        check_type("dropout", self.dropout, (int, float))
-        if not 0 <= self.dropout < 1:
-            raise InvalidOptionError(f"option dropout={self.dropout!r} must be in [0, 1)")
-        check_type("bias", self.bias, bool)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly view (what `save_bottleneck` writes)."""
-        out = dataclasses.asdict(self)
-        out["sites"] = list(self.sites)
-        return out
+from llmtune.trainers.methods.base import Method
+from llmtune.trainers.methods.bottleneck_options import (  # noqa: F401  (re-exported)
+    ADAPTER_ATTR,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    NON_LINEARITIES,
+    PLACEMENTS,
+    SITE_MODULES,
+    SITES,
+    WEIGHTS_FILE,
+    BottleneckOptions,
+    from_trainer_options,
+)
 
 
 def parameter_count(options: BottleneckOptions, hidden_size: int, num_layers: int) -> int:
@@ -326,3 +282,19 @@ def merge_bottleneck(model: nn.Module | None = None) -> nn.Module:
         "bottleneck adapters cannot be merged into the base weights: the adapter applies a non-linearity "
         "f(W_down x), which no change of a linear layer reproduces; load the adapter at inference "
         "(llmtune.trainers.methods.bottleneck.load_bottleneck) instead")
+
+
+class Bottleneck(Method):
+    """The recipe's ``bottleneck`` method: adapters injected in place (hooks), saved in llmtune's own format."""
+
+    name: ClassVar[str] = "bottleneck"
+
+    def apply(self, model: Any, options: Any) -> Any:
+        inject_bottleneck(model, from_trainer_options(options))
+        return model
+
+    def save(self, model: Any, path: Path) -> None:
+        save_bottleneck(model, path)
+
+    def load_weights(self, model: Any, path: Path) -> None:
+        load_bottleneck_weights(model, path)

@@ -157,12 +157,14 @@ def check_quantized_base(init: str, quantized: bool) -> None:
 
 
 def loraplus_optimizer(model: Any, *, lr: float, ratio: float, weight_decay: float = 0.0) -> Any:
-    """AdamW with LoRA+ groups: ``lora_B`` (and 1-D adapter params) at ``lr·ratio``, ``lora_A`` at ``lr`` (PEFT's rule)."""
-    import torch
-    from peft.optimizers import create_loraplus_optimizer
+    """AdamW with LoRA+ groups: ``lora_B`` (and 1-D adapter params) at ``lr·ratio``, ``lora_A`` at ``lr`` (PEFT's rule).
+
+    The recipe does the same for any optimizer name (`llmtune.trainers._optim.loraplus_groups`).
+    """
+    from llmtune.trainers._optim import build_optimizer, loraplus_groups
 
     check_type("loraplus_ratio", ratio, (int, float))
     if ratio < 1:
         raise InvalidOptionError(f"option loraplus_ratio={ratio!r} must be >= 1 (B learns faster than A)")
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=float(ratio),
-                                     weight_decay=weight_decay)
+    groups = loraplus_groups(model, lr=lr, ratio=ratio, weight_decay=weight_decay)
+    return build_optimizer("adamw", groups, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,91 @@
+"""Objective ``sft``: supervised fine-tuning on instruction/chat/text records (loss on the answers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from llmtune.core.errors import ConfigError
+from llmtune.trainers.objectives.base import EvalData, ExampleData, Objective
+from llmtune.trainers.options import TrainOptions
+
+
+def load_records(data: Any, what: str) -> list[dict[str, Any]]:
+    """Records from a path (.jsonl/.json/.csv) or a list of dicts."""
+    from llmtune.data import load_records as load
+
+    if isinstance(data, (str, os.PathLike)):
+        return load(Path(data))
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        records = list(data)
+        for i, r in enumerate(records):
+            if not isinstance(r, Mapping):
+                raise ConfigError(f"{what}[{i}] is a {type(r).__name__}, not a record (dict)")
+        return [dict(r) for r in records]
+    raise ConfigError(f"{what} must be a path to .jsonl/.json/.csv, a list of records or of pre-tokenized "
+                      f"examples, not {type(data).__name__}")
+
+
+def _turn_options(options: Any) -> dict[str, Any]:
+    """Which turns are learned (``train_on``) and the default system prompt, for `build_examples`."""
+    return {"train_on": getattr(options, "train_on", "assistant"),
+            "system_prompt": getattr(options, "system_prompt", None)}
+
+
+class Sft(Objective):
+    """Next-token loss on the answer tokens of templated records (or on pre-tokenized examples' labels)."""
+
+    name: ClassVar[str] = "sft"
+    Options: ClassVar[type] = TrainOptions
+
+    def data_digest(self, data: Any) -> str:
+        """The records' digest; reading them here names a bad data file before anything is written."""
+        import hashlib
+        import json
+
+        from llmtune.data import is_tokenized
+
+        if is_tokenized(data):
+            return super().data_digest(data)
+        records = load_records(data, "data")
+        return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _examples(self, data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
+        from llmtune.data import build_examples, is_tokenized, pack_examples, tokenized_examples
+
+        if is_tokenized(data):
+            examples = tokenized_examples(data, source=what)
+        else:
+            examples = build_examples(load_records(data, what), tokenizer, template=options.template,
+                                      max_length=options.max_length, train_on_prompt=options.train_on_prompt,
+                                      source=what, **_turn_options(options))
+        if options.packing:
+            examples = pack_examples(examples, options.max_length)
+        return list(examples)
+
+    def train_data(self, data: Any, tokenizer: Any, options: Any) -> ExampleData:
+        examples = self._examples(data, tokenizer, options, "data")
+        if not examples:
+            raise ConfigError("data: no training examples")
+        return ExampleData(examples, options.seed)
+
+    def eval_data(self, data: Any, tokenizer: Any, options: Any) -> EvalData:
+        from llmtune.data import build_examples, is_tokenized, render_prompt, tokenized_examples
+
+        n = options.eval_examples
+        if is_tokenized(data):
+            examples = tokenized_examples(data, source="eval_data")
+            return EvalData(examples=examples if n == 0 else examples[:n])
+        records = load_records(data, "eval_data")
+        chosen = records if n == 0 else records[:n]
+        prompts, refs = [], []
+        for rec in chosen:
+            prompt, answer = render_prompt(rec, options.template, tokenizer,
+                                           system_prompt=getattr(options, "system_prompt", None))
+            prompts.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+            refs.append(answer.strip())
+        examples = build_examples(chosen, tokenizer, template=options.template, max_length=options.max_length,
+                                  train_on_prompt=options.train_on_prompt, source="eval_data", **_turn_options(options))
+        return EvalData(examples=list(examples), prompts=prompts, references=refs)
