@@ -21,16 +21,20 @@ from llmtune.core import (
     MissingDependencyError,
     PluginError,
     Quantizer,
+    Task,
+    TaskResult,
     Trainer,
     TrainResult,
     UnknownBackendError,
     UnknownOptionError,
     get_metric,
     get_quantizer,
+    get_task,
     get_trainer,
     list_backends,
     register_metric,
     register_quantizer,
+    register_task,
     register_trainer,
 )
 
@@ -42,7 +46,15 @@ __all__ = [
 ]
 
 #: Subpackages reachable as attributes (``llmtune.memory.estimate_training``), imported on first use.
-_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "export"})
+_LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "export", "tasks"})
+__all__ += ["Task", "TaskResult", "evaluate", "get_task", "register_task"]
+
+
+def evaluate(model: object, tasks: object, **kwargs: object) -> dict[str, TaskResult]:
+    """Run benchmark tasks on a model; see `llmtune.tasks.run.evaluate` (torch is imported on call)."""
+    from llmtune.tasks.run import evaluate as _evaluate
+
+    return _evaluate(model, tasks, **kwargs)  # type: ignore[arg-type]
 
 
 def __getattr__(name: str) -> object:

@@ -128,6 +128,9 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     echo(f"[2/5] pretraining on the bundled corpus ({cfg['pretrain_steps']} steps)")
     losses, ppl, base_dir = _pretrain_stage(model, tokenizer, out, cfg, seed, threads, callbacks, echo)
 
+    from llmtune.tasks.kopitiam import evaluate_kopitiam, evaluate_kopitiam_adapter
+
+    mc_before = evaluate_kopitiam(model, tokenizer)  # the bundled made-up kopitiam-mc task, before fine-tuning
     train, heldout = split_instructions(seed=seed)
     if eval_examples:
         heldout = heldout[:eval_examples]
@@ -149,6 +152,9 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
     echo("[4/5] held-out evaluation (greedy answers)")
     echo(f"      ROUGE-L {before.get('rougeL', float('nan')):.3f} -> {after.get('rougeL', float('nan')):.3f}   "
          f"BLEU {before.get('bleu', float('nan')):.2f} -> {after.get('bleu', float('nan')):.2f}")
+    mc_after = evaluate_kopitiam_adapter(base_dir, result.adapter_dir)
+    echo(f"      kopitiam-mc acc {mc_before['acc']:.3f} -> {mc_after.get('acc', float('nan')):.3f} "
+         f"(acc_norm {mc_before['acc_norm']:.3f} -> {mc_after.get('acc_norm', float('nan')):.3f})")
     samples = _samples(out / "run", 3)
     for s in samples:
         echo(f"      want {s['reference']!r}  got {s['prediction']!r}")
@@ -172,6 +178,8 @@ def _run_demo(out: str | Path, *, seed: int, pretrain_steps: int | None, epochs:
         "trainable_parameters": result.extra.get("trainable_parameters"),
         "memory_estimate": {"batch_size": cfg["batch_size"], "seq_len": seq_len, **memory},
         "torch_threads": torch.get_num_threads(),
+        "kopitiam_mc_acc_before": mc_before["acc"], "kopitiam_mc_acc_after": mc_after.get("acc"),
+        "kopitiam_mc_acc_norm_before": mc_before["acc_norm"], "kopitiam_mc_acc_norm_after": mc_after.get("acc_norm"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     echo(f"done in {seconds:.1f} s; adapter {summary['adapter_dir']}; summary {out / 'summary.json'}")

@@ -1,4 +1,11 @@
-"""`llmtune eval`: score a predictions file against one or more reference files (ROUGE or BLEU).
+"""`llmtune eval`: score a predictions file against reference files (ROUGE or BLEU), or run a benchmark task.
+
+Two modes:
+
+* ``llmtune eval --metric rouge --predictions P --references R``: metric mode, described below;
+* ``llmtune eval --task hellaswag --data hellaswag_val.jsonl --model DIR [--adapter A]``: task mode, runs
+  `llmtune.evaluate` (``--backend lm-eval`` runs lm-evaluation-harness instead); ``--output DIR`` writes
+  per-item JSONL and ``results.json``; ``--option key=value`` passes task options (e.g. ``limit=100``).
 
 File formats (chosen by extension, or forced with ``--format``):
 
@@ -118,10 +125,24 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_command(
-        metric: Annotated[str, typer.Option("--metric", "-m", help="rouge or bleu.")],
-        predictions: Annotated[Path, typer.Option("--predictions", "-p", help="Predictions file (text or JSONL).")],
-        references: Annotated[list[Path], typer.Option(
-            "--references", "-r", help="Reference file(s): --references A B, or repeat the flag.")],
+        metric: Annotated[Optional[str], typer.Option("--metric", "-m", help="rouge or bleu.")] = None,  # noqa: UP045
+        predictions: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            "--predictions", "-p", help="Predictions file (text or JSONL).")] = None,
+        references: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
+            "--references", "-r", help="Reference file(s): --references A B, or repeat the flag.")] = None,
+        task: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+            "--task", "-t", help="Benchmark task(s) to run instead of a metric (see `llmtune backends --kind task`).")
+        ] = None,
+        data: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            "--data", help="Local data file of the task (default: its bundled made-up items).")] = None,
+        model: Annotated[Optional[str], typer.Option(  # noqa: UP045
+            "--model", help="Model directory or hub id (task mode; default: the adapter's base).")] = None,
+        adapter: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            "--adapter", help="PEFT adapter directory applied on the model (task mode).")] = None,
+        num_fewshot: Annotated[int, typer.Option("--num-fewshot", help="Few-shot examples per item.")] = 0,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward (task mode).")] = 8,
+        output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            "--output", help="Directory for per-item JSONL and results.json (task mode).")] = None,
         more_references: Annotated[Optional[list[Path]], typer.Argument(  # noqa: UP045 (typer needs Optional)
             metavar="[FILE...]", show_default=False, help="More reference files (after --references A).")] = None,
         backend: Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -133,12 +154,20 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
         per_example: Annotated[bool, typer.Option("--per-example", help="Also output per-example values.")] = False,
     ) -> None:
-        """Score predictions against references with ROUGE or BLEU (any backend, same keys)."""
+        """Score predictions against references with ROUGE or BLEU, or run benchmark tasks on a model."""
         import llmtune
 
+        if task:
+            options = parse_options(list(option or []))
+            results = _run_tasks(task, data=data, model=model, adapter=adapter, backend=backend,
+                                 num_fewshot=num_fewshot, batch_size=batch_size, output=output, options=options)
+            _render_tasks(results, as_json=as_json, per_example=per_example)
+            return
+        if metric is None or predictions is None:
+            raise ConfigError("give --metric with --predictions and --references, or --task (with --model/--adapter)")
         if fmt not in ("auto", "text", "jsonl"):
             raise ConfigError(f"--format {fmt!r} is not one of auto, text, jsonl")
-        preds, refs = load_pairs(predictions, [*references, *(more_references or [])], fmt, field)
+        preds, refs = load_pairs(predictions, [*(references or []), *(more_references or [])], fmt, field)
         options = parse_options(list(option or []))
         m = llmtune.get_metric(metric, backend=backend, **options)
         result = m.compute(preds, refs)
@@ -170,3 +199,41 @@ def register(app: typer.Typer) -> None:
             for i in range(len(preds)):
                 ex.add_row(str(i), *(f"{per[k][i]:.4f}" for k in per))
             console.print(ex)
+
+
+def _run_tasks(names: list[str], *, data: Path | None, model: str | None, adapter: Path | None, backend: str | None,
+               num_fewshot: int, batch_size: int, output: Path | None, options: dict[str, Any]) -> dict[str, Any]:
+    """`llmtune.evaluate` with the command line's options given to every task."""
+    import llmtune
+
+    if data is not None and len(names) != 1:
+        raise ConfigError("--data names one file: give exactly one --task with it")
+    if model is None and adapter is None:
+        raise ConfigError("task mode needs --model (a directory or hub id) and/or --adapter")
+    per_task = {**options, "num_fewshot": num_fewshot}
+    if data is not None:
+        per_task["data"] = str(data)
+    return llmtune.evaluate(model, names, adapter=adapter, batch_size=batch_size, backend=backend,
+                            task_options={n: per_task for n in names}, output_dir=output)
+
+
+def _render_tasks(results: dict[str, Any], *, as_json: bool, per_example: bool) -> None:
+    if as_json:
+        for name, r in results.items():
+            payload: dict[str, Any] = {"task": name, "backend": r.backend, "n": r.n, "metrics": r.metrics,
+                                       "stderr": r.stderr, "config": r.config}
+            if per_example:
+                payload["per_item"] = r.per_item
+            typer.echo(json.dumps(payload, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="llmtune eval")
+    for col in ("task", "backend", "n", "metric", "value", "stderr"):
+        table.add_column(col, justify="right" if col in ("n", "value", "stderr") else "left")
+    for name, r in results.items():
+        for key, value in r.metrics.items():
+            se = r.stderr.get(key, float("nan"))
+            table.add_row(name, r.backend, str(r.n), key, f"{value:.4f}", "" if se != se else f"± {se:.4f}")
+    Console().print(table)

@@ -12,19 +12,21 @@ from llmtune.core.errors import (
     UnknownBackendError,
     UnknownOptionError,
 )
-from llmtune.core.interfaces import Backend, Metric, Quantizer, Trainer
+from llmtune.core.interfaces import Backend, Metric, Quantizer, Task, Trainer
 from llmtune.core.registry import (
     REGISTRY,
     BackendInfo,
     get_metric,
     get_quantizer,
+    get_task,
     get_trainer,
     list_backends,
     register_metric,
     register_quantizer,
+    register_task,
     register_trainer,
 )
-from llmtune.core.results import LazyMapping, MetricResult, TrainResult
+from llmtune.core.results import LazyMapping, MetricResult, TaskResult, TrainResult
 
 __all__ = [
     "REGISTRY", "ArgumentTypeError", "Backend", "BackendInfo", "BackendUnavailableError", "ConfigError", "GPURequiredError",
@@ -33,3 +35,4 @@ __all__ = [
     "get_metric", "get_quantizer", "get_trainer", "list_backends", "register_metric", "register_quantizer",
     "register_trainer",
 ]
+__all__ += ["Task", "TaskResult", "get_task", "register_task"]

@@ -1,4 +1,4 @@
-"""The three interfaces a backend implements: `Metric`, `Quantizer`, `Trainer`.
+"""The interfaces a backend implements: `Metric`, `Quantizer`, `Trainer`, `Task`.
 
 A backend is a subclass with class attributes ``name`` (what it computes, e.g. ``"rouge"``) and
 ``backend`` (how, e.g. ``"numpy"``), a frozen dataclass ``Options`` for its keyword options, and the
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtune.core.options import NoOptions, build_options
-from llmtune.core.results import MetricResult, TrainResult
+from llmtune.core.results import MetricResult, TaskResult, TrainResult
 
 
 class Backend(abc.ABC):  # noqa: B024 - abstract through its three subclasses
@@ -91,4 +91,14 @@ class Trainer(Backend):
         """Train on ``data`` starting from ``model`` (a local path, hub id or ``nn.Module``)."""
 
 
-KINDS: dict[str, type[Backend]] = {"metric": Metric, "quantizer": Quantizer, "trainer": Trainer}
+class Task(Backend):
+    """A benchmark: local data plus a scoring rule, run on a model through a scoring interface."""
+
+    kind: ClassVar[str] = "task"
+
+    @abc.abstractmethod
+    def evaluate(self, model: Any, tokenizer: Any = None, **kwargs: Any) -> TaskResult:
+        """Score ``model`` (an ``nn.Module`` with ``tokenizer``, or a scorer) on this task's items."""
+
+
+KINDS: dict[str, type[Backend]] = {"metric": Metric, "quantizer": Quantizer, "trainer": Trainer, "task": Task}

@@ -29,14 +29,16 @@ from llmtune.core.errors import (
     UnknownBackendError,
     did_you_mean,
 )
-from llmtune.core.interfaces import KINDS, Backend, Metric, Quantizer, Trainer
+from llmtune.core.interfaces import KINDS, Backend, Metric, Quantizer, Task, Trainer
 
 B = TypeVar("B", bound=type[Backend])
 
 #: Entry-point group of each kind.
 ENTRY_POINT_GROUPS = {"metric": "llmtune.metrics", "quantizer": "llmtune.quantizers", "trainer": "llmtune.trainers"}
+ENTRY_POINT_GROUPS["task"] = "llmtune.tasks"
 #: The package that declares each kind's built-in backends (imported lazily; it imports no heavy library).
 _BUILTIN_PACKAGES = {"metric": "llmtune.metrics", "quantizer": "llmtune.quantizers", "trainer": "llmtune.trainers"}
+_BUILTIN_PACKAGES["task"] = "llmtune.tasks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +142,7 @@ class Registry:
                        default: bool = False, source: str = "runtime") -> type[Backend]:
         """Register a `Backend` subclass under its own ``kind``, ``name`` and ``backend``."""
         if not (isinstance(cls, type) and issubclass(cls, Backend)) or not cls.kind:
-            raise PluginError(f"{cls!r} is not a Metric, Quantizer or Trainer subclass")
+            raise PluginError(f"{cls!r} is not a Metric, Quantizer, Trainer or Task subclass")
         if not cls.name or not cls.backend:
             raise PluginError(f"{cls.__qualname__} must set the class attributes 'name' and 'backend'")
         self.declare(cls.kind, cls.name, cls.backend, cls, requires=requires, extra=extra,
@@ -298,6 +300,7 @@ def _decorator(kind: str) -> Callable[..., Any]:
 register_metric = _decorator("metric")
 register_quantizer = _decorator("quantizer")
 register_trainer = _decorator("trainer")
+register_task = _decorator("task")
 
 
 def get_metric(name: str, backend: str | None = None, **options: Any) -> Metric:
@@ -321,6 +324,13 @@ def get_trainer(name: str, backend: str | None = None, **options: Any) -> Traine
     return obj
 
 
+def get_task(name: str, backend: str | None = None, **options: Any) -> Task:
+    """A configured task, e.g. ``get_task("hellaswag", data="hellaswag_val.jsonl", num_fewshot=0)``."""
+    obj = REGISTRY.create("task", name, backend, **options)
+    assert isinstance(obj, Task)
+    return obj
+
+
 def list_backends(kind: str | None = None) -> list[BackendInfo]:
     """Every registered backend (of one kind, or all), with whether it can run here and why not."""
     return REGISTRY.list(kind)
@@ -330,3 +340,4 @@ __all__ = [
     "BackendInfo", "REGISTRY", "Registry", "declare", "get_metric", "get_quantizer", "get_trainer",
     "list_backends", "register_metric", "register_quantizer", "register_trainer", "LlmtuneError",
 ]
+__all__ += ["get_task", "register_task"]

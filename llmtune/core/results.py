@@ -79,3 +79,25 @@ class TrainResult:
     stopped_early: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     model_dir: Path | None = None
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """What `Task.evaluate` returns.
+
+    ``metrics``: aggregate values (e.g. ``acc``, ``acc_norm``); ``stderr``: the standard error of each mean
+    metric (sample standard deviation / sqrt(n), as lm-evaluation-harness reports it); ``per_item``: one dict
+    per scored item (its id, prediction, per-item metric values, log-likelihoods); ``config``: how to reproduce
+    it (task, backend, data file, number of shots, seed).
+    """
+
+    task: str
+    backend: str
+    metrics: dict[str, float]
+    stderr: dict[str, float]
+    n: int
+    per_item: list[dict[str, Any]]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]

@@ -39,6 +39,10 @@ def test_short_demo_writes_summary_adapter_and_base(tmp_path: Path) -> None:
     assert est["llmtune"]["peak_tensor_bytes"] > 0 and est["hf"]["peak_tensor_bytes"] > 0
     assert any("ROUGE-L" in line for line in lines) and any("memory" in line for line in lines)
     assert written["train_loss_last"] < written["train_loss_first"]
+    for key in ("kopitiam_mc_acc_before", "kopitiam_mc_acc_after", "kopitiam_mc_acc_norm_before",
+                "kopitiam_mc_acc_norm_after"):
+        assert 0.0 <= written[key] <= 1.0, key
+    assert any("kopitiam-mc" in line for line in lines)
 
 
 def test_demo_command_is_registered() -> None:
