@@ -13,12 +13,13 @@ rouge-score-rs single-threaded (``RAYON_NUM_THREADS=1``; the best of its ``score
 rouge-score is O(n*m) in Python, so on ``long`` it runs on ``--official-long-pairs`` pairs and its time is
 scaled to the corpus (``official_scaled``: true). BLEU: corpus ``compute`` vs ``sacrebleu.metrics.BLEU``
 ``corpus_score`` for tokenizers 13a, intl and char, per-example sentence BLEU vs ``sentence_score``, and
-NLTK's ``corpus_bleu``.
+NLTK's ``corpus_bleu``. TER: corpus ``compute`` (its per-example values checked too) vs ``sacrebleu.metrics.TER``
+``corpus_score`` on the first ``--ter-pairs`` (500) short pairs, defaults and ``normalized``+``case_sensitive``.
 
 Repetitions alternate between implementations; the best wall time of each is kept (``ratio`` = theirs / ours,
 > 1 means llmtune is faster), and CPU times (``*_cpu_s``) are given as they are steadier on a shared machine.
 Each line says whether the numbers were identical (``equal``). ``--n-jobs`` adds the parallel mode's scaling.
-Usage: ``python benchmarks/metrics_speed.py [--pairs 2000] [--repeats 5] [--only rouge|bleu]``.
+Usage: ``python benchmarks/metrics_speed.py [--pairs 2000] [--repeats 5] [--only rouge|bleu|ter] [--corpora short,article,long]``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,29 @@ def _bleu_row(what: str, official: str, got: dict[str, tuple[float, float, Any]]
             "ratio": theirs[0] / ours[0], "cpu_ratio": theirs[1] / ours[1], "equal": equal, "repeats": repeats}
 
 
+def bench_ter(preds: list[str], refs: list[str], repeats: int) -> list[dict[str, Any]]:
+    """Corpus TER (and every sentence TER) vs ``sacrebleu.metrics.TER``, default and normalized options."""
+    from sacrebleu.metrics import TER
+
+    from llmtune.metrics.ter import ter_tokenize
+
+    rows = []
+    settings: list[dict[str, Any]] = [{}, {"normalized": True, "case_sensitive": True}]
+    for opts in settings:
+        metric = llmtune.get_metric("ter", **opts)
+        sacre = TER(**opts)
+        got = _race({"ours": lambda m=metric: m.compute(preds, refs),  # type: ignore[misc]
+                     "sacrebleu": lambda t=sacre: t.corpus_score(preds, [refs])},  # type: ignore[misc]
+                    repeats, before={"ours": ter_tokenize.cache_clear})
+        res, off = got["ours"][2], got["sacrebleu"][2]
+        sent = [TER(**opts).sentence_score(p, [r]).score for p, r in zip(preds, refs)]
+        equal = res.scores["ter"] == off.score and list(res.per_example["ter"]) == sent
+        label = ",".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
+        rows.append(_bleu_row(f"corpus TER {label}", "sacrebleu", got, equal, len(preds), repeats)
+                    | {"metric": "ter"})
+    return rows
+
+
 def bench_n_jobs(name: str, preds: list[str], refs: list[str], jobs: list[int], repeats: int) -> list[dict[str, Any]]:
     """ROUGE with ``n_jobs`` worker processes vs serial: time per core count, and identical results."""
     serial = llmtune.get_metric("rouge", rouge_types=ROUGE_TYPES, use_stemmer=True).compute(preds, refs)
@@ -193,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-pairs", type=int, default=8)
     parser.add_argument("--official-long-pairs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["rouge", "bleu"], default=None)
+    parser.add_argument("--only", choices=["rouge", "bleu", "ter"], default=None)
     parser.add_argument("--corpora", default="short,article,long")
+    parser.add_argument("--ter-pairs", type=int, default=500, help="short pairs for TER (sacrebleu's is slow)")
     parser.add_argument("--n-jobs", default="", help="e.g. 1,2: ROUGE n_jobs scaling on the article corpus")
     args = parser.parse_args(argv)
     data = corpora(args.pairs, args.long_pairs)
@@ -215,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in [w for w in wanted if w != "long"]:
             for row in bench_bleu(*data[name], args.repeats):
                 print(json.dumps({**row, "corpus": name, **machine}), flush=True)
+    if args.only in (None, "ter") and args.ter_pairs > 0 and "short" in wanted:
+        preds, refs = data["short"]
+        for row in bench_ter(preds[:args.ter_pairs], refs[:args.ter_pairs], min(args.repeats, 2)):
+            print(json.dumps({**row, "corpus": "short", **machine}), flush=True)
 
 
 if __name__ == "__main__":

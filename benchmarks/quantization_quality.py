@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import llmtune
-    from llmtune.quantizers.gptq.calibration import text_calibration
+    from llmtune.quantizers.calibration import text_calibration
 
     torch.manual_seed(0)
     if args.threads:
@@ -171,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             if not name:
                 qmodel, seconds = model, 0.0
             else:
-                if name in ("gptq", "rtn"):
-                    opts = {**opts, "quiet": True}
                 q = llmtune.get_quantizer(name, backend=backend, **opts)
                 qmodel = copy.deepcopy(model)
                 start = time.perf_counter()

@@ -8,7 +8,7 @@
 # plus env.json (GPU, driver, versions, the command) and summary.jsonl (one line per step: exit code, seconds).
 #
 # Usage: bash benchmarks/run_gpu.sh [RESULTS_DIR]
-#   RESULTS_DIR defaults to $OUT/bench (the device tool's output folder) or benchmarks/results/<UTC time>.
+#   RESULTS_DIR defaults to $OUT/bench (when $OUT names an output folder) or benchmarks/results/<UTC time>.
 #   PYTHON (default python3) is the interpreter; if ./device-site exists (built with
 #   ../shared/tools/device-site.sh device-site accelerate) it is put on PYTHONPATH, with the checkout itself.
 #   BENCH_ONLY="a b" runs only those steps. BENCH_FULL_GRID=1 adds the 8x1024 shape to (a) (over 10 minutes).
@@ -75,12 +75,12 @@ if want a; then
   SIZE=(--grid "$GRID"); [ "${BENCH_SMOKE:-0}" = 1 ] && SIZE=(--smoke)
   step train_throughput 310 "$PY" benchmarks/train_throughput.py "${SIZE[@]}" --budget-s 80 \
     --workdir /tmp/llmtune-bench-models
-  # diagnostic: Unsloth's own recipe on the shape, to see whether llmtune keeps all of its advantage
+  # diagnostic: Unsloth's own recipe on the target shape, to see whether llmtune keeps all of its advantage
   PLAIN_SIZE=(--models llama3.2-1b --grid 4x512); [ "${BENCH_SMOKE:-0}" = 1 ] && PLAIN_SIZE=(--smoke)
   step train_throughput_unsloth_plain 45 "$PY" benchmarks/train_throughput.py --recipes unsloth-plain \
     "${PLAIN_SIZE[@]}" --budget-s 25 --workdir /tmp/llmtune-bench-models
 fi
-# (b) ~2 min: llmtune.memory predicted vs measured (helper MEM's script)
+# (b) ~2 min: llmtune.memory predicted vs measured (benchmarks/memory_validation.py)
 if want b; then
   if [ -f benchmarks/memory_validation.py ]; then
     step memory_validation 110 "$PY" benchmarks/memory_validation.py
@@ -95,7 +95,7 @@ if want c; then
 fi
 # (d) ~40 s: metric speed (CPU)
 if want d; then
-  step metrics_speed 55 "$PY" benchmarks/metrics_speed.py --repeats 3
+  step metrics_speed 55 "$PY" benchmarks/metrics_speed.py --repeats 3 --corpora short --ter-pairs 200
 fi
 echo "{\"bench\": \"run_gpu\", \"total_seconds\": $(( $(date +%s) - T0 )), \"results\": \"$RESULTS\"}" \
   | tee -a "$RESULTS/summary.jsonl"

@@ -6,7 +6,7 @@ token batch and prints one JSON line with tokens/s (median of the steps after th
 (``torch.cuda.max_memory_allocated`` over load + steps, after a reset; on CPU the process's peak RSS, which is
 not comparable across recipes), the loss at the first and the last step, and llmtune.memory's prediction
 for the same run. At the end it prints one ``comparison`` line per (model, method, shape) with the ratios the
-issue asks about (unsloth vs plain tokens/s and peak memory, llmtune peft vs plain peak memory and loss).
+targets are about (unsloth vs plain tokens/s and peak memory, llmtune peft vs plain peak memory and loss).
 
 Recipes (all LoRA r=16, alpha=16, dropout 0 on the seven linear projections, AdamW lr 1e-4 constant, no
 clipping, gradient checkpointing on; QLoRA = NF4 + double quant):
@@ -45,7 +45,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-#: Architectures (randomly initialised): the issue's Llama-3.2-1B and a second family with other proportions.
+#: Architectures (randomly initialised): the target Llama-3.2-1B and a second family with other proportions.
 MODELS: dict[str, dict[str, Any]] = {
     "llama3.2-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
@@ -138,7 +138,7 @@ def _child(python: str, args: list[str], timeout: float, sink: Any) -> list[dict
 
 
 def _compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (model, method, shape): the ratios the issue's Must-show claims are about."""
+    """One line per (model, method, shape): the ratios the unsloth targets are about."""
     by: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in rows:
         if r.get("kind") == "case" and "error" not in r and "skipped" not in r:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows += _child(a.python, ["--prep", "--cases", json.dumps({"models": models, "workdir": str(workdir)})],
                        max(a.budget_s, 240.0), sink)
-        # shape-major: the first shape (the issue's 4x512) is measured for every model before any budget runs out
+        # shape-major: the first shape (the target 4x512) is measured for every model before any budget runs out
         cases = [dict(model=m, method=me, batch=b, seq=s, steps=steps, rank=a.rank, workdir=str(workdir))
                  for (b, s) in grid for m in models for me in methods]
         for recipe in recipes:

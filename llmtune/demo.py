@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmtune.core.units import MiB
+
 #: The settings of the full demo (about two to three minutes on a 2-core CPU).
 DEFAULTS: dict[str, Any] = {
     "pretrain_steps": 300,
@@ -43,8 +45,8 @@ def _memory_lines(model: Any, *, batch_size: int, seq_len: int, rank: int) -> tu
         est = estimate_training(spec, "lora", batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=False,
                                 lora_rank=rank, lora_targets="all-linear", recipe=recipe)
         data[recipe] = {"peak_tensor_bytes": est.peak_tensor_bytes, "device_bytes": est.device_bytes}
-        lines.append(f"  recipe {recipe:8s} peak tensors {est.peak_tensor_bytes / 2**20:8.1f} MiB, "
-                     f"device {est.device_bytes / 2**20:8.1f} MiB (bf16 base on a GPU, incl. CUDA context)")
+        lines.append(f"  recipe {recipe:8s} peak tensors {est.peak_tensor_bytes / MiB:8.1f} MiB, "
+                     f"device {est.device_bytes / MiB:8.1f} MiB (bf16 base on a GPU, incl. CUDA context)")
     return lines, data
 
 
@@ -59,6 +61,8 @@ def run_demo(
     threads: int | None = 1,
     echo: Callable[[str], None] = print,
     callbacks: Sequence[Any] = (),
+    rlhf: bool = False,
+    rlhf_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the demo into directory ``out``; returns (and writes to ``out/summary.json``) the summary.
 
@@ -80,8 +84,13 @@ def run_demo(
             from llmtune.trainers.callbacks import ProgressBar
 
             cbs.append(ProgressBar())
-        return _run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs, eval_examples=eval_examples,
-                         echo=echo, callbacks=cbs, threads=threads)
+        summary = _run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs,
+                            eval_examples=eval_examples, echo=echo, callbacks=cbs, threads=threads)
+        if rlhf:
+            summary.update(rlhf_stage(out, summary, settings=rlhf_settings, echo=echo))
+            summary["seconds"] = summary["seconds"] + summary["rlhf_seconds"]
+            Path(out, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -224,3 +233,45 @@ def _samples(run_dir: Path, n: int) -> list[dict[str, str]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:n]
+
+
+def rlhf_stage(out: str | Path, summary: dict[str, Any], *, settings: dict[str, Any] | None = None,
+               echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The second act: the bundled "human" rule ranks the SFT model's sampled answers -> reward model -> RLOO.
+
+    Loads the fine-tuned model the first act saved (base + adapter, merged), then runs
+    `llmtune.trainers.rlhf.kopitiam.run_rlhf_act` (writes ``out/rlhf/``); returns the numbers for the summary.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.models.tiny import split_instructions
+    from llmtune.trainers.rlhf.kopitiam import run_rlhf_act
+
+    echo("[6/6] RLHF: the bundled ranking rule ranks sampled answers -> reward model -> RLOO")
+    tokenizer = AutoTokenizer.from_pretrained(summary["base_model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(summary["base_model_dir"])
+    sft = PeftModel.from_pretrained(base, summary["adapter_dir"]).merge_and_unload()
+    train, heldout = split_instructions(seed=summary["seed"])
+    if summary.get("heldout_examples"):
+        heldout = heldout[:summary["heldout_examples"]]
+    result = run_rlhf_act(sft, tokenizer, train, heldout, Path(out) / "rlhf", seed=summary["seed"],
+                          settings=settings, echo=echo)
+    result["rlhf_memory_estimate"] = _rlhf_memory(sft, rank=result["rlhf_settings"]["rank"],
+                                                  samples=result["rlhf_settings"]["samples"])
+    echo(f"      held-out reward {result['heldout_reward_sft']:.3f} (SFT) -> {result['heldout_reward_rl']:.3f} "
+         f"(RLOO); win-rate vs SFT {result['win_rate_vs_sft']:.3f} by the rule; {result['rlhf_seconds']:.1f} s")
+    return result
+
+
+def _rlhf_memory(model: Any, *, rank: int, samples: int) -> dict[str, int]:
+    """`llmtune.memory`'s peak-tensor estimate (bytes, bf16 on a GPU) of the act's three objectives."""
+    from llmtune.memory import ModelSpec, estimate_training
+
+    spec = ModelSpec.from_hf_config(model.config.to_dict(), name="tiny-llama")
+    out = {}
+    for objective in ("reward", "dpo", "online_rl"):
+        est = estimate_training(spec, "lora", batch_size=8, seq_len=64, gradient_checkpointing=False, lora_rank=rank,
+                                lora_targets="all-linear", objective=objective, rl_samples=samples)
+        out[objective] = est.peak_tensor_bytes
+    return out

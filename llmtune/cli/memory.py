@@ -23,7 +23,9 @@ def _spec(model: str) -> Any:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f}"
+    from llmtune.core.units import MiB
+
+    return f"{n / MiB:,.0f}"
 
 
 def _pyplot() -> Any:
@@ -109,6 +111,53 @@ def _print_capacity(con: Any, cap: Any, gpu: str, seq: int, tp: int) -> None:
               f" (max_num_seqs {cap.max_num_seqs})")
 
 
+def _engine_kwargs(engine: str, gpu: str, vllm: dict[str, Any]) -> dict[str, Any]:
+    """The serving estimator's engine arguments for ``--engine``: none for hf, the block pool for vllm."""
+    if engine == "hf":
+        return {}
+    if engine == "vllm":
+        return {"engine": "vllm", "gpu": gpu, "vllm": vllm}
+    from llmtune.core.errors import InvalidOptionError
+
+    raise InvalidOptionError(f"--engine {engine!r} is not one of hf, vllm")
+
+
+def _solve(est: Any, spec: Any, gpu: str, batch: int, seq: int, mode: str, kw: dict[str, Any], *,
+           max_batch: bool, max_seq: bool) -> dict[str, int]:
+    """What was asked to be solved for (largest batch / sequence on ``gpu``; vLLM: concurrent sequences)."""
+    from llmtune.memory import max_batch_size, max_seq_len
+
+    solved: dict[str, int] = {}
+    if est.capacity is not None:
+        if max_batch or max_seq:
+            from llmtune.core.errors import InvalidOptionError
+
+            raise InvalidOptionError("--max-batch/--max-seq solve the hf engine; with --engine vllm read "
+                                     "concurrent_sequences from the output")
+        solved["concurrent_sequences"] = est.capacity.concurrent_sequences(seq)
+    if max_batch:
+        solved["max_batch"] = max_batch_size(spec, gpu, seq_len=seq, mode=mode, **kw)
+    if max_seq:
+        solved["max_seq"] = max_seq_len(spec, gpu, batch_size=batch, mode=mode, **kw)
+    return solved
+
+
+def _print_fits(con: Any, est: Any, solved: dict[str, int], gpu: str) -> None:
+    from rich.table import Table
+
+    from llmtune.memory import GPUS
+
+    fits = Table(title="fits on one GPU?")
+    fits.add_column("GPU")
+    fits.add_column("memory (MiB)", justify="right")
+    fits.add_column("fits")
+    for name, ok in est.fitting_gpus().items():
+        fits.add_row(name, _mib(GPUS[name]), "[green]yes[/]" if ok else "[red]no[/]")
+    con.print(fits)
+    for k, v in solved.items():
+        con.print(f"{k.replace('_', ' ')} on {gpu}: [bold]{v}[/]" + (" (does not fit at all)" if v == 0 else ""))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("memory")
     def memory(
@@ -148,21 +197,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ) -> None:
         """Predict the peak GPU memory of fine-tuning or serving MODEL, term by term."""
-        from llmtune.memory import GPUS, estimate_serving, estimate_training, max_batch_size, max_seq_len
+        from llmtune.memory import estimate_serving, estimate_training
 
         if plot:
             check_plot_path(plot)
         spec = _spec(model)
         if serve:
             kw: dict[str, Any] = dict(weight_bits=bits, kv_bits=kv_bits, gpus=gpus)
-            if engine == "vllm":
-                kw |= dict(engine="vllm", gpu=gpu, vllm=dict(
-                    gpu_memory_utilization=util, block_size=block_size, max_num_seqs=max_num_seqs,
-                    max_model_len=max_model_len or max(seq, 8192), shared_prefix_tokens=prefix))
-            elif engine != "hf":
-                from llmtune.core.errors import InvalidOptionError
-
-                raise InvalidOptionError(f"--engine {engine!r} is not one of hf, vllm")
+            kw |= _engine_kwargs(engine, gpu, dict(
+                gpu_memory_utilization=util, block_size=block_size, max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len or max(seq, 8192), shared_prefix_tokens=prefix))
             est = estimate_serving(spec, batch_size=batch, seq_len=seq, **kw)
             mode = "serving"
         else:
@@ -172,18 +216,7 @@ def register(app: typer.Typer) -> None:
                       bottleneck_size=bottleneck, rl_samples=rl_samples)
             est = estimate_training(spec, batch_size=batch, seq_len=seq, **kw)
             mode = "training"
-        solved: dict[str, int] = {}
-        if est.capacity is not None:
-            if max_batch or max_seq:
-                from llmtune.core.errors import InvalidOptionError
-
-                raise InvalidOptionError("--max-batch/--max-seq solve the hf engine; with --engine vllm read "
-                                         "concurrent_sequences from the output")
-            solved["concurrent_sequences"] = est.capacity.concurrent_sequences(seq)
-        elif max_batch:
-            solved["max_batch"] = max_batch_size(spec, gpu, seq_len=seq, mode=mode, **kw)
-        if max_seq:
-            solved["max_seq"] = max_seq_len(spec, gpu, batch_size=batch, mode=mode, **kw)
+        solved = _solve(est, spec, gpu, batch, seq, mode, kw, max_batch=max_batch, max_seq=max_seq)
         if plot:
             plot_estimate(est, plot, f"{spec.name} {mode} {'' if serve else method} b{batch} s{seq}")
         if as_json:
@@ -221,15 +254,7 @@ def register(app: typer.Typer) -> None:
             for note in est.assumptions:
                 con.print(f"[dim]- {note}[/]")
             return
-        fits = Table(title="fits on one GPU?")
-        fits.add_column("GPU")
-        fits.add_column("memory (MiB)", justify="right")
-        fits.add_column("fits")
-        for name, ok in est.fitting_gpus().items():
-            fits.add_row(name, _mib(GPUS[name]), "[green]yes[/]" if ok else "[red]no[/]")
-        con.print(fits)
-        for k, v in solved.items():
-            con.print(f"{k.replace('_', ' ')} on {gpu}: [bold]{v}[/]" + (" (does not fit at all)" if v == 0 else ""))
+        _print_fits(con, est, solved, gpu)
         if plot:
             con.print(f"plot written to {plot}")
         for note in est.assumptions:

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, enabled: bool) -> Iterator[Any]:
+    """A rich bar fed by the library's ``progress(step, done, total)`` callback; None (no bar) when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[step]}"), TimeElapsedColumn(), transient=False)
+    task = bar.add_task(label, total=None, step="")
+
+    def progress(step: str, done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, step=step)
+
+    with bar:
+        yield progress
 
 
 def register(app: typer.Typer) -> None:
@@ -32,19 +53,19 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from llmtune.quantizers.gptq.calibration import quantize_directory
+        from llmtune.quantizers.directory import quantize_directory
 
         given = {"bits": bits, "group_size": group_size, "act_order": act_order, "sym": sym,
                  "damp_percent": damp_percent}
         options = {k: v for k, v in given.items() if v is not None}
-        if (quiet or as_json) and method in ("gptq", "rtn"):  # a bar would mix into the JSON on stdout
-            options["quiet"] = True
-        if quiet or as_json:
+        if quiet or as_json:  # a bar would mix into the JSON on stdout
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        summary = quantize_directory(model_dir, out, method=method, backend=backend, calibration_file=calibration,
-                                     n_samples=samples, seq_len=seq_len, seed=seed, **options)
+        with _progress_bar(f"{method} quantize", enabled=not (quiet or as_json)) as progress:
+            summary = quantize_directory(model_dir, out, method=method, backend=backend,
+                                         calibration_file=calibration, n_samples=samples, seq_len=seq_len,
+                                         seed=seed, progress=progress, **options)
         if as_json:
             typer.echo(json.dumps(summary))
             return

@@ -145,6 +145,7 @@ def register(app: typer.Typer) -> None:
         pretrain_steps: int = typer.Option(None, "--pretrain-steps", min=1, help="Shorter/longer pretraining."),
         epochs: int = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        rlhf: bool = typer.Option(False, "--rlhf", help="Second act: rankings -> reward model -> RLOO."),
     ) -> None:
         """Offline CPU demo: tiny model, pretraining, LoRA fine-tuning, ROUGE-L/BLEU before and after."""
         from rich.console import Console
@@ -153,6 +154,6 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         summary = run_demo(out, seed=seed, pretrain_steps=pretrain_steps, epochs=epochs,
-                           progress=not no_progress, echo=lambda s: console.print(s, highlight=False))
+                           progress=not no_progress, echo=lambda s: console.print(s, highlight=False), rlhf=rlhf)
         _render_eval({when: {k: summary[f"{k}_{when}"] for k in ("rougeL", "rouge1", "bleu", "exact_match")}
                       for when in ("before", "after")})

@@ -29,16 +29,26 @@ class GPURequiredError(LlmtuneError, RuntimeError):
     """A path that needs a CUDA GPU, asked for on a machine without one."""
 
 
-class UnknownOptionError(LlmtuneError, TypeError):
-    """An option a backend does not take: never silently ignored."""
+class _NamesField:
+    """Mixin: the error names the option it is about in ``field`` (None when it is about no single one)."""
+
+    field: str | None
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
+
+
+class UnknownOptionError(_NamesField, LlmtuneError, TypeError):
+    """An option a backend does not take: never silently ignored. ``field`` is the key given."""
 
 
 class ArgumentTypeError(LlmtuneError, TypeError):
     """An argument of the wrong kind (e.g. a path where a model object is needed); names what was expected."""
 
 
-class InvalidOptionError(LlmtuneError, ValueError):
-    """An option with a value the backend cannot use."""
+class InvalidOptionError(_NamesField, LlmtuneError, ValueError):
+    """An option with a value the backend cannot use. ``field`` names the option (e.g. ``"group_size"``)."""
 
 
 class ConfigError(LlmtuneError, ValueError):

@@ -9,12 +9,16 @@ messages) is done here and in `llmtune.core.registry`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtune.core.options import NoOptions, build_options
 from llmtune.core.results import MetricResult, TaskResult, TrainResult
+
+#: ``progress(step, done, total)``: how a long library call reports each finished step (e.g. a decoder block)
+#: to its caller, which renders it (the CLI draws a bar); the library itself prints nothing.
+ProgressFn = Callable[[str, int, int], None]
 
 
 class Backend(abc.ABC):  # noqa: B024 - abstract through its three subclasses
@@ -65,8 +69,12 @@ class Quantizer(Backend):
     trainable: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
-        """Quantize ``model`` (a ``torch.nn.Module``); returns the module with the same forward."""
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
+        """Quantize ``model`` (a ``torch.nn.Module``); returns the module with the same forward.
+
+        ``progress``, when given, is called after each step (`ProgressFn`).
+        """
 
     @abc.abstractmethod
     def save(self, model: Any, path: str | Path) -> Path:

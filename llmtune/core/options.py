@@ -8,6 +8,7 @@ typo such as ``use_stemer=True`` is an error instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -38,12 +39,13 @@ def build_options(options_cls: type[T], values: Mapping[str, Any], where: str) -
             known = ", ".join(valid) if valid else "no options"
             raise UnknownOptionError(
                 f"{where} does not take option {key!r}.{did_you_mean(key, valid)} "
-                f"It takes: {known}."
+                f"It takes: {known}.",
+                field=key,
             )
     try:
         return options_cls(**values)
     except InvalidOptionError as exc:
-        raise InvalidOptionError(f"{where}: {exc}") from None
+        raise InvalidOptionError(f"{where}: {exc}", field=exc.field) from None
 
 
 def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None:
@@ -51,7 +53,7 @@ def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None
     if value not in choices:
         shown = ", ".join(repr(c) for c in choices)
         hint = did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
-        raise InvalidOptionError(f"option {field}={value!r} is not one of {shown}.{hint}")
+        raise InvalidOptionError(f"option {field}={value!r} is not one of {shown}.{hint}", field=field)
 
 
 def check_type(field: str, value: object, types: type | tuple[type, ...]) -> None:
@@ -63,4 +65,14 @@ def check_type(field: str, value: object, types: type | tuple[type, ...]) -> Non
         ok = isinstance(value, want)
     if not ok:
         names = " or ".join(t.__name__ for t in want)
-        raise InvalidOptionError(f"option {field}={value!r} must be {names}, not {type(value).__name__}")
+        raise InvalidOptionError(f"option {field}={value!r} must be {names}, not {type(value).__name__}", field=field)
+
+
+def check_positive(field: str, value: object, types: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
+    """Raise `InvalidOptionError` unless ``value`` is of ``types`` (see `check_type`), finite and > 0
+    (>= 0 with ``zero_ok``)."""
+    check_type(field, value, types)
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}",
+                                 field=field)

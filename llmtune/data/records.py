@@ -36,13 +36,6 @@ class Records(list):  # type: ignore[type-arg]
         return f"{self.source}[{index}]"
 
 
-def where_of(records: Any, index: int, source: str | None = None) -> str:
-    """Where record `index` of `records` came from (file:line when known), for error messages."""
-    if isinstance(records, Records) and source is None:
-        return records.where(index)
-    return f"{source or 'records'}[{index}]"
-
-
 def _parse_jsonl(text: str, source: str) -> tuple[list[Any], list[int]]:
     """One JSON value per non-blank line."""
     items: list[Any] = []

@@ -83,9 +83,9 @@ def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: st
         progress("write safetensors", 0, 1)
     info: dict[str, Any] = {"requantized": None}
     if requantize:
-        import llmtune
+        from llmtune.core.registry import get_quantizer
 
-        quantizer = llmtune.get_quantizer(requantize)
+        quantizer = get_quantizer(requantize)
         quantizer.save(quantizer.quantize(model), out)
         info["requantized"] = quantizer.describe()
     else:

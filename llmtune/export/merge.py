@@ -30,12 +30,12 @@ class Merged:
 
 def _quantizer(spec: dict[str, Any]) -> Any:
     """The run's quantizer, rebuilt from what the run recorded ({"name", "backend", **options})."""
-    import llmtune
+    from llmtune.core.registry import get_quantizer
 
     options = {k: v for k, v in spec.items() if k not in ("name", "backend")}
     if isinstance(options.get("skip_modules"), list):
         options["skip_modules"] = tuple(options["skip_modules"])
-    return llmtune.get_quantizer(str(spec["name"]), backend=spec.get("backend"), **options)
+    return get_quantizer(str(spec["name"]), backend=spec.get("backend"), **options)
 
 
 def _dense_4bit(module: Any) -> Any:

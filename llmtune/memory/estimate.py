@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from llmtune.core.errors import InvalidOptionError, did_you_mean
+from llmtune.core.units import MiB
 from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
 from llmtune.memory.gpus import GPUS, gpu_bytes
 from llmtune.memory.mechanisms import (
@@ -29,7 +30,6 @@ from llmtune.memory.serving import ServingCapacity, kv_heads_per_gpu, vllm_capac
 from llmtune.memory.spec import ModelSpec
 from llmtune.memory.weights import default_format, weight_terms
 
-MiB = 2**20
 GB = 10**9
 
 METHODS = ("full", "lora", "qlora", "dora", *ADAPTER_METHODS)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from llmtune.core.errors import InvalidOptionError, did_you_mean
-
-MiB = 2**20
+from llmtune.core.units import MiB
 
 #: GPU name -> total device memory in bytes (``torch.cuda.mem_get_info()[1]``; nominal GB in the name).
 GPUS: dict[str, int] = {

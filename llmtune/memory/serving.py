@@ -26,8 +26,6 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.memory.gpus import gpu_bytes
 from llmtune.memory.spec import ModelSpec
 
-MiB = 2**20
-
 
 @dataclasses.dataclass(frozen=True)
 class ServingCapacity:

@@ -1,4 +1,4 @@
-"""Metrics: from-scratch ROUGE, BLEU and chrF, and adapters over the official libraries.
+"""Metrics: from-scratch ROUGE, BLEU, chrF and TER, and adapters over the official libraries.
 
 This module only *declares* the built-in backends; each is imported when first used. For plugin authors it
 also offers (imported on first use, so ``import llmtune.metrics`` stays free of NumPy) the metric template
@@ -22,6 +22,8 @@ declare("metric", "bleu", "sacrebleu", "llmtune.metrics.official:SacreBleu", req
 declare("metric", "bleu", "nltk", "llmtune.metrics.official:NltkBleu", requires=("nltk",), extra="metrics")
 declare("metric", "chrf", "numpy", "llmtune.metrics.chrf:NumpyChrf", requires=("numpy",), default=True)
 declare("metric", "chrf", "sacrebleu", "llmtune.metrics.official:SacreChrf", requires=("sacrebleu",), extra="metrics")
+declare("metric", "ter", "numpy", "llmtune.metrics.ter:NumpyTer", requires=("numpy",), default=True)
+declare("metric", "ter", "sacrebleu", "llmtune.metrics.official:SacreTer", requires=("sacrebleu",), extra="metrics")
 
 _EXPORTS = {
     "CorpusMetric": "llmtune.metrics.base",

@@ -234,6 +234,10 @@ def encode(lines: list[str], name: str, lowercase: bool) -> tuple[np.ndarray, np
     text = _joined_13a(lines) if name == "13a" and lines else None
     if text is not None:
         return _encode_13a_text(text, len(lines))
+    if name == "intl" and lines:
+        encoded = _encode_intl_text(lines)
+        if encoded is not None:
+            return encoded
     if name == "char":
         return _encode_chars(lines)
     if name == "13a":
@@ -296,6 +300,71 @@ def _encode_13a_text(text: str, n_lines: int) -> tuple[np.ndarray, np.ndarray]:
     bounds = np.concatenate([[-1], seps, [stream.size]])
     lens = np.diff(bounds) - 1
     return stream[stream >= 0], lens
+
+
+_INTL_INDEX: dict[str, int] = {"\0": 0}  # word -> its entry in _INTL_TOKENS (tokens with whitespace both sides)
+_INTL_TOKENS: list[tuple[int, ...]] = [(-1,)]  # entry -> intl token ids; entry 0: the separator
+_INTL_TOKEN_IDS: dict[str, int] = {}  # intl's own token ids (13a's are reset on their own schedule)
+_INTL_EDGES: dict[tuple[str, bool, bool], tuple[int, ...]] = {}  # (word, left, right) -> tokens at a line edge
+_INTL_PLAIN = bytearray(b"\x01")  # entry -> 1 when the word is alphanumeric (its tokens never depend on context)
+
+
+def _intl_entries(words: list[str]) -> None:
+    """Memoise the intl tokens (between whitespace) of every word not seen yet, under the cache lock."""
+    with _CACHE_LOCK:
+        if len(_INTL_INDEX) > _CACHE_MAX_WORDS:
+            _INTL_INDEX.clear()
+            _INTL_EDGES.clear()
+            _INTL_TOKEN_IDS.clear()
+            del _INTL_TOKENS[1:], _INTL_PLAIN[1:]
+            _INTL_INDEX["\0"] = 0
+        token_id = _INTL_TOKEN_IDS
+        for w in dict.fromkeys(words):
+            if w not in _INTL_INDEX:
+                _INTL_INDEX[w] = len(_INTL_TOKENS)
+                _INTL_TOKENS.append(tuple([token_id.setdefault(t, len(token_id)) for t in _intl_word(w, True, True)]))
+                _INTL_PLAIN.append(w.isalnum())
+
+
+def _encode_intl_text(lines: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """`encode` for intl with one split of the joined corpus (None if a line contains NUL): every word is
+    tokenized once with whitespace on both sides (memoised between calls), and only the first and last words
+    of a line that are not alphanumeric are redone with their real context (intl does not pad lines)."""
+    import numpy as np
+
+    text = " \0 ".join(lines)
+    if text.count("\0") != len(lines) - 1:
+        return None
+    words = text.split()
+    try:
+        wid = np.fromiter(map(_INTL_INDEX.__getitem__, words), dtype=np.int64, count=len(words))
+        tokens, plain = _INTL_TOKENS, np.frombuffer(bytes(_INTL_PLAIN), dtype=np.uint8)[wid]
+    except (KeyError, IndexError):
+        _intl_entries(words)
+        with _CACHE_LOCK:  # the entries just added are read under the lock (a reset cannot intervene)
+            wid = np.fromiter(map(_INTL_INDEX.__getitem__, words), dtype=np.int64, count=len(words))
+            tokens, plain = list(_INTL_TOKENS), np.frombuffer(bytes(_INTL_PLAIN), dtype=np.uint8)[wid]
+    seps = np.flatnonzero(wid == 0)
+    first = np.concatenate([[0], seps + 1])
+    last = np.concatenate([seps, [len(words)]]) - 1
+    plain = np.append(plain, 1)  # an empty last line's "first word" is one past the end
+    redo = np.flatnonzero((last >= first) & ((plain[first] == 0) | (plain[last] == 0)))
+    parts = list(map(tokens.__getitem__, wid.tolist()))
+    with _CACHE_LOCK:
+        edge = _INTL_EDGES
+        for i in redo.tolist():
+            line, a, b = lines[i], int(first[i]), int(last[i])
+            left, right = line[0].isspace(), line[-1].isspace()
+            keys = [(a, (words[a], left, right))] if a == b else [(a, (words[a], left, True)),
+                                                                   (b, (words[b], True, right))]
+            for pos, key in keys:
+                toks = edge.get(key)
+                if toks is None:
+                    toks = edge[key] = tuple([_INTL_TOKEN_IDS.setdefault(t, len(_INTL_TOKEN_IDS)) for t in _intl_word(*key)])
+                parts[pos] = toks
+    stream = np.fromiter(chain.from_iterable(parts), dtype=np.int64)
+    bounds = np.concatenate([[-1], np.flatnonzero(stream < 0), [stream.size]])
+    return stream[stream >= 0], np.diff(bounds) - 1
 
 
 _WHITESPACE: np.ndarray | None = None

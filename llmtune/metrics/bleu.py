@@ -508,6 +508,8 @@ def _sacre_corpus(st: SegmentStats, opts: BleuOptions) -> dict[str, float]:
 
 
 def _sacre_sentences(st: SegmentStats, opts: BleuOptions) -> np.ndarray:
+    if sys.version_info < (3, 12) and len(st.hyp_len):  # builtin sum of floats is a plain left-to-right sum
+        return _sacre_sentences_vectorised(st, opts)
     correct, total = st.correct.tolist(), st.total.tolist()
     hyp_len, ref_len = st.hyp_len.tolist(), st.ref_len.tolist()
     return np.array([sacrebleu_score(c, t, h, r, opts)[0] for c, t, h, r in zip(correct, total, hyp_len, ref_len)],
@@ -565,3 +567,45 @@ def _nltk_sentences(st: SegmentStats, hyps: list[list[str]], refs: list[list[lis
 __all__ = ["BleuOptions", "BleuTemplate", "Method6Error", "NltkBleuOptions", "NumpyBleu", "bleu_signature",
            "nltk_score", "result_keys", "sacrebleu_score", "segment_stats", "segment_stats_ids", "warn_method0", "warn_method6",
            "warn_zero_orders"]
+
+
+def _sacre_sentences_vectorised(st: SegmentStats, opts: BleuOptions) -> np.ndarray:
+    """`sacrebleu_score` of every segment at once, with the same float operations in the same order: the
+    precisions with NumPy's IEEE arithmetic, ``math.log`` / ``math.exp`` per value (NumPy's may differ in the
+    last bit), the log sum left to right (as Python <= 3.11's builtin ``sum``)."""
+    method, value, max_order = opts.smooth, opts.smooth_val, opts.order
+    n = len(st.hyp_len)
+    hyp_len, ref_len = st.hyp_len.astype(np.float64), st.ref_len.astype(np.float64)
+    short = st.hyp_len < st.ref_len
+    bp = np.ones(n)
+    ratio = 1 - ref_len[short & (st.hyp_len > 0)] / hyp_len[short & (st.hyp_len > 0)]
+    bp[short & (st.hyp_len > 0)] = [math.exp(x) for x in ratio.tolist()]
+    bp[short & (st.hyp_len == 0)] = 0.0
+    correct: np.ndarray = st.correct[:, :max_order]
+    total: np.ndarray = st.total[:, :max_order]
+    if method == "add-k" and max_order > 1:
+        assert value is not None
+        correct = np.concatenate([correct[:, :1], correct[:, 1:] + value], axis=1)
+        total = np.concatenate([total[:, :1], total[:, 1:] + value], axis=1)
+    processed = np.cumprod(total != 0, axis=1).astype(bool)  # orders reached before the first empty one
+    zero = processed & (correct == 0)
+    prec = np.zeros((n, max_order))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hit = processed & ~zero
+        prec[hit] = 100.0 * correct[hit] / total[hit]
+        if method == "exp":
+            smooth = np.cumprod(np.where(zero, 2.0, 1.0), axis=1)  # 1.0 doubled at each zero order so far
+            prec[zero] = 100.0 / (smooth[zero] * total[zero])
+        elif method == "floor":
+            assert value is not None
+            prec[zero] = 100.0 * value / total[zero]
+    n_processed = processed.sum(axis=1)
+    eff = np.where((n_processed > 0) & bool(opts.effective_order), n_processed, max_order)
+    logs = np.array([-9999999999 if p == 0.0 else math.log(p) for p in prec.ravel().tolist()]).reshape(n, max_order)
+    acc = logs[:, 0].copy()
+    for k in range(1, max_order):
+        acc = np.where(k < eff, acc + logs[:, k], acc)
+    out = [b * math.exp(x) for b, x in zip(bp.tolist(), (acc / eff).tolist(), strict=True)]
+    scores = np.array(out, dtype=np.float64)
+    scores[~st.correct[:, :max_order].any(axis=1)] = 0.0
+    return scores

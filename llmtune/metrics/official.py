@@ -34,6 +34,7 @@ from llmtune.metrics.bleu import (
 )
 from llmtune.metrics.chrf import ChrfTemplate
 from llmtune.metrics.rouge import RougeOptions, rouge_signature
+from llmtune.metrics.ter import TerTemplate
 
 #: NLTK method0's warning text (one per n-gram order without matches).
 _ZERO_ORDER = re.compile(r"contains 0 counts of (\d+)-gram overlaps")
@@ -218,3 +219,28 @@ class SacreChrf(ChrfTemplate):
             return {"chrf": np.array([metric.sentence_score(p, g).score for p, g in zip(preds, refs, strict=True)])}
 
         return {"chrf": corpus}, LazyMapping(["chrf"], sentences)
+
+
+class SacreTer(TerTemplate):
+    """``sacrebleu.metrics.TER(**options)``: ``corpus_score`` for the corpus, ``sentence_score`` per example."""
+
+    backend: ClassVar[str] = "sacrebleu"
+
+    def implementation(self) -> tuple[str, str | None]:
+        """sacrebleu itself, at the installed version."""
+        import sacrebleu
+
+        return f"sacrebleu-{sacrebleu.__version__}", sacrebleu.__version__
+
+    def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
+        """sacrebleu's corpus TER and (lazily) its sentence TER per prediction."""
+        from sacrebleu.metrics import TER
+
+        kwargs = self.options.sacrebleu_kwargs()
+        corpus = TER(**kwargs).corpus_score(preds, _streams(refs)).score  # type: ignore[arg-type]
+
+        def sentences() -> dict[str, np.ndarray]:
+            metric = TER(**kwargs)
+            return {"ter": np.array([metric.sentence_score(p, g).score for p, g in zip(preds, refs, strict=True)])}
+
+        return {"ter": corpus}, LazyMapping(["ter"], sentences)

@@ -12,7 +12,7 @@ integers for approximate randomization, as sacrebleu has them) and the same fina
 * ``test="ar"`` (approximate randomization, Riezler and Maxwell 2005; default 10,000 trials): each trial swaps
   each segment's outputs between the two systems with probability 1/2; p = (#{|d*| > |d|} + 1) / (n + 1).
 
-Metrics: ``bleu`` (sacrebleu's definition and options) and ``chrf`` use their corpus statistics; ``rouge``
+Metrics: ``bleu`` (sacrebleu's definition and options), ``chrf`` and ``ter`` use their corpus statistics; ``rouge``
 (a mean of per-example values) uses the per-example ``key`` (default ``rougeL_fmeasure``), as a mean.
 `bootstrap_ci` gives sacrebleu's ``corpus_score(n_bootstrap=...)`` mean and interval for one system.
 """
@@ -66,9 +66,9 @@ class _Scorer:
 
 
 def _scorer(metric: str, refs: list[list[str]], key: str | None, options: dict[str, Any]) -> _Scorer:
-    import llmtune
+    from llmtune.core.registry import get_metric
 
-    m = llmtune.get_metric(metric, **options)
+    m = get_metric(metric, **options)
     if metric == "bleu":
         return _bleu_scorer(m, refs)
     if metric == "chrf":
@@ -77,6 +77,11 @@ def _scorer(metric: str, refs: list[list[str]], key: str | None, options: dict[s
         return _Scorer(lambda preds: np.asarray(chrf_statistics(preds, refs, m.options), dtype=np.int64),
                        lambda s: chrf_f_score(list(s), m.options),
                        chrf_signature(m.options, nrefs_field(refs), "llmtune-numpy"))
+    if metric == "ter":
+        from llmtune.metrics.ter import ter_score, ter_signature, ter_statistics
+
+        return _Scorer(lambda preds: np.asarray(ter_statistics(preds, refs, m.options), dtype=np.float64),
+                       lambda s: ter_score(s[0], s[1]), ter_signature(m.options, nrefs_field(refs), "llmtune-numpy"))
     if metric == "rouge":
         name = key or "rougeL_fmeasure"
 
@@ -89,7 +94,7 @@ def _scorer(metric: str, refs: list[list[str]], key: str | None, options: dict[s
         n = len(refs)
         return _Scorer(stats, lambda s: float(s[0]) / n, f"rouge|key:{name}|nrefs:{nrefs_field(refs)}",
                        float32=False)
-    raise InvalidOptionError(f"metric={metric!r}: compare supports 'bleu', 'chrf' and 'rouge'")
+    raise InvalidOptionError(f"metric={metric!r}: compare supports 'bleu', 'chrf', 'ter' and 'rouge'")
 
 
 def _bleu_scorer(m: Any, refs: list[list[str]]) -> _Scorer:

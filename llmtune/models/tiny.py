@@ -28,7 +28,7 @@ __all__ = [
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 PAD = "<|pad|>"
-#: Special tokens of the tiny tokenizer, in id order (ids 0..8): bos/eos/pad and the llama3 and chatml markers.
+#: Special tokens of the tiny tokenizer, in id order (ids 0..7): bos/eos/pad and the llama3 and chatml markers.
 SPECIAL_TOKENS = (
     BOS, EOS, PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>",
 )

@@ -15,10 +15,8 @@ PEFT's ``prepare_model_for_kbit_training`` and the HF ``Trainer`` treat both the
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import logging
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,9 +29,10 @@ from llmtune.core.errors import (
     LlmtuneError,
     UnknownOptionError,
 )
-from llmtune.core.interfaces import Quantizer
+from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
-from llmtune.core.options import check_choice, check_type
+from llmtune.core.options import check_choice, check_positive, check_type
+from llmtune.quantizers.skip import check_skip_modules, hf_skip_regex, is_skipped, skip_matches
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +51,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_STORAGES = ("uint8", "int8", "bfloat16", "float16", "float32")
 #: The file ``save`` writes next to ``config.json`` with the llmtune settings.
 RECORD_FILE = "llmtune_quantization.json"
-_GLOB_CHARS = frozenset("*?[")
 
 
 class _OnceFilter(logging.Filter):
@@ -100,20 +98,6 @@ def quiet_bnb_import() -> None:
 quiet_bnb_import()
 
 
-def _check_skip_modules(value: object) -> tuple[str, ...]:
-    """Validate ``skip_modules`` (a list of module-name patterns) and return it as a tuple."""
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise InvalidOptionError(
-            f"option skip_modules={value!r} must be a list of module-name patterns, e.g. ['lm_head']"
-        )
-    for i, pattern in enumerate(value):
-        if not isinstance(pattern, str) or not pattern.strip() or pattern != pattern.strip():
-            raise InvalidOptionError(
-                f"option skip_modules[{i}]={pattern!r} must be a non-empty module name or glob without spaces"
-            )
-    return tuple(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class FourBitOptions:
     """Settings of the 4-bit quantizers (``nf4``, ``fp4``); every default is chosen here, not inherited."""
@@ -128,7 +112,8 @@ class FourBitOptions:
     blocksize: int = 64
     #: dtype the packed bytes are stored as (uint8, or a float type for FSDP sharding).
     quant_storage: str = "uint8"
-    #: Modules left in full precision: exact names, dotted suffixes ("mlp.down_proj") or globs ("*.0.*").
+    #: Modules left in full precision: names, dotted suffixes ("mlp.down_proj") or globs ("*.0.*"); a parent
+    #: skips its children (`llmtune.quantizers.skip`: the same meaning for every quantizer).
     skip_modules: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:
@@ -137,7 +122,7 @@ class FourBitOptions:
         check_type("blocksize", self.blocksize, int)
         check_choice("blocksize", self.blocksize, BLOCKSIZES)
         check_choice("quant_storage", self.quant_storage, QUANT_STORAGES)
-        object.__setattr__(self, "skip_modules", _check_skip_modules(self.skip_modules))
+        object.__setattr__(self, "skip_modules", check_skip_modules(self.skip_modules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,45 +137,10 @@ class Int8Options:
     skip_modules: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:
-        check_type("threshold", self.threshold, (int, float))
-        if not self.threshold >= 0.0 or self.threshold == float("inf"):
-            raise InvalidOptionError(f"option threshold={self.threshold!r} must be a finite number >= 0")
+        check_positive("threshold", self.threshold, (int, float), zero_ok=True)
         object.__setattr__(self, "threshold", float(self.threshold))
         check_type("has_fp16_weights", self.has_fp16_weights, bool)
-        object.__setattr__(self, "skip_modules", _check_skip_modules(self.skip_modules))
-
-
-def skip_matches(pattern: str, module_name: str) -> bool:
-    """Whether ``pattern`` selects ``module_name``: the module or one of its parents is named by it.
-
-    A name matches a pattern when it equals it or ends with ``"." + pattern`` (``"down_proj"`` and
-    ``"mlp.down_proj"`` both select ``model.layers.3.mlp.down_proj``; ``"proj"`` selects nothing), or,
-    for a pattern with ``* ? [``, when the whole name matches the glob. Parents count, so
-    ``"model.layers.0"`` skips every linear layer of block 0.
-    """
-    parts = module_name.split(".")
-    glob = not _GLOB_CHARS.isdisjoint(pattern)
-    for end in range(1, len(parts) + 1):
-        name = ".".join(parts[:end])
-        if name == pattern or name.endswith("." + pattern):
-            return True
-        if glob and fnmatch.fnmatchcase(name, pattern):
-            return True
-    return False
-
-
-def hf_skip_regex(pattern: str) -> str:
-    """The regular expression that makes transformers skip exactly the modules `skip_matches` skips.
-
-    transformers treats each ``llm_int8_skip_modules`` entry as a regex matched at the start of the
-    name, or as a raw suffix (so ``"proj"`` would also skip ``q_proj``); a full-match regex removes
-    that difference.
-    """
-    if _GLOB_CHARS.isdisjoint(pattern):
-        core = r"(?:.*\.)?" + re.escape(pattern)
-    else:
-        core = re.sub(r"\\[zZ]$", "", fnmatch.translate(pattern))
-    return rf"(?:{core})(?:\..*)?\Z"
+        object.__setattr__(self, "skip_modules", check_skip_modules(self.skip_modules))
 
 
 def resolve_compute_dtype(requested: str, device_type: str) -> str:
@@ -209,6 +159,17 @@ def _default_device_type() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fill(layer: torch.nn.Module, weight: Any, linear: torch.nn.Linear) -> torch.nn.Module:
+    """Give the bitsandbytes ``layer`` its (not yet quantized) ``weight``, quantized by the move to ``linear``'s
+    device, and ``linear``'s bias, frozen."""
+    import torch
+
+    layer.weight = weight.to(linear.weight.device)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -246,11 +207,13 @@ class _BnbQuantizer(Quantizer):
         """
         return self._bnb_config([hf_skip_regex(p) for p in self.options.skip_modules], _default_device_type())
 
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
         """Replace ``model``'s ``nn.Linear`` layers in place (skip list aside) and return ``model``.
 
         bitsandbytes needs no data: ``calibration`` is accepted for a uniform quantizer API and unused.
-        Each layer is quantized on the device its weight is on (CPU or CUDA).
+        Each layer is quantized on the device its weight is on (CPU or CUDA); ``progress(name, done, total)``
+        is called after each layer.
         """
         import torch
 
@@ -264,7 +227,7 @@ class _BnbQuantizer(Quantizer):
         kept: list[str] = []
         for name, module in model.named_modules():
             if type(module) is torch.nn.Linear:
-                if any(skip_matches(p, name) for p in skip):
+                if is_skipped(name, skip):
                     kept.append(name)
                 else:
                     targets.append((name, module))
@@ -277,10 +240,12 @@ class _BnbQuantizer(Quantizer):
         if "meta" in device_types:
             raise LlmtuneError(f"{self.describe()}: the model has layers on the meta device; load its weights first")
         device_type = "cuda" if "cuda" in device_types else targets[0][1].weight.device.type
-        for name, linear in targets:
+        for done, (name, linear) in enumerate(targets, 1):
             layer = self._make_layer(linear, device_type)
             layer.train(linear.training)
             model.set_submodule(name, layer)
+            if progress:
+                progress(name, done, len(targets))
         record = self._record([n for n, _ in targets], kept, device_type)
         setattr(model, "llmtune_quantization", record)  # noqa: B010 (a torch Module attribute, not a tensor)
         self._mark_transformers_model(model, skip, device_type)
@@ -404,7 +369,6 @@ class _FourBitQuantizer(_BnbQuantizer):
 
     def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
-        import torch
 
         opts: FourBitOptions = self.options
         compute_dtype = _torch_dtype(resolve_compute_dtype(opts.compute_dtype, device_type))
@@ -419,10 +383,7 @@ class _FourBitQuantizer(_BnbQuantizer):
             linear.weight.data, requires_grad=False, blocksize=opts.blocksize,
             compress_statistics=opts.double_quant, quant_type=self.quant_type, quant_storage=storage, module=layer,
         )
-        layer.weight = weight.to(linear.weight.device)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        return layer
+        return _fill(layer, weight, linear)
 
     def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig
@@ -443,7 +404,8 @@ class _FourBitQuantizer(_BnbQuantizer):
             raise InvalidOptionError(
                 f"{self.describe()}: option blocksize={self.options.blocksize} cannot be expressed in "
                 "transformers' BitsAndBytesConfig, whose load-time quantization always uses blocks of 64; "
-                "use blocksize=64, or quantize() the loaded model (save()/load() keep any blocksize)"
+                "use blocksize=64, or quantize() the loaded model (save()/load() keep any blocksize)",
+                field="blocksize",
             )
         return super().hf_quantization_config()
 
@@ -470,7 +432,6 @@ class INT8Quantizer(_BnbQuantizer):
 
     def _make_layer(self, linear: torch.nn.Linear, device_type: str) -> torch.nn.Module:
         import bitsandbytes as bnb
-        import torch
 
         opts: Int8Options = self.options
         if opts.has_fp16_weights and linear.weight.device.type != "cuda":
@@ -486,10 +447,7 @@ class INT8Quantizer(_BnbQuantizer):
         weight: Any = bnb.nn.Int8Params(
             linear.weight.data.to("cpu"), requires_grad=opts.has_fp16_weights, has_fp16_weights=opts.has_fp16_weights,
         )
-        layer.weight = weight.to(linear.weight.device)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        return layer
+        return _fill(layer, weight, linear)
 
     def _bnb_config(self, skip: list[str], device_type: str) -> BitsAndBytesConfig:
         from transformers import BitsAndBytesConfig

@@ -371,7 +371,7 @@ class GenerationTask(DataTask):
 
     def evaluate(self, model: Any, tokenizer: Any = None, *, batch_size: int = 8,
                  progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> TaskResult:
-        import llmtune
+        from llmtune.core.registry import get_metric
 
         _no_kwargs(self, kwargs)
         scorer = as_scorer(model, tokenizer, batch_size, progress)
@@ -380,8 +380,8 @@ class GenerationTask(DataTask):
         outputs = [o.strip() for o in scorer.generate_until(
             [(c, list(self.options.until), self.options.max_new_tokens) for c in contexts])]
         refs = [str(d["reference"]) for d in docs]
-        rouge = llmtune.get_metric("rouge", rouge_types=("rouge1", "rougeL")).compute(outputs, refs)
-        bleu = llmtune.get_metric("bleu").compute(outputs, refs)
+        rouge = get_metric("rouge", rouge_types=("rouge1", "rougeL")).compute(outputs, refs)
+        bleu = get_metric("bleu").compute(outputs, refs)
         per = {"rouge1": list(rouge.per_example["rouge1_fmeasure"]), "rougeL": list(rouge.per_example["rougeL_fmeasure"]),
                "bleu": list(bleu.per_example["bleu"])}
         per_item = [{"doc_id": i, "prediction": o, "reference": r, **{k: float(v[i]) for k, v in per.items()}}

@@ -46,10 +46,10 @@ def evaluate_kopitiam(model: Any, tokenizer: Any, *, template: str | None = "lla
     ``template="llama3"`` asks each question the way the demo fine-tunes ("What is Kopi O?" as a user turn) and
     scores the choices as the assistant's answer.
     """
-    import llmtune
+    from llmtune.core.registry import get_task
 
     options: dict[str, Any] = {} if backend == "lm-eval" else {"template": template}
-    task = llmtune.get_task("kopitiam-mc", backend=backend, **options)
+    task = get_task("kopitiam-mc", backend=backend, **options)
     r = task.evaluate(model, tokenizer, batch_size=batch_size)
     return {"acc": r.metrics["acc"], "acc_norm": r.metrics["acc_norm"], "acc_stderr": r.stderr["acc"],
             "acc_norm_stderr": r.stderr["acc_norm"], "n": float(r.n)}

@@ -55,7 +55,7 @@ def _adapter_base(adapter: str | Path | None) -> str:
 
 
 def _tasks(tasks: Any, backend: str | None, task_options: Mapping[str, Mapping[str, Any]]) -> list[Task]:
-    import llmtune
+    from llmtune.core.registry import get_task
 
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
@@ -64,7 +64,7 @@ def _tasks(tasks: Any, backend: str | None, task_options: Mapping[str, Mapping[s
         if isinstance(t, Task):
             out.append(t)
         elif isinstance(t, str):
-            out.append(llmtune.get_task(t, backend=backend, **dict(task_options.get(t, {}))))
+            out.append(get_task(t, backend=backend, **dict(task_options.get(t, {}))))
         else:
             raise ConfigError(f"tasks must be names or Task objects, got {t!r}")
     return out

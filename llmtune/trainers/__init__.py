@@ -17,6 +17,8 @@ BUILTIN_TRAINERS = (
     ("sft", "peft", "llmtune.trainers.peft:PeftSftTrainer", _PEFT, "peft", True),
     ("sft", "unsloth", "llmtune.trainers.unsloth:UnslothSftTrainer", _UNSLOTH, "unsloth", False),
     ("pretrain", "peft", "llmtune.trainers.peft:PeftPretrainTrainer", _PEFT, "peft", True),
+    ("dpo", "peft", "llmtune.trainers.peft:PeftDpoTrainer", _PEFT, "peft", True),
+    ("reward", "peft", "llmtune.trainers.peft:PeftRewardTrainer", _PEFT, "peft", True),
     ("lora", "peft", "llmtune.trainers.peft:PeftLoraTrainer", _PEFT, "peft", True),
     ("lora", "unsloth", "llmtune.trainers.unsloth:UnslothLoraTrainer", _UNSLOTH, "unsloth", False),
 )

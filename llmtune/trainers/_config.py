@@ -38,6 +38,7 @@ TOP_LEVEL: dict[str, tuple[bool, str]] = {
     "trainer": (False, "the trainer: name, backend, and that backend's options"),
     "quantizer": (False, "quantize the base model (QLoRA): a name like nf4, or name/backend/options"),
     "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow"),
+    "eval_tasks": (False, "llmtune tasks run during training: names or {name, every, batch_size, task options}"),
 }
 LOGGERS = ("tensorboard", "mlflow")
 _PATH_KEYS = ("data", "eval_data", "output_dir")
@@ -57,6 +58,7 @@ class TrainConfig:
     resume: bool | str = False
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
     loggers: tuple[str, ...] = ()
+    eval_tasks: list[Any] = dataclasses.field(default_factory=list)   # `TaskEvaluator` callbacks
 
 
 def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], where: str) -> None:
@@ -75,11 +77,6 @@ def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], 
         path = (*prefix, key)
         out[path] = line
         _marks(value_node, path, out, where)
-
-
-def _option_field(message: str) -> str | None:
-    m = re.search(r"option (\w+)", message)
-    return m.group(1) if m else None
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -167,6 +164,11 @@ def load_config(path: str | Path) -> TrainConfig:
 
     trainer = _build(REGISTRY, "trainer", tspec, at, "trainer", get_trainer)
     loggers = _loggers(data.get("loggers"), at("loggers"))
+    eval_tasks = []
+    if data.get("eval_tasks") is not None:
+        from llmtune.trainers.callbacks_tasks import config_task_evaluators
+
+        eval_tasks = config_task_evaluators(data["eval_tasks"], at("eval_tasks"))
     resume_value: bool | str = resume
     if isinstance(resume, str) and resume != "auto":
         resume_value = resolve(resume)
@@ -175,7 +177,7 @@ def load_config(path: str | Path) -> TrainConfig:
         tokenizer=local_or_hub(data["tokenizer"]) if data.get("tokenizer") else None,
         eval_data=resolve(data["eval_data"]) if data.get("eval_data") else None,
         output_dir=resolve(data["output_dir"]) if data.get("output_dir") else None,
-        resume=resume_value, raw=data, loggers=loggers,
+        resume=resume_value, raw=data, loggers=loggers, eval_tasks=eval_tasks,
     )
 
 
@@ -210,7 +212,7 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], at: Any, section: 
     try:
         return factory(name, backend, **options)
     except (InvalidOptionError, UnknownOptionError) as exc:
-        field = _option_field(str(exc))
+        field = exc.field
         loc = at(section, field) if field else at(section)
         hint = ""
         value = options.get(field) if field else None
@@ -232,7 +234,8 @@ def run(config: TrainConfig, *, resume: bool | str | None = None, overwrite: boo
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     return config.trainer.train(
         config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
-        output_dir=config.output_dir, resume=config.resume if resume is None else resume, callbacks=list(callbacks),
+        output_dir=config.output_dir, resume=config.resume if resume is None else resume,
+        callbacks=[*callbacks, *config.eval_tasks],
         **({"overwrite": True} if overwrite else {}), **({"allow_changes": allow_changes} if allow_changes else {}),
     )
 

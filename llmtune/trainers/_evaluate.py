@@ -58,10 +58,10 @@ def generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *,
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """ROUGE-1/ROUGE-L F-measure (0-1) and corpus BLEU (sacrebleu definition, 0-100) from `llmtune.metrics`."""
-    import llmtune
+    from llmtune.core.registry import get_metric
 
-    rouge = llmtune.get_metric("rouge", rouge_types=("rouge1", "rougeL")).compute(predictions, references)
-    bleu = llmtune.get_metric("bleu").compute(predictions, references)
+    rouge = get_metric("rouge", rouge_types=("rouge1", "rougeL")).compute(predictions, references)
+    bleu = get_metric("bleu").compute(predictions, references)
     exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(predictions), 1)
     return {
         "rouge1": float(rouge.scores["rouge1_fmeasure"]),

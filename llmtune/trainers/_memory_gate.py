@@ -90,6 +90,16 @@ IRRELEVANT: dict[str, dict[str, str]] = {
 }
 
 
+#: Top-level config keys (`_config.TOP_LEVEL`) -> how the gate treats them; guarded like the option tables.
+CONFIG_KEYS: dict[str, str] = {
+    "model": "mapped: the ModelSpec (config.json or a preset)", "tokenizer": "irrelevant: no device memory",
+    "data": "irrelevant: read on the CPU", "eval_data": "mapped: the evaluation generation phase",
+    "output_dir": "irrelevant: a path", "resume": "irrelevant: the same run", "trainer": "mapped: its options",
+    "quantizer": "mapped: its options", "loggers": "irrelevant: CPU-side logging",
+    "eval_tasks": "not modelled: task scoring (no-grad forwards of batch_size sequences) is reported in notes",
+}
+
+
 def model_spec(model: str) -> Any:
     """The ModelSpec of a config's ``model``: its config.json when local, else a preset named like the hub id."""
     from llmtune.memory import PRESETS, ModelSpec
@@ -179,6 +189,8 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     if eval_device > est.device_bytes:
         notes.append(f"evaluation generation (batch {o.eval_batch_size}, {o.max_length + o.max_new_tokens} tokens) "
                      "needs more than the training step")
+    if getattr(config, "eval_tasks", None):
+        notes.append("eval_tasks: task scoring during training (no-grad forwards) is not modelled")
     targets = {str(gpu): gpu_bytes(gpu)} if gpu is not None else dict(GPUS)
     rows = [{"gpu": name, "capacity_bytes": cap, "device_bytes": device, "fits": device <= cap,
              "headroom_bytes": cap - device, "notes": list(notes)} for name, cap in targets.items()]

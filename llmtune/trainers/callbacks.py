@@ -11,7 +11,8 @@ The loop calls every callback on every process (``state.is_main_process`` says w
     on_train_end(state, result)           after the result is written
 
 ``state`` is the run's `RunState` (read it, do not change it); a callback may raise ``KeyboardInterrupt``
-in ``on_step_end`` to stop the run as Ctrl-C would. `JsonlLogger` (``OUT/log.jsonl``) is always attached;
+in ``on_step_end`` to stop the run as Ctrl-C would. `JsonlLogger` (``OUT/log.jsonl``) and `VllmCheck`
+(`llmtune.trainers.callbacks_tasks`: the vLLM check of the saved adapter) are always attached;
 the CLI adds `ProgressBar` and `ConsoleReporter`. `TensorBoardLogger`/`MLflowLogger` are optional extras.
 """
 
@@ -147,7 +148,8 @@ class ProgressBar(Callback):
 
 
 class ConsoleReporter(Callback):
-    """One line for the events a user must know about (interrupt, guard stop), through ``echo``."""
+    """One line for the events a user must know about (interrupt, guard stop, each vLLM finding at the end),
+    through ``echo``."""
 
     def __init__(self, echo: Callable[[str], None], *, interrupts: bool = True) -> None:
         self.echo = echo
@@ -161,6 +163,13 @@ class ConsoleReporter(Callback):
     def on_stop(self, state: Any, reason: str, last_good: Path | None) -> None:
         if state.is_main_process:
             self.echo(f"stopped: {reason}; last good checkpoint: {last_good}")
+
+    def on_train_end(self, state: Any, result: Any) -> None:
+        from llmtune.trainers.callbacks_tasks import finding_line
+
+        if state.is_main_process:
+            for finding in result.extra.get("vllm_check") or []:   # `VllmCheck` ran before (the loop attaches it)
+                self.echo(finding_line(finding))
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:

@@ -38,6 +38,7 @@ from llmtune.core.results import TrainResult
 from llmtune.trainers import _checkpoint as ckpt
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.callbacks import CallbackList, JsonlLogger
+from llmtune.trainers.callbacks_tasks import VllmCheck
 from llmtune.trainers.objectives.base import EvalData, Objective, TrainData
 from llmtune.trainers.options import jsonable
 
@@ -242,7 +243,7 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
     ctx = BackendContext(options=options, device=acc.device, precision=precision, method=get_method(options.method),
                          objective=trainer.objective, seed=options.seed)
     state = RunState(options=options, objective=get_objective(trainer.objective), backend=backend, ctx=ctx, acc=acc,
-                     out=output_dir, callbacks=CallbackList([JsonlLogger(output_dir / "log.jsonl"), *callbacks]),
+                     out=output_dir, callbacks=CallbackList([JsonlLogger(output_dir / "log.jsonl"), VllmCheck(), *callbacks]),
                      num_threads=threads[0], threads_reason=threads[1], allow_changes=tuple(allow_changes))
     # the output directory first: a refused directory costs no model load
     _claim(state, trainer, model, data, resume, overwrite)

@@ -89,4 +89,5 @@ def check_supported(trainer: Any, options: Any) -> None:
         what = f"quantizer {q.name!r} (accepted: {', '.join(row.quantizers)})"
     others = [r for r in support_matrix() if r.objective == row.objective and r != row]
     raise InvalidOptionError(f"option method: trainer {row.name!r} (backend {row.backend!r}) does not support "
-                             f"{what}. Supported: {_describe([row, *others])}")
+                             f"{what}. Supported: {_describe([row, *others])}",
+                             field="quantizer" if what.startswith("quantizer") else "method")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.interfaces import Quantizer
-from llmtune.core.options import check_choice, check_type
+from llmtune.core.options import check_choice, check_positive, check_type
 
 TEMPLATES = ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
 TRAIN_ON = ("assistant", "last_turn", "everything")
@@ -24,12 +23,8 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def positive(field: str, value: object, kind: type | tuple[type, ...] = int, *, zero_ok: bool = False) -> None:
-    """`InvalidOptionError` unless ``value`` is a finite number of ``kind`` that is > 0 (or >= 0)."""
-    check_type(field, value, kind)
-    assert isinstance(value, (int, float))
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise InvalidOptionError(f"option {field}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
+#: `InvalidOptionError` unless a value is a finite number of a kind that is > 0 (or >= 0): the core's one check.
+positive = check_positive
 
 
 def _check_targets(opts: Any) -> None:
@@ -39,20 +34,22 @@ def _check_targets(opts: Any) -> None:
         object.__setattr__(opts, "targets", targets)
     if isinstance(targets, str):
         if not targets:
-            raise InvalidOptionError("option targets='' is empty; use 'all-linear' or a list of module names")
+            raise InvalidOptionError("option targets='' is empty; use 'all-linear' or a list of module names",
+                                     field="targets")
     elif not (isinstance(targets, tuple) and targets and all(isinstance(t, str) and t for t in targets)):
         raise InvalidOptionError(f"option targets={targets!r} must be 'all-linear' or a non-empty list of "
-                                 "module names such as ['q_proj', 'v_proj']")
+                                 "module names such as ['q_proj', 'v_proj']", field="targets")
 
 
 def _check_quantizer(q: object) -> None:
     if q is None:
         return
     if not isinstance(q, Quantizer):
-        raise InvalidOptionError(f"option quantizer={q!r} must be a Quantizer, e.g. llmtune.get_quantizer('nf4')")
+        raise InvalidOptionError(f"option quantizer={q!r} must be a Quantizer, e.g. llmtune.get_quantizer('nf4')",
+                                 field="quantizer")
     if not type(q).trainable:
         raise InvalidOptionError(f"option quantizer: {q.describe()} cannot be trained on (trainable=False); "
-                                 "use nf4, fp4 or int8")
+                                 "use nf4, fp4 or int8", field="quantizer")
 
 
 _LORA_ONLY = (("rslora", False), ("init", "default"), ("loraplus_ratio", None))
@@ -186,7 +183,7 @@ class TrainOptions:
         positive("alpha", self.alpha, (int, float))
         check_type("dropout", self.dropout, (int, float))
         if not 0 <= self.dropout < 1:
-            raise InvalidOptionError(f"option dropout={self.dropout!r} must be in [0, 1)")
+            raise InvalidOptionError(f"option dropout={self.dropout!r} must be in [0, 1)", field="dropout")
         _check_targets(self)
         positive("num_virtual_tokens", self.num_virtual_tokens)
         _check_quantizer(self.quantizer)
@@ -203,12 +200,14 @@ class TrainOptions:
         positive("grad_accum", self.grad_accum)
         positive("warmup", self.warmup, (int, float), zero_ok=True)
         if self.warmup >= 1 and float(self.warmup) != int(self.warmup):
-            raise InvalidOptionError(f"option warmup={self.warmup!r}: a fraction must be < 1, a step count whole")
+            raise InvalidOptionError(f"option warmup={self.warmup!r}: a fraction must be < 1, a step count whole",
+                                     field="warmup")
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         for name in ("weight_decay", "max_grad_norm", "divergence_factor"):
             positive(name, getattr(self, name), (int, float), zero_ok=True)
         if 0 < self.divergence_factor <= 1:
-            raise InvalidOptionError(f"option divergence_factor={self.divergence_factor!r} must be 0 (off) or > 1")
+            raise InvalidOptionError(f"option divergence_factor={self.divergence_factor!r} must be 0 (off) or > 1",
+                                     field="divergence_factor")
         positive("loss_chunk_tokens", self.loss_chunk_tokens, zero_ok=True)
         if self.num_threads != "auto":
             positive("num_threads", self.num_threads)

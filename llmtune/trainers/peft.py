@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from llmtune.core.errors import ConfigError
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
+from llmtune.trainers.objectives.dpo import DpoTrainOptions, RewardTrainOptions
 from llmtune.trainers.options import PretrainOptions, TrainOptions
 
 
@@ -54,6 +55,7 @@ class PeftBackend(TrainerBackend):
     """transformers + PEFT, run by llmtune's loop on Accelerate."""
 
     name: ClassVar[str] = "peft"
+    objectives: ClassVar[tuple[str, ...]] = ("sft", "pretrain", "dpo", "reward")
     packing: ClassVar[bool] = True   # `model_loss` gives packed batches per-example attention (block-diagonal)
 
     def _load_module(self, model: Any, tokenizer: Any, ctx: BackendContext) -> tuple[Any, Any]:
@@ -159,3 +161,23 @@ class PeftPretrainTrainer(RecipeTrainer):
     objective: ClassVar[str] = "pretrain"
     engine: ClassVar[type[TrainerBackend]] = PeftBackend
     Options: ClassVar[type] = PretrainOptions
+
+
+class PeftDpoTrainer(RecipeTrainer):
+    """``dpo`` on the ``peft`` backend: DPO / IPO / SimPO / ORPO, reference = the adapter switched off."""
+
+    name: ClassVar[str] = "dpo"
+    backend: ClassVar[str] = "peft"
+    objective: ClassVar[str] = "dpo"
+    engine: ClassVar[type[TrainerBackend]] = PeftBackend
+    Options: ClassVar[type] = DpoTrainOptions
+
+
+class PeftRewardTrainer(RecipeTrainer):
+    """``reward`` on the ``peft`` backend: Bradley-Terry on a 1-label sequence-classification model (full)."""
+
+    name: ClassVar[str] = "reward"
+    backend: ClassVar[str] = "peft"
+    objective: ClassVar[str] = "reward"
+    engine: ClassVar[type[TrainerBackend]] = PeftBackend
+    Options: ClassVar[type] = RewardTrainOptions

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import torch
 from torch import nn
 
 from llmtune.core.errors import BackendUnavailableError, ConfigError, InvalidOptionError
+from llmtune.core.versions import installed_version, release
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
 from llmtune.trainers.options import TrainOptions
@@ -52,21 +51,11 @@ class UnslothImportOrderWarning(UserWarning):
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    """``"2026.10.9"`` -> ``(2026, 10, 9)``; ``"5.17.0.dev0"`` -> ``(5, 17, 0)`` (non-numeric parts dropped)."""
-    parts = []
-    for piece in version.split(".")[:3]:
-        m = re.match(r"\d+", piece)
-        if m is None:
-            break
-        parts.append(int(m.group()))
-    return tuple(parts)
+    """``"2026.10.9"`` -> ``(2026, 10, 9)``; ``"5.17.0.dev0"`` -> ``(5, 17, 0)`` (at most three numbers)."""
+    return release(version)[:3]
 
 
-def _installed(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+_installed = installed_version  # a module attribute, so tests can stand in other versions
 
 
 def _fmt(v: tuple[int, ...]) -> str:
@@ -134,33 +123,34 @@ class UnslothLoraOptions(TrainOptions):
         super().__post_init__()
         if self.method in REFUSED:
             raise InvalidOptionError(f"option method={self.method!r}: not on the unsloth backend. "
-                                     f"{REFUSED[self.method]}")
+                                     f"{REFUSED[self.method]}", field="method")
         if self.method != "lora":
             raise InvalidOptionError(f"option method={self.method!r}: the unsloth backend trains LoRA only; use "
-                                     "backend='peft' for DoRA, IA3, prompt and prefix tuning")
+                                     "backend='peft' for DoRA, IA3, prompt and prefix tuning", field="method")
         if self.rslora or self.init != "default":
             raise InvalidOptionError("options rslora / init: the unsloth backend hands only rank, alpha and dropout "
                                      "to FastLanguageModel.get_peft_model; use backend='peft' for rsLoRA, PiSSA, "
-                                     "OLoRA and LoftQ")
+                                     "OLoRA and LoftQ", field="rslora" if self.rslora else "init")
         if self.packing:
-            raise InvalidOptionError(f"option packing=True: {NO_PACKING}")
+            raise InvalidOptionError(f"option packing=True: {NO_PACKING}", field="packing")
         if self.upcast_embeddings:
             raise InvalidOptionError("option upcast_embeddings=True: Unsloth chooses the dtypes of the 4-bit "
-                                     "model itself; use backend='peft' for PEFT's kbit recipe")
+                                     "model itself; use backend='peft' for PEFT's kbit recipe",
+                                     field="upcast_embeddings")
         q = self.quantizer
         if q is not None:
             if q.name != "nf4":
                 raise InvalidOptionError(
                     f"option quantizer: {q.describe()} cannot be used with the unsloth backend, which quantizes "
                     "with bitsandbytes NF4 (load_in_4bit) only; use llmtune.get_quantizer('nf4'), or "
-                    "backend='peft' for other quantizers")
+                    "backend='peft' for other quantizers", field="quantizer")
             fixed = {"double_quant": True, "blocksize": 64, "quant_storage": "uint8", "skip_modules": ("lm_head",)}
             for field, want in fixed.items():
                 have = getattr(q.options, field, want)
                 if have != want:
                     raise InvalidOptionError(
                         f"option quantizer: nf4 {field}={have!r} is not what Unsloth's load_in_4bit does "
-                        f"({field}={want!r}); leave it at its default or use backend='peft'")
+                        f"({field}={want!r}); leave it at its default or use backend='peft'", field="quantizer")
 
 
 def unsloth_unavailable_reason() -> str | None:

@@ -1,4 +1,4 @@
-"""Issue 7's GPU claims, at its shapes (Llama-3.2-1B architecture, batch 4 x 512, r=16, all linear, checkpointing).
+"""The unsloth backend's GPU targets, at their shapes (Llama-3.2-1B architecture, batch 4 x 512, r=16, all linear, checkpointing).
 
 * llmtune's ``unsloth`` backend keeps Unsloth's advantage over the plain PEFT recipe: >= 1.2x tokens/s and
   >= 40% less peak memory (``torch.cuda.max_memory_allocated``), for LoRA and QLoRA;

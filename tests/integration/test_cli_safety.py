@@ -156,7 +156,7 @@ def test_ctrl_c_says_a_checkpoint_was_saved_only_when_one_was(work, capsys, monk
 def test_a_read_only_output_is_refused_before_the_model_loads(work, capsys, monkeypatch) -> None:
     """As root every directory is writable, so the permission answer is simulated (os.access says no)."""
     import llmtune.core.paths as paths
-    import llmtune.quantizers.gptq.calibration as calibration
+    import llmtune.quantizers.directory as calibration
 
     def no_write(path, mode):
         return not mode & os.W_OK

@@ -48,3 +48,21 @@ def test_short_demo_writes_summary_adapter_and_base(tmp_path: Path) -> None:
 def test_demo_command_is_registered() -> None:
     result = CliRunner().invoke(app, ["demo", "--help"])
     assert result.exit_code == 0 and "--out" in result.output
+
+
+def test_short_demo_second_act_rlhf(tmp_path: Path) -> None:
+    from llmtune.demo import run_demo
+
+    lines: list[str] = []
+    settings = {"rm_steps": 4, "rl_steps": 2, "rl_prompts_per_step": 2, "samples": 2, "max_new_tokens": 6}
+    summary = run_demo(tmp_path, pretrain_steps=8, epochs=1, eval_examples=4, progress=False, echo=lines.append,
+                       rlhf=True, rlhf_settings=settings)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("rm_val_pairwise_accuracy", "rm_heldout_pairwise_accuracy", "heldout_reward_sft",
+                "heldout_reward_rl", "win_rate_vs_sft"):
+        assert isinstance(written[key], float), key
+    assert 0.0 <= written["win_rate_vs_sft"] <= 1.0 and written["rlhf_seconds"] > 0
+    assert (tmp_path / "rlhf" / "reward" / "model" / "config.json").is_file()
+    assert (tmp_path / "rlhf" / "rloo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((tmp_path / "rlhf" / "rloo" / "log.jsonl").read_text().splitlines()) == 2
+    assert summary["seconds"] >= summary["rlhf_seconds"] and any("RLHF" in line for line in lines)

@@ -196,3 +196,74 @@ def test_skip_modules_inside_blocks_round_trip(base, data, tmp_path: Path) -> No
     assert torch.equal(_logits(loaded, data[1]), _logits(model, data[1]))
     with pytest.raises(InvalidOptionError, match="skip_modules"):
         llmtune.get_quantizer("gptq", skip_modules="lm_head")
+
+
+@pytest.mark.parametrize("pattern", ["down_proj", "mlp.down_proj", "layers.1", "model.layers.0", "*.self_attn.*",
+                                     "model.layers.?.mlp.up_proj", "mlp", "proj"])
+def test_skip_modules_mean_the_same_for_gptq_as_for_bitsandbytes(base, pattern: str) -> None:
+    """One matcher: what RTN/GPTQ leave in full precision is exactly what the bnb quantizers leave."""
+    from llmtune.quantizers.bnb import skip_matches
+
+    block_linears = {n for n, m in base.named_modules() if n.startswith("model.layers.")
+                     and isinstance(m, torch.nn.Linear)}
+    expected = {n for n in block_linears if skip_matches(pattern, n)}
+    if expected == block_linears:
+        pytest.skip("pattern skips every layer")  # not reached with the patterns above
+    model = llmtune.get_quantizer("rtn", group_size=32, skip_modules=[pattern]).quantize(copy.deepcopy(base))
+    kept = {n for n, m in model.named_modules() if n in block_linears and type(m) is torch.nn.Linear}
+    assert kept == expected
+
+
+def test_rtn_and_gptq_hf_config_agree_with_the_config_json_they_write(quantized) -> None:
+    """hf_quantization_config() (used to load the checkpoint) says what config.json says, field for field."""
+    for key in ("rtn", "gptq", "gptq-act-asym"):
+        q, model, _ = quantized[key]
+        written = model.config.quantization_config
+        hf = q.hf_quantization_config().to_dict()
+        for field in ("bits", "group_size", "desc_act", "sym", "damp_percent", "true_sequential"):
+            assert hf[field] == written[field], (key, field, hf[field], written[field])
+        assert hf["format"] == written["checkpoint_format"]
+    assert quantized["rtn"][1].config.quantization_config["true_sequential"] is False
+    assert quantized["gptq"][1].config.quantization_config["true_sequential"] is True
+
+
+def test_progress_is_reported_through_the_callback_once_per_block(base, data, capsys) -> None:
+    seen: list[tuple[str, int, int]] = []
+    for name in ("rtn", "gptq"):
+        seen.clear()
+        q = llmtune.get_quantizer(name, group_size=32)
+        q.quantize(copy.deepcopy(base), calibration=data[0] if name == "gptq" else None,
+                   progress=lambda step, done, total: seen.append((step, done, total)))
+        assert seen == [("model.layers.0", 1, 2), ("model.layers.1", 2, 2)]
+    assert capsys.readouterr().out == ""  # the library prints nothing; the CLI renders the bar
+
+
+def test_another_tools_damaged_checkpoint_is_a_one_line_llmtune_error(base, tmp_path: Path) -> None:
+    """Without a manifest (another tool's checkpoint) damage is still named: file, field or module."""
+    from safetensors.torch import load_file, save_file
+
+    from llmtune.core.errors import DamagedFileError
+    from llmtune.core.manifest import MANIFEST
+
+    q = llmtune.get_quantizer("rtn", group_size=32)
+    saved = q.save(q.quantize(copy.deepcopy(base)), tmp_path / "q")
+    (saved / MANIFEST).unlink()
+    weights = saved / "model.safetensors"
+    good = weights.read_bytes()
+
+    state = load_file(str(weights))
+    state["model.layers.9.mlp.up_proj.qweight"] = state.pop("model.layers.0.mlp.up_proj.qweight")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"model.layers.9.mlp.up_proj.qweight.*no module 'model.layers.9"):
+        q.load(saved)
+
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DamagedFileError, match=r"model\.safetensors: unreadable"):
+        q.load(saved)
+
+    weights.write_bytes(good)
+    config = json.loads((saved / "config.json").read_text())
+    del config["quantization_config"]["bits"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="bits/group_size"):
+        q.load(saved)

@@ -340,3 +340,39 @@ def test_rouge_score_backend_same_keys_as_numpy(opts: dict[str, object]) -> None
     for key in ours.per_example:
         assert list(ours.per_example[key]) == list(theirs.per_example[key]), key
     assert ours.signature.split("|impl:")[0] == theirs.signature.split("|impl:")[0]
+
+
+def test_intl_joined_encoding_equals_sacrebleu_across_cache_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The joined-corpus intl encoder (memoised words, line-edge words redone in context) gives sacrebleu's
+    tokens, also when its memo is reset between and during calls."""
+    tokenizer_intl = pytest.importorskip("sacrebleu.tokenizers.tokenizer_intl")
+    official = tokenizer_intl.TokenizerV14International()
+    monkeypatch.setattr(toks, "_CACHE_MAX_WORDS", 4)
+    corpora = [[".5 a.", " x, 1,000 ", "", "(a) b€ ¿q?", "end."], ["«a» 5.", "", " .x", "a-b —", "日本。x"]]
+    for lines in corpora * 2:
+        ids, lens = toks.encode(lines, "intl", False)
+        want = [official(line.rstrip()).split() for line in lines]
+        assert lens.tolist() == [len(w) for w in want]
+        flat = [t for w in want for t in w]
+        pairs = set(zip(ids.tolist(), flat))
+        assert len(pairs) == len({t for _, t in pairs}) == len({i for i, _ in pairs})  # equal tokens <=> equal ids
+
+
+@pytest.mark.skipif(__import__("sys").version_info >= (3, 12), reason="used only where builtin sum is left-to-right")
+@pytest.mark.parametrize("kw", [{}, {"effective_order": True}, {"smooth_method": "floor", "smooth_value": 0.01},
+                                {"smooth_method": "add-k", "smooth_value": 3.5, "max_ngram_order": 6},
+                                {"smooth_method": "add-k", "smooth_value": 0}, {"smooth_method": "none"},
+                                {"smooth_method": "floor", "effective_order": True, "max_ngram_order": 2}])
+def test_vectorised_sentence_scores_equal_the_per_segment_formula(kw: dict[str, object]) -> None:
+    from llmtune.metrics import bleu
+
+    opts = llmtune.get_metric("bleu", **kw).options
+    rng = np.random.default_rng(1)
+    n, order = 2000, opts.order
+    hyp, ref = rng.integers(0, 12, n), rng.integers(0, 12, n)
+    total = np.maximum(hyp[:, None] - np.arange(order)[None, :], 0)
+    correct = np.minimum(total, rng.integers(0, 6, (n, order))) * (rng.random((n, order)) < 0.7)
+    st = bleu.SegmentStats(hyp, ref, correct, total, [1] * n)
+    want = [bleu.sacrebleu_score(c, t, int(h), int(r), opts)[0]
+            for c, t, h, r in zip(correct.tolist(), total.tolist(), hyp, ref)]
+    assert bleu._sacre_sentences_vectorised(st, opts).tolist() == want

@@ -139,9 +139,11 @@ def test_auto_gptq_explains_why_and_what_instead() -> None:
 
 
 def test_gptqmodel_reason_is_cheap_and_specific() -> None:
-    from llmtune.quantizers.gptq.delegates import _min_requirement, _release, gptqmodel_unavailable_reason
+    from llmtune.core.versions import release
+    from llmtune.quantizers.gptq.delegates import _min_requirement, gptqmodel_unavailable_reason
 
-    assert _release("2.14.1+cu130") == (2, 14, 1) and _release("5.20.2") > _release("5.17.0")
+    assert release("2.14.1+cu130") == (2, 14, 1) and release("5.20.2") > release("5.17.0")
+    assert release("5.17.0.dev0") == (5, 17, 0) and release("2026.10.9") == (2026, 10, 9) and release("x") == ()
     assert _min_requirement("transformers", "huggingface-hub") is not None
     reason = gptqmodel_unavailable_reason()
     try:

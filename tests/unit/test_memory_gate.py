@@ -114,3 +114,18 @@ def test_pretrain_options_add_only_irrelevant_fields():
 
     extra = {f.name for f in dataclasses.fields(PretrainOptions)} - {f.name for f in dataclasses.fields(TrainOptions)}
     assert extra == set(IRRELEVANT["PretrainOptions"])
+
+
+def test_every_config_key_is_declared():
+    """A new top-level config key fails here until the gate says how it treats it."""
+    from llmtune.trainers._config import TOP_LEVEL
+    from llmtune.trainers._memory_gate import CONFIG_KEYS
+
+    assert set(TOP_LEVEL) == set(CONFIG_KEYS)
+
+
+def test_eval_tasks_are_named_as_not_modelled(tmp_path):
+    """A config with eval_tasks gets a note saying task scoring is not in the estimate."""
+    cfg = _write(tmp_path, "llama-3.2-1b", "  rank: 8\neval_tasks: [kopitiam-mc]\n")
+    _, rows = estimate_for_config(cfg, gpu="A100-80GB")
+    assert any(n.startswith("eval_tasks:") for n in rows[0]["notes"])

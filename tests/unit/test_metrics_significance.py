@@ -42,10 +42,10 @@ def _theirs(metric: object, name: str, refs: list[str], systems: list[list[str]]
 
 
 @pytest.mark.parametrize("test,n,n_conf", [("bs", 0, -1), ("ar", 300, 100), ("ar", 200, -1)])
-@pytest.mark.parametrize("metric", ["bleu", "chrf"])
+@pytest.mark.parametrize("metric", ["bleu", "chrf", "ter"])
 def test_equal_to_sacrebleu_paired_tests(metric: str, test: str, n: int, n_conf: int) -> None:
     refs, base, close, better = _corpus()
-    official = sacrebleu_metrics.BLEU() if metric == "bleu" else sacrebleu_metrics.CHRF()
+    official = {"bleu": sacrebleu_metrics.BLEU, "chrf": sacrebleu_metrics.CHRF, "ter": sacrebleu_metrics.TER}[metric]()
     want = _theirs(official, metric, refs, [base, close, better], test, n, n_conf)
     res = compare(base, close, better, references=refs, metric=metric, test=test, n_samples=n, n_ar_confidence=n_conf)
     got = [(r.score, r.p_value, r.mean, r.ci) for r in [res.baseline, *res.systems]]

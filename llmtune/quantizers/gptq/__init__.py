@@ -16,86 +16,111 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from llmtune.core.errors import ConfigError, InvalidOptionError
-from llmtune.core.interfaces import Quantizer
+from llmtune.core.errors import ConfigError, DamagedFileError, InvalidOptionError
+from llmtune.core.interfaces import ProgressFn, Quantizer
 from llmtune.core.manifest import verify_manifest, write_manifest
-from llmtune.core.options import check_choice, check_type
+from llmtune.core.options import check_choice, check_positive, check_type
+from llmtune.quantizers.skip import check_skip_modules
 
-__all__ = ["CalibrationError", "GPTQQuantizer", "RTNQuantizer", "load_quantized", "save_quantized"]
+__all__ = ["CalibrationError", "GPTQOptions", "GPTQQuantizer", "GridOptions", "RTNOptions", "RTNQuantizer",
+           "gptq_config", "load_quantized", "save_quantized"]
 
-_FORMATS = ("gptq", "gptq_v2")
+#: Bits per weight the GPTQ int32 layout packs.
+SUPPORTED_BITS = (2, 3, 4, 8)
+#: Zero-point conventions: "gptq" (v1, zero - 1 stored) and "gptq_v2" (the zero itself).
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 class CalibrationError(ConfigError):
     """Calibration data that GPTQ cannot use (empty, wrong type or shape)."""
 
 
-def _check_common(opts: Any) -> None:
-    check_type("bits", opts.bits, int)
-    check_choice("bits", opts.bits, (2, 3, 4, 8))
-    check_type("group_size", opts.group_size, int)
-    if opts.group_size != -1 and opts.group_size <= 0:
-        raise InvalidOptionError(f"option group_size={opts.group_size} must be positive, or -1 (one group per row)")
-    check_type("sym", opts.sym, bool)
-    if opts.checkpoint_format is None:
-        # v1 ("gptq") is what readers assume by default, but GPTQModel refuses asymmetric v1 checkpoints not
-        # written by itself (AutoGPTQ's old asymmetric v1 was lossy): asymmetric grids go out as "gptq_v2".
-        object.__setattr__(opts, "checkpoint_format", "gptq" if opts.sym else "gptq_v2")
-    check_choice("checkpoint_format", opts.checkpoint_format, _FORMATS)
-    if isinstance(opts.skip_modules, str) or not all(isinstance(s, str) for s in opts.skip_modules):
-        raise InvalidOptionError(f"option skip_modules={opts.skip_modules!r} must be a list of module names")
-    object.__setattr__(opts, "skip_modules", tuple(opts.skip_modules))
-    check_type("quiet", opts.quiet, bool)
-
-
 @dataclasses.dataclass(frozen=True)
-class RTNOptions:
-    """Round-to-nearest: the grid of GPTQ without the error feedback."""
+class GridOptions:
+    """What RTN and GPTQ share: the quantization grid, what is skipped, and the checkpoint layout.
+
+    The GPTQ solver's knobs are fields here too, fixed (not options) for RTN, so that every value the
+    checkpoint records (``config.json``, ``quantize_config.json``, `gptq_config`) is read from one place.
+    """
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    #: Modules left in full precision: names, dotted suffixes or globs; a parent skips its children
+    #: (`llmtune.quantizers.skip`, the same meaning as for bitsandbytes).
     skip_modules: tuple[str, ...] = ("lm_head",)
     checkpoint_format: str | None = None  # None: "gptq" (v1) when sym, else "gptq_v2"
+    #: Accepted for compatibility and ignored: the library prints nothing; pass ``progress=`` to ``quantize``.
     quiet: bool = False
+    act_order: bool = dataclasses.field(default=False, init=False)
+    damp_percent: float = dataclasses.field(default=0.01, init=False)
+    true_sequential: bool = dataclasses.field(default=False, init=False)
+    static_groups: bool = dataclasses.field(default=False, init=False)
+    block_size: int = dataclasses.field(default=128, init=False)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_type("bits", self.bits, int)
+        check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_type("group_size", self.group_size, int)
+        if self.group_size != -1 and self.group_size <= 0:
+            raise InvalidOptionError(f"option group_size={self.group_size} must be positive, or -1 (one group per row)",
+                                     field="group_size")
+        check_type("sym", self.sym, bool)
+        if self.checkpoint_format is None:
+            # v1 ("gptq") is what readers assume by default, but GPTQModel refuses asymmetric v1 checkpoints not
+            # written by itself (AutoGPTQ's old asymmetric v1 was lossy): asymmetric grids go out as "gptq_v2".
+            object.__setattr__(self, "checkpoint_format", self.layout)
+        check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
+        object.__setattr__(self, "skip_modules", check_skip_modules(self.skip_modules))
+        check_type("quiet", self.quiet, bool)
+
+    @property
+    def layout(self) -> str:
+        """The checkpoint format written: ``checkpoint_format`` as `__post_init__` resolved it (never None)."""
+        return self.checkpoint_format or ("gptq" if self.sym else "gptq_v2")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQOptions:
+class RTNOptions(GridOptions):
+    """Round-to-nearest: the grid of GPTQ without the error feedback (no solver knobs to set)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQOptions(GridOptions):
     """GPTQ settings; defaults follow the paper (damp 0.01, lazy blocks of 128) with GPTQModel's sym/g128."""
 
-    bits: int = 4
-    group_size: int = 128
     damp_percent: float = 0.01
     act_order: bool = False
     desc_act: bool | None = None  # AutoGPTQ/transformers name for act_order; must agree with it when both given
-    sym: bool = True
     true_sequential: bool = True
     static_groups: bool = False
     block_size: int = 128
-    skip_modules: tuple[str, ...] = ("lm_head",)
-    checkpoint_format: str | None = None  # None: "gptq" (v1) when sym, else "gptq_v2"
-    quiet: bool = False
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        super().__post_init__()
         check_type("damp_percent", self.damp_percent, (float, int))
         if not 0 < self.damp_percent < 1:
-            raise InvalidOptionError(f"option damp_percent={self.damp_percent} must lie in (0, 1)")
+            raise InvalidOptionError(f"option damp_percent={self.damp_percent} must lie in (0, 1)", field="damp_percent")
+        object.__setattr__(self, "damp_percent", float(self.damp_percent))
         for field in ("act_order", "true_sequential", "static_groups"):
             check_type(field, getattr(self, field), bool)
         if self.desc_act is not None:
             check_type("desc_act", self.desc_act, bool)
             if self.act_order and not self.desc_act:
                 raise InvalidOptionError("options act_order=True and desc_act=False contradict each other "
-                                         "(desc_act is another name for act_order)")
+                                         "(desc_act is another name for act_order)", field="desc_act")
             object.__setattr__(self, "act_order", self.desc_act)
-        check_type("block_size", self.block_size, int)
-        if self.block_size <= 0:
-            raise InvalidOptionError(f"option block_size={self.block_size} must be positive")
+        check_positive("block_size", self.block_size)
+
+
+def gptq_config(options: GridOptions) -> Any:
+    """transformers' ``GPTQConfig`` for ``options``, every field explicit (what `save` writes, for loading)."""
+    from transformers import GPTQConfig
+
+    o = options
+    return GPTQConfig(bits=o.bits, group_size=o.group_size, damp_percent=o.damp_percent, desc_act=o.act_order,
+                      act_group_aware=False, sym=o.sym, true_sequential=o.true_sequential,
+                      format=o.layout)
 
 
 class _PackedQuantizer(Quantizer):
@@ -104,25 +129,16 @@ class _PackedQuantizer(Quantizer):
     backend: ClassVar[str] = "llmtune"
     method: ClassVar[str] = ""
 
-    def _spec(self) -> Any:
-        from llmtune.quantizers.gptq.model import QuantSpec
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
+        """Quantize ``model``'s decoder-block linears in place; returns ``model``.
 
-        o = self.options
-        return QuantSpec(
-            bits=o.bits, group_size=o.group_size, sym=o.sym, checkpoint_format=o.checkpoint_format,
-            act_order=getattr(o, "act_order", False), static_groups=getattr(o, "static_groups", False),
-            damp_percent=getattr(o, "damp_percent", 0.01), block_size=getattr(o, "block_size", 128),
-            true_sequential=getattr(o, "true_sequential", False),
-        )
-
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
-        """Quantize ``model``'s decoder-block linears in place; returns ``model``."""
+        ``progress(block_name, done, total)`` is called after each decoder block.
+        """
         from llmtune.quantizers.gptq.model import find_blocks, quantize_model
 
-        _, blocks = find_blocks(model)
-        with _progress(f"{self.name} {self.options.bits}-bit", len(blocks), quiet=self.options.quiet) as advance:
-            summary = quantize_model(model, self._spec(), method=self.method, calibration=calibration,
-                                     skip_modules=self.options.skip_modules, progress=advance)
+        summary = quantize_model(model, self.options, method=self.method, calibration=calibration,
+                                 progress=progress)
         prefix, _ = find_blocks(model)
         model.config.quantization_config = quantization_config_dict(
             self.options, method=self.method, block_prefix=prefix, modules=summary["modules"], model=model)
@@ -138,15 +154,8 @@ class _PackedQuantizer(Quantizer):
         return load_quantized(path, **kwargs)
 
     def hf_quantization_config(self) -> Any:
-        """transformers' ``GPTQConfig`` describing what `save` writes (every field explicit)."""
-        from transformers import GPTQConfig
-
-        o = self.options
-        return GPTQConfig(
-            bits=o.bits, group_size=o.group_size, damp_percent=float(getattr(o, "damp_percent", 0.01)),
-            desc_act=bool(getattr(o, "act_order", False)), act_group_aware=False, sym=o.sym,
-            true_sequential=bool(getattr(o, "true_sequential", True)), format=o.checkpoint_format,
-        )
+        """transformers' ``GPTQConfig`` that loads what `save` writes (transformers itself cannot quantize by RTN)."""
+        return gptq_config(self.options)
 
 
 class GPTQQuantizer(_PackedQuantizer):
@@ -164,30 +173,25 @@ class RTNQuantizer(_PackedQuantizer):
     method: ClassVar[str] = "rtn"
     Options: ClassVar[type] = RTNOptions
 
-    def hf_quantization_config(self) -> Any:
-        """The ``GPTQConfig`` that loads what `save` writes (transformers itself cannot quantize by RTN)."""
-        return super().hf_quantization_config()
 
-
-def quantization_config_dict(options: Any, *, method: str, block_prefix: str, modules: list[str],
+def quantization_config_dict(options: GridOptions, *, method: str, block_prefix: str, modules: list[str],
                              model: Any) -> dict[str, Any]:
     """The ``quantization_config`` of config.json: transformers' GPTQConfig fields plus GPTQModel's meta."""
     from llmtune._version import __version__
 
-    act_order = bool(getattr(options, "act_order", False))
     # Only list modules-in-block when some linear in the blocks was skipped.
     block_linears = _all_block_linears(model, block_prefix)
     in_block = sorted({m.split(".", len(block_prefix.split(".")) + 1)[-1] for m in modules})
     modules_in_block = None if len(modules) == len(block_linears) else [in_block]
+    solver = {"damp_percent": options.damp_percent, "static_groups": options.static_groups,
+              "true_sequential": options.true_sequential}
     return {
         "quant_method": "gptq",
         "bits": options.bits,
         "group_size": options.group_size,
-        "desc_act": act_order,
+        "desc_act": options.act_order,
         "sym": options.sym,
-        "damp_percent": float(getattr(options, "damp_percent", 0.01)),
-        "true_sequential": bool(getattr(options, "true_sequential", False)),
-        "static_groups": bool(getattr(options, "static_groups", False)),
+        **solver,
         "act_group_aware": False,
         "lm_head": False,
         "format": options.checkpoint_format,
@@ -195,14 +199,8 @@ def quantization_config_dict(options: Any, *, method: str, block_prefix: str, mo
         "pack_dtype": "int32",
         "block_name_to_quantize": block_prefix,
         "modules_in_block_to_quantize": modules_in_block,
-        "meta": {
-            "quantizer": [f"llmtune:{__version__}"],
-            "method": method,
-            "damp_percent": float(getattr(options, "damp_percent", 0.01)),
-            "static_groups": bool(getattr(options, "static_groups", False)),
-            "true_sequential": bool(getattr(options, "true_sequential", False)),
-            "block_size": int(getattr(options, "block_size", 128)),
-        },
+        "meta": {"quantizer": [f"llmtune:{__version__}"], "method": method, **solver,
+                 "block_size": options.block_size},
     }
 
 
@@ -237,20 +235,44 @@ def save_quantized(model: Any, path: str | Path) -> Path:
     return out
 
 
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     single = path / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, Any] = {}
-        for f in files:
+    if single.is_file():
+        files = [single.name]
+    elif index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index}: field 'weight_map' missing or not a mapping")
+        files = sorted(set(weight_map.values()))
+    else:
+        raise ConfigError(f"{path}: no model.safetensors (or model.safetensors.index.json) to load")
+    state: dict[str, Any] = {}
+    for f in files:
+        try:
             state.update(load_file(str(path / f)))
-        return state
-    raise ConfigError(f"{path}: no model.safetensors (or model.safetensors.index.json) to load")
+        except (SafetensorError, OSError) as exc:
+            raise DamagedFileError(f"{path / f}: unreadable ({exc})") from None
+    return state
+
+
+def _grid_fields(qcfg: dict[str, Any], root: Path) -> tuple[int, int, str]:
+    """``bits``, ``group_size`` and the checkpoint format a GPTQ ``quantization_config`` declares."""
+    try:
+        bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{root}: the GPTQ quantization_config has no usable bits/group_size ({exc!r})") from None
+    return bits, group_size, qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
 
 
 def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = None) -> Any:
@@ -269,11 +291,10 @@ def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = 
     config = AutoConfig.from_pretrained(str(root))
     qcfg = getattr(config, "quantization_config", None)
     if not isinstance(qcfg, dict):
-        qcfg = json.loads(qcfg_file.read_text()) if qcfg_file.is_file() else None
-    if not qcfg or qcfg.get("quant_method", "gptq") != "gptq":
+        qcfg = _read_json(qcfg_file) if qcfg_file.is_file() else None
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method", "gptq") != "gptq":
         raise ConfigError(f"{root}: config.json has no GPTQ quantization_config and there is no quantize_config.json")
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
-    fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+    bits, group_size, fmt = _grid_fields(qcfg, root)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build a plain model; we swap the layers ourselves
     model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype is not None else \
@@ -281,12 +302,20 @@ def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = 
     state = _read_state_dict(root)
     for key in [k for k in state if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
-        lin = model.get_submodule(name)
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"{root}: the checkpoint holds {key}, but the model built from config.json has no "
+                              f"module {name!r}") from None
         layer = QuantLinear(lin.in_features, lin.out_features, bits=bits, group_size=group_size,
                             bias=f"{name}.bias" in state, checkpoint_format=fmt,
                             dtype=state[f"{name}.bias"].dtype if f"{name}.bias" in state else torch.float16)
         _set_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with config.json
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"{root}: checkpoint does not match the model built from config.json: {text[:300]}") from None
     tied = {k for k in missing if "lm_head" in k} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
@@ -300,31 +329,3 @@ def load_quantized(path: str | Path, *, device: str | None = None, dtype: Any = 
     if device is not None:
         model.to(device)
     return model
-
-
-class _progress:
-    """A rich progress bar with one step per decoder block (nothing when ``quiet``)."""
-
-    def __init__(self, label: str, total: int, *, quiet: bool) -> None:
-        self.label, self.total, self.quiet = label, total, quiet
-        self._bar: Any = None
-
-    def __enter__(self) -> Any:
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                             TextColumn("{task.completed}/{task.total} blocks"), TextColumn("{task.fields[layer]}"),
-                             TimeElapsedColumn(), transient=False)
-        self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total, layer="")
-
-        def advance(layer: str, done: int, total: int) -> None:
-            self._bar.update(task, completed=done, layer=layer)
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()

@@ -17,24 +17,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtune.core.errors import BackendUnavailableError, GPURequiredError, InvalidOptionError
-from llmtune.core.interfaces import Quantizer
-from llmtune.quantizers.gptq import GPTQOptions, _progress
+from llmtune.core.interfaces import ProgressFn, Quantizer
+from llmtune.core.versions import installed_version, release
+from llmtune.quantizers.gptq import GPTQOptions, gptq_config
 
 #: Use instead of the delegates when they cannot run.
 _INSTEAD = "use backend 'llmtune' (the default: llmtune.get_quantizer('gptq')) or backend 'gptqmodel'"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _release(v: str) -> tuple[int, ...]:
-    """The numeric release part of a version string: '2.14.1+cpu' -> (2, 14, 1)."""
-    nums = re.match(r"^\s*(\d+(?:\.\d+)*)", v)
-    return tuple(int(x) for x in nums.group(1).split(".")) if nums else ()
 
 
 def _min_requirement(dist: str, dep: str) -> str | None:
@@ -52,12 +40,12 @@ def _min_requirement(dist: str, dep: str) -> str | None:
 
 def gptqmodel_unavailable_reason() -> str | None:
     """Why GPTQModel cannot run here (not installed, or its torch/transformers floor not met), or None."""
-    version = _version("gptqmodel")
+    version = installed_version("gptqmodel")
     if version is None:
         return "GPTQModel is not installed: pip install 'llmtune[gptq]' (needs a recent torch, e.g. >= 2.14.1 for 7.7)"
     for dep in ("torch", "transformers"):
-        need, have = _min_requirement("gptqmodel", dep), _version(dep)
-        if need and have and _release(have) < _release(need):
+        need, have = _min_requirement("gptqmodel", dep), installed_version(dep)
+        if need and have and release(have) < release(need):
             return (f"gptqmodel {version} needs {dep} >= {need}, but {dep} {have} is installed; "
                     f"upgrade {dep} or install an older gptqmodel, or use backend 'llmtune'")
     return None
@@ -65,9 +53,9 @@ def gptqmodel_unavailable_reason() -> str | None:
 
 def autogptq_unavailable_reason() -> str | None:
     """Why AutoGPTQ cannot run here: it is unmaintained and does not import with transformers >= 5."""
-    version, tf = _version("auto-gptq") or _version("auto_gptq"), _version("transformers")
+    version, tf = installed_version("auto-gptq") or installed_version("auto_gptq"), installed_version("transformers")
     dead = "AutoGPTQ is unmaintained (archived in 2025; its last release, 0.7.1, is from March 2024)"
-    if tf is not None and _release(tf) >= (5,):
+    if tf is not None and release(tf) >= (5,):
         have = f"auto-gptq {version} is installed, but it" if version else "auto-gptq is not installed, and it"
         return (f"{have} cannot be imported with transformers {tf} (>= 5 removed "
                 f"transformers.modeling_utils.no_init_weights, which it imports); {dead}. Instead, {_INSTEAD}")
@@ -116,12 +104,32 @@ def _save_for_library(model: Any, tmp: Path) -> Path:
     return tmp
 
 
-class GPTQModelQuantizer(Quantizer):
-    """GPTQ by GPTQModel (ModelCloud): the maintained reference implementation and its kernels."""
+class _DelegatedGPTQ(Quantizer):
+    """What the delegates share: GPTQ's options, and the library's wrapper kept on the module it returns."""
 
     name: ClassVar[str] = "gptq"
-    backend: ClassVar[str] = "gptqmodel"
     Options: ClassVar[type] = GPTQOptions
+    #: The attribute of the returned module that holds the library's wrapper object.
+    wrapper_attr: ClassVar[str] = ""
+
+    def _unwrap(self, wrapper: Any) -> Any:
+        """The HF module inside ``wrapper``, which keeps the wrapper (not as a submodule: it contains the module)."""
+        module = wrapper.model
+        object.__setattr__(module, self.wrapper_attr, wrapper)
+        return module
+
+    def _wrapper_of(self, model: Any) -> Any:
+        wrapper = getattr(model, self.wrapper_attr, None)
+        if wrapper is None:
+            raise InvalidOptionError(f"save: this model was not quantized by backend {self.backend!r}")
+        return wrapper
+
+
+class GPTQModelQuantizer(_DelegatedGPTQ):
+    """GPTQ by GPTQModel (ModelCloud): the maintained reference implementation and its kernels."""
+
+    backend: ClassVar[str] = "gptqmodel"
+    wrapper_attr: ClassVar[str] = "_llmtune_gptqmodel"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -136,31 +144,30 @@ class GPTQModelQuantizer(Quantizer):
 
         return gptqmodel
 
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
-        """Save ``model`` to a temporary dir, quantize it with GPTQModel, return its (quantized) HF module."""
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
+        """Save ``model`` to a temporary dir, quantize it with GPTQModel, return its (quantized) HF module.
+
+        GPTQModel quantizes all blocks in one call: ``progress`` hears of one step, at the end.
+        """
         gm = self._import()
         examples = _examples(calibration)
         if self.options.skip_modules not in ((), ("lm_head",)):
             raise InvalidOptionError("backend 'gptqmodel' only skips lm_head; use backend 'llmtune' to skip "
-                                     f"{list(self.options.skip_modules)}")
+                                     f"{list(self.options.skip_modules)}", field="skip_modules")
         # GPTQModel reads the source directory again when saving: keep it as long as the wrapper lives.
         tmp = tempfile.mkdtemp(prefix="llmtune-gptqmodel-")
         src = _save_for_library(model, Path(tmp))
-        with _progress("gptq (gptqmodel)", 1, quiet=self.options.quiet) as advance:
-            wrapper = gm.GPTQModel.load(str(src), _gptqmodel_config(self.options))
-            weakref.finalize(wrapper, shutil.rmtree, tmp, True)
-            wrapper.quantize(examples, batch_size=1)
-            if advance:
-                advance("all blocks", 1, 1)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
-        return module
+        wrapper = gm.GPTQModel.load(str(src), _gptqmodel_config(self.options))
+        weakref.finalize(wrapper, shutil.rmtree, tmp, True)
+        wrapper.quantize(examples, batch_size=1)
+        if progress:
+            progress("all blocks", 1, 1)
+        return self._unwrap(wrapper)
 
     def save(self, model: Any, path: str | Path) -> Path:
         """GPTQModel's own ``save`` (the standard GPTQ checkpoint)."""
-        wrapper = getattr(model, "_llmtune_gptqmodel", None)
-        if wrapper is None:
-            raise InvalidOptionError("save: this model was not quantized by backend 'gptqmodel'")
+        wrapper = self._wrapper_of(model)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         wrapper.save(str(out))
@@ -172,26 +179,18 @@ class GPTQModelQuantizer(Quantizer):
         device = kwargs.pop("device", "cpu")
         backend = kwargs.pop("backend", gm.BACKEND.TORCH if device == "cpu" else gm.BACKEND.AUTO)
         wrapper = gm.GPTQModel.load(str(path), device=device, backend=backend, **kwargs)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_gptqmodel", wrapper)  # not a submodule (it contains module)
-        return module
+        return self._unwrap(wrapper)
 
     def hf_quantization_config(self) -> Any:
         """transformers' ``GPTQConfig`` with these settings (load-time quantization runs GPTQModel)."""
-        from transformers import GPTQConfig
-
-        o = self.options
-        return GPTQConfig(bits=o.bits, group_size=o.group_size, damp_percent=float(o.damp_percent),
-                          desc_act=o.act_order, act_group_aware=False, sym=o.sym,
-                          true_sequential=o.true_sequential, format=o.checkpoint_format)
+        return gptq_config(self.options)
 
 
-class AutoGPTQQuantizer(Quantizer):
+class AutoGPTQQuantizer(_DelegatedGPTQ):
     """GPTQ by AutoGPTQ: kept only to explain why it cannot run (unmaintained; breaks on transformers >= 5)."""
 
-    name: ClassVar[str] = "gptq"
     backend: ClassVar[str] = "auto-gptq"
-    Options: ClassVar[type] = GPTQOptions
+    wrapper_attr: ClassVar[str] = "_llmtune_autogptq"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -210,8 +209,9 @@ class AutoGPTQQuantizer(Quantizer):
 
         return auto_gptq
 
-    def quantize(self, model: Any, calibration: Iterable[Any] | None = None) -> Any:
-        """Quantize with AutoGPTQ (CUDA, transformers < 5 only)."""
+    def quantize(self, model: Any, calibration: Iterable[Any] | None = None, *,
+                 progress: ProgressFn | None = None) -> Any:
+        """Quantize with AutoGPTQ (CUDA, transformers < 5 only); ``progress`` hears of one step, at the end."""
         ag = self._check()
         o = self.options
         examples = _examples(calibration)
@@ -223,16 +223,14 @@ class AutoGPTQQuantizer(Quantizer):
         wrapper = ag.AutoGPTQForCausalLM.from_pretrained(str(src), cfg)
         weakref.finalize(wrapper, shutil.rmtree, tmp, True)
         wrapper.quantize(examples)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
-        return module
+        if progress:
+            progress("all blocks", 1, 1)
+        return self._unwrap(wrapper)
 
     def save(self, model: Any, path: str | Path) -> Path:
         """AutoGPTQ's ``save_quantized``."""
         self._check()
-        wrapper = getattr(model, "_llmtune_autogptq", None)
-        if wrapper is None:
-            raise InvalidOptionError("save: this model was not quantized by backend 'auto-gptq'")
+        wrapper = self._wrapper_of(model)
         wrapper.save_quantized(str(path), use_safetensors=True)
         return Path(path)
 
@@ -240,6 +238,4 @@ class AutoGPTQQuantizer(Quantizer):
         """AutoGPTQ's ``from_quantized``."""
         ag = self._check()
         wrapper = ag.AutoGPTQForCausalLM.from_quantized(str(path), use_safetensors=True, **kwargs)
-        module = wrapper.model
-        object.__setattr__(module, "_llmtune_autogptq", wrapper)  # not a submodule (it contains module)
-        return module
+        return self._unwrap(wrapper)

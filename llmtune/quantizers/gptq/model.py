@@ -10,18 +10,19 @@ re-run to produce the next block's inputs.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmtune.core.errors import ConfigError, InvalidOptionError
-from llmtune.quantizers.gptq import CalibrationError
+from llmtune.core.interfaces import ProgressFn
+from llmtune.quantizers.gptq import CalibrationError, GridOptions
 from llmtune.quantizers.gptq.algorithm import GPTQ, QuantResult, _few_threads, check_bits_and_group, rtn
 from llmtune.quantizers.gptq.quant_linear import QuantLinear
+from llmtune.quantizers.skip import is_skipped
 
 #: "True sequential" order inside a block (GPTQModel's for Llama-family and OPT-style names).
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -30,21 +31,6 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("up_proj", "gate_proj", "gate_up_proj", "fc1", "w1", "w3", "dense_h_to_4h", "c_fc"),
     ("down_proj", "fc2", "w2", "dense_4h_to_h"),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """What to do to every linear: bits, grouping and the GPTQ knobs."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    act_order: bool = False
-    static_groups: bool = False
-    damp_percent: float = 0.01
-    block_size: int = 128
-    true_sequential: bool = True
-    checkpoint_format: str = "gptq"
 
 
 _POSITIONAL = "__llmtune_positional_args__"
@@ -71,15 +57,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _skipped(full_name: str, skip_modules: tuple[str, ...]) -> bool:
-    parts = full_name.split(".")
-    return any(full_name == s or full_name.endswith("." + s) or s in parts for s in skip_modules)
-
-
 def block_linears(block: nn.Module, prefix: str, skip_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` children of one block (relative names), minus the skipped ones."""
+    """The ``nn.Linear`` children of one block (relative names), minus those ``skip_modules`` selects."""
     return {name: m for name, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not _skipped(f"{prefix}.{name}", skip_modules)}
+            if isinstance(m, nn.Linear) and not is_skipped(f"{prefix}.{name}", skip_modules)}
 
 
 def sequential_groups(names: Iterable[str], true_sequential: bool) -> list[list[str]]:
@@ -168,35 +149,59 @@ def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[d
     return outs
 
 
-ProgressFn = Callable[[str, int, int], None]
+def _solve_block(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
+                 kwargs_list: list[dict[str, Any]], spec: GridOptions) -> dict[str, QuantResult]:
+    """GPTQ on one block's linears, group by group (`sequential_groups`); each solved weight is written back
+    dequantized, so later groups (and the next block) see the quantized layer."""
+    results: dict[str, QuantResult] = {}
+    for group in sequential_groups(linears, spec.true_sequential):
+        solvers = {n: GPTQ(linears[n].in_features, device=linears[n].weight.device) for n in group}
+        handles = [
+            linears[n].register_forward_hook(lambda _m, inp, _out, s=solvers[n]: s.add_batch(inp[0]))
+            for n in group
+        ]
+        try:
+            _run_block(block, inputs, kwargs_list)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in group:
+            lin = linears[n]
+            res = solvers.pop(n).quantize(
+                lin.weight, bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+                act_order=spec.act_order, static_groups=spec.static_groups,
+                damp_percent=spec.damp_percent, block_size=spec.block_size)
+            results[n] = res
+            with torch.no_grad():
+                lin.weight.copy_(res.dequantize().to(lin.weight.dtype))
+    return results
 
 
 def quantize_model(
     model: nn.Module,
-    spec: QuantSpec,
+    spec: GridOptions,
     *,
     method: str,
     calibration: Iterable[Any] | None,
-    skip_modules: tuple[str, ...],
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Quantize every linear of every decoder block of ``model`` in place; returns a summary dict."""
+    """Quantize every linear of every decoder block of ``model`` in place (``spec``: `RTNOptions` or
+    `GPTQOptions`; its ``skip_modules`` are left alone); returns a summary dict."""
     numel = sum(p.numel() for p in model.parameters())
     with _few_threads(numel // 16, _model_device(model)):  # tiny models: threads only add overhead
-        return _quantize_model(model, spec, method=method, calibration=calibration, skip_modules=skip_modules,
-                               progress=progress)
+        return _quantize_model(model, spec, method=method, calibration=calibration, progress=progress)
 
 
 def _quantize_model(
     model: nn.Module,
-    spec: QuantSpec,
+    spec: GridOptions,
     *,
     method: str,
     calibration: Iterable[Any] | None,
-    skip_modules: tuple[str, ...],
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
+    skip_modules = spec.skip_modules
     prefix, blocks = find_blocks(model)
     # Validate every layer before any work, so a bad group size fails fast and names the layer.
     for i, block in enumerate(blocks):
@@ -214,7 +219,7 @@ def _quantize_model(
         for i, block in enumerate(blocks):
             for name, lin in block_linears(block, f"{prefix}.{i}", skip_modules).items():
                 res = rtn(lin.weight, spec.bits, spec.group_size, spec.sym)
-                _set_module(block, name, QuantLinear.from_result(lin, res, spec.checkpoint_format))
+                _set_module(block, name, QuantLinear.from_result(lin, res, spec.layout))
                 quantized.append(f"{prefix}.{i}.{name}")
             if progress:
                 progress(f"{prefix}.{i}", i + 1, len(blocks))
@@ -229,34 +234,11 @@ def _quantize_model(
         for i, block in enumerate(blocks):
             full = f"{prefix}.{i}"
             linears = block_linears(block, full, skip_modules)
-            results: dict[str, QuantResult] = {}
-            for group in sequential_groups(linears, spec.true_sequential):
-                solvers = {n: GPTQ(linears[n].in_features, device=linears[n].weight.device) for n in group}
-                handles = [
-                    linears[n].register_forward_hook(
-                        lambda _m, inp, _out, s=solvers[n]: s.add_batch(inp[0]))
-                    for n in group
-                ]
-                try:
-                    _run_block(block, inputs, kwargs_list)
-                finally:
-                    for h in handles:
-                        h.remove()
-                for n in group:
-                    lin = linears[n]
-                    res = solvers[n].quantize(
-                        lin.weight, bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-                        act_order=spec.act_order, static_groups=spec.static_groups,
-                        damp_percent=spec.damp_percent, block_size=spec.block_size)
-                    results[n] = res
-                    losses[f"{full}.{n}"] = res.loss
-                    damps[f"{full}.{n}"] = res.damp_percent
-                    # Later groups (and the next block) see this layer's quantized weights.
-                    with torch.no_grad():
-                        lin.weight.copy_(res.dequantize().to(lin.weight.dtype))
-                    del solvers[n]
+            results = _solve_block(block, linears, inputs, kwargs_list, spec)
             for n, res in results.items():
-                _set_module(block, n, QuantLinear.from_result(linears[n], res, spec.checkpoint_format))
+                losses[f"{full}.{n}"] = res.loss
+                damps[f"{full}.{n}"] = res.damp_percent
+                _set_module(block, n, QuantLinear.from_result(linears[n], res, spec.layout))
                 quantized.append(f"{full}.{n}")
             inputs = _run_block(block, inputs, kwargs_list)
             if progress:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 
 from llmtune.core.errors import InvalidOptionError
+from llmtune.core.options import check_choice
+from llmtune.quantizers.gptq import CHECKPOINT_FORMATS, SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+__all__ = ["CHECKPOINT_FORMATS", "SUPPORTED_BITS", "pack_cols", "pack_rows", "pack_zeros", "unpack_cols", "unpack_rows",
+           "unpack_zeros"]
 
 _U32 = 1 << 32
 
@@ -105,8 +107,7 @@ def _ones_pattern(bits: int) -> int:
 
 def pack_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """Zero points ``[groups, out]`` (integers in [0, 2**bits)) to ``qzeros`` in the given checkpoint format."""
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise InvalidOptionError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+    check_choice("checkpoint_format", checkpoint_format, CHECKPOINT_FORMATS)
     if checkpoint_format == "gptq_v2":
         return pack_cols(zeros, bits)
     if bits == 3:
@@ -117,8 +118,7 @@ def pack_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") 
 
 def unpack_zeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """``qzeros`` in the given checkpoint format back to integer zero points ``[groups, out]``."""
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise InvalidOptionError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+    check_choice("checkpoint_format", checkpoint_format, CHECKPOINT_FORMATS)
     if checkpoint_format == "gptq_v2":
         return unpack_cols(qzeros, bits)
     if bits == 3:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 OBJECTIVES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "sft": ("llmtune.trainers.objectives.sft:Sft", None),
     "pretrain": ("llmtune.trainers.objectives.pretrain:Pretrain", ("full", "lora", "dora")),
+    "dpo": ("llmtune.trainers.objectives.dpo:Dpo", ("lora", "dora")),
+    "reward": ("llmtune.trainers.objectives.dpo:Reward", ("full",)),
 }
 
 

@@ -1,0 +1,213 @@
+"""The demo's second act: a bundled "human" ranks the SFT model's answers; reward model; RLOO; win-rate vs SFT.
+
+The "human" is a deterministic rule (`human_ranking`), so every run ranks the same answers the same way:
+
+1. **correct order first**: an answer with exactly the words of the drink's correct English description
+   (case, punctuation and word order ignored) beats every answer without (`GRADE` = 1.0: right or wrong;
+   a finer grade ranks wrong answers by word-level F1 against the description, in steps of `GRADE`);
+2. **then brevity**: between answers equally correct, the shorter (fewer characters) is better;
+3. answers equal on both are tied (no preference between them).
+
+`run_rlhf_act` samples K answers per training prompt from the SFT model, ranks them with the rule, trains a
+reward model (objective ``reward``) on the rankings, then improves the policy with RLOO against that reward
+model, and measures on held-out drinks: mean reward-model reward and the rule's win-rate of the new policy's
+greedy answers against the SFT model's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def correctness(answer: str, reference: str) -> float:
+    """Word-level F1 of ``answer`` against ``reference`` (bag of words, case and punctuation ignored)."""
+    a, r = _words(answer), _words(reference)
+    if not a or not r:
+        return 0.0
+    common = sum(min(a.count(w), r.count(w)) for w in set(a))
+    if common == 0:
+        return 0.0
+    p, q = common / len(a), common / len(r)
+    return 2 * p * q / (p + q)
+
+
+#: how finely the "human" grades correctness: 1.0 = only right or wrong (exact words), 0.01 = word-F1 to 2 places
+GRADE = 1.0
+
+
+def human_key(answer: str, reference: str, grade: float | None = None) -> tuple[float, int]:
+    """The rule's sort key (smaller = better): (-correctness graded to ``grade``, length in characters)."""
+    step = GRADE if grade is None else grade
+    graded = math.floor(correctness(answer, reference) / step + 1e-9) * step
+    return (-graded, len(answer.strip()))
+
+
+def human_ranking(answers: Sequence[str], reference: str) -> list[int]:
+    """Ranks (0 = best, ties share a rank) the bundled "human" gives ``answers`` for a drink described ``reference``."""
+    keys = [human_key(a, reference) for a in answers]
+    distinct = sorted(set(keys))
+    return [distinct.index(k) for k in keys]
+
+
+def win_rate(new: Sequence[str], old: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of prompts where the rule prefers ``new`` over ``old`` (a tie counts one half)."""
+    score = 0.0
+    for a, b, ref in zip(new, old, references):
+        ka, kb = human_key(a, ref), human_key(b, ref)
+        score += 1.0 if ka < kb else 0.5 if ka == kb else 0.0
+    return score / len(references)
+
+
+def _decode(tokenizer: Any, ids: Sequence[int], stops: set[int]) -> str:
+    kept = [t for t in ids if t not in stops]
+    return str(tokenizer.decode(kept, skip_special_tokens=True)).strip()
+
+
+def ranked_groups(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, k: int, template: str,
+                  max_new_tokens: int, temperature: float, seed: int, batch: int = 32,
+                  add_reference: bool = False) -> list[Any]:
+    """Sample ``k`` answers per record from ``model``, rank them with the rule, return the groups with pairs.
+
+    ``add_reference``: the record's own answer joins the sampled ones (the "human" also writes the right
+    answer, as the labellers of InstructGPT wrote demonstrations); it then ranks first unless a sample ties it.
+    """
+    import torch
+
+    from llmtune.data.templates import render_prompt, render_segments, stop_token_ids
+    from llmtune.trainers.rlhf.online import sample
+    from llmtune.trainers.rlhf.pairs import Group, ranking_pairs
+
+    stops = stop_token_ids(template, tokenizer)
+    torch.manual_seed(seed)
+    groups = []
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
+                   for r in chunk]
+        outs = sample(model, prompts, k=k, pad_id=tokenizer.pad_token_id, stop_ids=stops,
+                      max_new_tokens=max_new_tokens, temperature=temperature)
+        for i, rec in enumerate(chunk):
+            answers = outs[i * k:(i + 1) * k]
+            if add_reference:
+                text = render_segments(rec, template, tokenizer)[-1].text
+                answers = [*answers, list(tokenizer(text, add_special_tokens=False)["input_ids"])]
+            ranking = human_ranking([_decode(tokenizer, a, set(stops)) for a in answers], rec["output"])
+            pairs = ranking_pairs(ranking)
+            if pairs:
+                groups.append(Group(prompts[i], answers, pairs, where=f"record {start + i}"))
+    return groups
+
+
+def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str, max_new_tokens: int
+            ) -> tuple[list[list[int]], list[str]]:
+    from llmtune.data.templates import stop_token_ids
+    from llmtune.trainers.rlhf.online import sample
+
+    stops = stop_token_ids(template, tokenizer)
+    outs = []
+    for start in range(0, len(prompts), 32):
+        outs += sample(model, prompts[start:start + 32], k=1, pad_id=tokenizer.pad_token_id, stop_ids=stops,
+                       max_new_tokens=max_new_tokens, do_sample=False)
+    return outs, [_decode(tokenizer, o, set(stops)) for o in outs]
+
+
+DEFAULTS: dict[str, Any] = {
+    "samples": 4, "temperature": 1.0, "rm_method": "lora", "rank_reference": True, "rm_steps": 150, "rm_lr": 1e-3,
+    "rm_batch": 8, "rl_steps": 30, "rl_lr": 3e-4, "rl_prompts_per_step": 8, "kl_coef": 0.5, "rank": 16, "alpha": 32,
+    "max_new_tokens": 24,
+}
+
+
+def _split(records: Sequence[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Reward-model train / validation prompts: by drink (a stable hash), 20% validation."""
+    from llmtune.data.kopitiam import is_heldout, order_of
+
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+    for r in records:
+        (val if is_heldout(order_of(r), 0.2, seed + 1) else train).append(r)
+    return train, val
+
+
+def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]], heldout: Sequence[dict[str, Any]],
+                 out: Any, *, seed: int = 0, settings: dict[str, Any] | None = None, template: str = "llama3",
+                 echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Rankings -> reward model -> RLOO on the SFT model; returns the act's summary (numbers only)."""
+    import copy
+    from pathlib import Path
+
+    from llmtune.data.templates import render_prompt, stop_token_ids
+    from llmtune.trainers.rlhf.dpo import adapter_off, add_policy_adapter
+    from llmtune.trainers.rlhf.online import OnlineOptions, train_online
+    from llmtune.trainers.rlhf.reward import RewardOptions, reward_model_from_causal_lm, train_reward
+
+    cfg = {**DEFAULTS, **(settings or {})}
+    out = Path(out)
+    t0 = time.perf_counter()
+    rm_train, rm_val = _split(train, seed)
+    gen = {"k": cfg["samples"], "template": template, "max_new_tokens": cfg["max_new_tokens"],
+           "temperature": cfg["temperature"]}
+    groups = ranked_groups(sft_model, tokenizer, rm_train, seed=seed, add_reference=cfg["rank_reference"], **gen)
+    val_groups = ranked_groups(sft_model, tokenizer, rm_val, seed=seed + 1, **gen)
+    held_groups = ranked_groups(sft_model, tokenizer, heldout, seed=seed + 2, **gen)
+    n_pairs = sum(len(g.pairs) for g in groups)
+    echo(f"      the rule ranked {cfg['samples']} sampled answers for {len(rm_train)} prompts: {len(groups)} "
+         f"rankings with a preference, {n_pairs} pairs")
+    rm = reward_model_from_causal_lm(sft_model, tokenizer, seed=seed)
+    rm_opts = RewardOptions(method=cfg["rm_method"], rank=cfg["rank"], alpha=cfg["alpha"], lr=cfg["rm_lr"], steps=cfg["rm_steps"],
+                            batch_size=cfg["rm_batch"], eval_every=max(1, cfg["rm_steps"] // 3), seed=seed)
+    reward = train_reward(rm, tokenizer, groups, eval_groups=val_groups, options=rm_opts,
+                          log_path=out / "reward" / "log.jsonl")
+    val_acc = reward.eval_accuracy
+    held_acc = reward.model.pairwise_accuracy(held_groups)
+    reward.model.save(out / "reward" / "model")
+    echo(f"      reward model: pairwise accuracy {val_acc:.3f} on validation prompts, {held_acc:.3f} on held-out "
+         f"drinks ({sum(len(g.pairs) for g in held_groups)} pairs)")
+
+    policy = add_policy_adapter(copy.deepcopy(sft_model), rank=cfg["rank"], alpha=cfg["alpha"])
+    stops = stop_token_ids(template, tokenizer)
+    prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
+               for r in train]
+    rl_opts = OnlineOptions(samples=cfg["samples"], kl_coef=cfg["kl_coef"], temperature=cfg["temperature"],
+                            max_new_tokens=cfg["max_new_tokens"], lr=cfg["rl_lr"], steps=cfg["rl_steps"],
+                            prompts_per_step=cfg["rl_prompts_per_step"], seed=seed)
+    online = train_online(policy, tokenizer, prompts, reward_fn=reward.model.score_ids, stop_ids=stops,
+                          options=rl_opts, log_path=out / "rloo" / "log.jsonl")
+    policy.save_pretrained(str(out / "rloo" / "adapter"))
+
+    held_prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
+                    for r in heldout]
+    refs = [r["output"] for r in heldout]
+    with adapter_off(policy):
+        sft_ids, sft_text = _greedy(policy, tokenizer, held_prompts, template, cfg["max_new_tokens"])
+    rl_ids, rl_text = _greedy(policy, tokenizer, held_prompts, template, cfg["max_new_tokens"])
+    sft_r = reward.model.score_ids([p + a for p, a in zip(held_prompts, sft_ids)])
+    rl_r = reward.model.score_ids([p + a for p, a in zip(held_prompts, rl_ids)])
+    summary = {
+        "rm_pairs": n_pairs, "rm_rankings": len(groups), "rm_val_pairwise_accuracy": val_acc,
+        "rm_heldout_pairwise_accuracy": held_acc, "rm_loss_first": reward.history[0]["loss"],
+        "rm_loss_last": [r for r in reward.history if "loss" in r][-1]["loss"],
+        "heldout_reward_sft": sum(sft_r) / len(sft_r), "heldout_reward_rl": sum(rl_r) / len(rl_r),
+        "win_rate_vs_sft": win_rate(rl_text, sft_text, refs),
+        "reward_model_win_rate_vs_sft": sum(1.0 if a > b else 0.5 if a == b else 0.0
+                                            for a, b in zip(rl_r, sft_r)) / len(rl_r),
+        "heldout_correctness_sft": sum(correctness(a, r) for a, r in zip(sft_text, refs)) / len(refs),
+        "heldout_correctness_rl": sum(correctness(a, r) for a, r in zip(rl_text, refs)) / len(refs),
+        "exact_match_sft": sum(a == r for a, r in zip(sft_text, refs)) / len(refs),
+        "exact_match_rl": sum(a == r for a, r in zip(rl_text, refs)) / len(refs),
+        "rl_reward_first": online.history[0]["reward"], "rl_reward_last": online.history[-1]["reward"],
+        "rl_kl_last": online.history[-1]["kl"], "rlhf_seconds": time.perf_counter() - t0,
+        "rlhf_settings": cfg, "rlhf_samples": [{"reference": r, "sft": a, "rl": b}
+                                              for r, a, b in list(zip(refs, sft_text, rl_text))[:5]],
+    }
+    return summary
