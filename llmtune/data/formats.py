@@ -82,8 +82,8 @@ def _tool_call(call: Any, where: str, field: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "arguments": args}}
 
 
-def _message(message: Any, where: str, field: str, keys: tuple[str, str]) -> dict[str, Any]:
-    """One message, checked and normalised (``role``, ``content``; ``tool_calls``, ``name``, ``tool_call_id``)."""
+def _role(message: Any, where: str, field: str, keys: tuple[str, str]) -> tuple[str, dict[str, str]]:
+    """The message's role (checked) and the role names of its format (ShareGPT's ``from`` or ``role``)."""
     role_key, content_key = keys
     if not isinstance(message, dict):
         raise _fail(where, field, f"must be an object with {role_key!r} and {content_key!r}, "
@@ -96,6 +96,13 @@ def _message(message: Any, where: str, field: str, keys: tuple[str, str]) -> dic
     names = SHAREGPT_ROLES if role_key == "from" else {r: r for r in ROLES}
     if role not in names:
         raise _fail(where, f"{field}.{role_key}", f"unknown role {role!r} (expected one of {', '.join(names)})")
+    return role, names
+
+
+def _message(message: Any, where: str, field: str, keys: tuple[str, str]) -> dict[str, Any]:
+    """One message, checked and normalised (``role``, ``content``; ``tool_calls``, ``name``, ``tool_call_id``)."""
+    content_key = keys[1]
+    role, names = _role(message, where, field, keys)
     calls = message.get("tool_calls")
     if content_key not in message and not calls:
         raise _fail(where, f"{field}.{content_key}", "missing")
