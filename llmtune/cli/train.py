@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,6 +27,64 @@ def _render_eval(evals: dict[str, dict[str, float]]) -> None:
     for when, scores in evals.items():
         table.add_row(when, *(f"{scores.get(k, float('nan')):.4g}" for k in keys))
     Console().print(table)
+
+
+def _render_check(report: object, as_json: bool) -> None:
+    """The checks, the memory breakdown and the fit verdict per GPU of `llmtune.trainers.check_config`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rep: Any = report
+    if as_json:
+        est = rep.estimate
+        typer.echo(json.dumps({"ok": rep.ok, "gpu": rep.gpu, "checks": [vars(c) for c in rep.checks],
+                               "estimate": est.to_dict() if est is not None else None, "gpus": rep.rows}))
+        return
+    con = Console()
+    checks = Table(title="checks")
+    for col in ("check", "", "detail"):
+        checks.add_column(col, overflow="fold")
+    for c in rep.checks:
+        checks.add_row(c.name, "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.detail)
+    con.print(checks)
+    if rep.estimate is not None:
+        est = rep.estimate
+        terms = Table(title=f"memory estimate (peak phase: {est.peak_phase})")
+        terms.add_column("term")
+        terms.add_column("MiB", justify="right")
+        for term, n in sorted(est.breakdown.items(), key=lambda kv: -kv[1]):
+            if n:
+                terms.add_row(term, f"{n / 2**20:,.0f}")
+        terms.add_row("[bold]device (peak + CUDA context + allocator reserve)[/]", f"{est.device_bytes / 2**20:,.0f}")
+        con.print(terms)
+        fit = Table(title="fit per GPU" + (" (this config's device peak, evaluation included)" if rep.rows else ""))
+        for col in ("gpu", "capacity GiB", "needs GiB", "fits", "headroom GiB"):
+            fit.add_column(col, justify="left" if col == "gpu" else "right")
+        for r in rep.rows:
+            fit.add_row(r["gpu"], f"{r['capacity_bytes'] / 2**30:.1f}", f"{r['device_bytes'] / 2**30:.2f}",
+                        "[green]yes[/]" if r["fits"] else "[bold red]no[/]", f"{r['headroom_bytes'] / 2**30:.2f}")
+        con.print(fit)
+        for note in rep.rows[0]["notes"] if rep.rows else []:
+            con.print(f"[yellow]note[/]: {note}", highlight=False)
+
+
+def _run_check(cfg: Any, config: Path, gpu: str | None, processes: int, as_json: bool) -> None:
+    """``train --check``: render `llmtune.trainers.check_config`; exit 1 when a check fails or it does not fit."""
+    from rich.console import Console
+
+    from llmtune.trainers.check import check_config
+
+    report = check_config(cfg, gpu=int(gpu) if gpu and gpu.isdigit() else gpu, processes=processes)
+    _render_check(report, as_json)
+    if not as_json and report.ok:
+        Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
+    elif not as_json:
+        failed = [c.name for c in report.checks if not c.ok]
+        why = [f"failed: {', '.join(failed)}"] if failed else []
+        why += [f"does not fit {gpu}"] if report.rows and not all(r["fits"] for r in report.rows) else []
+        Console(stderr=True).print(f"[bold red]check failed[/]: {config}: {'; '.join(why)}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def _callbacks(options: object, loggers: tuple[str, ...] = ()) -> list[object]:
@@ -59,7 +117,12 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Path, typer.Argument(help="YAML config (see docs/config.md).")],
         resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint in output_dir) or a checkpoint "
                                    "path; overrides the config's 'resume'."),
-        check: bool = typer.Option(False, "--check", help="Only validate the config, then exit."),
+        check: bool = typer.Option(False, "--check", help="Check model, data, options and memory without training; "
+                                   "exit 1 when a check fails or the config does not fit --gpu."),
+        gpu: str = typer.Option(None, "--gpu", help="With --check: the GPU to judge the fit on (H100, A100-80GB, "
+                                "T4, ... or bytes); default: show every known GPU."),
+        processes: int = typer.Option(1, "--processes", min=1, help="With --check: data-parallel processes."),
+        as_json: bool = typer.Option(False, "--json", help="With --check: one JSON object instead of tables."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in output_dir."),
         allow_change: Annotated[list[str] | None, typer.Option(
             "--allow-change", help="Resume although this setting changed (repeatable: max_steps, lr, data, ...).")] = None,
@@ -72,8 +135,12 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config)
         _quiet_transformers()
         if check:
-            Console().print(f"[green]ok[/]: {config} is a valid config ({cfg.trainer.describe()})")
+            _run_check(cfg, config, gpu, processes, as_json)
             return
+        elif gpu is not None or processes != 1 or as_json:
+            from llmtune.core.errors import ConfigError
+
+            raise ConfigError("--gpu, --processes and --json go with --check")
         try:
             result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()),
                          callbacks=_callbacks(cfg.trainer.options, cfg.loggers))

@@ -89,19 +89,6 @@ def words_13a(lines: list[str]) -> list[list[str]]:
     return [seg.split() for seg in text.split("\0")]
 
 
-def _post_13a(text: str) -> str:
-    """sacrebleu's TokenizerRegexp rules on ``text`` (one or many ``\\n``-joined padded segments)."""
-    for ch in _RULE1_CHARS:
-        if ch in text:
-            text = text.replace(ch, f" {ch} ")
-    if "." in text or "," in text:
-        text = _RULE2.sub(_r2, text)
-        text = _RULE3.sub(_r3, text)
-    if "-" in text:
-        text = _RULE4.sub(_r2, text)
-    return text
-
-
 def tokenize_13a(lines: list[str]) -> list[list[str]]:
     """13a tokens of each segment, computed once per distinct whitespace-separated word.
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.results import LazyMapping
+from llmtune.core.versions import installed_version
 from llmtune.metrics.base import CorpusMetric
 from llmtune.metrics.bleu import (
     BleuTemplate,
@@ -67,12 +68,8 @@ class RougeScoreRouge(CorpusMetric):
 
 
 def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:  # pragma: no cover - importable but not installed as a distribution
-        return "unknown"
+    """The installed version of ``dist`` for a signature; "unknown" if importable but not installed."""
+    return installed_version(dist) or "unknown"
 
 
 @contextmanager

@@ -34,11 +34,12 @@ def __getattr__(name: str) -> object:
     where = {"trainer_class": "llmtune.trainers.base", "RecipeTrainer": "llmtune.trainers.base",
              "TrainerBackend": "llmtune.trainers.backend", "BackendContext": "llmtune.trainers.backend",
              "Callback": "llmtune.trainers.callbacks", "TrainOptions": "llmtune.trainers.options",
-             "PretrainOptions": "llmtune.trainers.options", "support_matrix": "llmtune.trainers.matrix"}
+             "PretrainOptions": "llmtune.trainers.options", "support_matrix": "llmtune.trainers.matrix",
+             "check_config": "llmtune.trainers.check", "ConfigCheck": "llmtune.trainers.check"}
     if name in where:
         return getattr(importlib.import_module(where[name]), name)
     raise AttributeError(f"module 'llmtune.trainers' has no attribute {name!r}")
 
 
-__all__ = ["BUILTIN_TRAINERS", "BackendContext", "Callback", "PretrainOptions", "RecipeTrainer", "TrainOptions",
-           "TrainerBackend", "support_matrix", "trainer_class"]
+__all__ = ["BUILTIN_TRAINERS", "BackendContext", "Callback", "ConfigCheck", "PretrainOptions", "RecipeTrainer", "TrainOptions",
+           "TrainerBackend", "check_config", "support_matrix", "trainer_class"]

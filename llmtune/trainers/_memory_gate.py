@@ -32,6 +32,7 @@ MAPPED: dict[str, dict[str, str]] = {
         "quantizer": "method='qlora', weight_format, double_quant",
         "upcast_embeddings": "recipe.kbit_upcast_fp32",
         "gradient_checkpointing": "gradient_checkpointing",
+        "distributed": "sharding ('fsdp' with more than one process: weights, gradients, optimizer states sharded)",
         "precision": "precision (auto/bf16/fp16 -> 2-byte activations, fp32 -> fp32)",
         "batch_size": "batch_size",
         "max_length": "seq_len (every micro-batch padded or packed to max_length: the worst case)",
@@ -133,6 +134,8 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
         sites = (o.bottleneck_sites,) if isinstance(o.bottleneck_sites, str) else tuple(o.bottleneck_sites)
         kw |= {"bottleneck_size": o.bottleneck_size, "bottleneck_placement": o.bottleneck_placement,
                "bottleneck_sites": tuple({"attn": "attention"}.get(x, x) for x in sites)}
+    if getattr(o, "distributed", "ddp") == "fsdp":
+        kw["sharding"] = "fsdp"
     if q is not None:
         kw |= _quantizer_arguments(q, o.method, notes)
     if o.method in _UNQUANTIZED_ONLY and q is not None:
@@ -177,6 +180,9 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     trainer = config.trainer
     spec = spec if spec is not None else model_spec(config.model)
     kw, notes = training_arguments(trainer.options, getattr(type(trainer), "backend", "peft"))
+    objective = getattr(type(trainer), "objective", "sft")
+    if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
+        kw["objective"] = objective
     est = estimate_training(spec, gpus=processes, **kw)
     o = trainer.options
     q = o.quantizer

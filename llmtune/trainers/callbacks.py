@@ -106,6 +106,11 @@ class JsonlLogger(Callback):
         self._write(state, {"step": state.step + 1, "event": "stopped", "reason": reason,
                             "last_good_checkpoint": str(last_good) if last_good else None})
 
+    def on_train_end(self, state: Any, result: Any) -> None:
+        peak = result.extra.get("peak_memory")   # CUDA only: predicted vs measured peak
+        if peak is not None:
+            self._write(state, {"step": state.step, "event": "peak_memory", **peak})
+
 
 class ProgressBar(Callback):
     """A rich progress bar on the main process: loss, tokens/s and memory, every ``every`` steps."""

@@ -162,9 +162,23 @@ class _LossModule(nn.Module):
         self.model = model
         self._state = [state]  # a list, so nn.Module does not register it
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, _call: Any = None, **batch: torch.Tensor) -> Any:
+        """The loss of ``batch``; or ``_call(model)`` (FSDP: inside the root's forward, its weights gathered)."""
+        if _call is not None:
+            return _call(self.model)
         s = self._state[0]
         return s.objective.loss(s.backend, self.model, batch, s.ctx)
+
+
+def _fsdp(state: RunState) -> bool:
+    return getattr(state.options, "distributed", "ddp") == "fsdp"
+
+
+def _with_model(state: RunState, model: nn.Module, fn: Any) -> Any:
+    """``fn(model)``; under FSDP through the sharded root's forward (every rank must call it)."""
+    if _fsdp(state) and state.wrapped is not None and model is state.model:
+        return state.wrapped(_call=fn)
+    return fn(model)
 
 
 def _memory_bytes(device: torch.device) -> int:
@@ -177,6 +191,28 @@ def _memory_bytes(device: torch.device) -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except ImportError:  # pragma: no cover - windows
         return 0
+
+
+def peak_memory_report(options: Any, backend: str, model_config: Any, world: int, device: torch.device
+                       ) -> dict[str, Any] | None:
+    """On CUDA: the memory gate's prediction for this run next to the measured ``max_memory_allocated``
+    (``None`` elsewhere: there is no allocator peak to compare with)."""
+    if device.type != "cuda":
+        return None
+    from llmtune.memory import ModelSpec, estimate_training
+    from llmtune.trainers._memory_gate import training_arguments
+
+    measured = int(torch.cuda.max_memory_allocated(device))
+    out: dict[str, Any] = {"measured_peak_bytes": measured, "device": torch.cuda.get_device_name(device)}
+    try:
+        config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+        kw, notes = training_arguments(options, backend)
+        est = estimate_training(ModelSpec.from_hf_config(config), gpus=world, **kw)
+    except (LlmtuneError, TypeError, ValueError, KeyError) as exc:
+        return {**out, "predicted_peak_bytes": None, "why_no_prediction": f"{type(exc).__name__}: {exc}"}
+    predicted = int(est.peak_tensor_bytes)
+    return {**out, "predicted_peak_bytes": predicted, "predicted_device_bytes": int(est.device_bytes),
+            "measured_over_predicted": measured / predicted if predicted else None, "notes": notes}
 
 
 def accelerator(mixed_precision: str) -> Any:
@@ -237,9 +273,6 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
 
     precision = resolve_precision(options.precision)
     acc = accelerator({"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"))
-    if acc.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
     ctx = BackendContext(options=options, device=acc.device, precision=precision, method=get_method(options.method),
                          objective=trainer.objective, seed=options.seed)
     state = RunState(options=options, objective=get_objective(trainer.objective), backend=backend, ctx=ctx, acc=acc,
@@ -292,13 +325,46 @@ def _claim(state: RunState, trainer: Any, model: Any, data: Any, resume: Any, ov
     state.run_fingerprint = ckpt.Fingerprint(
         config={"trainer": f"{trainer.name}/{trainer.backend}", "model": model_identity(model), **config},
         data=state.objective.data_digest(data))
+    outcome: dict[str, Any] = {"events": []}
+    error: BaseException | None = None
     if state.is_main_process:
-        state.checkpoint_events += ckpt.claim_output_dir(
-            state.out, state.run_fingerprint, overwrite=overwrite, resume=resume not in (False, None),
-            allow_changes=state.allow_changes).events
-    state.acc.wait_for_everyone()
+        try:
+            claimed = ckpt.claim_output_dir(state.out, state.run_fingerprint, overwrite=overwrite,
+                                            resume=resume not in (False, None), allow_changes=state.allow_changes)
+            outcome["events"] = [e.to_dict() for e in claimed.events]
+        except Exception as exc:  # every process must learn it, or the others wait at the next barrier forever
+            error = exc
+            outcome = {"error": type(exc).__name__, "message": str(exc)}
+    outcome = broadcast_from_main(state, outcome)
+    if error is not None:
+        raise error
+    if "error" in outcome:
+        raise _same_error(outcome["error"], outcome["message"])
+    state.checkpoint_events += [ckpt.CheckpointEvent(**e) for e in outcome["events"]]
     state.resume_from, skipped = ckpt.resolve_resume(resume, state.out)
     state.checkpoint_events += skipped
+
+
+def broadcast_from_main(state: RunState, obj: Any) -> Any:
+    """``obj`` of the main process, on every process (pickled through torch.distributed; one process: as is)."""
+    import torch.distributed as dist
+
+    if state.world == 1 or not dist.is_available() or not dist.is_initialized():
+        return obj
+    box = [obj if state.is_main_process else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _same_error(name: str, message: str) -> LlmtuneError:
+    """The main process's error, re-created on another process (an llmtune error class by name, else
+    `OutputDirError` naming what the main process raised)."""
+    from llmtune.core import errors
+
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, LlmtuneError):
+        return cls(message)
+    return OutputDirError(f"output_dir: the main process could not claim it: {name}: {message}")
 
 
 def _setup_data(state: RunState, data: Any, eval_data: Any) -> None:
@@ -354,13 +420,25 @@ def _setup_optimization(state: RunState) -> None:
     from llmtune.trainers._optim import build_optimizer, build_scheduler, loraplus_groups
 
     opts = state.options
+    root = _LossModule(state.model, state)
+    if _fsdp(state):
+        from llmtune.trainers import _fsdp as fsdp
+
+        if state.world < 2:
+            raise ConfigError("distributed='fsdp' shards over processes: launch 2 or more (torchrun / accelerate "
+                              "launch), or use distributed='ddp' in one process")
+        fsdp.shard(root, state.model)   # the parameters become this rank's shards (DTensors)
+        state.trainable = [p for p in state.model.parameters() if p.requires_grad]
     params: list[Any] = state.trainable
     if getattr(opts, "loraplus_ratio", None) is not None:  # LoRA+: B learns loraplus_ratio times faster than A
         params = loraplus_groups(state.model, lr=opts.lr, ratio=opts.loraplus_ratio, weight_decay=opts.weight_decay)
     optimizer = build_optimizer(opts.optimizer, params, lr=opts.lr, weight_decay=opts.weight_decay)
     warmup = round(opts.warmup * state.total_steps) if opts.warmup < 1 else int(opts.warmup)
     state.scheduler = build_scheduler(opts.scheduler, optimizer, warmup, state.total_steps)
-    state.wrapped, state.optimizer = state.acc.prepare(_LossModule(state.model, state), optimizer)
+    if _fsdp(state):
+        state.wrapped, state.optimizer = root, optimizer
+    else:
+        state.wrapped, state.optimizer = state.acc.prepare(root, optimizer)
     if state.resume_from is not None:
         _load_train_state(state, state.resume_from)
         ckpt.load_rng(state.resume_from, state.acc.process_index)
@@ -398,7 +476,12 @@ def train_step(state: RunState) -> dict[str, Any] | None:
     reason = _guard(state, loss)
     grad_norm = None
     if reason is None and state.options.max_grad_norm > 0:
-        grad_norm = float(state.acc.clip_grad_norm_(state.trainable, state.options.max_grad_norm))
+        if _fsdp(state):
+            from llmtune.trainers._fsdp import clip_grad_norm
+
+            grad_norm = clip_grad_norm(state.trainable, state.options.max_grad_norm)
+        else:
+            grad_norm = float(state.acc.clip_grad_norm_(state.trainable, state.options.max_grad_norm))
         if not math.isfinite(grad_norm) and state.ctx.precision != "fp16":
             reason = f"non-finite gradient norm ({grad_norm}) at step {state.step + 1}"
     if reason is not None:
@@ -430,7 +513,8 @@ def _forward_backward(state: RunState, examples: list[Any]) -> tuple[float, int]
         batch = state.objective.collate(examples[lo:lo + opts.batch_size], pad_id)
         batch = {key: v.to(acc.device) for key, v in batch.items()}
         local_tok += int(batch["attention_mask"].sum())
-        sync = contextlib.nullcontext() if j == opts.grad_accum - 1 else acc.no_sync(state.wrapped)
+        last = j == opts.grad_accum - 1 or _fsdp(state)   # FSDP: every micro-batch reduce-scatters
+        sync = contextlib.nullcontext() if last else acc.no_sync(state.wrapped)
         with sync:
             loss_sum = state.wrapped(**batch)
             # DDP averages gradients over processes: scale so the result is sum / global tokens
@@ -566,7 +650,9 @@ def validation_loss(state: RunState, model: nn.Module, examples: list[Any]) -> f
     """Token-mean loss of ``examples`` (each process scores its share; the sums are all-reduced)."""
     was_training = model.training
     model.eval()
-    mine = examples[state.acc.process_index::state.world]
+    # FSDP: a forward is collective, so every rank scores every example (no reduction needed)
+    every = _fsdp(state) and model is state.model
+    mine = examples if every else examples[state.acc.process_index::state.world]
     total = torch.zeros(2, device=state.acc.device, dtype=torch.float64)
     bs = state.options.eval_batch_size
     try:
@@ -574,11 +660,12 @@ def validation_loss(state: RunState, model: nn.Module, examples: list[Any]) -> f
             part = mine[start:start + bs]
             batch = state.objective.collate(part, state.tokenizer.pad_token_id)
             batch = {k: v.to(state.acc.device) for k, v in batch.items()}
-            total[0] += state.objective.loss(state.backend, model, batch, state.ctx).double()
+            loss = _with_model(state, model, lambda m, b=batch: state.objective.loss(state.backend, m, b, state.ctx))
+            total[0] += loss.double()
             total[1] += sum(state.objective.scored_tokens(ex) for ex in part)
     finally:
         model.train(was_training)
-    if state.world > 1:
+    if state.world > 1 and not every:
         total = state.acc.reduce(total, reduction="sum")
     return float(total[0] / total[1].clamp(min=1))
 
@@ -588,11 +675,17 @@ def _generation_scores(state: RunState, model: nn.Module, ev: EvalData, tag: str
     from llmtune.trainers._evaluate import generate, score
 
     world, rank = state.world, state.acc.process_index
-    mine = list(range(rank, len(ev.prompts), world))
-    with state.backend.generation(model) as target:
-        answers = generate(target, state.tokenizer, [ev.prompts[i] for i in mine],
-                           max_new_tokens=state.options.max_new_tokens, batch_size=state.options.eval_batch_size)
-    if world > 1:
+    every = _fsdp(state) and model is state.model   # FSDP: every rank answers every prompt (greedy: the same)
+    mine = list(range(len(ev.prompts))) if every else list(range(rank, len(ev.prompts), world))
+
+    def answer(m: nn.Module) -> list[str]:
+        with state.backend.generation(m) as target:
+            return list(generate(target, state.tokenizer, [ev.prompts[i] for i in mine],
+                                 max_new_tokens=state.options.max_new_tokens,
+                                 batch_size=state.options.eval_batch_size))
+
+    answers = _with_model(state, model, answer)
+    if world > 1 and not every:
         from accelerate.utils import gather_object
 
         pairs = gather_object([list(zip(mine, answers))])
@@ -608,16 +701,42 @@ def _generation_scores(state: RunState, model: nn.Module, ev: EvalData, tag: str
 
 
 # ====================================================================== checkpoints
-def _write_train_state(state: RunState, directory: Path) -> None:
+def _gathered(state: RunState, optimizer: bool) -> tuple[Any, Any]:
+    """FSDP: the full model state dict and (``optimizer``) optimizer state on rank 0; (None, None) otherwise.
+    Collective: every rank calls it."""
+    if not _fsdp(state) or state.wrapped is None:
+        return None, None
+    from llmtune.trainers import _fsdp as fsdp
+
+    model_sd = fsdp.full_model_state(state.wrapped)
+    return model_sd, fsdp.full_optimizer_state(state.wrapped, state.optimizer) if optimizer else None
+
+
+def _savable(state: RunState, model: nn.Module, model_sd: Any) -> Any:
+    """What ``backend.save`` gets: the model, or under FSDP the model saving the gathered state dict."""
+    if model_sd is None:
+        return model
+    from llmtune.trainers._fsdp import WithStateDict
+
+    return WithStateDict(model, model_sd)
+
+
+def _write_train_state(state: RunState, directory: Path, optimizer_sd: Any = None) -> None:
     """Optimizer and scheduler state of the run into a checkpoint directory (main process; no pickle)."""
     opt = state.optimizer.optimizer if hasattr(state.optimizer, "optimizer") else state.optimizer
-    ckpt.save_state(directory, "optimizer", opt.state_dict())
+    ckpt.save_state(directory, "optimizer", optimizer_sd if optimizer_sd is not None else opt.state_dict())
     ckpt.save_state(directory, "scheduler", state.scheduler.state_dict())
 
 
 def _load_train_state(state: RunState, directory: Path) -> None:
     opt = state.optimizer.optimizer if hasattr(state.optimizer, "optimizer") else state.optimizer
-    opt.load_state_dict(ckpt.load_state(directory, "optimizer"))
+    saved = ckpt.load_state(directory, "optimizer")
+    if _fsdp(state):
+        from llmtune.trainers._fsdp import load_optimizer_state
+
+        load_optimizer_state(state.wrapped, opt, saved)
+    else:
+        opt.load_state_dict(saved)
     state.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
 
 
@@ -630,10 +749,11 @@ def save_checkpoint(state: RunState) -> Path:
     acc.wait_for_everyone()
     tmp = ckpt.tmp_dir_for(final)
     ckpt.save_rng(tmp, acc.process_index)
+    model_sd, optimizer_sd = _gathered(state, optimizer=True)
     if acc.is_main_process:
         model = acc.unwrap_model(state.wrapped).model
-        state.backend.save(model, None, tmp / state.ctx.method.output_name, state.ctx)
-        _write_train_state(state, tmp)
+        state.backend.save(_savable(state, model, model_sd), None, tmp / state.ctx.method.output_name, state.ctx)
+        _write_train_state(state, tmp, optimizer_sd)
     acc.wait_for_everyone()
     if acc.is_main_process:
         info = {**state.run_info, "step": state.step, "history": state.history, "eval": state.evals}
@@ -645,9 +765,10 @@ def save_checkpoint(state: RunState) -> Path:
 
 def _save_final(state: RunState, model: nn.Module, final: Path) -> None:
     """Atomically write what the method trained, and the tokenizer, to ``final``."""
+    model_sd, _ = _gathered(state, optimizer=False)
     if state.is_main_process:
         tmp = ckpt.begin(final)
-        state.backend.save(model, state.tokenizer, tmp, state.ctx)
+        state.backend.save(_savable(state, model, model_sd), state.tokenizer, tmp, state.ctx)
         ckpt.commit(final)
     state.acc.wait_for_everyone()
 
@@ -670,6 +791,10 @@ def finish(state: RunState) -> TrainResult:
              "checkpoint_events": [e.to_dict() for e in state.checkpoint_events],
              "trainable_parameters": sum(p.numel() for p in state.trainable), "num_threads": state.num_threads,
              "seconds": time.perf_counter() - state.t_start}
+    peak = peak_memory_report(state.options, getattr(state.backend, "name", "peft") or "peft",
+                              getattr(model, "config", None) or {}, state.world, state.acc.device)
+    if peak is not None:
+        extra["peak_memory"] = peak
     result = TrainResult(adapter_dir=result_dir if method.adapter else None, history=state.history, eval=evals,
                          output_dir=state.out, stopped_early=state.stopped, extra=extra, model_dir=result_dir)
     if state.is_main_process:

@@ -21,6 +21,8 @@ TRAIN_ON = ("assistant", "last_turn", "everything")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+#: How several processes split the work: "ddp" (replicas, Accelerate) or "fsdp" (torch FSDP2 shards).
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 #: `InvalidOptionError` unless a value is a finite number of a kind that is > 0 (or >= 0): the core's one check.
@@ -141,6 +143,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     precision: str = "auto"                  #: "auto" (bf16 on a GPU that has it, else fp32), "bf16", "fp16", "fp32"
     trust_remote_code: bool = False
+    distributed: str = "ddp"                 #: with several processes: "ddp" (replicas) or "fsdp" (FSDP2 shards)
     # optimisation
     optimizer: str = "adamw"                 #: "adamw", "adamw_8bit" (bitsandbytes), "sgd", "sgd_momentum"
     lr: float = 2e-4
@@ -191,6 +194,7 @@ class TrainOptions:
                      "train_on_prompt", "progress"):
             check_type(name, getattr(self, name), bool)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("distributed", self.distributed, DISTRIBUTED)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         positive("lr", self.lr, (int, float))
         positive("epochs", self.epochs)

@@ -1,0 +1,181 @@
+"""`check_config`: everything about a training config that can be checked without training (``--check``).
+
+The model (a local directory's ``config.json``, or a memory preset for a hub id), the tokenizer files, the
+training and evaluation data (read and validated record by record: formats known), the template, the
+options (already checked when the config was loaded: ``lr`` finite, ...), the support matrix, and the memory
+estimate of *that* config with a fit verdict per GPU (`llmtune.trainers._memory_gate.estimate_for_config`).
+No torch, no model weights, nothing printed: the CLI renders the `ConfigCheck`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from llmtune.core.errors import LlmtuneError
+
+
+@dataclasses.dataclass
+class Check:
+    """One check: ``name`` (model, data, ...), passed or not, and what was seen (or what is wrong)."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class ConfigCheck:
+    """The outcome of `check_config`: the checks, the memory estimate and one verdict row per GPU."""
+
+    checks: list[Check]
+    estimate: Any = None                 #: `llmtune.memory.TrainingEstimate`, None when it could not be made
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    gpu: str | None = None               #: the GPU the verdict is for (None: every known GPU, informative)
+
+    @property
+    def ok(self) -> bool:
+        """Every check passed and, when a GPU was named, the config fits it."""
+        fits = all(r["fits"] for r in self.rows) if self.gpu is not None else True
+        return all(c.ok for c in self.checks) and fits
+
+
+def _attempt(checks: list[Check], name: str, fn: Any) -> Any:
+    """Run ``fn`` (returns (detail, value)); record a passed check or the one-line error."""
+    try:
+        detail, value = fn()
+    except LlmtuneError as exc:
+        checks.append(Check(name, False, str(exc)))
+        return None
+    except (OSError, ValueError) as exc:
+        checks.append(Check(name, False, f"{type(exc).__name__}: {exc}"))
+        return None
+    checks.append(Check(name, True, detail))
+    return value
+
+
+def _check_model(model: str) -> tuple[str, dict[str, Any] | None]:
+    from llmtune.core.errors import ConfigError
+
+    path = Path(model)
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise ConfigError(f"model {model}: directory has no config.json")
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model {cfg}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise ConfigError(f"model {cfg}: no 'model_type' (not a transformers config)")
+        weights = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
+        what = f"{len(weights)} weight file(s)" if weights else "config.json only (no weights: estimate only)"
+        return f"{model}: {data['model_type']}, {what}", data
+    if path.is_absolute() or model.startswith((".", "~")):
+        raise ConfigError(f"model {model}: no such directory")
+    return f"{model}: a hub id (not checked offline; it is downloaded when training starts)", None
+
+
+def _check_tokenizer(directory: str | None, template: str) -> tuple[str, None]:
+    """The tokenizer files exist; template 'tokenizer' needs a chat_template."""
+    from llmtune.core.errors import ConfigError
+
+    if directory is None or not Path(directory).is_dir():
+        return f"template {template!r} (tokenizer not checked: not a local directory)", None
+    d = Path(directory)
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    present = [n for n in names if (d / n).is_file()]
+    if not present:
+        raise ConfigError(f"tokenizer {d}: none of {', '.join(names)} found")
+    chat = False
+    if (d / "tokenizer_config.json").is_file():
+        try:
+            tc = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"tokenizer {d / 'tokenizer_config.json'}: not valid JSON ({exc.msg})") from None
+        chat = bool(tc.get("chat_template")) or (d / "chat_template.jinja").is_file()
+    if template == "tokenizer" and not chat:
+        raise ConfigError(f"template 'tokenizer' needs a chat_template; tokenizer {d} has none "
+                          "(choose 'llama3', 'chatml' or 'alpaca')")
+    return f"{d}: {', '.join(present)}; template {template!r}", None
+
+
+def _check_records(path: str, what: str, objective: str) -> tuple[str, None]:
+    """Parse ``path`` as the objective reads it (sft: every record validated, its format named)."""
+    from collections import Counter
+
+    if objective == "pretrain":
+        from llmtune.data import text_sources
+
+        sources = text_sources(path, what)
+        size = sum(s.path.stat().st_size for s in sources if s.path is not None)
+        return f"{path}: {len(sources)} text source(s), {size:,} bytes", None
+    if objective != "sft":   # another objective (dpo, reward, a plugin's): read as it reads its data
+        from llmtune.trainers.objectives import get_objective
+
+        get_objective(objective).data_digest(path)
+        return f"{path}: read by objective {objective!r} (its records are validated when it tokenizes them)", None
+    from llmtune.data import load_records
+    from llmtune.data.formats import detect_format
+
+    records = load_records(path)
+    formats = Counter(detect_format(r, records.where(i)) for i, r in enumerate(records))
+    kinds = ", ".join(f"{n} {k}" for k, n in formats.items())
+    return f"{path}: {len(records)} records ({kinds})", None
+
+
+def _check_support(trainer: Any) -> tuple[str, None]:
+    from llmtune.trainers.matrix import check_supported
+
+    opts = trainer.options
+    check_supported(trainer, opts)
+    q = f" on a {opts.quantizer.name} base" if opts.quantizer is not None else ""
+    return f"{trainer.describe()}: method {opts.method!r}{q} is supported", None
+
+
+def _check_fsdp(processes: int) -> tuple[str, None]:
+    from llmtune.core.errors import ConfigError
+
+    if processes < 2:
+        raise ConfigError("distributed='fsdp' shards over 2 or more processes; check with --processes N "
+                          "(the number you launch)")
+    return f"fsdp over {processes} processes (weights, gradients, optimizer states sharded)", None
+
+
+def check_config(config: Any, gpu: str | int | None = None, *, processes: int = 1,
+                 spec: Any = None) -> ConfigCheck:
+    """Check a `TrainConfig` (or a YAML path) without training; see the module doc.
+
+    ``gpu``: the GPU to judge the fit on (a name from ``llmtune.memory.GPUS`` or bytes); the result's ``ok``
+    is False when the config does not fit it. ``processes``: data-parallel processes (batch per process).
+    """
+    from llmtune.trainers._config import load_config
+    from llmtune.trainers._memory_gate import estimate_for_config
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    trainer, opts = config.trainer, config.trainer.options
+    objective = getattr(type(trainer), "objective", "sft")
+    checks = [Check("options", True, f"{len(dataclasses.fields(opts))} options valid (lr={opts.lr:g}, "
+                                     f"batch_size={opts.batch_size}, max_length={opts.max_length})")]
+    _attempt(checks, "support", lambda: _check_support(trainer))
+    if getattr(opts, "distributed", "ddp") == "fsdp":
+        _attempt(checks, "distributed", lambda: _check_fsdp(processes))
+    _attempt(checks, "model", lambda: _check_model(config.model))
+    tokenizer_dir = config.tokenizer or config.model
+    _attempt(checks, "tokenizer", lambda: _check_tokenizer(tokenizer_dir, opts.template))
+    _attempt(checks, "data", lambda: _check_records(config.data, "data", objective))
+    if config.eval_data is not None:
+        _attempt(checks, "eval_data", lambda: _check_records(config.eval_data, "eval_data", objective))
+    result = ConfigCheck(checks, gpu=None if gpu is None else str(gpu))
+
+    def memory() -> tuple[str, Any]:
+        est, rows = estimate_for_config(config, gpu, spec=spec, processes=processes)
+        return f"{est.device_bytes / 2**30:.2f} GiB per device ({processes} process(es))", (est, rows)
+
+    got = _attempt(checks, "memory", memory)
+    if got is not None:
+        result.estimate, result.rows = got
+    return result
