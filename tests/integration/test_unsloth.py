@@ -221,20 +221,24 @@ def test_unsloth_lora_finetunes_tiny_model_and_peft_reloads_adapter(tiny: dict[s
     assert reloaded["max_logit_change"] > 1e-4
 
 
-def test_unsloth_qlora_from_module_uses_4bit_and_cleans_up(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_unsloth_qlora_from_module_uses_4bit_and_cleans_up(tiny: dict[str, Any], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import tempfile
+
+    from llmtune.trainers.unsloth import UnslothBackend
 
     before = set(Path(tempfile.gettempdir()).glob("llmtune-unsloth-*"))
     seen: dict[str, Any] = {}
     trainer = llmtune.get_trainer("lora", backend="unsloth", rank=4, alpha=8, lr=3e-3, batch_size=4, max_steps=3,
                                   max_length=96, warmup=0, quantizer=llmtune.get_quantizer("nf4"), progress=False)
-    original = trainer._apply_adapter
+    original = UnslothBackend.apply_method
 
-    def spy(model: Any) -> Any:
+    def spy(self: UnslothBackend, model: Any, method: Any, ctx: Any) -> Any:
+        # what Unsloth loaded, just before LoRA is added to it
         seen["linear4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-        return original(model)
+        return original(self, model, method, ctx)
 
-    trainer._apply_adapter = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(UnslothBackend, "apply_method", spy)
     result = trainer.train(model=tiny["model"], tokenizer=tiny["tokenizer"], data=tiny["train"],
                            output_dir=tmp_path / "run")
     assert seen["linear4bit"] == 2 * 7  # every projection of both layers is NF4; lm_head stays 16/32-bit
