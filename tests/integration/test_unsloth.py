@@ -134,6 +134,14 @@ def test_unsloth_options_reject_what_unsloth_cannot_do() -> None:
         UnslothLoraOptions(method="dora")
     with pytest.raises(InvalidOptionError, match="upcast_embeddings"):
         UnslothLoraOptions(upcast_embeddings=True)
+    with pytest.raises(InvalidOptionError, match="adapters would be skipped"):
+        UnslothLoraOptions(method="bottleneck")
+    for option in ({"rslora": True}, {"init": "pissa"}):
+        with pytest.raises(InvalidOptionError, match="rsLoRA, PiSSA"):
+            UnslothLoraOptions(**option)
+    with pytest.raises(InvalidOptionError, match="packed examples would attend"):
+        UnslothLoraOptions(packing=True)
+    assert UnslothLoraOptions(loraplus_ratio=16).loraplus_ratio == 16  # the shared loop's optimizer
     if importlib.util.find_spec("bitsandbytes") is None:
         return  # the quantizer checks need the nf4/fp4 quantizers (llmtune[bnb])
     with pytest.raises(InvalidOptionError, match="NF4"):
