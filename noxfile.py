@@ -79,6 +79,8 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def unsloth(session: nox.Session) -> None:
     """The Unsloth backend through its CPU fallback, in its own environment (Unsloth pins its stack)."""
+    # Tested (2026-12-01, 14 passed, 1 skipped: the not-installed error case): unsloth/unsloth_zoo 2026.10.9,
+    # torch 2.14.1, transformers 5.17.0, trl 1.15.0, peft 0.21.2, bitsandbytes 0.50.2 (NF4 on CPU).
     session.install("torch==2.14.1", "torchvision==0.29.1")
     session.install("-e", ".[unsloth,metrics]", "pytest>=8", "hypothesis>=6.100")
     session.run("pytest", "tests/integration", "-k", "unsloth", *session.posargs,
@@ -88,7 +90,8 @@ def unsloth(session: nox.Session) -> None:
 @nox.session
 def interop(session: nox.Session) -> None:
     """GPTQModel/transformers load a checkpoint written by our GPTQ (heavy: GPTQModel needs torch>=2.14.1)."""
-    # Tested: gptqmodel 7.3.4 + torch 2.14.1 + transformers 5.18 (7.7 needs transformers >= 5.20.2). GPTQModel
+    # Tested: gptqmodel 7.3.4 + torch 2.14.1 with transformers 5.18, and (2026-12-01, 11 passed) with transformers
+    # 5.24.0 + optimum 2.3.0 (7.7 needs transformers >= 5.20.2). GPTQModel
     # imports torchvision and requests without declaring them; transformers' GPTQ path needs optimum.
     session.install("torch==2.14.1", "torchvision==0.29.1")
     session.install("-e", ".[gptq,test]", "gptqmodel==7.3.4", "requests")

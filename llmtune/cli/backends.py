@@ -46,9 +46,12 @@ def _matrix_table() -> object:
     from llmtune.trainers.matrix import support_matrix
 
     table = Table(title="trainer support matrix (objective x method x backend)")
-    for col in ("trainer", "objective", "backend", "methods", "on a quantized base", "quantizers"):
+    for col in ("trainer", "objective", "backend", "methods", "on a quantized base", "packing", "quantizers",
+                "refused"):
         table.add_column(col, overflow="fold")
     for r in support_matrix():
         table.add_row(r.name, r.objective, r.backend, ", ".join(r.methods), ", ".join(r.quantized) or "-",
-                      ", ".join(r.quantizers) if r.quantizers is not None else "any trainable")
+                      ", ".join(r.packing) or "-",
+                      ", ".join(r.quantizers) if r.quantizers is not None else "any trainable",
+                      "; ".join(f"{m}: {why}" for m, why in r.refused) or "-")
     return table

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmtune.core.errors import ConfigError
+from llmtune.core.paths import read_text_file
 
 
 def _parse_value(text: str) -> Any:
@@ -62,16 +63,7 @@ def _is_jsonl(path: Path, fmt: str) -> bool:
 
 def read_texts(path: Path, fmt: str, field: str, allow_lists: bool) -> list[Any]:
     """The examples of one file: strings (or, for references in JSONL, strings or lists of strings)."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a file") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied (cannot read it)") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+    raw = read_text_file(path)
     if not _is_jsonl(path, fmt):
         lines = raw.split("\n")
         if lines and lines[-1] == "":

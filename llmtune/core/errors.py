@@ -77,3 +77,7 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """' Did you mean 'x'?' when something is close, else ''."""
     match = closest(word, candidates)
     return f" Did you mean {match!r}?" if match else ""
+
+
+class MergeNotSupportedError(LlmtuneError, NotImplementedError):
+    """An adapter that cannot be folded into the base weights (a non-linear bottleneck adapter, prefix tuning)."""

@@ -1,4 +1,5 @@
-"""Checks on output paths made before any work starts: never write over an input, fail before loading a model."""
+"""Checks on paths made before any work starts: never write over an input, fail before loading a model; read
+an input file with one clear error when it cannot be read."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (), 
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path}: {existing} is not writable (permission denied)")
     return path
+
+
+def read_text_file(path: Path) -> str:
+    """The file's UTF-8 text; a missing, unreadable or non-UTF-8 file is a `ConfigError` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (cannot read it)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None

@@ -9,6 +9,7 @@ Importing this package imports neither torch nor transformers.
 
 from llmtune.data.examples import (
     IGNORE_INDEX,
+    TRAIN_ON,
     TRUNCATION,
     Example,
     build_examples,
@@ -17,14 +18,23 @@ from llmtune.data.examples import (
     pack_examples,
     tokenized_examples,
 )
-from llmtune.data.formats import FORMATS, ROLES, detect_format, to_messages
+from llmtune.data.formats import FORMATS, ROLES, SHAREGPT_ROLES, detect_format, record_tools, to_messages
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
-from llmtune.data.records import Records, as_records, load_records
+from llmtune.data.preference import (
+    PreferencePair,
+    RankedRecord,
+    load_preference_records,
+    parse_preference,
+    preference_texts,
+    to_pairs,
+)
+from llmtune.data.records import Records, as_records, load_records, read_records
 from llmtune.data.stream import BlockStream, TextSource, text_sources
 from llmtune.data.templates import (
     TEMPLATES,
     Segment,
     check_template,
+    llama31_chat_template,
     render_prompt,
     render_segments,
     render_text,
@@ -32,8 +42,10 @@ from llmtune.data.templates import (
 )
 
 __all__ = [
-    "FORMATS", "IGNORE_INDEX", "ROLES", "TEMPLATES", "TRUNCATION", "Example", "Records", "Segment", "as_records",
-    "BlockStream", "TextSource", "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
-    "load_records", "pack_examples", "render_prompt", "render_segments", "render_text", "split_instructions",
-    "stop_token_ids", "text_sources", "to_messages", "is_tokenized", "tokenized_examples",
+    "FORMATS", "IGNORE_INDEX", "PreferencePair", "RankedRecord", "ROLES", "SHAREGPT_ROLES", "TEMPLATES", "TRAIN_ON", "TRUNCATION", "Example", "Records", "Segment", "as_records",
+    "build_examples", "bundled_corpus", "bundled_instructions", "check_template", "collate", "detect_format",
+    "llama31_chat_template", "load_preference_records", "load_records", "parse_preference", "preference_texts",
+    "read_records", "pack_examples", "record_tools", "render_prompt", "render_segments", "render_text", "split_instructions",
+    "stop_token_ids", "to_messages", "to_pairs", "BlockStream", "TextSource", "text_sources", "is_tokenized",
+    "tokenized_examples",
 ]

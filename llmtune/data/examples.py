@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 TRUNCATION = ("truncate", "error")
+#: which tokens carry the loss: every assistant turn, only the last assistant turn, or every token
+TRAIN_ON = ("assistant", "last_turn", "everything")
 
 
 @dataclass
@@ -32,10 +34,19 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str = field(default="", compare=False)
+    #: a pack's example lengths, in order (None: not a pack). Each packed example attends only to itself.
+    segments: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
+        if self.segments is not None and (sum(self.segments) != len(self.input_ids) or min(self.segments) < 1):
+            raise ValueError(f"segments {self.segments} do not add up to the {len(self.input_ids)} tokens")
+
+    @property
+    def position_ids(self) -> list[int]:
+        """Positions, restarting at 0 at every packed example's first token."""
+        return [i for n in (self.segments or [len(self.input_ids)]) for i in range(n)]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -62,8 +73,16 @@ def build_examples(
     train_on_prompt: bool = False,
     source: str | None = None,
     truncation: str = "truncate",
+    train_on: str = "assistant",
+    system_prompt: str | None = None,
+    date_string: str | None = None,
 ) -> list[Example]:
     """Render, tokenize and label records; loss only on answers unless `train_on_prompt`.
+
+    ``train_on``: ``"assistant"`` (every assistant turn, the default), ``"last_turn"`` (only the final assistant
+    turn: earlier answers are context) or ``"everything"`` (every token, as ``train_on_prompt=True``). Tool
+    results are never answers. ``system_prompt``: the system turn of records that have none.
+    ``date_string``: the ``Today Date`` of the ``llama3.1`` header (default: the template's own).
 
     Longer than `max_length`: ``truncation="truncate"`` (default) cuts from the end and warns with the count;
     an example whose answer is cut away entirely is then left out, and that count is in the warning too.
@@ -71,14 +90,23 @@ def build_examples(
     """
     max_length = _check_length("max_length", max_length)
     check_choice("truncation", truncation, TRUNCATION)
+    check_choice("train_on", train_on, TRAIN_ON)
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InvalidOptionError(f"option system_prompt={system_prompt!r} must be a string")
     check_template(template, tokenizer)
+    train_on_prompt = train_on_prompt or train_on == "everything"
     recs = as_records(records, source=source)
+    extra = {"date_string": date_string} if date_string is not None else {}
 
     rendered: list[tuple[str, list[tuple[str, bool]]]] = []
     for i, record in enumerate(recs):
         where = recs.where(i)
-        segments = render_segments(record, template, tokenizer, where=where)
-        rendered.append((where, [(s.text, s.trainable) for s in segments if s.text]))
+        segments = render_segments(record, template, tokenizer, where=where, system_prompt=system_prompt, **extra)
+        pieces = [(s.text, s.trainable) for s in segments if s.text]
+        if train_on == "last_turn":
+            last = max((k for k, (_, trainable) in enumerate(pieces) if trainable), default=-1)
+            pieces = [(text, k == last) for k, (text, _) in enumerate(pieces)]
+        rendered.append((where, pieces))
 
     flat = [text for _, segs in rendered for text, _ in segs]
     ids_per_segment = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
@@ -122,35 +150,44 @@ def build_examples(
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
     """Concatenate consecutive examples into sequences of at most `max_length` tokens (order kept, none split).
 
-    The first token of each example after the first in a pack gets label -100, so nothing is learned across the
-    boundary. Attention still spans the whole pack (as in Hugging Face's ``group_texts``).
+    Each pack records its examples' lengths (``segments``); `collate` turns them into position ids that restart
+    at 0 for every example, and the trainer into a block-diagonal causal mask (SDPA, eager) or flash-attention
+    varlen boundaries, so an example attends only to itself and its per-token losses equal the unpacked ones.
+    The first token of each example after the first gets label -100: it would be predicted from the previous
+    example's last token (unpacked, the shift drops it).
     """
     max_length = _check_length("max_length", max_length)
     packs: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
     wheres: list[str] = []
+    lengths: list[int] = []
     for example in examples:
         if len(example) > max_length:
             raise ConfigError(f"{example.where or 'example'}: {len(example)} tokens do not fit a pack of "
                               f"max_length={max_length}")
         if ids and len(ids) + len(example) > max_length:
-            packs.append(Example(ids, labels, "+".join(wheres)))
-            ids, labels, wheres = [], [], []
+            packs.append(Example(ids, labels, "+".join(wheres), lengths))
+            ids, labels, wheres, lengths = [], [], [], []
         if ids:
             ids = ids + example.input_ids
             labels = [*labels, IGNORE_INDEX, *example.labels[1:]]
         else:
             ids, labels = list(example.input_ids), list(example.labels)
         wheres.append(example.where)
+        lengths.append(len(example))
     if ids:
-        packs.append(Example(ids, labels, "+".join(wheres)))
+        packs.append(Example(ids, labels, "+".join(wheres), lengths))
     return packs
 
 
 def collate(examples: Sequence[Example], pad_token_id: int, *, pad_to_multiple_of: int | None = None
             ) -> dict[str, torch.Tensor]:
-    """A right-padded batch: ``input_ids`` (pad id), ``attention_mask`` (0 on padding), ``labels`` (-100)."""
+    """A right-padded batch: ``input_ids`` (pad id), ``attention_mask`` (0 on padding), ``labels`` (-100).
+
+    When any example is a pack, ``position_ids`` too (restarting at 0 per packed example; padding counts as one
+    more segment), from which `llmtune.data.packing.block_causal_mask` builds the per-example attention mask.
+    """
     import torch
 
     if not examples:
@@ -168,7 +205,15 @@ def collate(examples: Sequence[Example], pad_token_id: int, *, pad_to_multiple_o
         input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.segments is not None for e in examples):
+        positions = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example)
+            positions[row, :n] = torch.tensor(example.position_ids, dtype=torch.long)
+            positions[row, n:] = torch.arange(width - n)
+        batch["position_ids"] = positions
+    return batch
 
 
 def is_tokenized(data: object) -> bool:

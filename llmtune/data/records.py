@@ -16,6 +16,8 @@ from llmtune.core.errors import ConfigError
 from llmtune.data.formats import detect_format
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")
+#: CSV cells that hold JSON (chat turns, ShareGPT turns, tool schemas)
+JSON_CELLS = ("messages", "conversations", "tools")
 
 
 class Records(list):  # type: ignore[type-arg]
@@ -89,7 +91,7 @@ def _parse_json_array(text: str, source: str) -> tuple[list[Any], list[int]]:
 
 
 def _parse_csv(text: str, source: str, delimiter: str) -> tuple[list[Any], list[int]]:
-    """Rows as dicts keyed by the header; a ``messages`` cell holds the chat turns as JSON."""
+    """Rows as dicts keyed by the header; ``messages`` / ``conversations`` / ``tools`` cells hold JSON."""
     extra_key = "\0extra"
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter, restkey=extra_key)
     if not reader.fieldnames:
@@ -105,20 +107,23 @@ def _parse_csv(text: str, source: str, delimiter: str) -> tuple[list[Any], list[
         if missing:
             raise ConfigError(f"{source}:{line}: field {missing[0]!r}: missing (the row has fewer cells than the header)")
         record: dict[str, Any] = dict(row)
-        if "messages" in record:
-            try:
-                record["messages"] = json.loads(record["messages"])
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{source}:{line}: field 'messages': invalid JSON: {err.msg}") from None
+        for key in JSON_CELLS:
+            if key in record and not (key == "tools" and record[key] == ""):
+                try:
+                    record[key] = json.loads(record[key])
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{source}:{line}: field {key!r}: invalid JSON: {err.msg}") from None
+            elif key == "tools" and record.get(key) == "":
+                del record[key]
         items.append(record)
         lines.append(line)
     return items, lines
 
 
-def load_records(path: str | Path) -> Records:
-    """Records from a .jsonl/.ndjson, .json (array, or JSON Lines) or .csv/.tsv file, each validated.
+def read_records(path: str | Path) -> Records:
+    """Records from a .jsonl/.ndjson, .json (array, or JSON Lines) or .csv/.tsv file, not yet validated.
 
-    Raises `ConfigError` naming the file, the line and the field for anything malformed; no record is dropped.
+    Raises `ConfigError` naming the file and line for anything that is not well-formed JSON / CSV.
     """
     path = Path(path)
     source = str(path)
@@ -149,7 +154,15 @@ def load_records(path: str | Path) -> Records:
         items, lines = _parse_csv(text, source, "\t" if suffix == ".tsv" else ",")
     if not items:
         raise ConfigError(f"{source}: no records")
-    records = Records(items, source=source, lines=lines)
+    return Records(items, source=source, lines=lines)
+
+
+def load_records(path: str | Path) -> Records:
+    """Training records from a .jsonl/.ndjson, .json (array, or JSON Lines) or .csv/.tsv file, each validated.
+
+    Raises `ConfigError` naming the file, the line and the field for anything malformed; no record is dropped.
+    """
+    records = read_records(path)
     for i, record in enumerate(records):
         detect_format(record, records.where(i))
     return records

@@ -9,22 +9,42 @@ else (system, user turns, headers) is prompt. Concatenating the segments gives t
   as in Meta's template; a system turn, if any, comes first in the same form).
 * chatml: ``<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n`` + answer ``{assistant}<|im_end|>``.
 * alpaca: the Stanford Alpaca prompt (with or without ``### Input:``), answer ``{output}`` + the eos token.
+* llama3.1: Meta's Llama 3.1 chat format, byte for byte what ``apply_chat_template`` renders with the Llama 3.1
+  tokenizer's own Jinja template (shipped as ``llmtune/data/bundled/llama3.1_chat_template.jinja``, see
+  `llama31_chat_template`): a system block that always carries ``Cutting Knowledge Date: December 2023`` and
+  ``Today Date: {date_string}`` (default ``26 Jul 2024``, the template's), tool schemas in the first user turn,
+  tool calls as ``{"name": ..., "parameters": ...}``, tool results under the ``ipython`` header.
 * tokenizer: ``tokenizer.apply_chat_template``; the answer is what each assistant turn adds to the text.
+
+Tool turns (role ``tool``) are prompt, never trained on; an assistant's tool call is an answer. Which answers
+are trained is chosen in `llmtune.data.build_examples` (``train_on``: every assistant turn, the last one, or
+everything).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.options import check_choice
-from llmtune.data.formats import detect_format, to_messages
+from llmtune.data.formats import detect_format, record_tools, to_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-TEMPLATES = ("llama3", "chatml", "alpaca", "tokenizer")
+TEMPLATES = ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
+#: the Llama 3.1 template's default ``date_string``
+LLAMA31_DEFAULT_DATE = "26 Jul 2024"
+LLAMA31_TOOLS_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call "
+    "with its proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
 
 LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -55,7 +75,7 @@ def check_template(template: str, tokenizer: PreTrainedTokenizerBase | None = No
     check_choice("template", template, TEMPLATES)
     if tokenizer is None:
         return
-    needed = {"llama3": LLAMA3_TOKENS, "chatml": CHATML_TOKENS}.get(template, ())
+    needed = {"llama3": LLAMA3_TOKENS, "llama3.1": LLAMA3_TOKENS, "chatml": CHATML_TOKENS}.get(template, ())
     vocab = tokenizer.get_vocab()
     missing = [t for t in needed if t not in vocab]
     if missing:
@@ -69,32 +89,94 @@ def check_template(template: str, tokenizer: PreTrainedTokenizerBase | None = No
                                  "(choose 'llama3', 'chatml' or 'alpaca')")
 
 
-def _llama3(messages: list[dict[str, str]]) -> list[Segment]:
-    """Meta's Llama 3 chat format (contents trimmed, as in the official template)."""
+@lru_cache(maxsize=1)
+def llama31_chat_template() -> str:
+    """Meta's Llama 3.1 Instruct chat template (Jinja), as in its ``tokenizer_config.json``."""
+    return resources.files("llmtune.data").joinpath("bundled/llama3.1_chat_template.jinja").read_text("utf-8")
+
+
+def _header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def _llama_tool_call(message: dict[str, Any], where: str) -> str:
+    """A Llama 3 assistant tool call: ``{"name": "f", "parameters": {...}}`` (one call per turn)."""
+    calls = message["tool_calls"]
+    if len(calls) != 1:
+        raise ConfigError(f"{where}: Llama 3 templates take one tool call per assistant turn, got {len(calls)}")
+    fn = calls[0]["function"]
+    return '{"name": "' + fn["name"] + '", "parameters": ' + json.dumps(fn["arguments"], ensure_ascii=False) + "}"
+
+
+def _llama3(messages: list[dict[str, Any]], where: str = "record") -> list[Segment]:
+    """Meta's Llama 3 chat format (contents trimmed, as in the official template); tool results as ``ipython``."""
     segments: list[Segment] = []
     prompt = "<|begin_of_text|>"
     for message in messages:
-        header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
-        if message["role"] == "assistant":
-            segments.append(Segment(prompt + header, False))
-            segments.append(Segment(message["content"].strip() + "<|eot_id|>", True))
+        role = message["role"]
+        if role == "assistant":
+            segments.append(Segment(prompt + _header(role), False))
+            body = _llama_tool_call(message, where) if message.get("tool_calls") else message["content"].strip()
+            segments.append(Segment(body + "<|eot_id|>", True))
             prompt = ""
+        elif role == "tool":
+            content = message["content"]
+            text = content.strip() if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            prompt += _header("ipython") + text + "<|eot_id|>"
         else:
-            prompt += header + message["content"].strip() + "<|eot_id|>"
+            prompt += _header(role) + message["content"].strip() + "<|eot_id|>"
     return segments
 
 
-def _chatml(messages: list[dict[str, str]]) -> list[Segment]:
+def _llama31(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, date_string: str,
+             where: str = "record") -> list[Segment]:
+    """Llama 3.1: what its Jinja template renders (custom tools in the first user turn, no builtin tools)."""
+    messages = list(messages)
+    system = messages.pop(0)["content"].strip() if messages[0]["role"] == "system" else ""
+    prompt = "<|begin_of_text|>" + _header("system") + ("Environment: ipython\n" if tools is not None else "")
+    prompt += f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}<|eot_id|>"
+    if tools is not None:
+        first = messages.pop(0)["content"].strip()
+        schemas = "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+        prompt += _header("user") + LLAMA31_TOOLS_PREAMBLE + schemas + first + "<|eot_id|>"
+    segments: list[Segment] = []
+    for message in messages:
+        role = message["role"]
+        if role == "assistant":
+            segments.append(Segment(prompt + _header(role), False))
+            body = _llama_tool_call(message, where) if message.get("tool_calls") else message["content"].strip()
+            segments.append(Segment(body + "<|eot_id|>", True))
+            prompt = ""
+        elif role == "tool":  # the template JSON-encodes any content (a string is "iterable" to Jinja)
+            prompt += _header("ipython") + json.dumps(message["content"], ensure_ascii=False) + "<|eot_id|>"
+        else:
+            prompt += _header(role) + message["content"].strip() + "<|eot_id|>"
+    return segments
+
+
+def _chatml_calls(message: dict[str, Any]) -> str:
+    """Assistant content plus its tool calls as ``<tool_call>`` JSON blocks (the Hermes / Qwen2.5 convention)."""
+    parts = [message["content"]] if message["content"] else []
+    for call in message.get("tool_calls", []):
+        fn = call["function"]
+        body = json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
+        parts.append(f"<tool_call>\n{body}\n</tool_call>")
+    return "\n".join(parts)
+
+
+def _chatml(messages: list[dict[str, Any]]) -> list[Segment]:
     """ChatML: each turn `<|im_start|>role\\ncontent<|im_end|>\\n`; an answer ends at its `<|im_end|>`."""
     segments: list[Segment] = []
     prompt = ""
     for message in messages:
         if message["role"] == "assistant":
             segments.append(Segment(prompt + "<|im_start|>assistant\n", False))
-            segments.append(Segment(message["content"] + "<|im_end|>", True))
+            segments.append(Segment(_chatml_calls(message) + "<|im_end|>", True))
             prompt = "\n"
         else:
-            prompt += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+            content = message["content"]
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            prompt += f"<|im_start|>{message['role']}\n{text}<|im_end|>\n"
     return segments
 
 
@@ -112,6 +194,8 @@ def _alpaca(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[
         return [Segment(bos + prompt, False), Segment(record["output"] + eos, True)]
     # A chat record: the first user turn is the instruction; later turns continue the same pattern.
     messages = to_messages(record)
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise ConfigError("template 'alpaca' has no tool turns; use 'llama3.1', 'llama3', 'chatml' or 'tokenizer'")
     preamble = ALPACA_PROMPT_NO_INPUT[:ALPACA_PROMPT_NO_INPUT.index("\n\n")]
     if messages[0]["role"] == "system":
         preamble = messages.pop(0)["content"]
@@ -134,11 +218,13 @@ def _stop_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return tokens + [t for t in ("<|eot_id|>", "<|im_end|>") if t in vocab and t not in tokens]
 
 
-def _from_tokenizer(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, where: str) -> list[Segment]:
+def _from_tokenizer(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, where: str,
+                    tools: list[dict[str, Any]] | None = None) -> list[Segment]:
     """The tokenizer's chat template, split into turns by rendering growing prefixes of the conversation."""
 
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        text = tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False,  # type: ignore[arg-type]
+                                             add_generation_prompt=generation_prompt)
         return str(text)
 
     stops = _stop_tokens(tokenizer)
@@ -162,48 +248,80 @@ def _from_tokenizer(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
     return segments
 
 
+def with_system_prompt(record: dict[str, Any], system_prompt: str | None, where: str = "record") -> dict[str, Any]:
+    """The record with ``system_prompt`` as its system turn, unless it has one (or is a text record)."""
+    if not system_prompt:
+        return record
+    kind = detect_format(record, where)
+    if kind == "text" or record.get("system"):
+        return record
+    if kind == "instruction":
+        return {**record, "system": system_prompt}
+    turns = record.get("messages", record.get("conversations"))
+    first = turns[0] if isinstance(turns, list) and turns else {}
+    if isinstance(first, dict) and (first.get("role") == "system" or first.get("from") == "system"):
+        return record
+    return {**record, "system": system_prompt}
+
+
 def render_segments(
-    record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase, *, where: str = "record"
+    record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase, *, where: str = "record",
+    system_prompt: str | None = None, date_string: str = LLAMA31_DEFAULT_DATE,
 ) -> list[Segment]:
-    """The record as prompt/answer segments under `template` (a text record is one trainable segment)."""
+    """The record as prompt/answer segments under `template` (a text record is one trainable segment).
+
+    ``system_prompt``: used when the record has no system turn. ``date_string``: the Llama 3.1 header's date.
+    """
     check_template(template)
+    record = with_system_prompt(record, system_prompt, where)
     kind = detect_format(record, where)
     if kind == "text":
         bos = tokenizer.bos_token or ""
         return [Segment(bos, False), Segment(record["text"] + (tokenizer.eos_token or ""), True)]
     if template == "alpaca":
         return _alpaca(record, tokenizer)
-    messages = to_messages(record)
+    messages = to_messages(record, where)
+    tools = record_tools(record, where)
+    if tools is not None and template in ("llama3", "chatml"):
+        raise ConfigError(f"{where}: field 'tools': template {template!r} has no place for tool schemas; use "
+                          "'llama3.1' or 'tokenizer' (its own chat template)")
     if template == "llama3":
-        return _llama3(messages)
+        return _llama3(messages, where)
+    if template == "llama3.1":
+        return _llama31(messages, tools, date_string, where)
     if template == "chatml":
         return _chatml(messages)
-    return _from_tokenizer(messages, tokenizer, where)
+    return _from_tokenizer(messages, tokenizer, where, tools)
 
 
-def render_prompt(record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+def render_prompt(record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase,
+                  **kwargs: Any) -> tuple[str, str]:
     """(prompt up to and including the last answer's header, that answer's plain text) — for generation and eval.
 
     The prompt is what to feed the model (tokenize with ``add_special_tokens=False``); the answer is the reference
-    text without the end-of-answer token. A text record has no prompt: ("<bos>", its text).
+    text without the end-of-answer token. A text record has no prompt: ("<bos>", its text). ``kwargs``: those of
+    `render_segments`.
     """
     kind = detect_format(record)
-    segments = render_segments(record, template, tokenizer)
+    segments = render_segments(record, template, tokenizer, **kwargs)
     prompt = "".join(s.text for s in segments[:-1])
     if kind == "text":
         return prompt, record["text"]
-    return prompt, to_messages(record)[-1]["content"]
+    last = to_messages(record)[-1]
+    if last.get("tool_calls"):
+        return prompt, json.dumps([c["function"] for c in last["tool_calls"]], ensure_ascii=False)
+    return prompt, last["content"]
 
 
-def render_text(record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase) -> str:
+def render_text(record: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> str:
     """The full training text of a record under `template` (prompt and answers concatenated)."""
-    return "".join(s.text for s in render_segments(record, template, tokenizer))
+    return "".join(s.text for s in render_segments(record, template, tokenizer, **kwargs))
 
 
 def stop_token_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end an answer under `template` (pass as ``generate(eos_token_id=...)``); eos always included."""
     check_template(template)
-    own = {"llama3": ["<|eot_id|>"], "chatml": ["<|im_end|>"], "alpaca": []}.get(template)
+    own = {"llama3": ["<|eot_id|>"], "llama3.1": ["<|eot_id|>"], "chatml": ["<|im_end|>"], "alpaca": []}.get(template)
     tokens = _stop_tokens(tokenizer) if own is None else own + ([tokenizer.eos_token] if tokenizer.eos_token else [])
     vocab = tokenizer.get_vocab()
     ids: list[int] = []

@@ -111,8 +111,8 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
     source = resolve_source(path, base=base, template=template)
     target = check_output(out, source)
     _check_args(format, dtype, target, overwrite)
-    if template is not None and template not in ("llama3", "chatml", "alpaca", "tokenizer"):
-        raise InvalidOptionError(f"template={template!r} is not one of llama3, chatml, alpaca, tokenizer")
+    if template is not None and template not in ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer"):
+        raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     if requantize and format != "hf":
         raise InvalidOptionError(f"requantize={requantize!r} applies to format 'hf' only (GGUF has its own dtypes)")
     merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)

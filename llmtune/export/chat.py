@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from llmtune.core.errors import InvalidOptionError
-from llmtune.data.templates import ALPACA_PROMPT_NO_INPUT
+from llmtune.data.templates import ALPACA_PROMPT_NO_INPUT, llama31_chat_template
 
 _ALPACA_PREAMBLE = ALPACA_PROMPT_NO_INPUT[:ALPACA_PROMPT_NO_INPUT.index("\n\n")]
 
-#: Jinja chat templates equal to llmtune's llama3 / chatml / alpaca renderers.
+#: Jinja chat templates equal to llmtune's llama3 / chatml / alpaca / llama3.1 renderers.
 JINJA = {
     "llama3": (
         "{{ '<|begin_of_text|>' }}{% for message in messages %}"
@@ -35,10 +35,12 @@ JINJA = {
         "{{ '\n\n### Instruction:\n' + message['content'] + '\n\n### Response:\n' }}"
         "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
     ),
+    # the Llama 3.1 tokenizer's own template, which llmtune's llama3.1 renderer reproduces byte for byte
+    "llama3.1": llama31_chat_template(),
 }
 
 #: The token that ends an answer under each template (None: the tokenizer's eos).
-END_OF_ANSWER = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "alpaca": None}
+END_OF_ANSWER = {"llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>", "chatml": "<|im_end|>", "alpaca": None}
 
 
 def jinja_template(template: str | None, tokenizer: Any) -> str | None:
@@ -47,7 +49,7 @@ def jinja_template(template: str | None, tokenizer: Any) -> str | None:
         own = getattr(tokenizer, "chat_template", None)
         return own if isinstance(own, str) else None
     if template not in JINJA:
-        raise InvalidOptionError(f"template={template!r} is not one of llama3, chatml, alpaca, tokenizer")
+        raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     return JINJA[template]
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmtune.core.errors import ConfigError, LlmtuneError
+from llmtune.core.errors import ConfigError, LlmtuneError, MergeNotSupportedError
 
 
 class ExportError(LlmtuneError):
@@ -68,6 +68,12 @@ def resolve_source(path: str | Path, *, base: str | Path | None = None, template
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"{p}: no such directory (give a training run, an adapter or a model directory)")
+    for d in (p, p / "adapter"):
+        if (d / "bottleneck_config.json").is_file():  # llmtune's bottleneck adapters (not a PEFT adapter)
+            raise MergeNotSupportedError(
+                f"{d}: a bottleneck adapter cannot be exported as one model: W_up f(W_down x) is not linear in x, "
+                "so no base weight can absorb it; serve base + adapter with llmtune.load_for_inference, or retrain "
+                "with method='lora'")
     if (p / "adapter_config.json").is_file():
         adapter: Path | None = p
     elif (p / "adapter" / "adapter_config.json").is_file():

@@ -18,7 +18,11 @@ or full fp32 fine-tuning of a GQA model) run the **math** kernel, which computes
 explicitly and keeps it: scaled Q, scaled K repeated to every head, V repeated to every head (all fp32:
 the math kernel upcasts 16-bit inputs) and the ``[b, heads, s, s]`` softmax output in fp32. Its backward
 holds that softmax output, its gradient and the softmax-backward result at the same moment: three
-``4 x heads x s`` bytes per token. (The CPU kernel picks differently: CPU flash takes fp32 and GQA, so
+``4 x heads x s`` bytes per token. Its forward (also the recomputation under gradient checkpointing, which
+runs inside backward) holds, next to the softmax output it will save, the fp32 scores (the caller's
+``attn`` until ``at::_safe_softmax`` returns) and the op's boolean ``isneginf`` mask of fully masked rows:
+``(4 + 4 + 1) x heads x s`` bytes per token (`softmax_forward_transient`; the final ``where`` writes into
+the softmax output and allocates nothing, as the CPU profiler shows for torch 2.13). (The CPU kernel picks differently: CPU flash takes fp32 and GQA, so
 the CPU checks force the math kernel to measure what it keeps.)
 """
 
@@ -80,3 +84,16 @@ def attention_backward(spec: ModelSpec, kernel: str, act_bytes: int, v_width: fl
         sm = a if spec.family in ("gpt2", "falcon") else 4  # softmax dtype: activation or fp32
         return AttentionBackward(quad=2 * sm * heads, per_token=a * spec.hidden_size + v_width)
     return AttentionBackward(quad=0.0, per_token=0.0)
+
+
+def softmax_forward_transient(spec: ModelSpec, kernel: str) -> float:
+    """Bytes per token per key position alive at the softmax forward beyond the saved softmax output.
+
+    math kernel (``_scaled_dot_product_attention_math`` -> ``at::_safe_softmax``): the fp32 scores (the
+    caller's ``attn`` until the call returns) and ``isneginf(self)`` (a bool per element) are alive while
+    the softmax output (saved for backward, counted in the layer's ``quad``) is written and its fully masked
+    rows zeroed in place. Other kernels: 0 here.
+    """
+    if kernel == "math":
+        return (4 + 1) * spec.num_heads
+    return 0.0

@@ -13,7 +13,12 @@ from typing import Any, NamedTuple
 
 from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.core.units import MiB
-from llmtune.memory.attention import AttentionBackward, attention_backward, cuda_attention_kernel
+from llmtune.memory.attention import (
+    AttentionBackward,
+    attention_backward,
+    cuda_attention_kernel,
+    softmax_forward_transient,
+)
 from llmtune.memory.gpus import GPUS, gpu_bytes
 from llmtune.memory.mechanisms import (
     ADAPTER_METHODS,
@@ -28,7 +33,7 @@ from llmtune.memory.mechanisms import (
 from llmtune.memory.recipes import RECIPE_FACTS, Recipe, resolve_recipe
 from llmtune.memory.serving import ServingCapacity, kv_heads_per_gpu, vllm_capacity
 from llmtune.memory.spec import ModelSpec
-from llmtune.memory.weights import default_format, weight_terms
+from llmtune.memory.weights import allocator_block_bytes, default_format, loading_peak_extra, weight_terms
 
 GB = 10**9
 
@@ -189,6 +194,8 @@ class _Layer(NamedTuple):
     # fp32 activations: RMSNorm's x.float() is x itself, so the first norm's saved input is the layer input
     # (with checkpointing: the checkpoint, not a second copy)
     norm_input_shared: float
+    fwd_kept: float = 0.0  # bytes per token the attention block holds when its softmax runs forward
+    fwd_transient: float = 0.0  # bytes per token per key position alive then beyond the saved softmax output
 
 
 def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
@@ -320,7 +327,9 @@ def _layer_terms(spec: ModelSpec, c: _Ctx, masked: bool = False) -> _Layer:
     kept = {"math": 2 * 4 * q, "eager": qkv_store + qk_store}.get(kernel, 0.0)
     bwd = attention_backward(spec, kernel, a, v_width=4 * q if kernel == "math" else a * max(k_saved, kv))
     shared = a * h if (a == 4 and not c.fused and spec.norm != "layernorm") else 0.0
-    return _Layer(t, quad, first_norm, pre_kernel + kept, bwd, kernel, shared)
+    fwd_kept = pre_kernel + (3 * 4 * q if kernel == "math" else 0.0)  # math: scaled q, repeated k and v (fp32)
+    return _Layer(t, quad, first_norm, pre_kernel + kept, bwd, kernel, shared, fwd_kept,
+                  softmax_forward_transient(spec, kernel))
 
 
 def _attention_backward_terms(lay: _Layer, L: int, s: int, T: int, gc: bool, layer: Mapping[str, float],
@@ -343,6 +352,23 @@ def _attention_backward_terms(lay: _Layer, L: int, s: int, T: int, gc: bool, lay
         if lay.quad:
             kept["activations_attention_scores"] = int((L - 1) * lay.quad * s * T)
     return {**kept, **own, "attention_backward_grads": int((lay.attn_bwd.quad * s + lay.attn_bwd.per_token) * T)}
+
+
+def _attention_recompute_terms(spec: ModelSpec, lay: _Layer, s: int, T: int, act: int,
+                               attn_phase: Mapping[str, int]) -> dict[str, int]:
+    """Terms alive at the softmax forward of the first layer's recomputation (checkpointing, math kernel).
+
+    Reentrant or not, the recomputation runs inside backward: the checkpoints, the logits the loop holds
+    and the layer output's gradient (the residual stream, ``act x h``) are alive, plus the recomputed
+    attention block up to the softmax and ``softmax_forward_transient``.
+    """
+    if not lay.fwd_transient:
+        return {}
+    kept = {k: v for k, v in attn_phase.items()
+            if k not in ("activations_recomputed_attention", "attention_backward_grads", "reentrant_checkpoint_outputs")}
+    own = (lay.fwd_kept - lay.norm_input_shared + lay.quad * s) * T
+    return {**kept, "activations_recomputed_attention": int(own), "layer_output_grad": act * spec.hidden_size * T,
+            "attention_softmax_forward_transient": int(lay.fwd_transient * s * T)}
 
 
 def _loss_terms(spec: ModelSpec, r: Recipe, act: int, T: int, chunk_tokens: int,
@@ -384,6 +410,7 @@ class _Acts(NamedTuple):
     attn_phase: dict[str, int]
     scores_tmp: dict[str, int]
     bwd_temp: dict[str, int]
+    recompute_fwd: dict[str, int]
 
 
 def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, full: bool, quant: bool, gc: bool,
@@ -455,8 +482,11 @@ def _activation_terms(spec: ModelSpec, c: _Ctx, r: Recipe, *, s: int, b: int, fu
     attn_phase = _attention_backward_terms(lay, L, s, T, gc, layer, acts)
     if attn_phase and "reentrant_checkpoint_outputs" in recompute:
         attn_phase["reentrant_checkpoint_outputs"] = recompute["reentrant_checkpoint_outputs"]
-    scores_tmp = {"attention_scores_transient": int(lay.quad * s * T)} if (attn_phase and not gc) else {}
-    return _Acts(acts, recompute, attn_phase, scores_tmp, bwd_temp)
+    scores_tmp = {}
+    if attn_phase and not gc:  # the last layer's softmax forward: the scores (and _safe_softmax's temporaries)
+        scores_tmp = {"attention_scores_transient": int((lay.fwd_transient or lay.quad) * s * T)}
+    recompute_fwd = _attention_recompute_terms(spec, lay, s, T, act, attn_phase) if (attn_phase and gc) else {}
+    return _Acts(acts, recompute, attn_phase, scores_tmp, bwd_temp, recompute_fwd)
 
 
 def _optimizer_state_bytes(spec: ModelSpec, optimizer: str, trainable: int, state_dtype: int, full: bool, rank: int,
@@ -715,6 +745,8 @@ def estimate_training(
     }
     if attn_phase:
         phases["attention_backward"] = {**static, **attn_phase, **held}
+    if ac.recompute_fwd:
+        phases["attention_recompute_forward"] = {**static, **ac.recompute_fwd, **held}
     phases |= _objective_phases(spec, objective, static, act, b_ex, b, s, ref_copy, notes)
     if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
@@ -740,12 +772,18 @@ def estimate_serving(
     engine: str = "hf",
     gpu: str | int = "H100",
     vllm: Mapping[str, Any] | None = None,
+    cublas_handles: int = 1,
 ) -> Estimate:
     """Peak GPU memory of serving: a transformers forward (``engine="hf"``) or vLLM's block pool (``"vllm"``).
 
     ``engine="hf"``: one forward over ``batch_size`` x ``seq_len`` tokens with a KV cache.
     ``logits="all"`` is a plain ``model(input_ids)`` call (logits for every position, as measured);
     ``"last"`` is ``generate``'s prefill (last position only, upcast to fp32). ``gpus`` > 1 = tensor parallel.
+    ``cublas_handles``: cuBLAS handles holding a ``workspace_bytes`` workspace in the process: 1 in a fresh
+    process; 2 once any backward ran on the device (autograd's device thread has its own handle, and PyTorch
+    keeps each handle's workspace allocated until the process ends). The logits tensor is counted as the
+    caching allocator allocates it (``allocator_block_bytes``: a fresh segment rounded to 2 MiB, kept whole
+    when less than 1 MiB would remain).
 
     ``engine="vllm"``: vLLM sizes a KV block pool on ``gpu`` at start-up; ``vllm`` holds its engine
     arguments (``gpu_memory_utilization`` 0.9, ``block_size`` 16, ``max_num_seqs`` 256, ``max_model_len``,
@@ -767,7 +805,7 @@ def estimate_serving(
         raise InvalidOptionError(f"kv_bits={kv_bits!r} is not one of 4, 8, 16, 32")
     logits = _check_choice("logits", logits, ("all", "last"))
     context = _check_nonneg_bytes("cuda_context_bytes", cuda_context_bytes)
-    ws = _check_nonneg_bytes("workspace_bytes", workspace_bytes)
+    ws = _check_nonneg_bytes("workspace_bytes", workspace_bytes) * _check_int("cublas_handles", cublas_handles)
     frac = _check_fraction("allocator_fraction", allocator_fraction, 10.0)
     fmt = weight_format or default_format(weight_bits)
     wterms = weight_terms(spec, fmt, bits=weight_bits, group_size=group_size, double_quant=double_quant)
@@ -783,7 +821,7 @@ def estimate_serving(
         notes.append(f"{spec.sliding_layers} sliding-window layers: transformers' cache keeps a view of the whole "
                      "prefill's keys/values, so a single forward saves nothing (decoding later trims them)")
     if logits == "all":
-        lg = {"logits": a * V * T, "final_hidden": a * h * T}
+        lg = {"logits": allocator_block_bytes(a * V * T), "final_hidden": a * h * T}
         if spec.final_logit_softcapping is not None:
             lg["logits_softcap_temp"] = a * V * T
     else:
@@ -867,9 +905,9 @@ def estimate_weights(
     wterms = weight_terms(spec, fmt, bits=weight_bits, group_size=group_size, double_quant=double_quant)
     phases = {"loaded": dict(wterms)}
     if fmt not in ("bf16", "fp16", "fp32"):
-        big = spec.largest_linear()
-        phases["loading"] = {**wterms, "load_bf16_weight": 2 * big,
-                             "load_quantized_copy": big if fmt == "int8" else big // 2}
+        temps, later = loading_peak_extra(spec, fmt, double_quant)
+        qkey = f"weights_{fmt}"
+        phases["loading"] = {**wterms, qkey: wterms[qkey] - later, "load_quantize_temporaries": temps}
     return _finish(phases, wterms, context, 0.0, [f"weights stored as {fmt}"])
 
 

@@ -20,7 +20,7 @@ is not a mean override `aggregate`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -92,6 +92,32 @@ class CorpusMetric(Metric):
     def signature(self, nrefs: str) -> str:
         """How to reproduce the number; ``nrefs`` is the references-per-prediction field (``"1"``, ``"var"``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement signature()")
+
+
+class SignedCorpusMetric(CorpusMetric):
+    """A `CorpusMetric` whose `extract` returns ``(scores, per_example)`` already (the corpus score is not a
+    mean of per-example values) and whose signature is ``sign(options, nrefs, impl, version)``; backends
+    that wrap another library override `implementation`."""
+
+    #: ``(options, nrefs, impl, version) -> signature``, e.g. ``staticmethod(bleu_signature)``.
+    sign: ClassVar[Callable[..., str]]
+
+    def implementation(self) -> tuple[str, str | None]:
+        """``(impl, version)`` for the signature: which code computed it, which library version it equals."""
+        from llmtune._version import __version__
+
+        return f"llmtune-numpy-{__version__}", None
+
+    def aggregate(self, stats: Any, preds: list[str], refs: list[list[str]],
+                  ) -> tuple[dict[str, float], Mapping[str, np.ndarray]]:
+        """`extract` returns the corpus score and the (lazy) per-example scores already."""
+        scores, per_example = stats
+        return scores, per_example
+
+    def signature(self, nrefs: str) -> str:
+        """`sign` with this backend's implementation and version."""
+        impl, version = self.implementation()
+        return type(self).sign(self.options, nrefs, impl, version)
 
 
 def _extract_chunk(metric: CorpusMetric, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:

@@ -20,19 +20,18 @@ import math
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
 
-from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import LazyMapping
 from llmtune.metrics._bleu_tokenizers import encode as _encode
-from llmtune.metrics.base import CorpusMetric
+from llmtune.metrics.base import SignedCorpusMetric
 
 #: sacrebleu version whose behaviour (and signature format) this module reproduces.
 SACREBLEU_COMPAT = "2.6.0"
@@ -454,28 +453,14 @@ def result_keys(options: BleuOptions) -> list[str]:
     return ["bleu", "bp", "sys_len", "ref_len", *[f"precision_{n}" for n in range(1, options.order + 1)]]
 
 
-class BleuTemplate(CorpusMetric):
+class BleuTemplate(SignedCorpusMetric):
     """What every ``bleu`` backend shares: the label, the options check and the signature layout."""
 
     name: ClassVar[str] = "bleu"
     label: ClassVar[str] = "BLEU"
     Options: ClassVar[type] = BleuOptions
     options: BleuOptions
-
-    def implementation(self) -> tuple[str, str | None]:
-        """``(impl, version)`` for the signature: which code computed it, which library version it equals."""
-        return f"llmtune-numpy-{__version__}", None
-
-    def aggregate(self, stats: Any, preds: list[str], refs: list[list[str]],
-                  ) -> tuple[dict[str, float], Mapping[str, np.ndarray]]:
-        """BLEU backends compute ``(scores, per_example)`` in `extract` (the corpus score is not a mean)."""
-        scores, per_example = stats
-        return scores, per_example
-
-    def signature(self, nrefs: str) -> str:
-        """`bleu_signature` with this backend's implementation and version."""
-        impl, version = self.implementation()
-        return bleu_signature(self.options, nrefs, impl, version=version)
+    sign = staticmethod(bleu_signature)
 
 
 class NumpyBleu(BleuTemplate):

@@ -19,7 +19,7 @@ import numpy as np
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.options import check_type
 from llmtune.core.results import LazyMapping
-from llmtune.metrics.base import CorpusMetric
+from llmtune.metrics.base import SignedCorpusMetric
 from llmtune.metrics.bleu import SACREBLEU_COMPAT
 
 __all__ = ["ChrfOptions", "ChrfTemplate", "NumpyChrf", "chrf_f_score", "chrf_signature", "chrf_statistics"]
@@ -144,29 +144,14 @@ def chrf_signature(opts: ChrfOptions, nrefs: str, impl: str, version: str | None
     return "|".join([*parts, f"version:{version or SACREBLEU_COMPAT}", f"impl:{impl}"])
 
 
-class ChrfTemplate(CorpusMetric):
+class ChrfTemplate(SignedCorpusMetric):
     """What every ``chrf`` backend shares: options, label, the corpus-from-statistics aggregation, signature."""
 
     name: ClassVar[str] = "chrf"
     label: ClassVar[str] = "chrF"
     Options: ClassVar[type] = ChrfOptions
     options: ChrfOptions
-
-    def implementation(self) -> tuple[str, str | None]:
-        """``(impl, version)`` for the signature."""
-        from llmtune._version import __version__
-
-        return f"llmtune-numpy-{__version__}", None
-
-    def aggregate(self, stats: tuple[dict[str, float], LazyMapping], preds: list[str], refs: list[list[str]],
-                  ) -> tuple[dict[str, float], LazyMapping]:
-        """`extract` returns the corpus score and the (lazy) per-example scores already."""
-        return stats
-
-    def signature(self, nrefs: str) -> str:
-        """`chrf_signature` with this backend's implementation."""
-        impl, version = self.implementation()
-        return chrf_signature(self.options, nrefs, impl, version)
+    sign = staticmethod(chrf_signature)
 
 
 class NumpyChrf(ChrfTemplate):

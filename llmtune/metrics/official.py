@@ -25,7 +25,6 @@ import numpy as np
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.results import LazyMapping
 from llmtune.core.versions import installed_version
-from llmtune.metrics.base import CorpusMetric
 from llmtune.metrics.bleu import (
     BleuTemplate,
     NltkBleuOptions,
@@ -34,22 +33,17 @@ from llmtune.metrics.bleu import (
     warn_zero_orders,
 )
 from llmtune.metrics.chrf import ChrfTemplate
-from llmtune.metrics.rouge import RougeOptions, rouge_signature
+from llmtune.metrics.rouge import RougeTemplate
 from llmtune.metrics.ter import TerTemplate
 
 #: NLTK method0's warning text (one per n-gram order without matches).
 _ZERO_ORDER = re.compile(r"contains 0 counts of (\d+)-gram overlaps")
 
 
-class RougeScoreRouge(CorpusMetric):
+class RougeScoreRouge(RougeTemplate):
     """rouge-score's ``RougeScorer``: ``score`` for one reference, ``score_multi`` for several; corpus = mean."""
 
-    name: ClassVar[str] = "rouge"
     backend: ClassVar[str] = "rouge-score"
-    label: ClassVar[str] = "ROUGE"
-    chunkable: ClassVar[bool] = True
-    Options: ClassVar[type] = RougeOptions
-    options: RougeOptions
 
     def extract(self, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
         """Per-example P/R/F from rouge-score (corpus values: their plain means, no bootstrap median)."""
@@ -62,9 +56,9 @@ class RougeScoreRouge(CorpusMetric):
         return {f"{t}_{measure}": np.array([float(getattr(row[t], measure)) for row in rows], dtype=np.float64)
                 for t in types for measure in ("precision", "recall", "fmeasure")}
 
-    def signature(self, nrefs: str) -> str:
-        """`rouge_signature` with ``impl:rouge-score-<installed version>``."""
-        return rouge_signature(self.options, nrefs, f"rouge-score-{_version('rouge-score')}")
+    def implementation(self) -> str:
+        """``rouge-score-<installed version>``."""
+        return f"rouge-score-{_version('rouge-score')}"
 
 
 def _version(dist: str) -> str:

@@ -525,23 +525,32 @@ def _prf(hits: np.ndarray, n_pred: np.ndarray, n_ref: np.ndarray) -> tuple[np.nd
     return precision, recall, fmeasure
 
 
-class NumpyRouge(CorpusMetric):
-    """ROUGE-N/L/Lsum equal to rouge-score (``score`` / ``score_multi``), with our tokenizer and Porter stemmer."""
+class RougeTemplate(CorpusMetric):
+    """What every ``rouge`` backend shares: options, label, chunking, per-example means, the signature."""
 
     name: ClassVar[str] = "rouge"
-    backend: ClassVar[str] = "numpy"
     label: ClassVar[str] = "ROUGE"
     chunkable: ClassVar[bool] = True
     Options: ClassVar[type] = RougeOptions
     options: RougeOptions
 
+    def implementation(self) -> str:
+        """The ``impl`` field of the signature."""
+        return "llmtune-numpy"
+
+    def signature(self, nrefs: str) -> str:
+        """`rouge_signature` with this backend's implementation."""
+        return rouge_signature(self.options, nrefs, self.implementation())
+
+
+class NumpyRouge(RougeTemplate):
+    """ROUGE-N/L/Lsum equal to rouge-score (``score`` / ``score_multi``), with our tokenizer and Porter stemmer."""
+
+    backend: ClassVar[str] = "numpy"
+
     def extract(self, preds: list[str], refs: list[list[str]]) -> dict[str, np.ndarray]:
         """Per-example P/R/F of every type (corpus values are their means)."""
         return self._per_example(preds, refs, tuple(self.options.rouge_types), self.options.use_stemmer)
-
-    def signature(self, nrefs: str) -> str:
-        """`rouge_signature` with ``impl:llmtune-numpy``."""
-        return rouge_signature(self.options, nrefs, "llmtune-numpy")
 
     @staticmethod
     def _per_example(

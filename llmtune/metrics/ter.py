@@ -30,7 +30,7 @@ import numpy as np
 
 from llmtune.core.options import check_type
 from llmtune.core.results import LazyMapping
-from llmtune.metrics.base import CorpusMetric
+from llmtune.metrics.base import SignedCorpusMetric
 from llmtune.metrics.bleu import SACREBLEU_COMPAT
 
 __all__ = ["NumpyTer", "TerOptions", "TerTemplate", "ter_edits", "ter_score", "ter_signature", "ter_statistics",
@@ -334,29 +334,14 @@ def _corpus_ter(seg: list[tuple[int, float]]) -> float:
     return ter_score(edits, length)
 
 
-class TerTemplate(CorpusMetric):
+class TerTemplate(SignedCorpusMetric):
     """What every ``ter`` backend shares: options, label, the aggregation, the signature."""
 
     name: ClassVar[str] = "ter"
     label: ClassVar[str] = "TER"
     Options: ClassVar[type] = TerOptions
     options: TerOptions
-
-    def implementation(self) -> tuple[str, str | None]:
-        """``(impl, version)`` for the signature."""
-        from llmtune._version import __version__
-
-        return f"llmtune-numpy-{__version__}", None
-
-    def aggregate(self, stats: tuple[dict[str, float], LazyMapping], preds: list[str], refs: list[list[str]],
-                  ) -> tuple[dict[str, float], LazyMapping]:
-        """`extract` returns the corpus score and the (lazy) per-example scores already."""
-        return stats
-
-    def signature(self, nrefs: str) -> str:
-        """`ter_signature` with this backend's implementation."""
-        impl, version = self.implementation()
-        return ter_signature(self.options, nrefs, impl, version)
+    sign = staticmethod(ter_signature)
 
 
 class NumpyTer(TerTemplate):

@@ -181,37 +181,20 @@ class MMLUTask(MultipleChoiceTask):
         return formats.mmlu_description(str(doc.get("subject", "")))
 
 
-class HellaSwagTask(MultipleChoiceTask):
-    name: ClassVar[str] = "hellaswag"
-    fmt: ClassVar[str] = "hellaswag"
-    bundled: ClassVar[str] = "hellaswag_made_up.jsonl"
-    harness_task: ClassVar[str | None] = "hellaswag"
+def _mc_task(cls_name: str, name: str, fmt: str, bundled: str,
+             base: type[MultipleChoiceTask] = MultipleChoiceTask) -> type[MultipleChoiceTask]:
+    """A multiple-choice task that is only a name, a file format and a bundled sample; lm-eval has it under
+    the same name."""
+    attrs = {"name": name, "fmt": fmt, "bundled": bundled, "harness_task": name, "__module__": __name__,
+             "__qualname__": cls_name}
+    return type(cls_name, (base,), attrs)
 
 
-class ArcEasyTask(MultipleChoiceTask):
-    name: ClassVar[str] = "arc_easy"
-    fmt: ClassVar[str] = "arc"
-    bundled: ClassVar[str] = "arc_made_up.jsonl"
-    harness_task: ClassVar[str | None] = "arc_easy"
-
-
-class ArcChallengeTask(ArcEasyTask):
-    name: ClassVar[str] = "arc_challenge"
-    harness_task: ClassVar[str | None] = "arc_challenge"
-
-
-class BoolQTask(MultipleChoiceTask):
-    name: ClassVar[str] = "boolq"
-    fmt: ClassVar[str] = "boolq"
-    bundled: ClassVar[str] = "boolq_made_up.jsonl"
-    harness_task: ClassVar[str | None] = "boolq"
-
-
-class TruthfulQAMC1Task(MultipleChoiceTask):
-    name: ClassVar[str] = "truthfulqa_mc1"
-    fmt: ClassVar[str] = "truthfulqa"
-    bundled: ClassVar[str] = "truthfulqa_made_up.json"
-    harness_task: ClassVar[str | None] = "truthfulqa_mc1"
+HellaSwagTask = _mc_task("HellaSwagTask", "hellaswag", "hellaswag", "hellaswag_made_up.jsonl")
+ArcEasyTask = _mc_task("ArcEasyTask", "arc_easy", "arc", "arc_made_up.jsonl")
+ArcChallengeTask = _mc_task("ArcChallengeTask", "arc_challenge", "arc", "arc_made_up.jsonl", base=ArcEasyTask)
+BoolQTask = _mc_task("BoolQTask", "boolq", "boolq", "boolq_made_up.jsonl")
+TruthfulQAMC1Task = _mc_task("TruthfulQAMC1Task", "truthfulqa_mc1", "truthfulqa", "truthfulqa_made_up.json")
 
 
 @dataclasses.dataclass(frozen=True)

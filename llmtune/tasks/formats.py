@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.core.errors import ConfigError
+from llmtune.core.paths import read_text_file
 
 Doc = dict[str, Any]
 
@@ -51,18 +52,8 @@ class MCItem:
 
 
 # -- file reading -------------------------------------------------------------------------------------------
-def _read_text(path: Path) -> str:
-    """The file's text; a missing, unreadable or non-UTF-8 file is a `ConfigError` naming it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a file") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied (cannot read it)") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+#: The file's text; a missing, unreadable or non-UTF-8 file is a `ConfigError` naming it.
+_read_text = read_text_file
 
 
 def _read_jsonl(path: Path) -> list[Doc]:

@@ -184,29 +184,16 @@ class MMLUHarness(HarnessTask):
         return cfg
 
 
-class HellaSwagHarness(HarnessTask):
-    name: ClassVar[str] = "hellaswag"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.HellaSwagTask
+def _harness_for(ours: type[builtin.DataTask]) -> type[HarnessTask]:
+    """The harness twin of a built-in task that needs nothing but its name (``FooTask`` -> ``FooHarness``)."""
+    cls_name = ours.__name__.removesuffix("Task") + "Harness"
+    return type(cls_name, (HarnessTask,), {"name": ours.name, "ours": ours, "__module__": __name__,
+                                           "__qualname__": cls_name})
 
 
-class ArcEasyHarness(HarnessTask):
-    name: ClassVar[str] = "arc_easy"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.ArcEasyTask
-
-
-class ArcChallengeHarness(HarnessTask):
-    name: ClassVar[str] = "arc_challenge"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.ArcChallengeTask
-
-
-class BoolQHarness(HarnessTask):
-    name: ClassVar[str] = "boolq"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.BoolQTask
-
-
-class TruthfulQAMC1Harness(HarnessTask):
-    name: ClassVar[str] = "truthfulqa_mc1"
-    ours: ClassVar[type[builtin.DataTask]] = builtin.TruthfulQAMC1Task
+HellaSwagHarness, ArcEasyHarness, ArcChallengeHarness, BoolQHarness, TruthfulQAMC1Harness = (
+    _harness_for(ours) for ours in (builtin.HellaSwagTask, builtin.ArcEasyTask, builtin.ArcChallengeTask,
+                                    builtin.BoolQTask, builtin.TruthfulQAMC1Task))
 
 
 class Gsm8kHarness(HarnessTask):
@@ -230,6 +217,10 @@ class KopitiamMCHarness(HarnessTask):
     def harness_config(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
         if self.options.template is not None:
             raise ConfigError("the lm-eval backend runs kopitiam-mc with its plain prompt only (template=None)")
+        return self._plain_mc(docs, tmp)
+
+    def _plain_mc(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
+        """ARC's "Question: ...\\nAnswer:" prompt and acc/acc_norm over ``question``/``choices``/``label``."""
         cfg = {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
                "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}",
                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -243,12 +234,7 @@ class GenericMCHarness(KopitiamMCHarness):
     ours: ClassVar[type[builtin.DataTask]] = builtin.GenericMCTask
 
     def harness_config(self, docs: list[formats.Doc], tmp: Path) -> dict[str, Any]:
-        cfg = {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-               "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}",
-               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                               {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-               "metadata": {"version": 1.0}}
-        return self._local(cfg, docs, tmp)
+        return self._plain_mc(docs, tmp)
 
 
 class SquadHarness(HarnessTask):

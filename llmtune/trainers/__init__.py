@@ -2,7 +2,8 @@
 
 Names: ``sft`` (supervised fine-tuning), ``pretrain`` (next-token on raw text), and ``lora`` (= ``sft``, kept
 for existing callers). Backends: ``peft`` (transformers + PEFT on Accelerate) and ``unsloth``. Methods:
-``lora``, ``dora``, ``prompt_tuning``, ``full`` (see `llmtune.trainers.methods`), on a quantized base with
+``lora``, ``dora``, ``ia3``, ``prompt_tuning``, ``prefix_tuning``, ``bottleneck``, ``full`` (see
+`llmtune.trainers.methods`), on a quantized base with
 ``quantizer=``. This module only *declares* the built-ins (data); each is imported when first used.
 """
 

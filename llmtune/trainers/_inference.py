@@ -12,9 +12,13 @@ from llmtune.core.manifest import verify_manifest
 
 def adapter_base(adapter: str | Path) -> str | None:
     """The base model an adapter was trained on, as recorded in its ``adapter_config.json`` (or None)."""
+    from llmtune.trainers.methods.bottleneck import CONFIG_FILE, is_bottleneck_dir
+
     path = Path(adapter) / "adapter_config.json"
+    if is_bottleneck_dir(adapter):
+        path = Path(adapter) / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{adapter} is not an adapter directory (no adapter_config.json)")
+        raise ConfigError(f"{adapter} is not an adapter directory (no adapter_config.json or {CONFIG_FILE})")
     base = json.loads(path.read_text()).get("base_model_name_or_path")
     return str(base) if base else None
 
@@ -39,16 +43,21 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
     if adapter is not None:
         from peft import PeftModel
 
+        from llmtune.trainers.methods.bottleneck import is_bottleneck_dir, load_bottleneck
+
         adapter = Path(adapter)
         verify_manifest(adapter, required=False)  # an adapter llmtune saved carries checksums; damage is named
         if (adapter / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-        import warnings
+        if is_bottleneck_dir(adapter):
+            base = load_bottleneck(base, adapter)
+        else:
+            import warnings
 
-        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
-                                    category=FutureWarning)
-            base = PeftModel.from_pretrained(base, str(adapter))
+            with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                        category=FutureWarning)
+                base = PeftModel.from_pretrained(base, str(adapter))
     if tokenizer is None:
         raise ConfigError(f"no tokenizer found with {model} or {adapter}")
     if tokenizer.pad_token_id is None:
@@ -77,17 +86,25 @@ def generate_text(model: Any, tokenizer: Any, prompts: list[str], *, template: s
 
 def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = None, dtype: str = "auto",
                   trust_remote_code: bool = False) -> Path:
-    """Fold a LoRA/DoRA adapter into its (unquantized) base and write the merged model as safetensors."""
+    """Fold a LoRA/DoRA or IA3 adapter into its (unquantized) base and write the merged model as safetensors.
+
+    A bottleneck adapter raises `MergeNotSupportedError` (its non-linearity cannot be folded into a weight).
+    """
     import torch
+
+    from llmtune.trainers.methods.bottleneck import is_bottleneck_dir, merge_bottleneck
+
+    if is_bottleneck_dir(adapter):
+        merge_bottleneck()  # raises MergeNotSupportedError, saying why
 
     torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     if dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"dtype={dtype!r} is not one of auto, fp32, bf16, fp16")
     cfg = json.loads((Path(adapter) / "adapter_config.json").read_text()) \
         if (Path(adapter) / "adapter_config.json").is_file() else {}
-    if cfg.get("peft_type") not in (None, "LORA"):
-        raise ConfigError(f"adapter {adapter} is a {cfg.get('peft_type')} adapter; only LoRA/DoRA adapters can be "
-                          "merged into the base weights")
+    if cfg.get("peft_type") not in (None, "LORA", "IA3"):
+        raise ConfigError(f"adapter {adapter} is a {cfg.get('peft_type')} adapter; only LoRA/DoRA and IA3 adapters "
+                          "can be merged into the base weights")
     from llmtune.core.paths import check_output_dir
 
     base = model if model is not None else (cfg.get("base_model_name_or_path") or None)

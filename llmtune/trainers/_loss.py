@@ -106,12 +106,17 @@ def model_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_tokens
                forward_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` (a transformers or PEFT causal LM) on ``batch`` and return ``(loss_sum, n_tokens)``.
 
-    Works for prompt tuning too: the virtual tokens PEFT prepends get no label.
+    Works for prompt tuning too: the virtual tokens PEFT prepends get no label. A packed batch (with
+    ``position_ids`` from `llmtune.data.collate`) gets the per-example attention of `llmtune.data.packing`.
     """
     labels = batch["labels"]
+    attention: dict[str, Any] = {"attention_mask": batch.get("attention_mask")}
+    if batch.get("position_ids") is not None:  # packed: each example attends only to itself
+        from llmtune.data.packing import packed_attention_kwargs
+
+        attention = packed_attention_kwargs(model, batch["position_ids"])
     with capture_hidden(model) as (capture, head):
-        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-              **(forward_kwargs or {}))
+        model(input_ids=batch["input_ids"], use_cache=False, **attention, **(forward_kwargs or {}))
     hidden = capture.hidden
     if hidden is None:
         raise RuntimeError("the model's forward never called its output projection")

@@ -19,12 +19,16 @@ from llmtune.core.errors import ConfigError
 #: Options class name -> {field: estimator argument it becomes (or what it decides)}.
 MAPPED: dict[str, dict[str, str]] = {
     "PeftLoraOptions": {
-        "method": "method (lora / dora / prompt_tuning / full; with a quantizer: qlora)",
+        "method": "method (lora / dora / prompt_tuning / prefix_tuning / ia3 / bottleneck / full; lora with a "
+                  "quantizer: qlora)",
         "optimizer": "optimizer (adamw / adamw_8bit / sgd / sgd_momentum)",
         "rank": "lora_rank",
         "dropout": "lora_dropout",
         "targets": "lora_targets",
         "num_virtual_tokens": "num_virtual_tokens",
+        "bottleneck_size": "bottleneck_size",
+        "bottleneck_sites": "bottleneck_sites (attn -> attention, mlp -> mlp)",
+        "bottleneck_placement": "bottleneck_placement",
         "quantizer": "method='qlora', weight_format, double_quant",
         "upcast_embeddings": "recipe.kbit_upcast_fp32",
         "gradient_checkpointing": "gradient_checkpointing",
@@ -58,6 +62,15 @@ IRRELEVANT: dict[str, dict[str, str]] = {
         "max_grad_norm": "clip_grad_norm_ keeps one scalar norm per parameter tensor",
         "template": "text formatting (the token count is bounded by max_length)",
         "train_on_prompt": "which labels are -100, not how many tokens",
+        "train_on": "which labels are -100, not how many tokens",
+        "system_prompt": "text formatting (the token count is bounded by max_length)",
+        "rslora": "a scalar multiplier on the adapter output (alpha/sqrt(r) instead of alpha/r)",
+        "init": "initial values of the same tensors; PiSSA/OLoRA/LoftQ decompose one weight at a time before "
+                "training (a start-up transient, not modelled)",
+        "loraplus_ratio": "LoRA+ splits the same parameters into two optimizer groups: the same AdamW states",
+        "bottleneck_scaling": "a scalar multiplier on the adapter output",
+        "bottleneck_non_linearity": "the estimator counts h + 2m saved per token and site; tanh/relu save their "
+                                    "output only (h + m, measured), so for those it over-estimates by m",
         "eval_every": "how often evaluation runs, not its size",
         "eval_examples": "how many batches evaluation runs, not their size",
         "save_every": "checkpoints are written from the state dicts, no GPU copy",
@@ -117,13 +130,21 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
         lora_rank=o.rank, lora_dropout=float(o.dropout), lora_targets=o.targets, recipe=recipe, packing=o.packing,
         precision="fp32" if o.precision == "fp32" else "bf16", loss_chunk_tokens=max(1, o.loss_chunk_tokens),
         num_virtual_tokens=o.num_virtual_tokens, method=o.method, optimizer=getattr(o, "optimizer", "adamw"))
+    if o.method == "bottleneck":
+        sites = (o.bottleneck_sites,) if isinstance(o.bottleneck_sites, str) else tuple(o.bottleneck_sites)
+        kw |= {"bottleneck_size": o.bottleneck_size, "bottleneck_placement": o.bottleneck_placement,
+               "bottleneck_sites": tuple({"attn": "attention"}.get(x, x) for x in sites)}
     if getattr(o, "distributed", "ddp") == "fsdp":
         kw["sharding"] = "fsdp"
     if q is not None:
         kw |= _quantizer_arguments(q, o.method, notes)
-    if o.method == "prompt_tuning" and q is not None:
-        notes.append("prompt tuning on a quantized base: weights counted in 16 bits (an over-estimate)")
+    if o.method in _UNQUANTIZED_ONLY and q is not None:
+        notes.append(f"{o.method} on a quantized base: weights counted in 16 bits (an over-estimate)")
     return kw, notes
+
+
+#: methods the estimator models on a 16/32-bit base only
+_UNQUANTIZED_ONLY = ("prompt_tuning", "prefix_tuning", "ia3", "bottleneck")
 
 
 def _quantizer_arguments(q: Any, method: str, notes: list[str]) -> dict[str, Any]:
@@ -135,7 +156,7 @@ def _quantizer_arguments(q: Any, method: str, notes: list[str]) -> dict[str, Any
     if q.name == "int8" and getattr(qo, "has_fp16_weights", False):
         return {}
     out: dict[str, Any] = {"weight_format": {"nf4": "nf4", "fp4": "fp4", "int8": "int8"}.get(q.name, q.name)}
-    if method != "prompt_tuning":
+    if method not in _UNQUANTIZED_ONLY:
         out["method"] = "qlora"
         if method == "dora":
             notes.append("DoRA on a quantized base: counted as QLoRA (the magnitude vectors are not counted)")

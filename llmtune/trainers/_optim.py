@@ -9,7 +9,10 @@ from llmtune.core.errors import BackendUnavailableError, MissingDependencyError
 
 
 def build_optimizer(name: str, params: Sequence[Any], *, lr: float, weight_decay: float) -> Any:
-    """``adamw`` (torch), ``adamw_8bit`` (bitsandbytes' AdamW8bit), ``sgd``, ``sgd_momentum`` (momentum 0.9)."""
+    """``adamw`` (torch), ``adamw_8bit`` (bitsandbytes' AdamW8bit), ``sgd``, ``sgd_momentum`` (momentum 0.9).
+
+    ``params``: tensors, or parameter groups (dicts with their own ``lr`` / ``weight_decay``, as `loraplus_groups`).
+    """
     import torch
 
     if name == "adamw":
@@ -29,6 +32,26 @@ def build_optimizer(name: str, params: Sequence[Any], *, lr: float, weight_decay
         except (RuntimeError, NotImplementedError) as exc:  # pragma: no cover - depends on the bnb build
             raise BackendUnavailableError(f"optimizer 'adamw_8bit': bitsandbytes cannot run it here: {exc}") from exc
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def loraplus_groups(model: Any, *, lr: float, ratio: float, weight_decay: float) -> list[dict[str, Any]]:
+    """LoRA+ parameter groups (Hayou et al. 2024) by PEFT's rule (``peft.optimizers.create_loraplus_optimizer``):
+    ``lora_B`` and 1-D adapter parameters at ``lr * ratio``, the rest (``lora_A``) at ``lr``; empty groups dropped.
+
+    PEFT's function builds the optimizer from the groups; it is handed a builder that only keeps them, so any
+    optimizer of `build_optimizer` can take them.
+    """
+    from peft.optimizers import create_loraplus_optimizer
+
+    kept: list[list[dict[str, Any]]] = []
+
+    def keep(groups: list[dict[str, Any]], **_kwargs: Any) -> Any:
+        kept.append([g for g in groups if g["params"]])
+        return None
+
+    create_loraplus_optimizer(model, keep, lr=lr, loraplus_lr_ratio=float(ratio),  # type: ignore[arg-type]
+                              loraplus_weight_decay=weight_decay)
+    return kept[0]
 
 
 def build_scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:

@@ -13,7 +13,8 @@ The shared loop (`llmtune.trainers.loop`) calls, in this order::
 
 ``ctx`` is a `BackendContext`: the run's options, device, precision, method and objective name. Class
 attributes say what the backend supports (the support matrix is built from them): ``methods``,
-``objectives`` and ``quantizers`` (quantizer names it accepts; ``None``: any trainable one). Register it
+``objectives``, ``quantizers`` (quantizer names it accepts; ``None``: any trainable one), ``packing``
+(whether its loss honours packed batches' ``position_ids``) and ``refused`` (method -> why not). Register it
 with `llmtune.trainers.trainer_class` (one trainer class per objective). This module imports no torch.
 """
 
@@ -57,9 +58,15 @@ class TrainerBackend:
 
     name: ClassVar[str] = ""
     #: methods this backend can apply, objectives it can serve, quantizer names it accepts (None: any trainable)
-    methods: ClassVar[tuple[str, ...]] = ("lora", "dora", "prompt_tuning", "full")
+    methods: ClassVar[tuple[str, ...]] = ("lora", "dora", "prompt_tuning", "full", "prefix_tuning", "ia3",
+                                          "bottleneck")
     objectives: ClassVar[tuple[str, ...]] = ("sft", "pretrain")
     quantizers: ClassVar[tuple[str, ...] | None] = None
+    #: whether its loss honours packed batches (``position_ids``: per-example attention, restarting positions);
+    #: off by default, since a loss that ignores them lets packed examples attend to each other
+    packing: ClassVar[bool] = False
+    #: method -> why this backend cannot train it (shown by the support matrix and its errors)
+    refused: ClassVar[dict[str, str]] = {}
     #: top-level modules it needs (checked without importing them) and the pip extra that installs them
     requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "accelerate")
     extra: ClassVar[str | None] = "peft"

@@ -42,8 +42,8 @@ def _positive_int(value: Any, what: str) -> int:
 
 def make_spec(item: Any) -> TaskSpec:
     """A `TaskSpec` from a task name, a `Task`, or a mapping ``{name, every, **task options}``."""
-    import llmtune
     from llmtune.core.interfaces import Task
+    from llmtune.core.registry import get_task
 
     if isinstance(item, TaskSpec):
         return item
@@ -55,7 +55,7 @@ def make_spec(item: Any) -> TaskSpec:
         raise ConfigError(f"a task must be a name, a Task, or a mapping with 'name', not {item!r}")
     options = {k: v for k, v in item.items() if k not in ("name", "backend", "every")}
     every = _positive_int(item.get("every", 0), f"task {item['name']!r}: every")
-    return TaskSpec(llmtune.get_task(item["name"], backend=item.get("backend"), **options), every)
+    return TaskSpec(get_task(item["name"], backend=item.get("backend"), **options), every)
 
 
 def summary(result: Any) -> dict[str, Any]:

@@ -417,7 +417,7 @@ def _setup_method(state: RunState, base: nn.Module) -> None:
 
 
 def _setup_optimization(state: RunState) -> None:
-    from llmtune.trainers._optim import build_optimizer, build_scheduler
+    from llmtune.trainers._optim import build_optimizer, build_scheduler, loraplus_groups
 
     opts = state.options
     root = _LossModule(state.model, state)
@@ -429,7 +429,10 @@ def _setup_optimization(state: RunState) -> None:
                               "launch), or use distributed='ddp' in one process")
         fsdp.shard(root, state.model)   # the parameters become this rank's shards (DTensors)
         state.trainable = [p for p in state.model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(opts.optimizer, state.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+    params: list[Any] = state.trainable
+    if getattr(opts, "loraplus_ratio", None) is not None:  # LoRA+: B learns loraplus_ratio times faster than A
+        params = loraplus_groups(state.model, lr=opts.lr, ratio=opts.loraplus_ratio, weight_decay=opts.weight_decay)
+    optimizer = build_optimizer(opts.optimizer, params, lr=opts.lr, weight_decay=opts.weight_decay)
     warmup = round(opts.warmup * state.total_steps) if opts.warmup < 1 else int(opts.warmup)
     state.scheduler = build_scheduler(opts.scheduler, optimizer, warmup, state.total_steps)
     if _fsdp(state):

@@ -1,7 +1,8 @@
 """The support matrix: which objective x method x backend (x quantized base) combinations run, enforced.
 
 Built from data: each registered trainer's objective and backend class (``methods``, ``objectives``,
-``quantizers``), the objective table (methods it allows) and each method's ``quantized_base``.
+``quantizers``, ``packing``, ``refused``), the objective table (methods it allows) and each method's
+``quantized_base`` and ``packing``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class Support:
     methods: tuple[str, ...]
     quantized: tuple[str, ...]
     quantizers: tuple[str, ...] | None   #: quantizer names accepted (None: any trainable one)
+    packing: tuple[str, ...] = ()        #: methods that train on packed examples here
+    refused: tuple[tuple[str, str], ...] = ()   #: (method, why this backend does not train it)
 
 
 def support_of(cls: Any) -> Support:
@@ -35,7 +38,9 @@ def support_of(cls: Any) -> Support:
     if cls.objective not in backend.objectives:
         methods = ()
     quantized = tuple(m for m in methods if get_method(m).quantized_base)
-    return Support(cls.name, cls.backend, cls.objective, methods, quantized, backend.quantizers)
+    packing = tuple(m for m in methods if backend.packing and get_method(m).packing)
+    refused = tuple((m, why) for m, why in backend.refused.items() if m not in methods)
+    return Support(cls.name, cls.backend, cls.objective, methods, quantized, backend.quantizers, packing, refused)
 
 
 def support_matrix() -> list[Support]:
@@ -66,6 +71,16 @@ def check_supported(trainer: Any, options: Any) -> None:
     """`InvalidOptionError` naming the supported combinations unless ``options`` fit this trainer's row."""
     row = support_of(type(trainer))
     method, q = options.method, options.quantizer
+    why = dict(row.refused).get(method)
+    if why is not None:
+        raise InvalidOptionError(f"option method={method!r}: trainer {row.name!r} (backend {row.backend!r}) does "
+                                 f"not train it: {why}")
+    if getattr(options, "packing", False) and method in row.methods and method not in row.packing:
+        where = (f"method {method!r} gives every packed example the same virtual tokens"
+                 if row.packing else f"backend {row.backend!r} does not pass the per-example mask to its loss")
+        raise InvalidOptionError(f"option packing=True: trainer {row.name!r} (backend {row.backend!r}) does not pack "
+                                 f"for method={method!r} ({where}); packing methods here: "
+                                 f"{', '.join(row.packing) or 'none'}")
     if method in row.methods and (q is None or method in row.quantized) and (
             q is None or row.quantizers is None or q.name in row.quantizers):
         return

@@ -15,7 +15,8 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.core.interfaces import Quantizer
 from llmtune.core.options import check_choice, check_positive, check_type
 
-TEMPLATES = ("llama3", "chatml", "alpaca", "tokenizer")
+TEMPLATES = ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
+TRAIN_ON = ("assistant", "last_turn", "everything")
 #: Optimizer names, the same as `llmtune.memory.estimate_training(optimizer=...)` knows (less adafactor).
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -53,6 +54,71 @@ def _check_quantizer(q: object) -> None:
                                  "use nf4, fp4 or int8", field="quantizer")
 
 
+_LORA_ONLY = (("rslora", False), ("init", "default"), ("loraplus_ratio", None))
+
+
+def method_options(opts: Any) -> Any:
+    """The typed options of ``opts.method`` (see `TrainOptions.method_options`)."""
+    if opts.method in ("lora", "dora"):
+        from llmtune.trainers.methods.lora import lora_variant
+
+        return lora_variant(opts, dora=opts.method == "dora")
+    if opts.method == "ia3":
+        from llmtune.trainers.methods.ia3 import ia3_options
+
+        return ia3_options(opts)
+    if opts.method == "prefix_tuning":
+        from llmtune.trainers.methods.peft_methods import PrefixTuningOptions
+
+        return PrefixTuningOptions(num_virtual_tokens=opts.num_virtual_tokens)
+    if opts.method == "bottleneck":
+        from llmtune.trainers.methods.bottleneck_options import from_trainer_options
+
+        return from_trainer_options(opts)
+    return None
+
+
+def _check_method(opts: Any) -> None:
+    """The method's own options (typed dataclasses in `llmtune.trainers.methods`) and their combinations."""
+    import re
+
+    from llmtune.core.errors import ConfigError
+    from llmtune.trainers.methods import METHODS
+    from llmtune.trainers.methods.peft_methods import check_quantized_base
+
+    if isinstance(opts.bottleneck_sites, (str, list)):
+        sites = (opts.bottleneck_sites,) if isinstance(opts.bottleneck_sites, str) else tuple(opts.bottleneck_sites)
+        object.__setattr__(opts, "bottleneck_sites", sites)
+    for field, default in _LORA_ONLY:
+        if getattr(opts, field) != default and opts.method not in ("lora", "dora"):
+            raise InvalidOptionError(f"option {field}={getattr(opts, field)!r} applies to method 'lora' or 'dora', "
+                                     f"not {opts.method!r}")
+    try:
+        method_options(opts)
+    except InvalidOptionError as exc:  # name the trainer's option (bottleneck_size), not the dataclass field
+        message = re.sub(r"option (size|placement|sites|non_linearity|scaling)\b", r"option bottleneck_\1", str(exc))
+        raise InvalidOptionError(message) from None
+    if opts.loraplus_ratio is not None:
+        positive("loraplus_ratio", opts.loraplus_ratio, (int, float))
+        if opts.loraplus_ratio < 1:
+            raise InvalidOptionError(f"option loraplus_ratio={opts.loraplus_ratio!r} must be >= 1")
+    if opts.quantizer is not None:
+        if opts.init == "loftq":
+            raise InvalidOptionError("option init='loftq' replaces the base weights by their quantized "
+                                     f"approximation itself; leave quantizer unset (got {opts.quantizer.describe()})")
+        try:
+            check_quantized_base(opts.init, quantized=True)
+        except ConfigError as exc:
+            raise InvalidOptionError(f"option init={opts.init!r}: {exc}") from None
+    if opts.packing and opts.method in METHODS and opts.method in _NO_PACKING:
+        raise InvalidOptionError(f"option packing=True with method={opts.method!r}: the virtual tokens would be "
+                                 "shared by every packed example; use packing=False")
+
+
+#: methods whose virtual tokens every packed example would share (`Method.packing` is False for them)
+_NO_PACKING = ("prompt_tuning", "prefix_tuning")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainOptions:
     """Options of every recipe trainer; each can also be passed to ``train(...)`` to override it for one run."""
@@ -63,7 +129,15 @@ class TrainOptions:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: str | tuple[str, ...] = "all-linear"   #: module names, or "all-linear" (every linear but lm_head)
-    num_virtual_tokens: int = 20             #: soft-prompt length for method="prompt_tuning"
+    num_virtual_tokens: int = 20             #: soft-prompt / prefix length for "prompt_tuning" / "prefix_tuning"
+    rslora: bool = False                     #: LoRA/DoRA: scaling alpha/sqrt(rank) instead of alpha/rank
+    init: str = "default"                    #: LoRA init: "default", "gaussian", "pissa", "olora", "loftq" (GPU)
+    loraplus_ratio: float | None = None      #: LoRA+: the B matrices' learning rate is lr * loraplus_ratio
+    bottleneck_size: int = 64                #: method="bottleneck": bottleneck width b
+    bottleneck_placement: str = "series"     #: "series" (reads the sub-layer output) or "parallel" (its input)
+    bottleneck_sites: str | tuple[str, ...] = ("mlp",)   #: after "attn" and/or "mlp"
+    bottleneck_non_linearity: str = "tanh"   #: "tanh", "relu", "gelu" or "silu"
+    bottleneck_scaling: float = 1.0
     quantizer: Quantizer | None = None       #: a trainable quantizer (e.g. get_quantizer("nf4")) -> QLoRA
     upcast_embeddings: bool = False          #: cast non-quantized 16-bit params to fp32 (PEFT's kbit recipe)
     gradient_checkpointing: bool = False
@@ -85,10 +159,12 @@ class TrainOptions:
     divergence_factor: float = 10.0          #: stop when a loss exceeds this x its recent median (0: NaN/inf only)
     num_threads: int | str = "auto"          #: torch CPU threads during the run: "auto" (measured rule) or a count
     # data
-    template: str = "llama3"                 #: "llama3", "chatml", "alpaca" or "tokenizer" (its chat template)
+    template: str = "llama3"                 #: "llama3", "llama3.1", "chatml", "alpaca" or "tokenizer" (its own)
     max_length: int = 512                    #: longest example (sft); block length (pretrain)
     packing: bool = False
     train_on_prompt: bool = False
+    train_on: str = "assistant"              #: "assistant" (every answer), "last_turn" or "everything"
+    system_prompt: str | None = None         #: the system turn of records that have none
     # evaluation, checkpoints, logs
     eval_every: int = 0                      #: also evaluate every N steps (0: only before and after)
     early_stopping_patience: int = 0         #: stop after N periodic evaluations without a lower validation loss
@@ -141,12 +217,21 @@ class TrainOptions:
             positive("num_threads", self.num_threads)
         check_choice("template", self.template, TEMPLATES)
         positive("max_length", self.max_length)
+        check_choice("train_on", self.train_on, TRAIN_ON)
+        if self.system_prompt is not None:
+            check_type("system_prompt", self.system_prompt, str)
+        _check_method(self)
         for name in ("eval_every", "eval_examples", "save_every", "keep_checkpoints", "seed",
                      "early_stopping_patience"):
             positive(name, getattr(self, name), zero_ok=True)
         for name in ("eval_batch_size", "max_new_tokens", "log_every"):
             positive(name, getattr(self, name))
         check_type("output_dir", self.output_dir, (str, os.PathLike))
+
+    def method_options(self) -> Any:
+        """The typed options of the method (`LoraVariantOptions`, `IA3Options`, `PrefixTuningOptions`,
+        `BottleneckOptions`), or None for prompt tuning and full fine-tuning."""
+        return method_options(self)
 
     def replace(self, **changes: Any) -> TrainOptions:
         """A copy with ``changes`` applied (and checked)."""
@@ -159,6 +244,7 @@ class TrainOptions:
         out["quantizer"] = None if q is None else {"name": q.name, "backend": q.backend,
                                                    **jsonable(dataclasses.asdict(q.options))}
         out["targets"] = out["targets"] if isinstance(out["targets"], str) else list(out["targets"])
+        out["bottleneck_sites"] = list(out["bottleneck_sites"])
         out["output_dir"] = str(out["output_dir"])
         return out
 

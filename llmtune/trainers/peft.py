@@ -1,5 +1,6 @@
 """Backend ``peft``: the model loaded by transformers (quantized at load time through a `Quantizer`), methods
-applied by PEFT (LoRA, DoRA, prompt tuning) or by llmtune (full), and llmtune's chunked cross-entropy.
+applied by PEFT (LoRA with rsLoRA / PiSSA / OLoRA / LoftQ / LoRA+, DoRA, IA3, prompt and prefix tuning) or by
+llmtune (full, bottleneck adapters), and llmtune's chunked cross-entropy (packed batches: per-example attention).
 
 This is the reference implementation of `llmtune.trainers.backend.TrainerBackend`: the loop, options, data,
 evaluation and checkpoints are the recipe's (`llmtune.trainers.loop`), not this module's.
@@ -56,6 +57,7 @@ class PeftBackend(TrainerBackend):
 
     name: ClassVar[str] = "peft"
     objectives: ClassVar[tuple[str, ...]] = ("sft", "pretrain", "dpo", "reward", "rloo", "grpo")
+    packing: ClassVar[bool] = True   # `model_loss` gives packed batches per-example attention (block-diagonal)
 
     def _load_module(self, model: Any, tokenizer: Any, ctx: BackendContext) -> tuple[Any, Any]:
         from torch import nn
@@ -136,7 +138,8 @@ PeftLoraOptions = TrainOptions
 
 
 class PeftSftTrainer(RecipeTrainer):
-    """``sft`` on the ``peft`` backend: LoRA / DoRA / prompt tuning / QLoRA / full fine-tuning."""
+    """``sft`` on the ``peft`` backend: LoRA (+ variants) / DoRA / IA3 / prompt and prefix tuning / bottleneck
+    adapters / QLoRA / full fine-tuning."""
 
     name: ClassVar[str] = "sft"
     backend: ClassVar[str] = "peft"

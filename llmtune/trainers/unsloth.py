@@ -99,6 +99,16 @@ def import_unsloth() -> Any:
     return FastLanguageModel
 
 
+#: methods the unsloth backend refuses, and why (shown by the support matrix too)
+REFUSED: dict[str, str] = {
+    "bottleneck": "Bottleneck adapters hook the attention/MLP modules, and Unsloth's fast paths run its own "
+                  "kernels on those modules' weights without calling them, so the adapters would be skipped; "
+                  "use backend='peft'",
+}
+NO_PACKING = ("on the unsloth backend the loss is Unsloth's own forward, which is not given the per-example "
+              "block mask, so packed examples would attend to each other; use backend='peft' for packing")
+
+
 @dataclasses.dataclass(frozen=True)
 class UnslothLoraOptions(TrainOptions):
     """The recipe's options; Unsloth supports ``method="lora"`` only and NF4 as its quantizer.
@@ -111,9 +121,18 @@ class UnslothLoraOptions(TrainOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.method in REFUSED:
+            raise InvalidOptionError(f"option method={self.method!r}: not on the unsloth backend. "
+                                     f"{REFUSED[self.method]}", field="method")
         if self.method != "lora":
             raise InvalidOptionError(f"option method={self.method!r}: the unsloth backend trains LoRA only; use "
-                                     "backend='peft' for DoRA and prompt tuning", field="method")
+                                     "backend='peft' for DoRA, IA3, prompt and prefix tuning", field="method")
+        if self.rslora or self.init != "default":
+            raise InvalidOptionError("options rslora / init: the unsloth backend hands only rank, alpha and dropout "
+                                     "to FastLanguageModel.get_peft_model; use backend='peft' for rsLoRA, PiSSA, "
+                                     "OLoRA and LoftQ", field="rslora" if self.rslora else "init")
+        if self.packing:
+            raise InvalidOptionError(f"option packing=True: {NO_PACKING}", field="packing")
         if self.upcast_embeddings:
             raise InvalidOptionError("option upcast_embeddings=True: Unsloth chooses the dtypes of the 4-bit "
                                      "model itself; use backend='peft' for PEFT's kbit recipe",
@@ -167,6 +186,8 @@ class UnslothBackend(TrainerBackend):
     methods: ClassVar[tuple[str, ...]] = ("lora",)
     objectives: ClassVar[tuple[str, ...]] = ("sft",)
     quantizers: ClassVar[tuple[str, ...] | None] = ("nf4",)
+    packing: ClassVar[bool] = False   # NO_PACKING says why
+    refused: ClassVar[dict[str, str]] = REFUSED
     requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "unsloth")
     extra: ClassVar[str | None] = "unsloth"
 

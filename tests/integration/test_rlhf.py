@@ -268,3 +268,26 @@ def test_rloo_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"reward_model=DIR"):
         llmtune.get_trainer("grpo", method="lora", max_steps=1, batch_size=2, progress=False).train(
             _tiny(tok), prompts, tokenizer=tok, output_dir=tmp_path / "run2")
+
+
+def test_malformed_ranking_names_file_line_field_through_the_rlhf_paths(tok: Any, tmp_path: Path) -> None:
+    import json
+
+    import llmtune
+    from llmtune.core.errors import ConfigError
+    from llmtune.trainers.rlhf.pairs import load_preference_groups, preference_groups
+
+    good = {"prompt": "What is Kopi O?", "responses": ["Black coffee.", "Tea."], "ranking": [0, 1]}
+    bad = {"prompt": "What is Teh C?", "responses": ["Tea with milk.", "Coffee."], "ranking": [0]}
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    trainer = llmtune.get_trainer("dpo", method="lora", max_steps=1, batch_size=1, progress=False)
+    with pytest.raises(ConfigError, match=r"prefs\.jsonl:2: field 'ranking'"):
+        trainer.train(_tiny(tok), str(path), tokenizer=tok, output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"prefs\.jsonl:2: field 'ranking'"):
+        load_preference_groups(str(path), tok)
+    with pytest.raises(ConfigError, match=r"data\S*1\S*: field 'ranking'"):  # a list of dicts: record 1
+        trainer.train(_tiny(tok), [good, bad], tokenizer=tok, output_dir=tmp_path / "run2")
+    missing = {"prompt": "What is Teh C?", "responses": ["Tea with milk.", "Coffee."]}
+    with pytest.raises(ConfigError, match=r"record 0: field 'ranking': missing"):
+        preference_groups([missing], tok)

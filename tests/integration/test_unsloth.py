@@ -134,6 +134,14 @@ def test_unsloth_options_reject_what_unsloth_cannot_do() -> None:
         UnslothLoraOptions(method="dora")
     with pytest.raises(InvalidOptionError, match="upcast_embeddings"):
         UnslothLoraOptions(upcast_embeddings=True)
+    with pytest.raises(InvalidOptionError, match="adapters would be skipped"):
+        UnslothLoraOptions(method="bottleneck")
+    for option in ({"rslora": True}, {"init": "pissa"}):
+        with pytest.raises(InvalidOptionError, match="rsLoRA, PiSSA"):
+            UnslothLoraOptions(**option)
+    with pytest.raises(InvalidOptionError, match="packed examples would attend"):
+        UnslothLoraOptions(packing=True)
+    assert UnslothLoraOptions(loraplus_ratio=16).loraplus_ratio == 16  # the shared loop's optimizer
     if importlib.util.find_spec("bitsandbytes") is None:
         return  # the quantizer checks need the nf4/fp4 quantizers (llmtune[bnb])
     with pytest.raises(InvalidOptionError, match="NF4"):
@@ -213,20 +221,24 @@ def test_unsloth_lora_finetunes_tiny_model_and_peft_reloads_adapter(tiny: dict[s
     assert reloaded["max_logit_change"] > 1e-4
 
 
-def test_unsloth_qlora_from_module_uses_4bit_and_cleans_up(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_unsloth_qlora_from_module_uses_4bit_and_cleans_up(tiny: dict[str, Any], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import tempfile
+
+    from llmtune.trainers.unsloth import UnslothBackend
 
     before = set(Path(tempfile.gettempdir()).glob("llmtune-unsloth-*"))
     seen: dict[str, Any] = {}
     trainer = llmtune.get_trainer("lora", backend="unsloth", rank=4, alpha=8, lr=3e-3, batch_size=4, max_steps=3,
                                   max_length=96, warmup=0, quantizer=llmtune.get_quantizer("nf4"), progress=False)
-    original = trainer._apply_adapter
+    original = UnslothBackend.apply_method
 
-    def spy(model: Any) -> Any:
+    def spy(self: UnslothBackend, model: Any, method: Any, ctx: Any) -> Any:
+        # what Unsloth loaded, just before LoRA is added to it
         seen["linear4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-        return original(model)
+        return original(self, model, method, ctx)
 
-    trainer._apply_adapter = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(UnslothBackend, "apply_method", spy)
     result = trainer.train(model=tiny["model"], tokenizer=tiny["tokenizer"], data=tiny["train"],
                            output_dir=tmp_path / "run")
     assert seen["linear4bit"] == 2 * 7  # every projection of both layers is NF4; lm_head stays 16/32-bit

@@ -51,7 +51,7 @@ def trained_text(tok: Any, example: Example) -> str:
 def test_loss_only_on_the_answer(tok: Any, template: str) -> None:
     (example,) = build_examples([ORDER], tok, template=template)
     assert tok.decode(example.input_ids) == render_text(ORDER, template, tok)
-    end = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "alpaca": "<|end_of_text|>", "tokenizer": "<|im_end|>\n"}
+    end = {"llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>", "chatml": "<|im_end|>", "alpaca": "<|end_of_text|>", "tokenizer": "<|im_end|>\n"}
     assert trained_text(tok, example) == ORDER["output"] + end[template]
     prompt, _ = render_prompt(ORDER, template, tok)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])

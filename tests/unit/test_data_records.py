@@ -94,7 +94,7 @@ def test_instruction_with_input_and_system_becomes_turns() -> None:
 def test_messages_take_precedence_then_instruction_then_text() -> None:
     assert detect_format({**CHAT, "text": "rendered"}) == "chat"
     assert detect_format({**INSTR, "text": "rendered"}) == "instruction"  # tatsu-lab/alpaca carries both
-    assert FORMATS == ("instruction", "chat", "text")
+    assert FORMATS == ("instruction", "chat", "sharegpt", "text")
 
 
 def test_json_array_keeps_line_numbers(tmp_path: Path) -> None:

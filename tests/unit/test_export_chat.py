@@ -27,7 +27,7 @@ def _messages(record: dict[str, Any]) -> list[dict[str, str]]:
     return to_messages(record)
 
 
-@pytest.mark.parametrize("template", ["llama3", "chatml", "alpaca"])
+@pytest.mark.parametrize("template", ["llama3", "chatml", "alpaca", "llama3.1"])
 @pytest.mark.parametrize("i", range(len(RECORDS)))
 def test_jinja_prompt_equals_llmtune_prompt(tok: Any, template: str, i: int) -> None:
     record = RECORDS[i]
@@ -37,7 +37,7 @@ def test_jinja_prompt_equals_llmtune_prompt(tok: Any, template: str, i: int) -> 
     assert rendered == render_prompt(record, template, tok)[0]
 
 
-@pytest.mark.parametrize("template", ["llama3", "alpaca"])
+@pytest.mark.parametrize("template", ["llama3", "alpaca", "llama3.1"])
 def test_jinja_full_conversation_equals_training_text(tok: Any, template: str) -> None:
     record = RECORDS[2]
     rendered = tok.apply_chat_template(_messages(record), chat_template=JINJA[template], tokenize=False)

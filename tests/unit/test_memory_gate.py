@@ -87,6 +87,27 @@ def test_model_spec_from_hub_id_and_error():
         model_spec("someone/unknown-model")
 
 
+def test_bottleneck_options_reach_the_estimator():
+    pytest.importorskip("bitsandbytes")
+    import llmtune
+    from llmtune.trainers.peft import PeftLoraOptions
+
+    opts = PeftLoraOptions(method="bottleneck", bottleneck_size=32, bottleneck_sites=("attn", "mlp"),
+                           bottleneck_placement="parallel", quantizer=llmtune.get_quantizer("nf4"))
+    kw, notes = training_arguments(opts, "peft")
+    assert kw["method"] == "bottleneck" and "weight_format" not in kw
+    assert kw["bottleneck_sites"] == ("attention", "mlp") and kw["bottleneck_size"] == 32
+    assert any("bottleneck on a quantized base" in n for n in notes)
+    spec = ModelSpec.from_preset("llama-3.2-1b")
+    from llmtune.memory.mechanisms import adapter_params
+
+    assert estimate_training(spec, **kw).peak_tensor_bytes > 0
+    # the memory model's count is the formula the trainer's bottleneck adapters have (tests/integration/test_bottleneck)
+    assert adapter_params(spec, "bottleneck", num_virtual_tokens=kw["num_virtual_tokens"], bottleneck_size=32,
+                          sites=kw["bottleneck_sites"]) == spec.num_layers * 2 * (2 * spec.hidden_size * 32 + 32
+                                                                                  + spec.hidden_size)
+
+
 def test_pretrain_options_add_only_irrelevant_fields():
     from llmtune.trainers._memory_gate import IRRELEVANT
     from llmtune.trainers.options import PretrainOptions, TrainOptions

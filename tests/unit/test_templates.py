@@ -32,7 +32,7 @@ CHAT = {"messages": [
 
 
 def test_templates_tuple() -> None:
-    assert TEMPLATES == ("llama3", "chatml", "alpaca", "tokenizer")
+    assert TEMPLATES == ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
 
 
 def test_llama3_exact(tok: Any) -> None:

@@ -106,3 +106,19 @@ def test_schema_lists_keys_and_trainer_options() -> None:
     s = schema()
     assert set(s["top_level"]) == set(TOP_LEVEL)
     assert "rank" in s["trainers"]["lora/peft"] and "loss_chunk_tokens" in s["trainers"]["lora/peft"]
+
+
+def test_new_methods_and_data_options_from_yaml(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    text = GOOD.replace("  rank: 8\n", "  method: bottleneck\n  bottleneck_size: 16\n  bottleneck_placement: parallel\n"
+                        "  bottleneck_sites: [attn, mlp]\n  template: llama3.1\n  train_on: last_turn\n"
+                        "  system_prompt: Be brief.\n")
+    opts = load_config(write(tmp_path, text)).trainer.options
+    assert opts.method == "bottleneck" and opts.bottleneck_sites == ("attn", "mlp")
+    assert opts.method_options().placement == "parallel" and opts.method_options().size == 16
+    assert (opts.template, opts.train_on, opts.system_prompt) == ("llama3.1", "last_turn", "Be brief.")
+    lora = load_config(write(tmp_path, GOOD.replace("  rank: 8\n", "  rank: 8\n  rslora: true\n  loraplus_ratio: 16\n"
+                                                   "  init: pissa\n"))).trainer.options
+    assert lora.method_options().scaling == 16 / 8 ** 0.5 and lora.loraplus_ratio == 16
+    with pytest.raises(ConfigError, match=r"train\.yaml:\d+.*bottleneck_placement"):
+        load_config(write(tmp_path, text.replace("placement: parallel", "placement: sideways")))

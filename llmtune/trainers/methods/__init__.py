@@ -3,6 +3,11 @@
 A method is a `Method` subclass (see `llmtune.trainers.methods.base`): ``apply(model, options)`` makes the
 right parameters trainable (wrapping the model if it needs to), ``save``/``load_weights`` write and read
 what it trains. Adding one is a module plus a line here (or `register_method` from a plugin).
+
+Besides PEFT's LoRA / DoRA (with rsLoRA scaling, PiSSA / OLoRA / LoftQ initialisation: `peft_methods`),
+IA3, prompt and prefix tuning, there are llmtune's own bottleneck adapters (LLM-Adapters, arXiv 2304.01933:
+series or parallel, after attention and/or MLP; `bottleneck`). Importing this package imports neither torch
+nor PEFT.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ METHODS: dict[str, str] = {
     "lora": "llmtune.trainers.methods.lora:LoRA",
     "dora": "llmtune.trainers.methods.lora:DoRA",
     "prompt_tuning": "llmtune.trainers.methods.prompt_tuning:PromptTuning",
+    "prefix_tuning": "llmtune.trainers.methods.prefix_tuning:PrefixTuning",
+    "ia3": "llmtune.trainers.methods.ia3:IA3",
+    "bottleneck": "llmtune.trainers.methods.bottleneck:Bottleneck",
     "full": "llmtune.trainers.methods.full:Full",
 }
 

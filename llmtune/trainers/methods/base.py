@@ -20,6 +20,8 @@ class Method:
     quantized_base: ClassVar[bool] = True
     #: keep the weights in fp32 under mixed precision (the optimizer updates the master copy)
     master_fp32: ClassVar[bool] = False
+    #: can train on packed examples (False for soft prompts: every packed example would share the virtual tokens)
+    packing: ClassVar[bool] = True
 
     @property
     def output_name(self) -> str:

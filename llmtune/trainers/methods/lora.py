@@ -1,4 +1,5 @@
-"""LoRA and DoRA through PEFT (``LoraConfig``; DoRA = ``use_dora=True``)."""
+"""LoRA and DoRA through PEFT (``LoraConfig``; DoRA = ``use_dora=True``), with rsLoRA scaling and the PiSSA /
+OLoRA / LoftQ initialisations (`llmtune.trainers.methods.peft_methods.LoraVariantOptions`)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,28 @@ from typing import Any, ClassVar
 from llmtune.trainers.methods.base import PeftMethod
 
 
+def lora_variant(options: Any, *, dora: bool) -> Any:
+    """The typed LoRA options (`LoraVariantOptions`) of a trainer's options."""
+    from llmtune.trainers.methods.peft_methods import LoraVariantOptions
+
+    return LoraVariantOptions(rank=options.rank, alpha=options.alpha, dropout=options.dropout,
+                              targets=options.targets, rslora=getattr(options, "rslora", False),
+                              init=getattr(options, "init", "default"), dora=dora)
+
+
 class LoRA(PeftMethod):
-    """Low-rank adapters on ``targets`` (rank, alpha, dropout)."""
+    """Low-rank adapters on ``targets`` (rank, alpha, dropout; ``rslora``, ``init``)."""
 
     name: ClassVar[str] = "lora"
     dora: ClassVar[bool] = False
 
     def peft_config(self, options: Any) -> Any:
-        from peft import LoraConfig, TaskType
+        config = lora_variant(options, dora=self.dora).peft_config()
+        if getattr(options, "peft_task_type", "") == "SEQ_CLS":  # a reward model: SEQ_CLS also trains its score head
+            from peft import TaskType
 
-        targets = options.targets if isinstance(options.targets, str) else list(options.targets)
-        # a reward model (objective "reward") is a sequence classifier: SEQ_CLS also trains its score head
-        task = TaskType.SEQ_CLS if getattr(options, "peft_task_type", "") == "SEQ_CLS" else TaskType.CAUSAL_LM
-        return LoraConfig(task_type=task, r=options.rank,
-                          lora_alpha=options.alpha,  # PEFT takes floats too
-                          lora_dropout=options.dropout, target_modules=targets, use_dora=self.dora)
+            config.task_type = TaskType.SEQ_CLS
+        return config
 
 
 class DoRA(LoRA):

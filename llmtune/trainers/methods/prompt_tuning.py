@@ -11,6 +11,7 @@ class PromptTuning(PeftMethod):
     """Only the virtual-token embeddings train; the base model is untouched."""
 
     name: ClassVar[str] = "prompt_tuning"
+    packing: ClassVar[bool] = False
 
     def peft_config(self, options: Any) -> Any:
         from peft import PromptTuningConfig, TaskType

@@ -60,17 +60,19 @@ class GroupData(TrainData):
 
 
 def _groups(data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
-    from llmtune.trainers.objectives.sft import load_records
+    """Preference groups from a file or dicts, validated by `llmtune.data.preference` (file:line:field errors)."""
+    import os
+
+    from llmtune.data.preference import load_preference_records
     from llmtune.trainers.rlhf.pairs import preference_groups
 
-    records: list[Any] = load_records(data, what)
-    try:  # the validated preference records of llmtune.data (file:line:field errors), where installed
-        from llmtune.data.preference import parse_preference  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # pragma: no cover - before llmtune.data.preference: the dicts as they are
-        pass
+    if isinstance(data, (str, os.PathLike)):
+        records = load_preference_records(str(data))
+    elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        records = load_preference_records(list(data), source=what)
     else:
-        where = getattr(records, "where", lambda i: f"{what}[{i}]")
-        records = [parse_preference(r, where(i)) for i, r in enumerate(records)]
+        raise ConfigError(f"{what} must be a path to .jsonl/.json/.csv or a list of preference records, "
+                          f"not {type(data).__name__}")
     groups = preference_groups(records, tokenizer, template=options.template, max_length=options.max_length)
     if not groups:
         raise ConfigError(f"{what}: no preference records")

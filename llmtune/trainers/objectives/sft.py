@@ -28,6 +28,12 @@ def load_records(data: Any, what: str) -> list[dict[str, Any]]:
                       f"examples, not {type(data).__name__}")
 
 
+def _turn_options(options: Any) -> dict[str, Any]:
+    """Which turns are learned (``train_on``) and the default system prompt, for `build_examples`."""
+    return {"train_on": getattr(options, "train_on", "assistant"),
+            "system_prompt": getattr(options, "system_prompt", None)}
+
+
 class Sft(Objective):
     """Next-token loss on the answer tokens of templated records (or on pre-tokenized examples' labels)."""
 
@@ -54,7 +60,7 @@ class Sft(Objective):
         else:
             examples = build_examples(load_records(data, what), tokenizer, template=options.template,
                                       max_length=options.max_length, train_on_prompt=options.train_on_prompt,
-                                      source=what)
+                                      source=what, **_turn_options(options))
         if options.packing:
             examples = pack_examples(examples, options.max_length)
         return list(examples)
@@ -76,9 +82,10 @@ class Sft(Objective):
         chosen = records if n == 0 else records[:n]
         prompts, refs = [], []
         for rec in chosen:
-            prompt, answer = render_prompt(rec, options.template, tokenizer)
+            prompt, answer = render_prompt(rec, options.template, tokenizer,
+                                           system_prompt=getattr(options, "system_prompt", None))
             prompts.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
             refs.append(answer.strip())
         examples = build_examples(chosen, tokenizer, template=options.template, max_length=options.max_length,
-                                  train_on_prompt=options.train_on_prompt, source="eval_data")
+                                  train_on_prompt=options.train_on_prompt, source="eval_data", **_turn_options(options))
         return EvalData(examples=list(examples), prompts=prompts, references=refs)

@@ -108,9 +108,17 @@ def group_texts(record: Any, template: str, tokenizer: PreTrainedTokenizerBase) 
 
 def preference_groups(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase, *, template: str = "llama3",
                       max_length: int = 1024, margin_per_rank: float = 0.0) -> list[Group]:
-    """Groups from parsed preference records (pairs and rankings), one per record."""
+    """Groups from preference records (pairs and rankings), one per record.
+
+    ``records``: `llmtune.data.preference` records (``PreferencePair`` / ``RankedRecord``), or dicts, which are
+    validated by `llmtune.data.preference.parse_preference` first (errors name the record and field).
+    """
+    from llmtune.data.preference import parse_preference
+
     groups = []
     for i, record in enumerate(records):
+        if isinstance(record, dict):
+            record = parse_preference(record, str(record.get("where") or f"record {i}"))
         prompt, texts, ranking = group_texts(record, template, tokenizer)
         where = str((record.get("where") if isinstance(record, dict) else getattr(record, "where", "")) or
                     f"record {i}")
@@ -121,7 +129,7 @@ def preference_groups(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase
 
 def load_preference_groups(data: Any, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> list[Group]:
     """Groups from a preference file (.jsonl/.json/.csv) or dicts, validated by `llmtune.data`'s preference records."""
-    from llmtune.data.preference import load_preference_records  # type: ignore[import-not-found,unused-ignore]
+    from llmtune.data.preference import load_preference_records
 
     return preference_groups(load_preference_records(data), tokenizer, **kwargs)
 
