@@ -130,7 +130,7 @@ class Objective:
 
     def scored_tokens(self, example: Example) -> int:
         """Tokens the loss scores in one example (labels shifted by one, -100 ignored)."""
-        return sum(1 for t in example.labels[1:] if t != -100)
+        return example.num_trained
 
     def loss(self, backend: TrainerBackend, model: Any, batch: Mapping[str, torch.Tensor],
              ctx: BackendContext) -> torch.Tensor:
