@@ -108,6 +108,8 @@ class Objective:
     """What is optimised: how training/eval data become examples, and the loss of a batch."""
 
     name: ClassVar[str] = ""
+    #: whether ``packing=True`` means something here (several records per row, each attending only to itself)
+    packs: ClassVar[bool] = False
     #: the options dataclass of trainers with this objective
     Options: ClassVar[type] = dataclasses.make_dataclass("NoObjectiveOptions", [])
 
