@@ -211,11 +211,25 @@ def _alpaca(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[
     return segments
 
 
+#: End-of-turn tokens of the templates llmtune renders (llama3/llama3.1, chatml) and Llama 3's end of text.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>")
+
+
 def _stop_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """End-of-answer tokens the tokenizer knows: eos, `<|eot_id|>`, `<|im_end|>`."""
+    """End-of-answer tokens the tokenizer knows: eos, then each of `END_OF_TURN_TOKENS` in its vocabulary."""
     vocab = tokenizer.get_vocab()
     tokens = [tokenizer.eos_token] if tokenizer.eos_token else []
-    return tokens + [t for t in ("<|eot_id|>", "<|im_end|>") if t in vocab and t not in tokens]
+    return tokens + [t for t in END_OF_TURN_TOKENS if t in vocab and t not in tokens]
+
+
+def any_template_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end an answer under any of llmtune's templates: eos first, then the end-of-turn tokens known."""
+    ids: list[int] = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    for token in _stop_tokens(tokenizer):
+        if token in vocab and vocab[token] not in ids:
+            ids.append(int(vocab[token]))
+    return ids
 
 
 def _from_tokenizer(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, where: str,

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmtune.core.errors import InvalidOptionError
+from llmtune.core.options import check_positive
 from llmtune.data.kopitiam import bundled_corpus, bundled_instructions, split_instructions
 
 if TYPE_CHECKING:
@@ -59,8 +60,7 @@ def tiny_llama_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
     """A small Llama config (hidden 128, 4 layers, 4 heads, 2 KV heads) with any field overridden."""
     from transformers import LlamaConfig
 
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-        raise InvalidOptionError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    check_positive("vocab_size", vocab_size)
     fields = {**_CONFIG_DEFAULTS, **overrides}
     rope_theta = fields.pop("rope_theta")
     config = LlamaConfig(vocab_size=vocab_size, **fields)
@@ -100,15 +100,10 @@ def build_tiny_model(
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The ids that end an answer in any of llmtune's templates: eos, `<|eot_id|>` and `<|im_end|>` if known."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for token in ("<|eot_id|>", "<|im_end|>"):
-        if token in vocab and vocab[token] not in ids:
-            ids.append(int(vocab[token]))
-    return ids
+    """The ids that end an answer in any of llmtune's templates (`llmtune.data.templates.any_template_stop_ids`)."""
+    from llmtune.data.templates import any_template_stop_ids
+
+    return any_template_stop_ids(tokenizer)
 
 
 def _default_tokenizer_texts() -> list[str]:
@@ -179,16 +174,14 @@ def pretrain(
     """Brief next-token pretraining (AdamW, warmup + cosine) on random windows of `texts`; returns each step's loss.
 
     Deterministic for a given seed on a given machine: windows are drawn from a seeded generator and the global
-    RNG is left untouched. The model is left in eval mode. Used by the demo and tests to get a model that has
-    learned some English before fine-tuning.
+    RNG is left untouched. The model is left in eval mode. A quick in-memory fixture for tests and benchmarks
+    (the demo pretrains with the `pretrain` trainer).
     """
     import torch
 
     for name, value in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidOptionError(f"pretrain: {name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise InvalidOptionError(f"pretrain: lr must be > 0, got {lr!r}")
+        check_positive(name, value)
+    check_positive("lr", lr, (int, float))
     texts = bundled_corpus() if texts is None else list(texts)
     stream = _token_stream(tokenizer, texts)
     if len(stream) < seq_len:

@@ -7,20 +7,7 @@ from typing import Any
 
 import torch
 
-#: End-of-turn tokens of the templates llmtune renders; generation stops at any of them that the tokenizer has.
-STOP_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>")
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The eos id plus the template end-of-turn tokens present in the tokenizer's vocabulary."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in STOP_TOKENS:
-        if tok in vocab and vocab[tok] not in ids:
-            ids.append(int(vocab[tok]))
-    return ids
+from llmtune.data.templates import any_template_stop_ids as stop_token_ids
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ class Support:
 def support_of(cls: Any) -> Support:
     """The row of a `RecipeTrainer` class."""
     from llmtune.trainers.methods import METHODS, get_method
-    from llmtune.trainers.objectives import OBJECTIVES
+    from llmtune.trainers.objectives import OBJECTIVES, objective_packs
 
     allowed = OBJECTIVES[cls.objective][1] if cls.objective in OBJECTIVES else None
     backend = cls.engine
@@ -38,7 +38,8 @@ def support_of(cls: Any) -> Support:
     if cls.objective not in backend.objectives:
         methods = ()
     quantized = tuple(m for m in methods if get_method(m).quantized_base)
-    packing = tuple(m for m in methods if backend.packing and get_method(m).packing)
+    packs = objective_packs(cls.objective)
+    packing = tuple(m for m in methods if packs and backend.packing and get_method(m).packing)
     refused = tuple((m, why) for m, why in backend.refused.items() if m not in methods)
     return Support(cls.name, cls.backend, cls.objective, methods, quantized, backend.quantizers, packing, refused)
 
@@ -69,12 +70,18 @@ def _describe(rows: list[Support]) -> str:
 
 def check_supported(trainer: Any, options: Any) -> None:
     """`InvalidOptionError` naming the supported combinations unless ``options`` fit this trainer's row."""
+    from llmtune.trainers.objectives import objective_packs
+
     row = support_of(type(trainer))
     method, q = options.method, options.quantizer
     why = dict(row.refused).get(method)
     if why is not None:
         raise InvalidOptionError(f"option method={method!r}: trainer {row.name!r} (backend {row.backend!r}) does "
                                  f"not train it: {why}")
+    if getattr(options, "packing", False) and not objective_packs(row.objective):
+        raise InvalidOptionError(f"option packing=True: objective {row.objective!r} does not pack (pretrain already "
+                                 "trains on fixed-length blocks of the streamed text; preference objectives score "
+                                 "whole sequences); packing is an sft option", field="packing")
     if getattr(options, "packing", False) and method in row.methods and method not in row.packing:
         where = (f"method {method!r} gives every packed example the same virtual tokens"
                  if row.packing else f"backend {row.backend!r} does not pass the per-example mask to its loss")

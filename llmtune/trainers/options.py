@@ -14,8 +14,8 @@ from typing import Any
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.interfaces import Quantizer
 from llmtune.core.options import check_choice, check_positive, check_type
+from llmtune.data.templates import TEMPLATES
 
-TEMPLATES = ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer")
 TRAIN_ON = ("assistant", "last_turn", "everything")
 #: Optimizer names, the same as `llmtune.memory.estimate_training(optimizer=...)` knows (less adafactor).
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "sgd_momentum")

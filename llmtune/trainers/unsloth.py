@@ -33,6 +33,7 @@ from torch import nn
 
 from llmtune.core.errors import BackendUnavailableError, ConfigError, InvalidOptionError
 from llmtune.core.versions import installed_version, release
+from llmtune.data.examples import IGNORE_INDEX
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
 from llmtune.trainers.options import TrainOptions
@@ -314,7 +315,7 @@ class UnslothBackend(TrainerBackend):
         back gives the exact sum, and a batch without labels gives 0 instead of NaN.
         """
         labels = batch["labels"]
-        count = (labels[:, 1:] != -100).sum().clamp(min=1)
+        count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
                     use_cache=False, num_items_in_batch=count)
         loss = out.loss if hasattr(out, "loss") else out[0]

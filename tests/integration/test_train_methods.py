@@ -251,6 +251,10 @@ def test_support_matrix_lists_the_new_methods_and_refusals() -> None:
         check_supported(trainer, TrainOptions(method="bottleneck"))
     with pytest.raises(InvalidOptionError, match="packing"):
         llmtune.get_trainer("sft", method="prompt_tuning", packing=True)
+    for name in ("pretrain", "dpo", "reward"):  # packing would be silently ignored there: refused instead
+        assert support_of(type(llmtune.get_trainer(name))).packing == ()
+        with pytest.raises(InvalidOptionError, match=f"objective '{name}' does not pack"):
+            llmtune.get_trainer(name, packing=True)
 
 
 def test_export_refuses_a_bottleneck_run(tok: Any, split: Any, tmp_path: Path) -> None:

@@ -31,6 +31,11 @@ def register_objective(name: str, target: str, methods: tuple[str, ...] | None =
     OBJECTIVES[name] = (target, methods)
 
 
+def objective_packs(name: str) -> bool:
+    """Whether objective ``name`` trains on packed rows when asked (``packing=True``)."""
+    return name in OBJECTIVES and type(get_objective(name)).packs
+
+
 def get_objective(name: str) -> Objective:
     """An instance of objective ``name``."""
     if name not in OBJECTIVES:
@@ -41,4 +46,4 @@ def get_objective(name: str) -> Objective:
     return objective
 
 
-__all__ = ["OBJECTIVES", "get_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "get_objective", "objective_packs", "register_objective"]

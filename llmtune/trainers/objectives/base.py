@@ -108,6 +108,8 @@ class Objective:
     """What is optimised: how training/eval data become examples, and the loss of a batch."""
 
     name: ClassVar[str] = ""
+    #: whether ``packing=True`` means something here (several records per row, each attending only to itself)
+    packs: ClassVar[bool] = False
     #: the options dataclass of trainers with this objective
     Options: ClassVar[type] = dataclasses.make_dataclass("NoObjectiveOptions", [])
 
@@ -130,7 +132,7 @@ class Objective:
 
     def scored_tokens(self, example: Example) -> int:
         """Tokens the loss scores in one example (labels shifted by one, -100 ignored)."""
-        return sum(1 for t in example.labels[1:] if t != -100)
+        return example.num_trained
 
     def loss(self, backend: TrainerBackend, model: Any, batch: Mapping[str, torch.Tensor],
              ctx: BackendContext) -> torch.Tensor:

@@ -37,6 +37,8 @@ def _turn_options(options: Any) -> dict[str, Any]:
 class Sft(Objective):
     """Next-token loss on the answer tokens of templated records (or on pre-tokenized examples' labels)."""
 
+    packs = True
+
     name: ClassVar[str] = "sft"
     Options: ClassVar[type] = TrainOptions
 
