@@ -123,7 +123,7 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str,
 
 DEFAULTS: dict[str, Any] = {
     "samples": 4, "rank_samples": 8, "temperature": 1.0, "rm_method": "lora", "rank_reference": True,
-    "rm_steps": 200, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 30, "rl_lr": 3e-4, "rl_prompts_per_step": 8,
+    "rm_steps": 200, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 60, "rl_lr": 3e-4, "rl_prompts_per_step": 8,
     "kl_coef": 2.0, "rank": 16, "alpha": 32,
     "max_new_tokens": 24,
 }
