@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 
 def usable_cores() -> int:
@@ -38,6 +39,21 @@ def choose_threads(option: int | str, *, cuda: bool) -> tuple[int, str]:
     idle = max(1, int(cores - load))
     n = min(default, idle)
     return n, f"auto: {cores} usable cores, load {load:.1f} -> {idle} idle; torch default {default}"
+
+
+def resumed_threads(output_dir: Any, threads: int, why: str) -> tuple[int, str]:
+    """For ``num_threads: auto`` on resume: the count the run used before (its ``config.json``), so the resumed
+    steps reduce in the same order and compute the same bits; ``(threads, why)`` unchanged when none is recorded."""
+    import json
+    from pathlib import Path
+
+    try:
+        before = json.loads((Path(output_dir) / "config.json").read_text()).get("num_threads")
+    except (OSError, ValueError, AttributeError):
+        return threads, why
+    if isinstance(before, int) and not isinstance(before, bool) and before >= 1:
+        return before, f"auto on resume: the run's earlier count ({before}; {why} now)"
+    return threads, why
 
 
 @contextlib.contextmanager

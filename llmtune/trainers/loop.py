@@ -246,9 +246,11 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
         resume: Any, callbacks: list[Any], overwrite: bool = False, allow_changes: tuple[str, ...] = ()
         ) -> TrainResult:
     """One training run of ``trainer`` (a `RecipeTrainer`) with ``options``; see the module doc."""
-    from llmtune.trainers._threads import choose_threads, thread_scope
+    from llmtune.trainers._threads import choose_threads, resumed_threads, thread_scope
 
     threads, why = choose_threads(options.num_threads, cuda=torch.cuda.is_available())
+    if resume and options.num_threads == "auto" and not overwrite:
+        threads, why = resumed_threads(output_dir, threads, why)
     backend = trainer.make_backend()
     try:
         with thread_scope(threads):
