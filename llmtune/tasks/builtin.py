@@ -101,6 +101,12 @@ class DataTask(Task):
             out.append([d for d in drawn if formats.clean(d) != formats.clean(doc)][:k])
         return out
 
+    def fewshot_contexts(self, docs: Sequence[Doc], text: Callable[[Doc], str],
+                         answer: Callable[[Doc], str]) -> list[str]:
+        """Each doc's prompt: its shots as ``text(shot) + " " + answer(shot)`` blocks, then ``text(doc)``."""
+        return ["".join(text(s) + " " + answer(s) + "\n\n" for s in shots) + text(doc)
+                for doc, shots in zip(docs, self.shots(docs))]
+
     def description(self, doc: Doc) -> str:
         return ""
 
@@ -264,10 +270,7 @@ class Gsm8kTask(DataTask):
         _no_kwargs(self, kwargs)
         scorer = as_scorer(model, tokenizer, batch_size, progress)
         docs = self.docs()
-        contexts = []
-        for doc, shots in zip(docs, self.shots(docs)):
-            fewshot = "".join(formats.gsm8k_text(s) + " " + s["answer"] + "\n\n" for s in shots)
-            contexts.append(fewshot + formats.gsm8k_text(doc))
+        contexts = self.fewshot_contexts(docs, formats.gsm8k_text, lambda s: s["answer"])
         outputs = scorer.generate_until([(c, list(self.until), self.options.max_new_tokens) for c in contexts])
         strict, flexible, per_item = [], [], []
         for i, (doc, out) in enumerate(zip(docs, outputs)):
@@ -295,11 +298,8 @@ class SquadTask(DataTask):
         _no_kwargs(self, kwargs)
         scorer = as_scorer(model, tokenizer, batch_size, progress)
         docs = self.docs()
-        contexts = []
-        for doc, shots in zip(docs, self.shots(docs)):
-            fewshot = "".join(formats.squad_text(s) + " " + (s["answers"]["text"] or ["unanswerable"])[0] + "\n\n"
-                              for s in shots)
-            contexts.append(fewshot + formats.squad_text(doc))
+        contexts = self.fewshot_contexts(docs, formats.squad_text,
+                                         lambda s: (s["answers"]["text"] or ["unanswerable"])[0])
         outputs = scorer.generate_until([(c, ["\n"], self.options.max_new_tokens) for c in contexts])
         exact, f1, per_item = [], [], []
         for i, (doc, out) in enumerate(zip(docs, outputs)):
