@@ -304,51 +304,114 @@ def _union_chunk(
     packed: PackedLines, chunk: np.ndarray, table: np.ndarray, table_base: np.ndarray, lid: np.ndarray,
     start: np.ndarray, blen: np.ndarray, first_flag: np.ndarray, last_flag: np.ndarray,
 ) -> np.ndarray:
-    """Union bit set (normal bit order) of each unit of ``chunk`` (sorted by candidate length ``blen``).
-
-    Matrices are column-major (``[column, unit]``) so that each lock-step column is contiguous.
-    """
-    n = len(chunk)
-    width = int(blen.max())
-    cell_unit = np.repeat(np.arange(n), blen)
-    cell_col = np.arange(len(cell_unit)) - np.repeat(np.cumsum(blen) - blen, blen)
-    at = np.repeat(start, blen) + cell_col
-    cell = cell_col * n + cell_unit
+    """Union bit set (normal bit order) of each unit of ``chunk`` (sorted by candidate length ``blen``)."""
+    lay = column_layout(blen, start)
     full = packed.full[chunk]
-    seg = reverse_bits(full)
-    masks_flat = np.zeros(width * n, dtype=np.uint64)
-    masks_flat[cell] = table[table_base[chunk][cell_unit] + lid[at]]
-    masks = masks_flat.reshape(width, n)
-    refill_flat = np.zeros(width * n, dtype=np.uint64)
-    refill_flat[cell] = np.where(first_flag[at], full[cell_unit], np.uint64(0))
-    refill = refill_flat.reshape(width, n)
-    end_fill_flat = np.zeros(width * n, dtype=np.uint64)
-    end_fill_flat[cell] = np.where(last_flag[at], seg[cell_unit], np.uint64(0))
-    end_fill = end_fill_flat.reshape(width, n)
-    running = np.searchsorted(blen, np.arange(width), side="right")  # units with blen > j are a suffix
-    history = np.empty((width + 1, n), dtype=np.uint64)
-    history[0] = full
+    masks = table[table_base[chunk][lay.rank] + lid[lay.cell]]
+    refill = np.where(first_flag[lay.cell], full[lay.rank], np.uint64(0))
+    end_fill = np.where(last_flag[lay.cell], reverse_bits(full)[lay.rank], np.uint64(0))
+    return _union_core(lay, masks, refill, end_fill, full, packed.seg_lo[chunk], packed.seg_top[chunk])
+
+
+@dataclasses.dataclass
+class ColumnLayout:
+    """The cells of rows sorted by length, column by column without padding: column ``j`` holds the rows
+    ``running[j]:`` (those longer than ``j``), in order, at ``lo[j]:lo[j + 1]``; per cell, ``rank`` is its
+    row's position in the sorted rows and ``cell`` its index in the caller's row-major cells."""
+
+    running: np.ndarray
+    lo: np.ndarray
+    rank: np.ndarray
+    cell: np.ndarray
+
+
+def column_layout(sorted_len: np.ndarray, cell_start: np.ndarray) -> ColumnLayout:
+    """`ColumnLayout` of rows with ascending lengths ``sorted_len`` whose cells start at ``cell_start``."""
+    n = len(sorted_len)
+    width = int(sorted_len[-1]) if n else 0
+    running = np.searchsorted(sorted_len, np.arange(width), side="right")
+    counts = n - running
+    lo = np.zeros(width + 1, dtype=np.int64)
+    np.cumsum(counts, out=lo[1:])
+    col = np.repeat(np.arange(width), counts)
+    rank = np.arange(int(lo[-1])) + np.repeat(running - lo[:-1], counts)
+    return ColumnLayout(running, lo, rank, cell_start[rank] + col)
+
+
+def _union_core(
+    lay: ColumnLayout, masks: np.ndarray, refill: np.ndarray, end_fill: np.ndarray, full: np.ndarray,
+    seg_lo: np.ndarray, seg_top: np.ndarray,
+) -> np.ndarray:
+    """The forward Hyyro pass (``V`` refilled where ``refill`` says, at candidate line starts) and the walk back
+    (`_walk_back`) of units whose candidate cells (`ColumnLayout` order) have match masks ``masks``
+    (``end_fill``: the reversed segment bits at candidate line ends)."""
+    n = len(full)
+    history = np.empty(len(masks), dtype=np.uint64)
+    v = full.copy()
     u = np.empty(n, dtype=np.uint64)
     w = np.empty(n, dtype=np.uint64)
-    for j in range(width):
-        k = int(running[j])
-        vk = history[j + 1, k:]
-        np.bitwise_or(history[j, k:], refill[j, k:], out=vk)
-        uk, wk = u[k:], w[k:]
-        np.bitwise_and(vk, masks[j, k:], out=uk)
+    lo, running = lay.lo.tolist(), lay.running.tolist()
+    for j, k in enumerate(running):
+        vk, uk, wk = v[k:], u[k:], w[k:]
+        vk |= refill[lo[j]:lo[j + 1]]
+        np.bitwise_and(vk, masks[lo[j]:lo[j + 1]], out=uk)
         np.add(vk, uk, out=wk)
         np.subtract(vk, uk, out=vk)
         vk |= wk
         vk &= full[k:]
-    lowest = reverse_bits(packed.seg_top[chunk])  # in reversed order each segment's top bit is its lowest
-    guard = reverse_bits(packed.seg_lo[chunk] >> _ONE)  # the free bit above each segment (reversed order)
-    union = _walk_back(reverse_bits(history), reverse_bits(masks), end_fill, seg, lowest, guard, running)
+        history[lo[j]:lo[j + 1]] = vk
+    lowest = reverse_bits(seg_top)  # in reversed order each segment's top bit is its lowest
+    guard = reverse_bits(seg_lo >> _ONE)  # the free bit above each segment (reversed order)
+    union = _walk_back(lay, reverse_bits(history), reverse_bits(masks), end_fill, reverse_bits(full), lowest,
+                       guard)
     return reverse_bits(union)
 
 
+def lcs_cells(masks: np.ndarray, cell_start: np.ndarray, blen: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """LCS length per row from its candidate's match masks: row ``r``'s column ``j`` (``j < blen[r]``) is
+    ``masks[cell_start[r] + j]``, the bit set of the reference positions holding that token; ``full``: the
+    reference's positions (``len <= 63`` low bits). Hyyro's recurrence for all rows in lock-step."""
+    by_len = np.argsort(blen, kind="stable")
+    lay = column_layout(blen[by_len], cell_start[by_len])
+    m = masks[lay.cell]
+    f = full[by_len]
+    v = f.copy()
+    n = len(f)
+    u = np.empty(n, dtype=np.uint64)
+    w = np.empty(n, dtype=np.uint64)
+    lo = lay.lo.tolist()
+    for j, k in enumerate(lay.running.tolist()):
+        vk, uk, wk = v[k:], u[k:], w[k:]
+        np.bitwise_and(vk, m[lo[j]:lo[j + 1]], out=uk)
+        np.add(vk, uk, out=wk)
+        np.subtract(vk, uk, out=vk)
+        vk |= wk
+        vk &= f[k:]
+    out = np.zeros(len(blen), dtype=np.int64)
+    out[by_len] = popcount(f) - popcount(v)
+    return out
+
+
+def union_cells(
+    masks: np.ndarray, line_first: np.ndarray, line_last: np.ndarray, cell_start: np.ndarray, blen: np.ndarray,
+    full: np.ndarray, seg_lo: np.ndarray, seg_top: np.ndarray,
+) -> np.ndarray:
+    """rougeLsum's union bit set per row whose reference lines all fit one 64-bit unit (`PackedLines` layout:
+    ``full``, ``seg_lo``, ``seg_top`` per row), from per-cell match masks as in `lcs_cells`; ``line_first`` /
+    ``line_last`` (bool per cell) mark the candidate's line starts and ends. See `union_lcs`."""
+    by_len = np.argsort(blen, kind="stable")
+    lay = column_layout(blen[by_len], cell_start[by_len])
+    f = full[by_len]
+    refill = np.where(line_first[lay.cell], f[lay.rank], np.uint64(0))
+    end_fill = np.where(line_last[lay.cell], reverse_bits(f)[lay.rank], np.uint64(0))
+    out = np.zeros(len(blen), dtype=np.uint64)
+    out[by_len] = _union_core(lay, masks[lay.cell], refill, end_fill, f, seg_lo[by_len], seg_top[by_len])
+    return out
+
+
 def _walk_back(
-    history: np.ndarray, masks: np.ndarray, end_fill: np.ndarray, seg: np.ndarray, lowest: np.ndarray,
-    guard: np.ndarray, running: np.ndarray,
+    lay: ColumnLayout, history: np.ndarray, masks: np.ndarray, end_fill: np.ndarray, seg: np.ndarray,
+    lowest: np.ndarray, guard: np.ndarray,
 ) -> np.ndarray:
     """rouge-score's ``_backtrack_norec`` for every segment of every unit, all candidate lines, in reversed bits.
 
@@ -356,19 +419,22 @@ def _walk_back(
     end of each candidate line). At column ``j`` the walk stops at the highest such row that matches token
     ``j - 1`` or has a 0 bit in column ``j`` (the lowest set bit of ``stop``, per segment); a match is a hit
     and leaves the rows below it, a 0 bit (a move left) keeps that row too; no such row ends the walk.
+    ``history``, ``masks``, ``end_fill``: per cell (`ColumnLayout` order) ``V`` after the column, the match
+    mask and the line-end refill.
     """
-    width, n = masks.shape
+    n = len(seg)
     alive = np.zeros(n, dtype=np.uint64)
     union = np.zeros(n, dtype=np.uint64)
     z_buf = np.empty(n, dtype=np.uint64)
     b_buf = np.empty(n, dtype=np.uint64)
-    for j in range(width, 0, -1):
-        k = int(running[j - 1])
+    lo, running = lay.lo.tolist(), lay.running.tolist()
+    for j in range(len(running) - 1, -1, -1):
+        k, cells = running[j], slice(lo[j], lo[j + 1])
         a = alive[k:]
-        a |= end_fill[j - 1, k:]
-        match = masks[j - 1, k:]
+        a |= end_fill[cells]
+        match = masks[cells]
         z, below = z_buf[k:], b_buf[k:]
-        np.invert(history[j, k:], out=z)
+        np.invert(history[cells], out=z)
         z |= match
         z &= a
         z |= guard[k:]

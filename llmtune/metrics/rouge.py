@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import threading
 from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
@@ -32,7 +31,7 @@ from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.core.options import check_type
 from llmtune.metrics import _porter
-from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, pack_lines, union_lcs
+from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, lcs_cells, pack_lines, popcount, union_cells, union_lcs
 from llmtune.metrics.base import CorpusMetric
 
 __all__ = [
@@ -139,138 +138,182 @@ def rouge_signature(options: RougeOptions, refs: str, impl: str) -> str:
 # Tokens as integer ids
 # ---------------------------------------------------------------------------------------------------------------
 
-
-class _Encoder:
-    """Maps words (ASCII bytes) to integer token ids after stemming, memoising every distinct word."""
-
-    NEWLINE = -1  # id of a line break (rougeLsum's sentence separator)
-    TEXT_END = -2  # id of the separator put between the texts of a corpus
-
-    def __init__(self, use_stemmer: bool) -> None:
-        self.use_stemmer = use_stemmer
-        self.word_ids: dict[bytes, int] = {_NEWLINE_MARK: self.NEWLINE, _TEXT_MARK: self.TEXT_END}
-        self.token_ids: dict[str, int] = {}
-
-    def _add(self, words: list[bytes]) -> None:
-        with _ENCODER_LOCK:  # ids are handed out by count: two threads must not hand out the same one
-            word_ids, token_ids = self.word_ids, self.token_ids
-            stem = _porter.stem
-            for w in words:
-                if w not in word_ids:
-                    text = w.decode("ascii")
-                    # A Porter stem of an [a-z0-9]{4,} word is never empty, so no token is dropped here.
-                    tok = stem(text) if self.use_stemmer and len(text) > 3 else text
-                    word_ids[w] = token_ids.setdefault(tok, len(token_ids))
-
-    def ids(self, words: list[bytes]) -> list[int]:
-        """The ids of split words (the line and text markers map to NEWLINE and TEXT_END)."""
-        try:
-            return list(map(self.word_ids.__getitem__, words))
-        except KeyError:
-            self._add(words)
-            return list(map(self.word_ids.__getitem__, words))
+_TEXT_SEP = "\x00"
+_LINE_MARK = 1  # byte of a line break after `_CLASS_TABLE` (rougeLsum's sentence separator)
+_TEXT_MARK = 2  # byte of the separator put between the texts of a corpus
+#: After lower-casing and ASCII-encoding (every non-ASCII character becomes "?"), keep a-z and 0-9,
+#: turn "\n" and the text separator into marker bytes, and everything else into a space.
+_CLASS_TABLE = bytes(
+    c if (48 <= c <= 57 or 97 <= c <= 122) else _LINE_MARK if c == 10 else _TEXT_MARK if c == 0 else 32
+    for c in range(256)
+)
+_CHUNK = 8  # bytes of a word per uint64 key column
+_MAX_KEY_BYTES = 32  # longer words get an id from a dict instead of key columns
+#: per key column k, per word length (capped at `_MAX_KEY_BYTES`), the mask of the word's bytes in that column
+_LOW_BYTES = np.array([[(1 << (8 * min(max(n - _CHUNK * k, 0), _CHUNK))) - 1 for n in range(_MAX_KEY_BYTES + 1)]
+                       for k in range(_MAX_KEY_BYTES // _CHUNK)], dtype=np.uint64)
+#: odd multipliers mixing the key columns into one hash (collisions are detected, then resolved exactly)
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64)
 
 
-_ENCODER_LOCK = threading.Lock()
-_ENCODERS: dict[bool, _Encoder] = {}
-_ENCODER_MAX_WORDS = 1 << 20  # a long-running process starts a fresh vocabulary past this many words
+def _word_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(buffer, starts, ends)``: the class-mapped bytes and the ``[a-z0-9]+`` runs in them."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    edge = np.zeros(len(buf) + 2, dtype=np.int8)
+    edge[1:-1] = buf >= 48
+    runs = np.flatnonzero(edge[1:] != edge[:-1])
+    return buf, runs[0::2], runs[1::2]
 
 
-def _encoder(use_stemmer: bool) -> _Encoder:
-    """The process-wide encoder (its word ids persist between calls: words are split and stemmed once)."""
-    enc = _ENCODERS.get(use_stemmer)
-    if enc is None or len(enc.word_ids) > _ENCODER_MAX_WORDS:
-        with _ENCODER_LOCK:
-            enc = _ENCODERS[use_stemmer] = _Encoder(use_stemmer)
-    return enc
+def _key_columns(data: bytes, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Each word as little-endian uint64 columns of its bytes (8 per column, zero-padded), shape (words, k); a
+    word longer than `_MAX_KEY_BYTES` becomes ``(0xFF << 56 | i, 0, ...)``, ``i`` its distinct index (no word
+    byte is 0xFF)."""
+    long_words = lens > _MAX_KEY_BYTES
+    short = lens[~long_words]
+    width = -(-int(short.max()) // _CHUNK) if len(short) else 1
+    raw = data + bytes(_CHUNK * width)
+    windows = np.ndarray(shape=(len(data),), dtype=np.dtype((np.void, _CHUNK * width)), buffer=raw, strides=(1,))
+    cols = windows[starts].view("<u8").reshape(-1, width)
+    capped = np.minimum(lens, _MAX_KEY_BYTES)
+    for k in range(width):
+        cols[:, k] &= _LOW_BYTES[k][capped]
+    if long_words.any():
+        where = np.flatnonzero(long_words)
+        ids: dict[bytes, int] = {}
+        text = [ids.setdefault(data[s:s + n], len(ids)) for s, n in zip(starts[where].tolist(), lens[where].tolist())]
+        cols[where] = 0
+        cols[where, 0] = np.uint64(0xFF << 56) | np.asarray(text, dtype=np.uint64)
+    return cols
+
+
+def sort_with_order(keys: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted keys, order)`` of non-negative integer keys below ``2**key_bits``, like ``keys[argsort]``;
+    when the key and its index fit in 64 bits together, one ``np.sort`` of ``key << bits | index`` (much faster
+    than ``argsort``). Equal keys keep their index order."""
+    n = len(keys)
+    idx_bits = max(1, (n - 1).bit_length())
+    if key_bits + idx_bits > 64:
+        order = np.argsort(keys, kind="stable")
+        return keys[order], order
+    packed = np.left_shift(keys.astype(np.uint64), np.uint64(idx_bits))
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
+    return (packed >> np.uint64(idx_bits)).astype(keys.dtype), order
+
+
+def _heads(sorted_keys: np.ndarray) -> np.ndarray:
+    """Bool per position of a sorted array: does a new value start here?"""
+    head = np.empty(len(sorted_keys), dtype=bool)
+    head[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=head[1:])
+    return head
+
+
+def _word_types(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(type, first)``: a dense id per distinct row of ``cols`` and one occurrence of each id.
+
+    Rows are grouped by a 64-bit hash (its top bits, with each row's index in the low bits, sorted once); every
+    group is then checked to hold one distinct row, else the rows are ranked exactly (``np.unique(axis=0)``).
+    """
+    n = len(cols)
+    h = cols[:, 0] * _MIX[0]
+    for k in range(1, cols.shape[1]):
+        h += cols[:, k] * _MIX[k % len(_MIX)]
+    idx_bits = max(1, (n - 1).bit_length())
+    sorted_h, order = sort_with_order(h >> np.uint64(idx_bits), 64 - idx_bits)
+    head = _heads(sorted_h)
+    differs = np.zeros(max(n - 1, 0), dtype=bool)
+    for k in range(cols.shape[1]):
+        ordered = cols[:, k][order]
+        differs |= ordered[1:] != ordered[:-1]
+    if (differs & ~head[1:]).any():  # a hash collision: exact ranks
+        _, types = np.unique(cols, axis=0, return_inverse=True)
+        types = types.reshape(-1)
+        first = np.empty(int(types.max(initial=-1)) + 1, dtype=np.int64)
+        first[types] = np.arange(n)
+        return types, first
+    types = np.empty(n, dtype=np.int64)
+    types[order] = np.cumsum(head) - 1
+    return types, order[head]
+
+
+def _token_ids(data: bytes, starts: np.ndarray, ends: np.ndarray, use_stemmer: bool) -> tuple[np.ndarray, int]:
+    """``(ids, vocab_size)``: the token id of every word, equal ids for equal tokens (after stemming)."""
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64), 1
+    types, first = _word_types(_key_columns(data, starts, ends - starts))
+    if not use_stemmer:
+        return types, len(first)
+    stem = _porter.stem
+    # A Porter stem of an [a-z0-9]{4,} word is never empty, and a word of digits is its own stem.
+    words = [data[s:e].decode("ascii") for s, e in zip(starts[first].tolist(), ends[first].tolist())]
+    stems = [stem(w) if len(w) > 3 and not w.isdigit() else w for w in words]
+    ids: dict[str, int] = {}
+    type_tok = np.fromiter((ids.setdefault(s, len(ids)) for s in stems), dtype=np.int64, count=len(stems))
+    return type_tok[types], len(ids)
+
+
+def _segment_sizes(starts: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """Number of words (by start offset, sorted) between consecutive separator offsets ``marks``."""
+    return np.diff(np.r_[0, np.searchsorted(starts, marks), len(starts)])
 
 
 def clear_caches() -> None:
-    """Forget every memoised word id and Porter stem (the first call after this pays for all of them)."""
-    with _ENCODER_LOCK:
-        _ENCODERS.clear()
+    """Forget every memoised Porter stem (the first call after this pays for all of them)."""
     _porter._CACHE.clear()
-
-
-_TEXT_SEP = "\x00"
-_NEWLINE_MARK = b"\x01"
-_TEXT_MARK = b"\x02"
-#: After lower-casing and ASCII-encoding (every non-ASCII character becomes "?"), keep a-z and 0-9,
-#: turn "\n" and the text separator into marker bytes, and everything else into a space.
-_ASCII_TABLE = bytes(
-    c if (48 <= c <= 57 or 97 <= c <= 122) else 1 if c == 10 else 2 if c == 0 else 32 for c in range(256)
-)
-
-
-def _split(text: str, lines: bool) -> list[bytes]:
-    """rouge-score's tokenization of (lower-cased) ``text`` as ASCII words, with line/text marker words.
-
-    Equal to ``re.findall("[a-z0-9]+", text.lower())`` (plus markers), several times faster: only ASCII
-    letters and digits survive rouge-score's tokenizer, so non-ASCII characters may be replaced by "?".
-    """
-    data = text.lower().encode("ascii", "replace").translate(_ASCII_TABLE)
-    if lines:
-        data = data.replace(_NEWLINE_MARK, b" \x01 ")
-    else:
-        data = data.replace(_NEWLINE_MARK, b" ")
-    return data.replace(_TEXT_MARK, b" \x02 ").split()
 
 
 class _Corpus:
     """Every text of a corpus tokenized once, as one flat array of token ids with text and line segments.
 
-    All texts are lower-cased and split with one regex call over their concatenation (separated by
-    NUL, which is a non-alphanumeric separator for rouge-score too); this is equal to tokenizing each
-    text alone because ``str.lower`` only looks at neighbours for the Greek final sigma (never ASCII).
-    Lines (rougeLsum's sentences) without tokens are left out: they add nothing to rougeLsum.
+    All texts are lower-cased, class-mapped (`_CLASS_TABLE`) and split in one pass over their concatenation
+    (separated by NUL, which is a non-alphanumeric separator for rouge-score too; a text containing NUL has
+    it replaced by a space first); this is equal to tokenizing each text alone because ``str.lower`` only
+    looks at neighbours for the Greek final sigma (never ASCII). Words become integer ids through their
+    bytes packed into uint64 columns (`_key_columns`), one ``np.unique``, and the stemmer once per distinct
+    word. Lines (rougeLsum's sentences) without tokens are left out: they add nothing to rougeLsum.
     """
 
-    def __init__(self, texts: list[str], enc: _Encoder, want_lines: bool) -> None:
+    def __init__(self, texts: list[str], use_stemmer: bool, want_lines: bool) -> None:
         joined = _TEXT_SEP.join(texts)
-        if joined.count(_TEXT_SEP) == len(texts) - 1:
-            ids = enc.ids(_split(joined, want_lines))
-        else:  # a text contains NUL itself: tokenize each text alone
-            ids = []
-            for k, text in enumerate(texts):
-                if k:
-                    ids.append(enc.TEXT_END)
-                ids += enc.ids(_split(text.replace(_TEXT_SEP, " "), want_lines))
-        arr = np.asarray(ids, dtype=np.int64)
-        keep = arr >= 0
+        if joined.count(_TEXT_SEP) != len(texts) - 1:  # a text contains NUL itself
+            joined = _TEXT_SEP.join(text.replace(_TEXT_SEP, " ") for text in texts)
+        data = joined.lower().encode("ascii", "replace").translate(_CLASS_TABLE)
+        buf, starts, ends = _word_bounds(data)
         n_texts = len(texts)
-        #: all token ids without separators, the text of each, each text's length and start in `flat`
-        self.flat = arr[keep]
-        self.text_of = np.cumsum(arr == enc.TEXT_END)[keep]
-        self.lengths = np.bincount(self.text_of, minlength=n_texts)
+        #: all token ids, the text of each, each text's length and start in `flat`
+        self.flat, self.vocab_size = _token_ids(data, starts, ends, use_stemmer)
+        self.lengths = _segment_sizes(starts, np.flatnonzero(buf == _TEXT_MARK))
         self.starts = np.cumsum(self.lengths) - self.lengths
-        self.vocab_size = max(len(enc.token_ids), 1)
+        self.text_of = np.repeat(np.arange(n_texts), self.lengths)
         #: non-empty lines: start in `flat`, length, text; the lines of text t are first_line[t]:first_line[t+1]
-        marks = np.flatnonzero(~keep)
-        seg_start = np.r_[0, marks + 1]
-        seg_len = np.r_[marks, len(arr)] - seg_start
-        seg_text = np.r_[0, np.cumsum(arr[marks] == enc.TEXT_END)]
-        nonempty = seg_len > 0
-        self.line_start = (seg_start - np.arange(len(seg_start)))[nonempty]  # k separators precede segment k
-        self.line_len = seg_len[nonempty]
-        self.line_text = seg_text[nonempty]
+        if want_lines:
+            marks = np.flatnonzero(buf <= _TEXT_MARK)
+            sizes = _segment_sizes(starts, marks)
+            nonempty = sizes > 0
+            self.line_start = (np.cumsum(sizes) - sizes)[nonempty]
+            self.line_len = sizes[nonempty]
+            self.line_text = np.r_[0, np.cumsum(buf[marks] == _TEXT_MARK)][nonempty]
+        else:
+            self.line_start = self.line_len = self.line_text = np.zeros(0, dtype=np.int64)
         self.first_line = np.searchsorted(self.line_text, np.arange(n_texts + 1))
-        self._flat_list: list[int] | None = None
-
-    def _tokens(self) -> list[int]:
-        if self._flat_list is None:
-            self._flat_list = self.flat.tolist()
-        return self._flat_list
 
     def ids(self, text: int) -> list[int]:
         """Token ids of one text, as a Python list."""
         start = int(self.starts[text])
-        return self._tokens()[start:start + int(self.lengths[text])]
+        return self.flat[start:start + int(self.lengths[text])].tolist()
 
     def lines(self, text: int) -> list[list[int]]:
         """Token ids of each non-empty line of one text, as Python lists."""
-        tokens = self._tokens()
         lo, hi = int(self.first_line[text]), int(self.first_line[text + 1])
-        return [tokens[st:st + ln] for st, ln in zip(self.line_start[lo:hi].tolist(), self.line_len[lo:hi].tolist())]
+        if lo == hi:
+            return []
+        start, end = int(self.line_start[lo]), int(self.line_start[hi - 1] + self.line_len[hi - 1])
+        tokens = self.flat[start:end].tolist()
+        return [tokens[st - start:st - start + ln]
+                for st, ln in zip(self.line_start[lo:hi].tolist(), self.line_len[lo:hi].tolist())]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,47 +322,60 @@ class _Corpus:
 
 
 _KEY_LIMIT = 1 << 62
+_ONE = np.uint64(1)
+_FEW_ROWS = 32  # below this many rows outside the batched paths, score them one by one
+
+
+def _ngram_codes(corpus: _Corpus, n: int) -> tuple[np.ndarray, int]:
+    """``(code, n_codes)``: per start position ``p`` of `_Corpus.flat`, an integer below ``n_codes`` naming the
+    n-gram ``flat[p:p + n]`` (ranked densely whenever the next extension could overflow int64)."""
+    flat, vocab = corpus.flat, corpus.vocab_size
+    code, n_codes = flat, vocab
+    for k in range(1, n):
+        if len(code) <= 1:
+            return code[:0], 1
+        if n_codes * vocab >= _KEY_LIMIT:
+            _, code = np.unique(code, return_inverse=True)
+            code, n_codes = code.reshape(-1), len(code)
+        code = code[:-1] * vocab + flat[k:]
+        n_codes *= vocab
+    return code, n_codes
+
+
+def _expand(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(owner, index)``: ``index`` runs over ``starts[i]:starts[i] + sizes[i]`` for every ``i`` (``owner``)."""
+    total = int(sizes.sum())
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    index = np.arange(total) + np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
+    return owner, index
 
 
 def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.ndarray) -> np.ndarray:
     """Per row, the clipped n-gram overlap ``sum_g min(count_pred(g), count_ref(g))``, for all rows at once.
 
-    Each n-gram gets an integer code (re-ranked with ``np.unique`` whenever it could overflow int64),
-    ``(text, code)`` occurrences are counted with one sort, and each row looks up its reference's
-    n-grams in its prediction's counts with ``searchsorted``. Integer-exact.
+    Every n-gram occurrence of a row's prediction and reference becomes the key ``(row, code, side)``; one sort
+    puts each row's equal n-grams side by side (prediction first), and the two run lengths give the overlap.
+    Integer-exact.
     """
-    flat, text_of = corpus.flat, corpus.text_of
-    n_texts = len(corpus.lengths)
-    code = flat
-    for k in range(1, n):
-        if len(code) <= 1:
-            code = code[:0]
-            break
-        combined = code[:-1] * corpus.vocab_size + flat[k:]
-        if (int(combined.max()) + 1) * max(corpus.vocab_size, n_texts + 1) < _KEY_LIMIT:
-            code = combined  # still room to extend it and to prefix the text: no re-ranking needed
-        else:
-            _, code = np.unique(combined, return_inverse=True)
-            code = code.reshape(-1)
-    starts = np.arange(len(code))
-    valid = text_of[starts] == text_of[starts + n - 1] if len(code) else np.zeros(0, dtype=bool)
-    n_codes = int(code.max()) + 1 if len(code) else 1
-    keys = text_of[starts[valid]] * n_codes + code[valid]
-    ukeys, counts = np.unique(keys, return_counts=True)
-    first = np.searchsorted(ukeys, np.arange(n_texts + 1) * n_codes)
-    # expand every row into the distinct n-grams of its reference
-    lo, hi = first[ref_text], first[ref_text + 1]
-    sizes = hi - lo
-    total = int(sizes.sum())
-    if total == 0:
-        return np.zeros(len(ref_text), dtype=np.int64)
-    row = np.repeat(np.arange(len(ref_text)), sizes)
-    entry = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes) + np.repeat(lo, sizes)
-    query = pred_text[row] * n_codes + ukeys[entry] % n_codes
-    pos = np.minimum(np.searchsorted(ukeys, query), len(ukeys) - 1)
-    pred_counts = np.where(ukeys[pos] == query, counts[pos], 0)
-    overlap = np.minimum(pred_counts, counts[entry])
-    return np.bincount(row, weights=overlap, minlength=len(ref_text)).astype(np.int64)
+    code, n_codes = _ngram_codes(corpus, n)
+    n_rows = len(pred_text)
+    if n_codes * 2 * n_rows >= _KEY_LIMIT:
+        _, code = np.unique(code, return_inverse=True)
+        code, n_codes = code.reshape(-1), max(len(code), 1)
+    keys = []
+    for side, texts in enumerate((pred_text, ref_text)):
+        row, at = _expand(corpus.starts[texts], np.maximum(corpus.lengths[texts] - n + 1, 0))
+        keys.append(row * (2 * n_codes) + code[at] * 2 + side)
+    sk = np.concatenate(keys)
+    sk.sort()
+    if len(sk) == 0:
+        return np.zeros(n_rows, dtype=np.int64)
+    first = np.flatnonzero(_heads(sk))
+    count = np.diff(np.r_[first, len(sk)])
+    key = sk[first]
+    both = np.flatnonzero((key[1:] >> 1) == (key[:-1] >> 1))  # (row, code) seen on both sides: runs i, i + 1
+    overlap = np.minimum(count[both], count[both + 1])
+    return np.bincount(key[both] // (2 * n_codes), weights=overlap, minlength=n_rows).astype(np.int64)
 
 
 def _masks(seq: list[int]) -> dict[int, int]:
@@ -431,44 +487,153 @@ def _summary_lcs_hits(ref_lines: list[list[int]], cand_lines: list[list[int]]) -
     return hits
 
 
-def _rouge_l_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> np.ndarray:
-    """LCS length of every (prediction, reference) row: vectorised where one side has <= 63 tokens."""
+@dataclasses.dataclass
+class _Join:
+    """Every row's reference tokens (side a) and prediction tokens (side b) grouped by ``(row, token)``, one sort.
+
+    ``a_row``/``a_off``/``a_at``: per reference token its row, offset in its text and index in `_Corpus.flat`
+    (rows in order, tokens in order; the same for ``b_*``); ``group``: per entry (a entries, then b entries)
+    its ``(row, token)`` group; ``order``/``first``: the entries sorted by group and where each group starts;
+    ``group_row``, ``count_a``, ``count_b``: per group its row and number of entries on each side.
+    """
+
+    a_row: np.ndarray
+    a_off: np.ndarray
+    a_at: np.ndarray
+    b_row: np.ndarray
+    b_off: np.ndarray
+    b_at: np.ndarray
+    group: np.ndarray
+    order: np.ndarray
+    first: np.ndarray
+    group_row: np.ndarray
+    count_a: np.ndarray
+    count_b: np.ndarray
+
+    def group_bits(self, a_bits: np.ndarray) -> np.ndarray:
+        """Per group, the OR (bits are distinct within a group: the sum) of its reference entries' ``a_bits``."""
+        values = np.zeros(len(self.order), dtype=np.uint64)
+        values[:len(a_bits)] = a_bits
+        return np.add.reduceat(values[self.order], self.first) if len(self.first) else values[:0]
+
+    def b_masks(self, a_bits: np.ndarray) -> np.ndarray:
+        """Per prediction token, the OR of ``a_bits`` over its row's reference tokens equal to it."""
+        return self.group_bits(a_bits)[self.group[len(self.a_row):]]
+
+
+def _join(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> _Join:
+    """`_Join` of the rows ``(pred_text[r], ref_text[r])``."""
+    vocab = corpus.vocab_size
+    a_row, a_at = _expand(corpus.starts[ref_text], corpus.lengths[ref_text])
+    b_row, b_at = _expand(corpus.starts[pred_text], corpus.lengths[pred_text])
+    stride = 2 * vocab
+    keys = np.concatenate([a_row * stride + corpus.flat[a_at] * 2, b_row * stride + corpus.flat[b_at] * 2 + 1])
+    sorted_keys, order = sort_with_order(keys, (len(pred_text) * stride).bit_length())
+    head = _heads(sorted_keys >> 1)
+    first = np.flatnonzero(head)
+    group = np.empty(len(keys), dtype=np.int64)
+    group[order] = np.cumsum(head) - 1
+    n_a, n_groups = len(a_at), len(first)
+    return _Join(
+        a_row, a_at - corpus.starts[ref_text][a_row], a_at, b_row, b_at - corpus.starts[pred_text][b_row], b_at,
+        group, order, first, sorted_keys[first] // stride, np.bincount(group[:n_a], minlength=n_groups),
+        np.bincount(group[n_a:], minlength=n_groups),
+    )
+
+
+def _unigram_hits(join: _Join, n_rows: int) -> np.ndarray:
+    """rouge1's clipped overlap per row, from the join's per-group counts."""
+    overlap = np.minimum(join.count_a, join.count_b)
+    return np.bincount(join.group_row, weights=overlap, minlength=n_rows).astype(np.int64)
+
+
+def _row_starts(lengths: np.ndarray) -> np.ndarray:
+    return np.cumsum(lengths) - lengths
+
+
+def _rouge_l_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray, join: _Join) -> np.ndarray:
+    """LCS length of every (prediction, reference) row: vectorised where one side has <= 63 tokens (rows with a
+    short reference straight from the join's match masks), in Python integers where both are longer."""
     lens_p, lens_r = corpus.lengths[pred_text], corpus.lengths[ref_text]
     out = np.zeros(len(pred_text), dtype=np.int64)
     both = (lens_p > 0) & (lens_r > 0)
     short_ref = both & (lens_r <= MAX_BITS)
+    rows = np.flatnonzero(short_ref)
+    if len(rows):
+        a_bits = np.left_shift(_ONE, np.minimum(join.a_off, MAX_BITS).astype(np.uint64))
+        full = np.left_shift(_ONE, np.minimum(lens_r, MAX_BITS).astype(np.uint64)) - _ONE
+        out[rows] = lcs_cells(join.b_masks(a_bits), _row_starts(lens_p)[rows], lens_p[rows], full[rows])
     short_pred = both & ~short_ref & (lens_p <= MAX_BITS)
-    for rows, a, b in ((short_ref, ref_text, pred_text), (short_pred, pred_text, ref_text)):
-        idx = np.flatnonzero(rows)
-        if len(idx):  # the LCS is symmetric: put the short side in the bit vector
-            ta, tb = a[idx], b[idx]
-            out[idx] = lcs_batch(corpus.flat, corpus.starts[ta], corpus.lengths[ta], corpus.starts[tb],
-                                 corpus.lengths[tb], corpus.vocab_size)[0]
+    idx = np.flatnonzero(short_pred)
+    if len(idx) < _FEW_ROWS:  # a handful of rows: Python integers cost less than the batch's set-up
+        short_pred[idx] = False
+    elif len(idx):  # the LCS is symmetric: put the short side in the bit vector
+        tp, tr = pred_text[idx], ref_text[idx]
+        out[idx] = lcs_batch(corpus.flat, corpus.starts[tp], corpus.lengths[tp], corpus.starts[tr],
+                             corpus.lengths[tr], corpus.vocab_size)[0]
     for row in np.flatnonzero(both & ~short_ref & ~short_pred).tolist():
         out[row] = _lcs_length(corpus.ids(int(ref_text[row])), corpus.ids(int(pred_text[row])))
     return out
 
 
-def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> np.ndarray:
-    """rougeLsum hit count of every row (see `_summary_lcs_hits`), vectorised where every reference line
-    has <= 63 tokens: one `lcs_batch` over all (reference line, prediction line) pairs, back-tracked, then
-    hits = sum over tokens x of min(x's positions in the union LCSs, x's count in the prediction)."""
+def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray, join: _Join) -> np.ndarray:
+    """rougeLsum hit count of every row (see `_summary_lcs_hits`): rows whose reference lines fit one 64-bit
+    unit straight from the join (`_one_unit_lsum_hits`), rows whose reference lines have <= 63 tokens each
+    through `_packed_lsum_hits`, the others in Python integers."""
     n_rows = len(pred_text)
     out = np.zeros(n_rows, dtype=np.int64)
     first = corpus.first_line
     r0, n_r = first[ref_text], first[ref_text + 1] - first[ref_text]
     n_c = first[pred_text + 1] - first[pred_text]
+    one_unit = (n_r > 0) & (n_c > 0) & (corpus.lengths[ref_text] + n_r <= MAX_BITS + 1)
+    if one_unit.any():
+        out[one_unit] = _one_unit_lsum_hits(corpus, pred_text, ref_text, join, one_unit)[one_unit]
     longest = np.zeros(len(first) - 1, dtype=np.int64)
     has_lines = np.flatnonzero(first[1:] > first[:-1])
     if len(has_lines):
         longest[has_lines] = np.maximum.reduceat(corpus.line_len, first[has_lines])
     fast = longest[ref_text] <= MAX_BITS
-    rows = np.flatnonzero(fast & (n_r > 0) & (n_c > 0))
-    if len(rows):
+    rows = np.flatnonzero(fast & (n_r > 0) & (n_c > 0) & ~one_unit)
+    if len(rows) < _FEW_ROWS:  # a handful of rows: Python integers cost less than the batch's set-up
+        fast[rows] = False
+    else:
         out[rows] = _packed_lsum_hits(corpus, pred_text[rows], r0[rows], n_r[rows])
-    for row in np.flatnonzero(~fast).tolist():
+    for row in np.flatnonzero(~fast & ~one_unit).tolist():
         out[row] = _summary_lcs_hits(corpus.lines(int(ref_text[row])), corpus.lines(int(pred_text[row])))
     return out
+
+
+def _one_unit_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray, join: _Join,
+                        rows: np.ndarray) -> np.ndarray:
+    """rougeLsum hits of the ``rows`` (a bool mask) whose reference lines, each followed by a guard bit, fit in
+    64 bits: each reference token's bit is its offset plus its line's index (`PackedLines` layout), the
+    candidate's match masks come from the join, and hits = sum over tokens of min(union bits, count in the
+    prediction), per group. Other rows get 0."""
+    line_of = np.repeat(np.arange(len(corpus.line_len)), corpus.line_len)  # lines partition `flat`
+    ref_first_line = corpus.first_line[ref_text]
+    in_rows = rows[join.a_row]
+    bit = join.a_off + line_of[join.a_at] - ref_first_line[join.a_row]
+    a_bits = np.where(in_rows, np.left_shift(_ONE, np.minimum(bit, MAX_BITS).astype(np.uint64)), np.uint64(0))
+    idx = np.flatnonzero(rows)
+    line_row, line = _expand(ref_first_line[idx], corpus.first_line[ref_text[idx] + 1] - ref_first_line[idx])
+    lo = (corpus.line_start[line] - corpus.starts[ref_text[idx]][line_row]
+          + line - ref_first_line[idx][line_row]).astype(np.uint64)
+    top = lo + (corpus.line_len[line] - 1).astype(np.uint64)
+    row_first = np.flatnonzero(np.r_[True, line_row[1:] != line_row[:-1]])
+    seg_lo = np.add.reduceat(np.left_shift(_ONE, lo), row_first)
+    seg_top = np.add.reduceat(np.left_shift(_ONE, top), row_first)
+    full = np.add.reduceat(np.left_shift(_ONE, top + _ONE) - np.left_shift(_ONE, lo), row_first)
+    starts_flag = np.zeros(len(corpus.flat), dtype=bool)
+    starts_flag[corpus.line_start] = True
+    ends_flag = np.zeros(len(corpus.flat), dtype=bool)
+    ends_flag[corpus.line_start + corpus.line_len - 1] = True
+    lens_p = corpus.lengths[pred_text]
+    union = np.zeros(len(pred_text), dtype=np.uint64)
+    union[idx] = union_cells(join.b_masks(a_bits), starts_flag[join.b_at], ends_flag[join.b_at],
+                             _row_starts(lens_p)[idx], lens_p[idx], full, seg_lo, seg_top)
+    in_union = popcount(union[join.group_row] & join.group_bits(a_bits))
+    return np.bincount(join.group_row, weights=np.minimum(in_union, join.count_b), minlength=len(pred_text)
+                       ).astype(np.int64)
 
 
 def _packed_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_first: np.ndarray, ref_n: np.ndarray) -> np.ndarray:
@@ -557,7 +722,7 @@ class NumpyRouge(RougeTemplate):
         preds: list[str], refs: list[list[str]], types: tuple[str, ...], use_stemmer: bool,
     ) -> dict[str, np.ndarray]:
         want_lsum = "rougeLsum" in types
-        corpus = _Corpus([*preds, *chain.from_iterable(refs)], _encoder(use_stemmer), want_lsum)
+        corpus = _Corpus([*preds, *chain.from_iterable(refs)], use_stemmer, want_lsum)
         # One row per (prediction, reference); texts are numbered predictions first, then references.
         group = np.repeat(np.arange(len(preds)), [len(g) for g in refs])
         pred_text = group
@@ -565,17 +730,18 @@ class NumpyRouge(RougeTemplate):
         n_pred = corpus.lengths[pred_text]
         n_ref = corpus.lengths[ref_text]
 
+        join = _join(corpus, pred_text, ref_text)
         stats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for t in types:
             if t in ("rougeL", "rougeLsum"):
                 continue
             n = int(t[5:])
-            hits = _ngram_hits(corpus, n, pred_text, ref_text)
+            hits = _unigram_hits(join, len(pred_text)) if n == 1 else _ngram_hits(corpus, n, pred_text, ref_text)
             stats[t] = (hits, np.maximum(n_pred - n + 1, 0), np.maximum(n_ref - n + 1, 0))
         if "rougeL" in types:
-            stats["rougeL"] = (_rouge_l_hits(corpus, pred_text, ref_text), n_pred, n_ref)
+            stats["rougeL"] = (_rouge_l_hits(corpus, pred_text, ref_text, join), n_pred, n_ref)
         if want_lsum:
-            stats["rougeLsum"] = (_rouge_lsum_hits(corpus, pred_text, ref_text), n_pred, n_ref)
+            stats["rougeLsum"] = (_rouge_lsum_hits(corpus, pred_text, ref_text, join), n_pred, n_ref)
 
         out: dict[str, np.ndarray] = {}
         multi = len(group) != len(preds)
