@@ -166,24 +166,25 @@ def _word_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _key_columns(data: bytes, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Each word as little-endian uint64 columns of its bytes (8 per column, zero-padded), shape (words, k); a
+    """Each word as little-endian uint64 columns of its bytes (8 per column, zero-padded), shape (k, words); a
     word longer than `_MAX_KEY_BYTES` becomes ``(0xFF << 56 | i, 0, ...)``, ``i`` its distinct index (no word
     byte is 0xFF)."""
     long_words = lens > _MAX_KEY_BYTES
     short = lens[~long_words]
     width = -(-int(short.max()) // _CHUNK) if len(short) else 1
     raw = data + bytes(_CHUNK * width)
-    windows = np.ndarray(shape=(len(data),), dtype=np.dtype((np.void, _CHUNK * width)), buffer=raw, strides=(1,))
-    cols = windows[starts].view("<u8").reshape(-1, width)
+    windows = np.ndarray(shape=(len(raw) - _CHUNK + 1,), dtype=np.dtype((np.void, _CHUNK)), buffer=raw, strides=(1,))
     capped = np.minimum(lens, _MAX_KEY_BYTES)
+    cols = np.empty((width, len(starts)), dtype=np.uint64)
     for k in range(width):
-        cols[:, k] &= _LOW_BYTES[k][capped]
+        cols[k] = windows[starts + _CHUNK * k].view("<u8")
+        cols[k] &= _LOW_BYTES[k][capped]
     if long_words.any():
         where = np.flatnonzero(long_words)
         ids: dict[bytes, int] = {}
         text = [ids.setdefault(data[s:s + n], len(ids)) for s, n in zip(starts[where].tolist(), lens[where].tolist())]
-        cols[where] = 0
-        cols[where, 0] = np.uint64(0xFF << 56) | np.asarray(text, dtype=np.uint64)
+        cols[:, where] = 0
+        cols[0, where] = np.uint64(0xFF << 56) | np.asarray(text, dtype=np.uint64)
     return cols
 
 
@@ -212,24 +213,24 @@ def _heads(sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def _word_types(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(type, first)``: a dense id per distinct row of ``cols`` and one occurrence of each id.
+    """``(type, first)``: a dense id per word (column of ``cols``, shape (k, words)) and one occurrence of each id.
 
-    Rows are grouped by a 64-bit hash (its top bits, with each row's index in the low bits, sorted once); every
-    group is then checked to hold one distinct row, else the rows are ranked exactly (``np.unique(axis=0)``).
+    Words are grouped by a 64-bit hash (its top bits, with each word's index in the low bits, sorted once); every
+    group is then checked to hold one distinct word, else the words are ranked exactly (``np.unique(axis=0)``).
     """
-    n = len(cols)
-    h = cols[:, 0] * _MIX[0]
-    for k in range(1, cols.shape[1]):
-        h += cols[:, k] * _MIX[k % len(_MIX)]
+    n = cols.shape[1]
+    h = cols[0] * _MIX[0]
+    for k in range(1, len(cols)):
+        h += cols[k] * _MIX[k % len(_MIX)]
     idx_bits = max(1, (n - 1).bit_length())
     sorted_h, order = sort_with_order(h >> np.uint64(idx_bits), 64 - idx_bits)
     head = _heads(sorted_h)
     differs = np.zeros(max(n - 1, 0), dtype=bool)
-    for k in range(cols.shape[1]):
-        ordered = cols[:, k][order]
+    for col in cols:
+        ordered = col[order]
         differs |= ordered[1:] != ordered[:-1]
     if (differs & ~head[1:]).any():  # a hash collision: exact ranks
-        _, types = np.unique(cols, axis=0, return_inverse=True)
+        _, types = np.unique(cols.T, axis=0, return_inverse=True)
         types = types.reshape(-1)
         first = np.empty(int(types.max(initial=-1)) + 1, dtype=np.int64)
         first[types] = np.arange(n)
@@ -350,6 +351,19 @@ def _expand(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return owner, index
 
 
+def _positions(corpus: _Corpus, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row, at, off)`` of every token of the texts ``texts[row]``: its index in `_Corpus.flat` and its offset
+    in its text, rows in order (a slice of the corpus when ``texts`` are consecutive, as with one reference)."""
+    if len(texts) and texts[-1] - texts[0] == len(texts) - 1 and (np.diff(texts) == 1).all():
+        t0 = int(texts[0])
+        lo, hi = int(corpus.starts[t0]), int(corpus.starts[texts[-1]] + corpus.lengths[texts[-1]])
+        text = corpus.text_of[lo:hi]
+        at = np.arange(lo, hi)
+        return text - t0, at, at - corpus.starts[text]
+    row, at = _expand(corpus.starts[texts], corpus.lengths[texts])
+    return row, at, at - corpus.starts[texts][row]
+
+
 def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.ndarray) -> np.ndarray:
     """Per row, the clipped n-gram overlap ``sum_g min(count_pred(g), count_ref(g))``, for all rows at once.
 
@@ -364,7 +378,10 @@ def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.nda
         code, n_codes = code.reshape(-1), max(len(code), 1)
     keys = []
     for side, texts in enumerate((pred_text, ref_text)):
-        row, at = _expand(corpus.starts[texts], np.maximum(corpus.lengths[texts] - n + 1, 0))
+        row, at, off = _positions(corpus, texts)
+        if n > 1:
+            keep = off + n <= corpus.lengths[texts][row]
+            row, at = row[keep], at[keep]
         keys.append(row * (2 * n_codes) + code[at] * 2 + side)
     sk = np.concatenate(keys)
     sk.sort()
@@ -492,29 +509,30 @@ class _Join:
     """Every row's reference tokens (side a) and prediction tokens (side b) grouped by ``(row, token)``, one sort.
 
     ``a_row``/``a_off``/``a_at``: per reference token its row, offset in its text and index in `_Corpus.flat`
-    (rows in order, tokens in order; the same for ``b_*``); ``group``: per entry (a entries, then b entries)
-    its ``(row, token)`` group; ``order``/``first``: the entries sorted by group and where each group starts;
-    ``group_row``, ``count_a``, ``count_b``: per group its row and number of entries on each side.
+    (rows in order, tokens in order); ``b_at`` the same for the prediction tokens; ``group``: per entry (a
+    entries, then b entries) its ``(row, token)`` group; ``a_sorted``/``a_groups``/``a_first``: the a entries in
+    group order, the groups that have some and where each starts there; ``group_row``, ``count_a``,
+    ``count_b``: per group its row and number of entries on each side.
     """
 
     a_row: np.ndarray
     a_off: np.ndarray
     a_at: np.ndarray
-    b_row: np.ndarray
-    b_off: np.ndarray
     b_at: np.ndarray
     group: np.ndarray
-    order: np.ndarray
-    first: np.ndarray
+    a_sorted: np.ndarray
+    a_groups: np.ndarray
+    a_first: np.ndarray
     group_row: np.ndarray
     count_a: np.ndarray
     count_b: np.ndarray
 
     def group_bits(self, a_bits: np.ndarray) -> np.ndarray:
         """Per group, the OR (bits are distinct within a group: the sum) of its reference entries' ``a_bits``."""
-        values = np.zeros(len(self.order), dtype=np.uint64)
-        values[:len(a_bits)] = a_bits
-        return np.add.reduceat(values[self.order], self.first) if len(self.first) else values[:0]
+        out = np.zeros(len(self.count_a), dtype=np.uint64)
+        if len(self.a_sorted):
+            out[self.a_groups] = np.add.reduceat(a_bits[self.a_sorted], self.a_first)
+        return out
 
     def b_masks(self, a_bits: np.ndarray) -> np.ndarray:
         """Per prediction token, the OR of ``a_bits`` over its row's reference tokens equal to it."""
@@ -524,8 +542,8 @@ class _Join:
 def _join(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> _Join:
     """`_Join` of the rows ``(pred_text[r], ref_text[r])``."""
     vocab = corpus.vocab_size
-    a_row, a_at = _expand(corpus.starts[ref_text], corpus.lengths[ref_text])
-    b_row, b_at = _expand(corpus.starts[pred_text], corpus.lengths[pred_text])
+    a_row, a_at, a_off = _positions(corpus, ref_text)
+    b_row, b_at, _ = _positions(corpus, pred_text)
     stride = 2 * vocab
     keys = np.concatenate([a_row * stride + corpus.flat[a_at] * 2, b_row * stride + corpus.flat[b_at] * 2 + 1])
     sorted_keys, order = sort_with_order(keys, (len(pred_text) * stride).bit_length())
@@ -534,11 +552,11 @@ def _join(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> _Join
     group = np.empty(len(keys), dtype=np.int64)
     group[order] = np.cumsum(head) - 1
     n_a, n_groups = len(a_at), len(first)
-    return _Join(
-        a_row, a_at - corpus.starts[ref_text][a_row], a_at, b_row, b_at - corpus.starts[pred_text][b_row], b_at,
-        group, order, first, sorted_keys[first] // stride, np.bincount(group[:n_a], minlength=n_groups),
-        np.bincount(group[n_a:], minlength=n_groups),
-    )
+    count_a = np.bincount(group[:n_a], minlength=n_groups)
+    a_groups = np.flatnonzero(count_a)
+    a_first = (np.cumsum(count_a) - count_a)[a_groups]
+    return _Join(a_row, a_off, a_at, b_at, group, order[order < n_a], a_groups, a_first,
+                 sorted_keys[first] // stride, count_a, np.bincount(group[n_a:], minlength=n_groups))
 
 
 def _unigram_hits(join: _Join, n_rows: int) -> np.ndarray:
