@@ -220,9 +220,11 @@ def encode(lines: list[str], name: str, lowercase: bool) -> tuple[np.ndarray, np
         lines = [line.rstrip() for line in lines]
     text = _joined_13a(lines) if name == "13a" and lines else None
     if text is not None:
-        return _encode_13a_text(text, len(lines))
+        encoded = _encode_words(text, len(lines), "13a")
+        if encoded is not None:
+            return encoded
     if name == "intl" and lines:
-        encoded = _encode_intl_text(lines)
+        encoded = _encode_words(" \0 ".join(lines), len(lines), "intl", lines)
         if encoded is not None:
             return encoded
     if name == "char":
@@ -352,6 +354,194 @@ def _encode_intl_text(lines: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
     stream = np.fromiter(chain.from_iterable(parts), dtype=np.int64)
     bounds = np.concatenate([[-1], np.flatnonzero(stream < 0), [stream.size]])
     return stream[stream >= 0], np.diff(bounds) - 1
+
+
+# --- whole-corpus encoders: words found with NumPy, each distinct word tokenized once ------------------------
+_WS_CLASS = bytes(0 if chr(c).isspace() else 2 if c == 0 else 1 for c in range(128)) + bytes([1]) * 128
+_UNI_SPACE: re.Pattern[str] | None = None  # the non-ASCII characters str.split() splits on (all in the BMP)
+_UNI_SPACE_TABLE: dict[int, int] = {}
+_MEMO: dict[tuple[str, str], tuple[str, ...]] = {}  # (tokenizer, word) -> tokens between whitespace
+_EDGE_MEMO: dict[tuple[str, bool, bool], tuple[str, ...]] = {}  # (word, left, right) -> intl tokens at a line edge
+
+
+def clear_caches() -> None:
+    """Forget every memoised word expansion (the next call tokenizes every distinct word again)."""
+    with _CACHE_LOCK:
+        _MEMO.clear()
+        _EDGE_MEMO.clear()
+
+
+def _byte_words(text: str) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """``(data, starts, ends, seps)``: ``text`` as UTF-8, the byte spans of its ``str.split()`` words (NUL is
+    a separator, not part of a word) and the offsets of its NUL characters."""
+    import numpy as np
+
+    global _UNI_SPACE
+    if not text.isascii():
+        if _UNI_SPACE is None:
+            spaces = [chr(c) for c in range(0x80, 0x3001) if chr(c).isspace()]
+            _UNI_SPACE_TABLE.update({ord(c): 32 for c in spaces})
+            _UNI_SPACE = re.compile(f"[{''.join(spaces)}]")
+        if _UNI_SPACE.search(text):
+            text = text.translate(_UNI_SPACE_TABLE)
+    data = text.encode("utf-8", "surrogatepass")
+    cls = np.frombuffer(data.translate(_WS_CLASS), dtype=np.uint8)
+    edge = np.zeros(len(cls) + 2, dtype=np.int8)
+    edge[1:-1] = cls == 1
+    runs = np.flatnonzero(edge[1:] != edge[:-1])
+    return data, runs[0::2], runs[1::2], np.flatnonzero(cls == 2)
+
+
+def _expansions(name: str, words: list[str]) -> list[tuple[str, ...]]:
+    """Tokens of each distinct word between whitespace (``13a``: `expand_13a`, ``intl``: `_intl_word`), memoised;
+    the words not memoised yet go through the rules together (`_batch_13a`, `_batch_intl`)."""
+    memo = _MEMO
+    out: list[tuple[str, ...] | None] = [memo.get((name, w)) for w in words]
+    missing = [i for i, toks in enumerate(out) if toks is None]
+    if missing:
+        todo = [words[i] for i in missing]
+        done = _batch_13a(todo) if name == "13a" else _batch_intl(todo, True, True)
+        with _CACHE_LOCK:
+            if len(memo) > _CACHE_MAX_WORDS:
+                memo.clear()
+            for i, w, toks in zip(missing, todo, done):
+                memo[(name, w)] = out[i] = toks
+    return out  # type: ignore[return-value]
+
+
+def _batch_13a(words: list[str]) -> list[tuple[str, ...]]:
+    r"""`expand_13a` of many words in one pass of each rule over ``" w1 \n w2 \n ... "``: the "\n" (never a rule
+    character) only ever neighbours spaces, so no match reaches it and each word sees the spaces it would alone."""
+    out: list[tuple[str, ...] | None] = [None] * len(words)
+    rest = []
+    for i, w in enumerate(words):
+        if w.isalnum():
+            out[i] = (w,)
+        elif w[-1] in ".," and w[:-1].isalnum():
+            out[i] = (w[:-1], w[-1])
+        else:
+            rest.append(i)
+    if rest:
+        joined = " \n ".join(words[i] for i in rest)
+        text = f" {joined.translate(_RULE1_TABLE)} "
+        if "." in text or "," in text:
+            text = _RULE2.sub(_r2, text)
+            text = _RULE3.sub(_r3, text)
+        if "-" in text:
+            text = _RULE4.sub(_r2, text)
+        for i, part in zip(rest, text.split("\n")):
+            out[i] = tuple(part.split())
+    return out  # type: ignore[return-value]
+
+
+def _batch_intl(words: list[str], left: bool, right: bool) -> list[tuple[str, ...]]:
+    r"""`_intl_word` of many words with the same context, in one pass of each rule over the words joined by "\n".
+
+    A whitespace side is a space; a line edge is the digit "0", which no rule can use (it is neither P nor S, and
+    next to it \P{N} fails just as at the edge), then is taken off the first / last token. "\n" only neighbours
+    spaces and those digits, so no match reaches it."""
+    out: list[tuple[str, ...] | None] = [None] * len(words)
+    rest = []
+    for i, w in enumerate(words):
+        if w.isalnum():
+            out[i] = (w,)
+        else:
+            rest.append(i)
+    if not rest:
+        return out  # type: ignore[return-value]
+    pre, post = " " if left else "0", " " if right else "0"
+    text = _post_intl("\n".join(f"{pre}{words[i]}{post}" for i in rest))
+    for i, part in zip(rest, text.split("\n")):
+        toks = part.split()
+        if not left:
+            toks[0] = toks[0][1:]
+        if not right:
+            toks[-1] = toks[-1][:-1]
+        out[i] = tuple(t for t in toks if t)
+    return out  # type: ignore[return-value]
+
+
+def _flatten(entry: np.ndarray, entry_tokens: list[tuple[str, ...]], word_line: np.ndarray, n_lines: int,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (equal tokens, equal ids) of the words whose token tuples are ``entry_tokens[entry[i]]``, and
+    the tokens per line (``word_line``: each word's line)."""
+    import numpy as np
+
+    token_id: dict[str, int] = {}
+    table = np.fromiter((token_id.setdefault(t, len(token_id)) for toks in entry_tokens for t in toks),
+                        dtype=np.int64, count=sum(map(len, entry_tokens)))
+    n_of = np.fromiter(map(len, entry_tokens), dtype=np.int64, count=len(entry_tokens))
+    count = n_of[entry]
+    total = int(count.sum())
+    start = (np.cumsum(n_of) - n_of)[entry]
+    ids = table[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
+    lens = np.bincount(word_line, weights=count, minlength=n_lines).astype(np.int64)
+    return ids, lens
+
+
+def _edge_tokens(keys: list[tuple[str, bool, bool]]) -> list[tuple[str, ...]]:
+    """`_intl_word` of each ``(word, left, right)``, memoised; the missing ones batched by context."""
+    memo = _EDGE_MEMO
+    out: list[tuple[str, ...] | None] = [memo.get(key) for key in keys]
+    by_context: dict[tuple[bool, bool], list[int]] = {}
+    for i, toks in enumerate(out):
+        if toks is None:
+            by_context.setdefault(keys[i][1:], []).append(i)
+    for (left, right), idx in by_context.items():
+        done = _batch_intl([keys[i][0] for i in idx], left, right)
+        with _CACHE_LOCK:
+            if len(memo) > _CACHE_MAX_WORDS:
+                memo.clear()
+            for i, toks in zip(idx, done):
+                memo[keys[i]] = out[i] = toks
+    return out  # type: ignore[return-value]
+
+
+def _encode_words(text: str, n_lines: int, name: str, lines: list[str] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """`encode` of ``text`` (the lines joined by ``" \\0 "``; for 13a after `_joined_13a`) with NumPy words:
+    None if the NUL count does not match. For intl (``lines`` given), the first and last word of a line are
+    redone with their real context when they are not alphanumeric (intl does not pad lines)."""
+    import numpy as np
+
+    from llmtune.metrics._wordkeys import word_ids
+
+    data, starts, ends, seps = _byte_words(text)
+    if seps.size != n_lines - 1:
+        return None
+    types, first = word_ids(data, starts, ends)
+    words = [data[s:e].decode("utf-8", "surrogatepass") for s, e in zip(starts[first].tolist(), ends[first].tolist())]
+    entry_tokens = _expansions(name, words)
+    word_line = np.searchsorted(seps, starts)
+    if lines is not None and len(starts):
+        types = _intl_edges(lines, words, types, word_line, entry_tokens)
+    return _flatten(types, entry_tokens, word_line, n_lines)
+
+
+def _intl_edges(lines: list[str], words: list[str], types: np.ndarray, word_line: np.ndarray,
+                entry_tokens: list[tuple[str, ...]]) -> np.ndarray:
+    """Per word, its entry in ``entry_tokens`` (appended to): the word's own, or for a non-alphanumeric first /
+    last word of a line, the tokens of ``(word, left, right)`` in its line's real context."""
+    import numpy as np
+
+    n_words = len(types)
+    head = np.flatnonzero(np.r_[True, word_line[1:] != word_line[:-1]])
+    tail = np.r_[head[1:], n_words] - 1
+    plain = np.fromiter((w.isalnum() for w in words), dtype=bool, count=len(words))
+    edge = np.unique(np.r_[head, tail])
+    edge = edge[~plain[types[edge]]]
+    if edge.size == 0:
+        return types
+    entry = types.copy()
+    is_head = np.isin(edge, head)
+    is_tail = np.isin(edge, tail)
+    keys = [(t, lines[line][0].isspace() if h else True, lines[line][-1].isspace() if tl else True)
+            for line, t, h, tl in zip(word_line[edge].tolist(), types[edge].tolist(), is_head.tolist(),
+                                      is_tail.tolist())]
+    combos = {key: len(entry_tokens) + k for k, key in enumerate(dict.fromkeys(keys))}
+    entry_tokens.extend(_edge_tokens([(words[t], left, right) for t, left, right in combos]))
+    entry[edge] = [combos[key] for key in keys]
+    return entry
 
 
 _WHITESPACE: np.ndarray | None = None

@@ -22,7 +22,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
-from itertools import chain
+from itertools import chain, pairwise
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +31,7 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import LazyMapping
 from llmtune.metrics._bleu_tokenizers import encode as _encode
+from llmtune.metrics._wordkeys import heads
 from llmtune.metrics.base import SignedCorpusMetric
 
 #: sacrebleu version whose behaviour (and signature format) this module reproduces.
@@ -46,6 +47,9 @@ SMOOTH_DEFAULTS: dict[str, float | int | None] = {"none": None, "floor": 0.1, "a
 MAX_NGRAM_ORDER = 100
 _SACRE_ONLY = ("tokenize", "smooth_method", "smooth_value", "lowercase", "effective_order", "max_ngram_order")
 _NLTK_ONLY = ("smoothing", "weights", "auto_reweigh")
+_KEY_LIMIT = 1 << 62
+#: tokens per block of `sacre_segment_stats`
+BLOCK_TOKENS = int(__import__("os").environ.get("BBLK", 1 << 13))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,18 +187,6 @@ class SegmentStats:
     n_refs: list[int]
 
 
-def _unique_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    codes = np.sort(codes)
-    if codes.size == 0:
-        return codes, codes.copy()
-    edge = np.empty(codes.size, dtype=bool)
-    edge[0] = True
-    np.not_equal(codes[1:], codes[:-1], out=edge[1:])
-    starts = np.flatnonzero(edge)
-    counts = np.diff(np.append(starts, codes.size))
-    return codes[starts], counts
-
-
 def segment_stats(hyps: list[list[str]], refs: list[list[list[str]]], max_order: int) -> SegmentStats:
     """`segment_stats_ids` for token lists (hypotheses, then each segment's references)."""
     lines = hyps + [r for group in refs for r in group]
@@ -209,28 +201,10 @@ def segment_stats_ids(ids: np.ndarray, lens: np.ndarray, n_refs: list[int], max_
     """Clipped n-gram matches (max count over references), n-gram totals and lengths per segment.
 
     ``ids``: token ids of every line, flat (the S hypotheses, then the references of segment 0, 1, ...);
-    ``lens``: tokens per line; ``n_refs``: references per segment. A token that no hypothesis uses can never
-    match, so reference n-grams containing one are dropped. The n-gram of order n starting at position i is
-    ``key_n[i] = key_{n-1}[i] * V + id[i+n-1]`` (re-numbered densely when it would not fit in int64), and
-    counts per (segment, n-gram) come from one sort per order.
+    ``lens``: tokens per line; ``n_refs``: references per segment. Counts come from `_order_matches`, one sort
+    per order.
     """
     n_seg = len(n_refs)
-    n_lines = lens.size
-    n_tok = int(lens.sum())
-    n_hyp_tok = int(lens[:n_seg].sum())
-    v = int(ids.max(initial=0)) + 1
-    in_vocab = np.zeros(v, dtype=bool)
-    in_vocab[ids[:n_hyp_tok]] = True
-    in_vocab = in_vocab[ids]
-    starts = np.zeros(n_lines, dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    line_of = np.repeat(np.arange(n_lines, dtype=np.int64), lens)
-    room = (starts + lens)[line_of] - np.arange(n_tok, dtype=np.int64)  # tokens left in the line from here
-    # segment of every line: hypotheses 0..S-1, then each reference's segment
-    seg_of_line = np.concatenate([np.arange(n_seg, dtype=np.int64),
-                                  np.repeat(np.arange(n_seg, dtype=np.int64), n_refs)])
-    multi = any(k > 1 for k in n_refs)
-
     hyp_len = lens[:n_seg].copy()
     ref_lens = lens[n_seg:]
     # closest reference length, ties -> the shorter one
@@ -240,56 +214,68 @@ def segment_stats_ids(ids: np.ndarray, lens: np.ndarray, n_refs: list[int], max_
     first = np.zeros(n_seg, dtype=np.int64)
     np.cumsum(np.asarray(n_refs[:-1], dtype=np.int64), out=first[1:])
     ref_len = np.minimum.reduceat(keyed, first) % big if n_seg else np.zeros(0, dtype=np.int64)
-
-    correct = np.zeros((n_seg, max_order), dtype=np.int64)
     total = np.maximum(hyp_len[:, None] - np.arange(max_order, dtype=np.int64)[None, :], 0)
+    # per line: its segment and side (0: hypothesis, k: k-th reference of its segment)
+    seg_of_line = np.concatenate([np.arange(n_seg, dtype=np.int64),
+                                  np.repeat(np.arange(n_seg, dtype=np.int64), n_refs)])
+    side_of_line = np.concatenate([np.zeros(n_seg, dtype=np.int64), np.arange(len(ref_lens)) - np.repeat(first, n_refs) + 1])
+    correct = _order_matches(ids, lens, seg_of_line, side_of_line, n_seg, max(n_refs, default=1) + 1, max_order)
+    return SegmentStats(hyp_len, ref_len, correct, total, n_refs)
 
-    key = np.where(in_vocab, ids, 0)
-    ok = in_vocab
-    space = v  # keys of the current order lie in [0, space)
+
+def _order_matches(ids: np.ndarray, lens: np.ndarray, seg_of_line: np.ndarray, side_of_line: np.ndarray, n_seg: int,
+                   n_sides: int, max_order: int) -> np.ndarray:
+    """``correct[s, n-1]``: the clipped matches of order n in segment s, ``sum_g min(count_hyp(g), max_ref
+    count_ref(g))``.
+
+    The n-gram at position i has the code ``code_n[i] = code_{n-1}[i] << b | id[i+n-1]`` (``b`` bits per token;
+    ranked densely when it would overflow int64); every n-gram occurrence becomes the key ``(segment, code,
+    side)`` (side 0: the hypothesis, k: the k-th reference), and one ``np.sort`` per order puts equal (segment,
+    n-gram) pairs side by side, hypothesis first: the run lengths are the counts.
+    """
+    n_tok = ids.size
+    correct = np.zeros((n_seg, max_order), dtype=np.int64)
+    if n_tok == 0 or n_seg == 0:
+        return correct
+    line_of = np.repeat(np.arange(lens.size, dtype=np.int64), lens)
+    room = np.repeat(np.cumsum(lens), lens) - np.arange(n_tok)  # tokens left in the line from each position
+    seg, side = seg_of_line[line_of], side_of_line[line_of]
+    side_bits, seg_bits = (n_sides - 1).bit_length(), max(n_seg - 1, 1).bit_length()
+    tok_bits = max(int(ids.max()), 1).bit_length()
+    code, code_bits = ids, tok_bits
     for n in range(1, max_order + 1):
         if n > 1:
-            m = n_tok - n + 1
-            if m <= 0:
-                break
-            if space * v >= 2**62:
-                _, inv = np.unique(np.where(ok[:m + 1], key[:m + 1], -1), return_inverse=True)
-                key = inv.reshape(-1).astype(np.int64)
-                space = int(key.max(initial=0)) + 1
-            key = key[:m] * v + np.where(in_vocab[n - 1:], ids[n - 1:], 0)
-            ok = ok[:m] & in_vocab[n - 1:]
-            space *= v
-        valid = (room[:key.size] >= n) & ok
-        hyp_pos = np.flatnonzero(valid[:n_hyp_tok])
-        if hyp_pos.size == 0:
-            continue
-        ref_pos = np.flatnonzero(valid[n_hyp_tok:]) + n_hyp_tok
-        if space * max(n_seg, n_lines) >= 2**62:  # re-number so that (line, key) codes fit in int64
-            both = np.concatenate([key[hyp_pos], key[ref_pos]])
-            uniq, inv = np.unique(both, return_inverse=True)
-            inv = inv.reshape(-1).astype(np.int64)
-            hk, rk, width = inv[:hyp_pos.size], inv[hyp_pos.size:], int(uniq.size)
-        else:
-            hk, rk, width = key[hyp_pos], key[ref_pos], space
-        h_codes, h_counts = _unique_counts(line_of[hyp_pos] * width + hk)
-        if multi:
-            r_line_codes, r_line_counts = _unique_counts(line_of[ref_pos] * width + rk)
-            r_seg_codes = seg_of_line[r_line_codes // width] * width + r_line_codes % width
-            order = np.lexsort((r_line_counts, r_seg_codes))
-            r_sorted = r_seg_codes[order]
-            last = np.ones(r_sorted.size, dtype=bool)
-            if r_sorted.size:
-                np.not_equal(r_sorted[1:], r_sorted[:-1], out=last[:-1])
-            r_codes, r_counts = r_sorted[last], r_line_counts[order][last]
-        else:
-            r_codes, r_counts = _unique_counts(seg_of_line[line_of[ref_pos]] * width + rk)
-        if r_codes.size == 0:
-            continue
-        idx = np.searchsorted(r_codes, h_codes)
-        idx[idx == r_codes.size] = 0
-        matched = np.where(r_codes[idx] == h_codes, np.minimum(h_counts, r_counts[idx]), 0)
-        correct[:, n - 1] = np.bincount(h_codes // width, weights=matched, minlength=n_seg).astype(np.int64)
-    return SegmentStats(hyp_len, ref_len, correct, total, n_refs)
+            if code_bits + tok_bits + seg_bits + side_bits > 62:
+                _, inv = np.unique(code, return_inverse=True)
+                code, code_bits = inv.reshape(-1), max(int(inv.max()), 1).bit_length()
+            code = (code[:-1] << tok_bits) | ids[n - 1:]
+            code_bits += tok_bits
+        valid = np.flatnonzero(room[:code.size] >= n)
+        if valid.size == 0:
+            break
+        keys = (((seg[valid] << code_bits) | code[valid]) << side_bits) | side[valid]
+        keys.sort()
+        correct[:, n - 1] = _clipped_counts(keys, side_bits, code_bits + side_bits, n_seg, n_sides == 2)
+    return correct
+
+
+def _clipped_counts(keys: np.ndarray, side_bits: int, seg_shift: int, n_seg: int, single: bool) -> np.ndarray:
+    """Per segment, ``sum_g min(hypothesis count, largest reference count)`` from sorted ``(segment, code, side)``
+    keys (``single``: one reference per segment, so a group has at most a hypothesis run and a reference run)."""
+    run = np.flatnonzero(heads(keys))
+    run_count = np.diff(np.r_[run, keys.size])
+    run_key = keys[run]
+    group_key = run_key >> side_bits
+    if single:  # runs i, i + 1 of one group: hypothesis, then reference
+        pair = np.flatnonzero(group_key[1:] == group_key[:-1])
+        matched = np.minimum(run_count[pair], run_count[pair + 1])
+        return np.bincount(run_key[pair] >> seg_shift, weights=matched, minlength=n_seg).astype(np.int64)
+    first = np.flatnonzero(heads(group_key))
+    is_ref = (run_key & ((1 << side_bits) - 1)) > 0
+    hyp = np.where(is_ref[first], 0, run_count[first])
+    best_ref = np.maximum.reduceat(np.where(is_ref, run_count, 0), first)
+    return np.bincount(run_key[first] >> seg_shift, weights=np.minimum(hyp, best_ref), minlength=n_seg
+                       ).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -477,9 +463,37 @@ class NumpyBleu(BleuTemplate):
             st = segment_stats(hyp_toks, ref_toks, opts.order)
             return ({"bleu": _nltk_corpus(st, hyp_toks, ref_toks, opts)},
                     LazyMapping(["bleu"], lambda: {"bleu": _nltk_sentences(st, hyp_toks, ref_toks, opts)}))
-        ids, lens = _encode(preds + [r for group in refs for r in group], opts.tokenizer, bool(opts.lowercase))
-        st = segment_stats_ids(ids, lens, [len(group) for group in refs], opts.order)
+        st = sacre_segment_stats(preds, refs, opts)
         return _sacre_corpus(st, opts), LazyMapping(["bleu"], lambda: {"bleu": _sacre_sentences(st, opts)})
+
+
+def sacre_segment_stats(preds: list[str], refs: list[list[str]], opts: BleuOptions) -> SegmentStats:
+    """`segment_stats_ids` of the sacrebleu definition: the corpus is tokenized at once, then counted in
+    consecutive blocks of about `BLOCK_TOKENS` tokens (the statistics of a segment do not depend on the others,
+    and small blocks keep every array small enough to stay in cache and be reused from block to block)."""
+    n_refs = [len(g) for g in refs]
+    ids, lens = _encode(preds + [r for g in refs for r in g], opts.tokenizer, bool(opts.lowercase))
+    n_seg = len(preds)
+    hyp_lens, ref_lens = lens[:n_seg], lens[n_seg:]
+    ref_first = np.zeros(n_seg + 1, dtype=np.int64)
+    np.cumsum(n_refs, out=ref_first[1:])
+    hyp_end = np.cumsum(hyp_lens)
+    ref_end = np.cumsum(ref_lens)
+    seg_tokens = hyp_end + ref_end[ref_first[1:] - 1]
+    cuts = np.searchsorted(seg_tokens, np.arange(BLOCK_TOKENS, int(seg_tokens[-1]) if n_seg else 0, BLOCK_TOKENS))
+    bounds = [0, *sorted({int(c) + 1 for c in cuts if c + 1 < n_seg}), n_seg]
+    if len(bounds) == 2:
+        return segment_stats_ids(ids, lens, n_refs, opts.order)
+    hyp_start = hyp_end - hyp_lens
+    ref_start = np.r_[0, ref_end] + hyp_end[-1]
+    parts = []
+    for a, b in pairwise(bounds):
+        ra, rb = int(ref_first[a]), int(ref_first[b])
+        block_ids = np.concatenate([ids[hyp_start[a]:hyp_end[b - 1]], ids[ref_start[ra]:ref_start[rb]]])
+        block_lens = np.concatenate([hyp_lens[a:b], ref_lens[ra:rb]])
+        parts.append(segment_stats_ids(block_ids, block_lens, n_refs[a:b], opts.order))
+    return SegmentStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hyp_len", "ref_len", "correct",
+                                                                                 "total")), n_refs)
 
 
 def _sacre_corpus(st: SegmentStats, opts: BleuOptions) -> dict[str, float]:

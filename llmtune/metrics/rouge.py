@@ -32,6 +32,7 @@ from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.core.options import check_type
 from llmtune.metrics import _porter
 from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, lcs_cells, pack_lines, popcount, union_cells, union_lcs
+from llmtune.metrics._wordkeys import heads, sort_with_order, word_ids
 from llmtune.metrics.base import CorpusMetric
 
 __all__ = [
@@ -147,15 +148,6 @@ _CLASS_TABLE = bytes(
     c if (48 <= c <= 57 or 97 <= c <= 122) else _LINE_MARK if c == 10 else _TEXT_MARK if c == 0 else 32
     for c in range(256)
 )
-_CHUNK = 8  # bytes of a word per uint64 key column
-_MAX_KEY_BYTES = 32  # longer words get an id from a dict instead of key columns
-#: per key column k, per word length (capped at `_MAX_KEY_BYTES`), the mask of the word's bytes in that column
-_LOW_BYTES = np.array([[(1 << (8 * min(max(n - _CHUNK * k, 0), _CHUNK))) - 1 for n in range(_MAX_KEY_BYTES + 1)]
-                       for k in range(_MAX_KEY_BYTES // _CHUNK)], dtype=np.uint64)
-#: odd multipliers mixing the key columns into one hash (collisions are detected, then resolved exactly)
-_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64)
-
-
 def _word_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(buffer, starts, ends)``: the class-mapped bytes and the ``[a-z0-9]+`` runs in them."""
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -165,86 +157,11 @@ def _word_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return buf, runs[0::2], runs[1::2]
 
 
-def _key_columns(data: bytes, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Each word as little-endian uint64 columns of its bytes (8 per column, zero-padded), shape (k, words); a
-    word longer than `_MAX_KEY_BYTES` becomes ``(0xFF << 56 | i, 0, ...)``, ``i`` its distinct index (no word
-    byte is 0xFF)."""
-    long_words = lens > _MAX_KEY_BYTES
-    short = lens[~long_words]
-    width = -(-int(short.max()) // _CHUNK) if len(short) else 1
-    raw = data + bytes(_CHUNK * width)
-    windows = np.ndarray(shape=(len(raw) - _CHUNK + 1,), dtype=np.dtype((np.void, _CHUNK)), buffer=raw, strides=(1,))
-    capped = np.minimum(lens, _MAX_KEY_BYTES)
-    cols = np.empty((width, len(starts)), dtype=np.uint64)
-    for k in range(width):
-        cols[k] = windows[starts + _CHUNK * k].view("<u8")
-        cols[k] &= _LOW_BYTES[k][capped]
-    if long_words.any():
-        where = np.flatnonzero(long_words)
-        ids: dict[bytes, int] = {}
-        text = [ids.setdefault(data[s:s + n], len(ids)) for s, n in zip(starts[where].tolist(), lens[where].tolist())]
-        cols[:, where] = 0
-        cols[0, where] = np.uint64(0xFF << 56) | np.asarray(text, dtype=np.uint64)
-    return cols
-
-
-def sort_with_order(keys: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(sorted keys, order)`` of non-negative integer keys below ``2**key_bits``, like ``keys[argsort]``;
-    when the key and its index fit in 64 bits together, one ``np.sort`` of ``key << bits | index`` (much faster
-    than ``argsort``). Equal keys keep their index order."""
-    n = len(keys)
-    idx_bits = max(1, (n - 1).bit_length())
-    if key_bits + idx_bits > 64:
-        order = np.argsort(keys, kind="stable")
-        return keys[order], order
-    packed = np.left_shift(keys.astype(np.uint64), np.uint64(idx_bits))
-    packed |= np.arange(n, dtype=np.uint64)
-    packed.sort()
-    order = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
-    return (packed >> np.uint64(idx_bits)).astype(keys.dtype), order
-
-
-def _heads(sorted_keys: np.ndarray) -> np.ndarray:
-    """Bool per position of a sorted array: does a new value start here?"""
-    head = np.empty(len(sorted_keys), dtype=bool)
-    head[:1] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=head[1:])
-    return head
-
-
-def _word_types(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(type, first)``: a dense id per word (column of ``cols``, shape (k, words)) and one occurrence of each id.
-
-    Words are grouped by a 64-bit hash (its top bits, with each word's index in the low bits, sorted once); every
-    group is then checked to hold one distinct word, else the words are ranked exactly (``np.unique(axis=0)``).
-    """
-    n = cols.shape[1]
-    h = cols[0] * _MIX[0]
-    for k in range(1, len(cols)):
-        h += cols[k] * _MIX[k % len(_MIX)]
-    idx_bits = max(1, (n - 1).bit_length())
-    sorted_h, order = sort_with_order(h >> np.uint64(idx_bits), 64 - idx_bits)
-    head = _heads(sorted_h)
-    differs = np.zeros(max(n - 1, 0), dtype=bool)
-    for col in cols:
-        ordered = col[order]
-        differs |= ordered[1:] != ordered[:-1]
-    if (differs & ~head[1:]).any():  # a hash collision: exact ranks
-        _, types = np.unique(cols.T, axis=0, return_inverse=True)
-        types = types.reshape(-1)
-        first = np.empty(int(types.max(initial=-1)) + 1, dtype=np.int64)
-        first[types] = np.arange(n)
-        return types, first
-    types = np.empty(n, dtype=np.int64)
-    types[order] = np.cumsum(head) - 1
-    return types, order[head]
-
-
 def _token_ids(data: bytes, starts: np.ndarray, ends: np.ndarray, use_stemmer: bool) -> tuple[np.ndarray, int]:
     """``(ids, vocab_size)``: the token id of every word, equal ids for equal tokens (after stemming)."""
     if len(starts) == 0:
         return np.zeros(0, dtype=np.int64), 1
-    types, first = _word_types(_key_columns(data, starts, ends - starts))
+    types, first = word_ids(data, starts, ends)
     if not use_stemmer:
         return types, len(first)
     stem = _porter.stem
@@ -387,7 +304,7 @@ def _ngram_hits(corpus: _Corpus, n: int, pred_text: np.ndarray, ref_text: np.nda
     sk.sort()
     if len(sk) == 0:
         return np.zeros(n_rows, dtype=np.int64)
-    first = np.flatnonzero(_heads(sk))
+    first = np.flatnonzero(heads(sk))
     count = np.diff(np.r_[first, len(sk)])
     key = sk[first]
     both = np.flatnonzero((key[1:] >> 1) == (key[:-1] >> 1))  # (row, code) seen on both sides: runs i, i + 1
@@ -547,7 +464,7 @@ def _join(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> _Join
     stride = 2 * vocab
     keys = np.concatenate([a_row * stride + corpus.flat[a_at] * 2, b_row * stride + corpus.flat[b_at] * 2 + 1])
     sorted_keys, order = sort_with_order(keys, (len(pred_text) * stride).bit_length())
-    head = _heads(sorted_keys >> 1)
+    head = heads(sorted_keys >> 1)
     first = np.flatnonzero(head)
     group = np.empty(len(keys), dtype=np.int64)
     group[order] = np.cumsum(head) - 1

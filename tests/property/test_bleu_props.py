@@ -266,3 +266,21 @@ def test_official_backend_gives_the_same_keys_and_values(data: tuple[list[str], 
     assert list(ours.scores) == list(theirs.scores)
     assert all(close(ours.scores[k], theirs.scores[k]) for k in ours.scores)
     assert ours.signature.rsplit("|impl:", 1)[0] == theirs.signature.rsplit("|impl:", 1)[0]
+
+
+word = st.one_of(st.sampled_from(ADVERSARIAL), any_char_text).map(lambda s: "".join(s.split())).filter(bool)
+
+
+@given(st.lists(word, max_size=12), st.booleans(), st.booleans())
+def test_batched_word_tokenization_equals_one_word_at_a_time(words: list[str], left: bool, right: bool) -> None:
+    """The corpus encoders tokenize all new distinct words in one pass of each rule (words joined by "\\n",
+    line edges stood for by a digit): the same tokens as each word on its own (intl: sacrebleu's tokenizer; 13a:
+    the per-word rules, which the corpus tests compare with sacrebleu after its HTML/line-break step)."""
+    from sacrebleu.tokenizers.tokenizer_intl import TokenizerV14International
+
+    from llmtune.metrics import _bleu_tokenizers as toks
+
+    intl = TokenizerV14International()
+    context = f"{' ' if left else ''}{{}}{' ' if right else ''}"
+    assert toks._batch_intl(words, left, right) == [tuple(intl(context.format(w)).split()) for w in words]
+    assert toks._batch_13a(words) == [toks.expand_13a(w) for w in words]
