@@ -109,25 +109,31 @@ def _char_class(ranges: tuple[tuple[int, int], ...], negate: bool = False) -> st
     return f"[{'^' if negate else ''}{body}]"
 
 
-_INTL_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] | None = None
+_Rules = list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]]
+_INTL_RULES: dict[bool, _Rules] = {}
+_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
 
 
-def _intl_rules() -> list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]]:
-    global _INTL_RULES
-    if _INTL_RULES is None:
-        p = _char_class(_ut.PUNCTUATION)
-        s = _char_class(_ut.SYMBOL)
-        not_n = _char_class(_ut.NUMBER, negate=True)
-        _INTL_RULES = [
+def _intl_rules(astral: bool) -> _Rules:
+    """The three intl rules; with ``astral=False`` their classes keep only the BMP ranges, which ``re`` matches
+    from a bitmap instead of scanning the astral ranges for every character (the same matches on BMP text)."""
+    rules = _INTL_RULES.get(astral)
+    if rules is None:
+        def cls(ranges: tuple[tuple[int, int], ...], negate: bool = False) -> str:
+            kept = ranges if astral else tuple((a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF)
+            return _char_class(kept, negate)
+
+        p, s, not_n = cls(_ut.PUNCTUATION), cls(_ut.SYMBOL), cls(_ut.NUMBER, negate=True)
+        rules = _INTL_RULES[astral] = [
             (re.compile(f"({not_n})({p})"), _r2),  # \P{N}\p{P} -> '\1 \2 '
             (re.compile(f"({p})({not_n})"), _r3),  # \p{P}\P{N} -> ' \1 \2'
             (re.compile(f"({s})"), lambda m: f" {m[1]} "),  # \p{S} -> ' \1 '
         ]
-    return _INTL_RULES
+    return rules
 
 
 def _post_intl(text: str) -> str:
-    for pattern, repl in _intl_rules():
+    for pattern, repl in _intl_rules(not text.isascii() and _ASTRAL.search(text) is not None):
         text = pattern.sub(repl, text)
     return text
 
