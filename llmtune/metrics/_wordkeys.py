@@ -32,9 +32,12 @@ def key_columns(data: bytes, starts: np.ndarray, lens: np.ndarray) -> np.ndarray
     windows = np.ndarray(shape=(len(raw) - _CHUNK + 1,), dtype=np.dtype((np.void, _CHUNK)), buffer=raw, strides=(1,))
     capped = np.minimum(lens, MAX_KEY_BYTES)
     cols = np.empty((width, len(starts)), dtype=np.uint64)
+    at = np.array(starts, dtype=np.int64)
+    mask = np.empty(len(starts), dtype=np.uint64)
     for k in range(width):
-        cols[k] = windows[starts + _CHUNK * k].view("<u8")
-        cols[k] &= _LOW_BYTES[k][capped]
+        cols[k] = windows[at].view("<u8")
+        cols[k] &= np.take(_LOW_BYTES[k], capped, out=mask)
+        at += _CHUNK
     if long_words.any():
         where = np.flatnonzero(long_words)
         ids: dict[bytes, int] = {}
@@ -53,11 +56,13 @@ def sort_with_order(keys: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.nda
     if key_bits + idx_bits > 64:
         order = np.argsort(keys, kind="stable")
         return keys[order], order
-    packed = np.left_shift(keys.astype(np.uint64), np.uint64(idx_bits))
+    packed = keys.astype(np.uint64)  # a copy: the caller's keys stay as they are
+    packed <<= np.uint64(idx_bits)
     packed |= np.arange(n, dtype=np.uint64)
     packed.sort()
-    order = (packed & np.uint64((1 << idx_bits) - 1)).astype(np.int64)
-    return (packed >> np.uint64(idx_bits)).astype(keys.dtype), order
+    low = np.bitwise_and(packed, np.uint64((1 << idx_bits) - 1))
+    packed >>= np.uint64(idx_bits)
+    return packed.astype(keys.dtype, copy=False), low.view(np.int64)
 
 
 def heads(sorted_keys: np.ndarray) -> np.ndarray:
@@ -75,16 +80,22 @@ def word_types(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     group is then checked to hold one distinct word, else the words are ranked exactly (``np.unique(axis=0)``).
     """
     n = cols.shape[1]
-    h = cols[0] * _MIX[0]
+    h = np.multiply(cols[0], _MIX[0])
+    tmp = np.empty_like(h)
     for k in range(1, len(cols)):
-        h += cols[k] * _MIX[k % len(_MIX)]
+        h += np.multiply(cols[k], _MIX[k % len(_MIX)], out=tmp)
     idx_bits = max(1, (n - 1).bit_length())
-    sorted_h, order = sort_with_order(h >> np.uint64(idx_bits), 64 - idx_bits)
+    h >>= np.uint64(idx_bits)
+    sorted_h, order = sort_with_order(h, 64 - idx_bits)
+    del h, tmp
     head = heads(sorted_h)
+    del sorted_h
     differs = np.zeros(max(n - 1, 0), dtype=bool)
+    ordered = np.empty(n, dtype=np.uint64)
     for col in cols:
-        ordered = col[order]
+        np.take(col, order, out=ordered)
         differs |= ordered[1:] != ordered[:-1]
+    del ordered
     if (differs & ~head[1:]).any():  # a hash collision: exact ranks
         _, types = np.unique(cols.T, axis=0, return_inverse=True)
         types = types.reshape(-1)
@@ -92,7 +103,9 @@ def word_types(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         first[types] = np.arange(n)
         return types, first
     types = np.empty(n, dtype=np.int64)
-    types[order] = np.cumsum(head) - 1
+    rank = np.cumsum(head)
+    rank -= 1
+    types[order] = rank
     return types, order[head]
 
 
