@@ -49,10 +49,13 @@ def normalize_inputs(predictions: Iterable[str], references: Iterable[Any]) -> t
                     "llmtune.metrics.references_from_streams(refs))")
         raise InputError(f"{len(preds)} predictions but {len(refs_in)} references: give one reference (or one "
                          f"list of references) per prediction{hint}")
-    for i, p in enumerate(preds):
-        if not isinstance(p, str):
-            raise InputTypeError(f"predictions[{i}] is {type(p).__name__} ({p!r}), expected str")
-    preds = [p if type(p) is str else str(p) for p in preds]
+    if not all(type(p) is str for p in preds):  # the common case needs no per-item checks
+        for i, p in enumerate(preds):
+            if not isinstance(p, str):
+                raise InputTypeError(f"predictions[{i}] is {type(p).__name__} ({p!r}), expected str")
+        preds = [p if type(p) is str else str(p) for p in preds]
+    if all(type(r) is str for r in refs_in):
+        return preds, [[r] for r in refs_in]
     refs: list[list[str]] = []
     for i, r in enumerate(refs_in):
         if isinstance(r, str):

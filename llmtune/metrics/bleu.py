@@ -31,6 +31,7 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.core.options import check_choice, check_type
 from llmtune.core.results import LazyMapping
 from llmtune.metrics._bleu_tokenizers import encode as _encode
+from llmtune.metrics._heap import keep_freed_heap
 from llmtune.metrics._wordkeys import heads
 from llmtune.metrics.base import SignedCorpusMetric
 
@@ -457,6 +458,7 @@ class NumpyBleu(BleuTemplate):
     def extract(self, preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], LazyMapping]:
         """Corpus BLEU, and sentence BLEU per prediction in ``per_example["bleu"]`` (lazy)."""
         opts = self.options
+        keep_freed_heap()
         if opts.definition == "nltk":
             hyp_toks = [p.split() for p in preds]
             ref_toks = [[r.split() for r in group] for group in refs]

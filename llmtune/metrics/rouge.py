@@ -32,6 +32,7 @@ from llmtune.core.errors import InvalidOptionError, did_you_mean
 from llmtune.core.options import check_type
 from llmtune.metrics import _porter
 from llmtune.metrics._bitlcs import MAX_BITS, lcs_batch, lcs_cells, pack_lines, popcount, union_cells, union_lcs
+from llmtune.metrics._heap import keep_freed_heap
 from llmtune.metrics._wordkeys import heads, sort_with_order, word_ids
 from llmtune.metrics.base import CorpusMetric
 
@@ -656,6 +657,7 @@ class NumpyRouge(RougeTemplate):
     def _per_example(
         preds: list[str], refs: list[list[str]], types: tuple[str, ...], use_stemmer: bool,
     ) -> dict[str, np.ndarray]:
+        keep_freed_heap()
         want_lsum = "rougeLsum" in types
         corpus = _Corpus([*preds, *chain.from_iterable(refs)], use_stemmer, want_lsum)
         # One row per (prediction, reference); texts are numbered predictions first, then references.
