@@ -366,14 +366,16 @@ def _encode_intl_text(lines: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
 _WS_CLASS = bytes(0 if chr(c).isspace() else 2 if c == 0 else 1 for c in range(128)) + bytes([1]) * 128
 _UNI_SPACE: re.Pattern[str] | None = None  # the non-ASCII characters str.split() splits on (all in the BMP)
 _UNI_SPACE_TABLE: dict[int, int] = {}
-_MEMO: dict[tuple[str, str], tuple[str, ...]] = {}  # (tokenizer, word) -> tokens between whitespace
+_MEMO_13A: dict[str, tuple[str, ...]] = {}  # word -> its 13a tokens (between whitespace)
+_MEMO_INTL: dict[str, tuple[str, ...]] = {}  # word -> its intl tokens between whitespace
 _EDGE_MEMO: dict[tuple[str, bool, bool], tuple[str, ...]] = {}  # (word, left, right) -> intl tokens at a line edge
 
 
 def clear_caches() -> None:
     """Forget every memoised word expansion (the next call tokenizes every distinct word again)."""
     with _CACHE_LOCK:
-        _MEMO.clear()
+        _MEMO_13A.clear()
+        _MEMO_INTL.clear()
         _EDGE_MEMO.clear()
 
 
@@ -401,8 +403,9 @@ def _byte_words(text: str) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
 def _expansions(name: str, words: list[str]) -> list[tuple[str, ...]]:
     """Tokens of each distinct word between whitespace (``13a``: `expand_13a`, ``intl``: `_intl_word`), memoised;
     the words not memoised yet go through the rules together (`_batch_13a`, `_batch_intl`)."""
-    memo = _MEMO
-    out: list[tuple[str, ...] | None] = [memo.get((name, w)) for w in words]
+    memo = _MEMO_13A if name == "13a" else _MEMO_INTL
+    get = memo.get
+    out: list[tuple[str, ...] | None] = [get(w) for w in words]
     missing = [i for i, toks in enumerate(out) if toks is None]
     if missing:
         todo = [words[i] for i in missing]
@@ -411,7 +414,7 @@ def _expansions(name: str, words: list[str]) -> list[tuple[str, ...]]:
             if len(memo) > _CACHE_MAX_WORDS:
                 memo.clear()
             for i, w, toks in zip(missing, todo, done):
-                memo[(name, w)] = out[i] = toks
+                memo[w] = out[i] = toks
     return out  # type: ignore[return-value]
 
 
@@ -467,10 +470,10 @@ def _batch_intl(words: list[str], left: bool, right: bool) -> list[tuple[str, ..
     return out  # type: ignore[return-value]
 
 
-def _flatten(entry: np.ndarray, entry_tokens: list[tuple[str, ...]], word_line: np.ndarray, n_lines: int,
+def _flatten(entry: np.ndarray, entry_tokens: list[tuple[str, ...]], per_line: np.ndarray,
              ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (equal tokens, equal ids) of the words whose token tuples are ``entry_tokens[entry[i]]``, and
-    the tokens per line (``word_line``: each word's line)."""
+    the tokens per line (``per_line``: the words of each line, in order)."""
     import numpy as np
 
     token_id: dict[str, int] = {}
@@ -478,11 +481,12 @@ def _flatten(entry: np.ndarray, entry_tokens: list[tuple[str, ...]], word_line: 
                         dtype=np.int64, count=sum(map(len, entry_tokens)))
     n_of = np.fromiter(map(len, entry_tokens), dtype=np.int64, count=len(entry_tokens))
     count = n_of[entry]
-    total = int(count.sum())
+    cum = np.zeros(len(count) + 1, dtype=np.int64)
+    np.cumsum(count, out=cum[1:])
     start = (np.cumsum(n_of) - n_of)[entry]
-    ids = table[np.arange(total) + np.repeat(start - (np.cumsum(count) - count), count)]
-    lens = np.bincount(word_line, weights=count, minlength=n_lines).astype(np.int64)
-    return ids, lens
+    ids = table[np.arange(int(cum[-1])) + np.repeat(start - cum[:-1], count)]
+    word_end = np.cumsum(per_line)
+    return ids, cum[word_end] - cum[word_end - per_line]
 
 
 def _edge_tokens(keys: list[tuple[str, bool, bool]]) -> list[tuple[str, ...]]:
@@ -518,21 +522,24 @@ def _encode_words(text: str, n_lines: int, name: str, lines: list[str] | None = 
     types, first = word_ids(data, starts, ends)
     words = [data[s:e].decode("utf-8", "surrogatepass") for s, e in zip(starts[first].tolist(), ends[first].tolist())]
     entry_tokens = _expansions(name, words)
-    word_line = np.searchsorted(seps, starts)
+    per_line = np.diff(np.r_[0, np.searchsorted(starts, seps), len(starts)])
     if lines is not None and len(starts):
-        types = _intl_edges(lines, words, types, word_line, entry_tokens)
-    return _flatten(types, entry_tokens, word_line, n_lines)
+        types = _intl_edges(lines, words, types, per_line, entry_tokens)
+    return _flatten(types, entry_tokens, per_line)
 
 
-def _intl_edges(lines: list[str], words: list[str], types: np.ndarray, word_line: np.ndarray,
+def _intl_edges(lines: list[str], words: list[str], types: np.ndarray, per_line: np.ndarray,
                 entry_tokens: list[tuple[str, ...]]) -> np.ndarray:
     """Per word, its entry in ``entry_tokens`` (appended to): the word's own, or for a non-alphanumeric first /
     last word of a line, the tokens of ``(word, left, right)`` in its line's real context."""
     import numpy as np
 
-    n_words = len(types)
-    head = np.flatnonzero(np.r_[True, word_line[1:] != word_line[:-1]])
-    tail = np.r_[head[1:], n_words] - 1
+    filled = np.flatnonzero(per_line)
+    head = (np.cumsum(per_line) - per_line)[filled]
+    tail = head + per_line[filled] - 1
+    word_line = np.zeros(len(types), dtype=np.int64)
+    word_line[head] = filled
+    word_line[tail] = filled
     plain = np.fromiter((w.isalnum() for w in words), dtype=bool, count=len(words))
     edge = np.unique(np.r_[head, tail])
     edge = edge[~plain[types[edge]]]

@@ -50,7 +50,7 @@ _SACRE_ONLY = ("tokenize", "smooth_method", "smooth_value", "lowercase", "effect
 _NLTK_ONLY = ("smoothing", "weights", "auto_reweigh")
 _KEY_LIMIT = 1 << 62
 #: tokens per block of `sacre_segment_stats`
-BLOCK_TOKENS = int(__import__("os").environ.get("BBLK", 1 << 13))
+BLOCK_TOKENS = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,8 +494,10 @@ def sacre_segment_stats(preds: list[str], refs: list[list[str]], opts: BleuOptio
         block_ids = np.concatenate([ids[hyp_start[a]:hyp_end[b - 1]], ids[ref_start[ra]:ref_start[rb]]])
         block_lens = np.concatenate([hyp_lens[a:b], ref_lens[ra:rb]])
         parts.append(segment_stats_ids(block_ids, block_lens, n_refs[a:b], opts.order))
-    return SegmentStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hyp_len", "ref_len", "correct",
-                                                                                 "total")), n_refs)
+    def joined(field: str) -> np.ndarray:
+        return np.concatenate([getattr(p, field) for p in parts])
+
+    return SegmentStats(joined("hyp_len"), joined("ref_len"), joined("correct"), joined("total"), n_refs)
 
 
 def _sacre_corpus(st: SegmentStats, opts: BleuOptions) -> dict[str, float]:
