@@ -5,7 +5,10 @@ Each function takes a list of raw segments and returns one token list per segmen
 and `encode` apply sacrebleu's pre-processing first (``lower()`` if asked, then ``rstrip()``). Speed comes
 from tokenizing each distinct word once: the 13a and intl rules look at one character of context and never
 need a whitespace character that another match consumed, so a text's tokens are the concatenation of its
-words' tokens (each word taken with the whitespace, or line edge, around it).
+words' tokens (each word taken with the whitespace, or line edge, around it). `encode` finds the words of
+the joined corpus with NumPy (`_byte_words`, `llmtune.metrics._wordkeys`), runs the rules on the distinct
+words not memoised yet in one regex pass per rule (`_batch_13a`, `_batch_intl`), and builds the token ids
+with array gathers: no Python object per word occurrence.
 """
 
 from __future__ import annotations

@@ -9,11 +9,15 @@ Every per-example value equals ``rouge_score.rouge_scorer.RougeScorer(types, use
   with rouge-score's exact back-tracking tie-break), then ``P = k / len_pred``, ``R = k / len_ref``,
   ``F = 2 * P * R / (P + R)`` in the same float operation order.
 
-Speed comes from tokenizing the whole corpus in one pass (words mapped to integer ids through a memoised
-stemmer), n-gram overlaps counted for all pairs at once with NumPy sorts, and the bit-parallel LCS
-(Allison-Dix / Hyyro) run for all pairs in lock-step on ``uint64`` words (`llmtune.metrics._bitlcs`),
-including the replay of rouge-score's LCS back-tracking that rougeLsum needs; sequences longer than 63
-tokens use the same algorithm on Python integers. Corpus scores are the means of the per-example values.
+Speed comes from never making one Python object per word: the corpus is lower-cased, class-mapped and split
+in NumPy, words become integer ids through their bytes packed into uint64 keys and one sort
+(`llmtune.metrics._wordkeys`), and the memoised Porter stemmer runs once per distinct word. One sort of
+every row's ``(row, token, side)`` keys (`_join`) then gives the rouge1 overlaps and the match bit masks that
+the bit-parallel LCS (Allison-Dix / Hyyro) needs for rougeL and rougeLsum, run for all rows in lock-step on
+``uint64`` words (`llmtune.metrics._bitlcs`), including the replay of rouge-score's LCS back-tracking that
+rougeLsum needs; rouge2+ overlaps come from one sort per order. Longer texts (over 63 tokens, reference
+lines over one 64-bit word) take the packed multi-word path or Python integers. Corpus scores are the means
+of the per-example values.
 """
 
 from __future__ import annotations
@@ -242,7 +246,8 @@ class _Corpus:
 
 _KEY_LIMIT = 1 << 62
 _ONE = np.uint64(1)
-_FEW_ROWS = 32  # below this many rows outside the batched paths, score them one by one
+_FEW_ROWS = 32  # below this many short rows outside the batched paths, score them one by one
+_FEW_TOKENS = 4096  # ... holding fewer tokens than this in all
 
 
 def _ngram_codes(corpus: _Corpus, n: int) -> tuple[np.ndarray, int]:
@@ -530,7 +535,8 @@ def _rouge_lsum_hits(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarra
         longest[has_lines] = np.maximum.reduceat(corpus.line_len, first[has_lines])
     fast = longest[ref_text] <= MAX_BITS
     rows = np.flatnonzero(fast & (n_r > 0) & (n_c > 0) & ~one_unit)
-    if len(rows) < _FEW_ROWS:  # a handful of rows: Python integers cost less than the batch's set-up
+    tokens = int(corpus.lengths[ref_text[rows]].sum() + corpus.lengths[pred_text[rows]].sum())
+    if len(rows) < _FEW_ROWS and tokens < _FEW_TOKENS:  # a few short rows: Python costs less than the set-up
         fast[rows] = False
     else:
         out[rows] = _packed_lsum_hits(corpus, pred_text[rows], r0[rows], n_r[rows])
