@@ -54,6 +54,8 @@ def _pre_13a(line: str) -> str:
 
 
 _RULE1_TABLE = str.maketrans({ch: f" {ch} " for ch in _RULE1_CHARS})
+_RULE1_SET = frozenset(_RULE1_CHARS) - {" "}
+_NUMBER = re.compile(r"[0-9]+(?:[.,][0-9]+)*")  # ASCII digits with inner '.'/',': one token for 13a and intl
 
 
 def expand_13a(word: str) -> tuple[str, ...]:
@@ -133,6 +135,19 @@ def _intl_rules(astral: bool) -> _Rules:
             (re.compile(f"({s})"), lambda m: f" {m[1]} "),  # \p{S} -> ' \1 '
         ]
     return rules
+
+
+_PUNCT_OR_SYMBOL: frozenset[str] = frozenset()
+
+
+def _punct_or_symbol() -> frozenset[str]:
+    """The BMP characters of \\p{P} and \\p{S} (followed by whitespace, the intl rules split one off after a
+    letter or a digit)."""
+    global _PUNCT_OR_SYMBOL
+    if not _PUNCT_OR_SYMBOL:
+        _PUNCT_OR_SYMBOL = frozenset(chr(c) for a, b in (*_ut.PUNCTUATION, *_ut.SYMBOL) if a <= 0xFFFF
+                                     for c in range(a, min(b, 0xFFFF) + 1))
+    return _PUNCT_OR_SYMBOL
 
 
 def _post_intl(text: str) -> str:
@@ -326,10 +341,11 @@ def _batch_13a(words: list[str]) -> list[tuple[str, ...]]:
     character) only ever neighbours spaces, so no match reaches it and each word sees the spaces it would alone."""
     out: list[tuple[str, ...] | None] = [None] * len(words)
     rest = []
+    rule1, number = _RULE1_SET, _NUMBER.fullmatch
     for i, w in enumerate(words):
-        if w.isalnum():
+        if w.isalnum() or number(w):  # "3.14" / "1,000": a mark between digits is never split
             out[i] = (w,)
-        elif w[-1] in ".," and w[:-1].isalnum():
+        elif w[:-1].isalnum() and (w[-1] in ".," or w[-1] in rule1):  # "word." / "3," / "word!" / "word?"
             out[i] = (w[:-1], w[-1])
         else:
             rest.append(i)
@@ -354,9 +370,12 @@ def _batch_intl(words: list[str], left: bool, right: bool) -> list[tuple[str, ..
     spaces and those digits, so no match reaches it."""
     out: list[tuple[str, ...] | None] = [None] * len(words)
     rest = []
+    split_off, number = _punct_or_symbol() if right else frozenset(), _NUMBER.fullmatch
     for i, w in enumerate(words):
-        if w.isalnum():
+        if w.isalnum() or number(w):  # "3.14" / "1,000": punctuation between digits is never split
             out[i] = (w,)
+        elif w[-1] in split_off and w[:-1].isalnum():  # "word! ", "2019. ": rule 1, 2 or 3 splits it off
+            out[i] = (w[:-1], w[-1])
         else:
             rest.append(i)
     if not rest:

@@ -268,7 +268,12 @@ def test_official_backend_gives_the_same_keys_and_values(data: tuple[list[str], 
     assert ours.signature.rsplit("|impl:", 1)[0] == theirs.signature.rsplit("|impl:", 1)[0]
 
 
-word = st.one_of(st.sampled_from(ADVERSARIAL), any_char_text).map(lambda s: "".join(s.split())).filter(bool)
+word = st.one_of(
+    st.sampled_from(ADVERSARIAL), any_char_text, st.from_regex(r"[0-9.,]{1,8}[!.?]?", fullmatch=True),
+    st.tuples(st.sampled_from(["x", "2019", "ab1", "日本", "e\u0301", "٣", "²", "Ⅻ", "一"]),
+              st.sampled_from([".", ",", "!", "?", "-", "'", "$", "€", "%", "。", "、", "»", "¿", "(", ")", "&", "^"]))
+    .map("".join),
+).map(lambda s: "".join(s.split())).filter(bool)
 
 
 @given(st.lists(word, max_size=12), st.booleans(), st.booleans())
