@@ -230,9 +230,9 @@ def _order_matches(ids: np.ndarray, lens: np.ndarray, seg_of_line: np.ndarray, s
     count_ref(g))``.
 
     The n-gram at position i has the code ``code_n[i] = code_{n-1}[i] << b | id[i+n-1]`` (``b`` bits per token;
-    ranked densely when it would overflow int64); every n-gram occurrence becomes the key ``(segment, code,
-    side)`` (side 0: the hypothesis, k: the k-th reference), and one ``np.sort`` per order puts equal (segment,
-    n-gram) pairs side by side, hypothesis first: the run lengths are the counts.
+    ranked densely when it would overflow int64); every n-gram occurrence becomes the key ``(code, segment,
+    side)`` (side 0: the hypothesis, k: the k-th reference), and one ``np.sort`` per order puts equal (n-gram,
+    segment) pairs side by side, hypothesis first: the run lengths are the counts.
     """
     n_tok = ids.size
     correct = np.zeros((n_seg, max_order), dtype=np.int64)
@@ -240,28 +240,32 @@ def _order_matches(ids: np.ndarray, lens: np.ndarray, seg_of_line: np.ndarray, s
         return correct
     line_of = np.repeat(np.arange(lens.size, dtype=np.int64), lens)
     room = np.repeat(np.cumsum(lens), lens) - np.arange(n_tok)  # tokens left in the line from each position
-    seg, side = seg_of_line[line_of], side_of_line[line_of]
     side_bits, seg_bits = (n_sides - 1).bit_length(), max(n_seg - 1, 1).bit_length()
+    low_bits = seg_bits + side_bits
+    seg_side = (seg_of_line[line_of] << side_bits) | side_of_line[line_of]
     tok_bits = max(int(ids.max()), 1).bit_length()
     code, code_bits = ids, tok_bits
     for n in range(1, max_order + 1):
         if n > 1:
-            if code_bits + tok_bits + seg_bits + side_bits > 62:
+            if code_bits + tok_bits + low_bits > 62:
                 _, inv = np.unique(code, return_inverse=True)
                 code, code_bits = inv.reshape(-1), max(int(inv.max()), 1).bit_length()
             code = (code[:-1] << tok_bits) | ids[n - 1:]
             code_bits += tok_bits
-        valid = np.flatnonzero(room[:code.size] >= n)
-        if valid.size == 0:
-            break
-        keys = (((seg[valid] << code_bits) | code[valid]) << side_bits) | side[valid]
+            valid = np.flatnonzero(room[:code.size] >= n)
+            if valid.size == 0:
+                break
+            keys = code[valid] << low_bits
+            keys |= seg_side[valid]
+        else:
+            keys = (code << low_bits) | seg_side
         keys.sort()
-        correct[:, n - 1] = _clipped_counts(keys, side_bits, code_bits + side_bits, n_seg, n_sides == 2)
+        correct[:, n - 1] = _clipped_counts(keys, side_bits, (1 << seg_bits) - 1, n_seg, n_sides == 2)
     return correct
 
 
-def _clipped_counts(keys: np.ndarray, side_bits: int, seg_shift: int, n_seg: int, single: bool) -> np.ndarray:
-    """Per segment, ``sum_g min(hypothesis count, largest reference count)`` from sorted ``(segment, code, side)``
+def _clipped_counts(keys: np.ndarray, side_bits: int, seg_mask: int, n_seg: int, single: bool) -> np.ndarray:
+    """Per segment, ``sum_g min(hypothesis count, largest reference count)`` from sorted ``(code, segment, side)``
     keys (``single``: one reference per segment, so a group has at most a hypothesis run and a reference run)."""
     run = np.flatnonzero(heads(keys))
     run_count = np.diff(np.r_[run, keys.size])
@@ -270,12 +274,12 @@ def _clipped_counts(keys: np.ndarray, side_bits: int, seg_shift: int, n_seg: int
     if single:  # runs i, i + 1 of one group: hypothesis, then reference
         pair = np.flatnonzero(group_key[1:] == group_key[:-1])
         matched = np.minimum(run_count[pair], run_count[pair + 1])
-        return np.bincount(run_key[pair] >> seg_shift, weights=matched, minlength=n_seg).astype(np.int64)
+        return np.bincount(group_key[pair] & seg_mask, weights=matched, minlength=n_seg).astype(np.int64)
     first = np.flatnonzero(heads(group_key))
     is_ref = (run_key & ((1 << side_bits) - 1)) > 0
     hyp = np.where(is_ref[first], 0, run_count[first])
     best_ref = np.maximum.reduceat(np.where(is_ref, run_count, 0), first)
-    return np.bincount(run_key[first] >> seg_shift, weights=np.minimum(hyp, best_ref), minlength=n_seg
+    return np.bincount(group_key[first] & seg_mask, weights=np.minimum(hyp, best_ref), minlength=n_seg
                        ).astype(np.int64)
 
 
@@ -604,7 +608,8 @@ def _sacre_sentences_vectorised(st: SegmentStats, opts: BleuOptions) -> np.ndarr
             prec[zero] = 100.0 * value / total[zero]
     n_processed = processed.sum(axis=1)
     eff = np.where((n_processed > 0) & bool(opts.effective_order), n_processed, max_order)
-    logs = np.array([-9999999999 if p == 0.0 else math.log(p) for p in prec.ravel().tolist()]).reshape(n, max_order)
+    distinct, where = np.unique(prec, return_inverse=True)  # precisions repeat: one math.log per value
+    logs = np.array([-9999999999 if p == 0.0 else math.log(p) for p in distinct.tolist()])[where.reshape(n, max_order)]
     acc = logs[:, 0].copy()
     for k in range(1, max_order):
         acc = np.where(k < eff, acc + logs[:, k], acc)
