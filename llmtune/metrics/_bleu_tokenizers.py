@@ -80,10 +80,17 @@ def _joined_13a(lines: list[str]) -> str | None:
     text = " \0 ".join(lines)
     if text.count("\0") != len(lines) - 1:
         return None
-    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in text:
+    text = text.replace("<skipped>", "")
+    if _HYPHEN_BREAK.search(text):  # a regex scan finds "-\n" faster than str.replace looking for it
+        text = text.replace("-\n", "")
+    text = text.replace("\n", " ")
+    if _ENTITY.search(text):  # one scan instead of four when there is no entity
         text = text.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
     return text
+
+
+_HYPHEN_BREAK = re.compile("-\n")
+_ENTITY = re.compile("&(?:quot|amp|lt|gt);")
 
 
 def words_13a(lines: list[str]) -> list[list[str]]:
