@@ -371,3 +371,25 @@ def test_dpo_full_finetuning_resumes_exactly(tok: Any, tmp_path: Path) -> None:
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
     a = (tmp_path / "a" / "model" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model" / "model.safetensors").read_bytes()
+
+
+def test_grpo_trains_end_to_end_from_the_same_samples_as_rloo(tok: Any, tmp_path: Path) -> None:
+    """Same seed, same start: step 1 samples the same answers (equal mean reward, KL 0); the advantages differ."""
+    import json
+
+    import llmtune
+    from llmtune.trainers.rlhf.reward import RewardModel, reward_model_from_causal_lm
+
+    RewardModel(reward_model_from_causal_lm(_tiny(tok, seed=1), tok), tok).save(tmp_path / "rm")
+    prompts = [{"prompt": "What is Kopi O?"}, {"instruction": "What is Teh C?", "output": "Tea with milk."}] * 2
+    opts = {"method": "lora", "rank": 4, "alpha": 8, "max_steps": 2, "batch_size": 2, "samples": 4,
+            "reward_model": str(tmp_path / "rm"), "max_new_tokens": 6, "warmup": 0, "lr": 1e-2, "progress": False}
+    rows = {}
+    for name in ("rloo", "grpo"):
+        result = llmtune.get_trainer(name, **opts).train(_tiny(tok), prompts, tokenizer=tok, output_dir=tmp_path / name)
+        assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+        lines = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        rows[name] = [x for x in lines if "kl" in x]
+    assert len(rows["grpo"]) == 2 and rows["grpo"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["grpo"][0]["reward"] == rows["rloo"][0]["reward"]  # the same K answers were scored
+    assert rows["grpo"][0]["advantage_std"] != pytest.approx(rows["rloo"][0]["advantage_std"], rel=1e-3)
