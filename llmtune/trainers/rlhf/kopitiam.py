@@ -140,10 +140,12 @@ def compare_policies(policy: Any, reward: Any, tokenizer: Any, prompts: list[lis
     """
     from llmtune.trainers.rlhf.dpo import adapter_off
 
-    gen = {"template": template, "max_new_tokens": max_new_tokens, "k": k, "temperature": temperature, "seed": seed}
+    def answers() -> tuple[list[list[int]], list[str]]:  # the same seed for both: common random numbers
+        return _answers(policy, tokenizer, prompts, template, max_new_tokens, k=k, temperature=temperature, seed=seed)
+
     with adapter_off(policy):
-        sft_ids, sft_text = _answers(policy, tokenizer, prompts, **gen)
-    rl_ids, rl_text = _answers(policy, tokenizer, prompts, **gen)
+        sft_ids, sft_text = answers()
+    rl_ids, rl_text = answers()
     n = max(k, 1)
     rows = [p for p in prompts for _ in range(n)]
     sft_r = reward.score_ids([p + a for p, a in zip(rows, sft_ids)])
@@ -190,7 +192,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     from pathlib import Path
 
     from llmtune.data.templates import render_prompt, stop_token_ids
-    from llmtune.trainers.rlhf.dpo import adapter_off, add_policy_adapter
+    from llmtune.trainers.rlhf.dpo import add_policy_adapter
     from llmtune.trainers.rlhf.online import OnlineOptions, train_online
     from llmtune.trainers.rlhf.reward import RewardOptions, reward_model_from_causal_lm, train_reward
 
