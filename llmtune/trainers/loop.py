@@ -286,6 +286,7 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
     base, state.tokenizer = backend.load(model, tokenizer, ctx)
     _setup_data(state, data, eval_data)
     _read_resumed(state)
+    state.objective.setup(base, state)
     if "before" not in state.evals:
         state.evals["before"] = evaluate(state, base, "before")
     _setup_method(state, base)

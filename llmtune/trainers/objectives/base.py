@@ -125,6 +125,12 @@ class Objective:
     def eval_data(self, data: Any, tokenizer: Any, options: Any) -> EvalData:
         raise NotImplementedError
 
+    def setup(self, model: Any, state: Any) -> None:
+        """Once per run, before the method applies: ``model`` is the run's starting model (also on resume:
+        a checkpoint's weights load after this); ``state`` the loop's `RunState` (data, eval, tokenizer,
+        accelerator). Objectives that need something of the starting model (DPO's precomputed reference
+        log-probs) take it here. Default: nothing."""
+
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         from llmtune.data import collate
 
