@@ -154,7 +154,7 @@ class Dpo(Objective):
         _record(self, batch, stats)
         return out.loss * batch["chosen"].numel()
 
-    def pop_metrics(self) -> dict[str, float]:
+    def pop_metric_sums(self) -> tuple[float, dict[str, float]]:
         from llmtune.trainers.objectives.online import pop_weighted
 
         return pop_weighted(getattr(self, "_metrics", []))
@@ -194,4 +194,4 @@ class Reward(Objective):
         _record(self, batch, stats)
         return loss * batch["chosen"].numel()
 
-    pop_metrics = Dpo.pop_metrics
+    pop_metric_sums = Dpo.pop_metric_sums
