@@ -259,8 +259,10 @@ def rlhf_stage(out: str | Path, summary: dict[str, Any], *, settings: dict[str, 
                           settings=settings, echo=echo)
     result["rlhf_memory_estimate"] = _rlhf_memory(sft, rank=result["rlhf_settings"]["rank"],
                                                   samples=result["rlhf_settings"]["samples"])
-    echo(f"      held-out reward {result['heldout_reward_sft']:.3f} (SFT) -> {result['heldout_reward_rl']:.3f} "
-         f"(RLOO); win-rate vs SFT {result['win_rate_vs_sft']:.3f} by the rule; {result['rlhf_seconds']:.1f} s")
+    echo(f"      held-out reward of sampled answers {result['heldout_reward_sft']:.3f} (SFT) -> "
+         f"{result['heldout_reward_rl']:.3f} (RLOO); win-rate vs SFT {result['win_rate_vs_sft']:.3f} by the rule "
+         f"(greedy answers: {result['greedy_win_rate_vs_sft']:.3f}, exact {result['greedy_exact_match_sft']:.3f} -> "
+         f"{result['greedy_exact_match_rl']:.3f}); {result['rlhf_seconds']:.1f} s")
     return result
 
 

@@ -532,7 +532,7 @@ def _shard(spec: ModelSpec, sharding: str, n_gpu: int, st: dict[str, int], wterm
 
 
 def _objective_phases(spec: ModelSpec, objective: str, static: dict[str, int], act: int, b_ex: int, b: int, s: int,
-                      ref_copy: bool, notes: list[str]) -> dict[str, dict[str, int]]:
+                      ref_copy: bool, notes: list[str], reference: str = "adapter_off") -> dict[str, dict[str, int]]:
     """Phases an objective adds: the reference pass (DPO, online RL) and generation (online RL).
 
     The reference pass runs before the policy forward, so nothing of the policy step is alive yet; a
@@ -541,8 +541,9 @@ def _objective_phases(spec: ModelSpec, objective: str, static: dict[str, int], a
     out: dict[str, dict[str, int]] = {}
     if objective in ("dpo", "online_rl"):
         out["reference_forward"] = {**static, **reference_pass_terms(spec, act, b * s)}
-        notes.append(f"{objective}: reference log-probs from a no-grad pass "
-                     + ("of a second copy of the model" if ref_copy else "with the adapter disabled (no second copy)"))
+        how = ("of a second copy of the model" if ref_copy else "computed once before training (no second copy)"
+               if reference == "precomputed" else "with the adapter disabled (no second copy)")
+        notes.append(f"{objective}: reference log-probs from a no-grad pass {how}")
     if objective == "online_rl":
         out["generation"] = {**static, **generation_terms(spec, act, b, s)}
         notes.append(f"online RL: {b // b_ex} samples per prompt generated with a KV cache, then trained on")
@@ -612,7 +613,8 @@ def estimate_training(
     ``method``: ``full``, ``lora``, ``qlora``, ``dora``, ``prompt_tuning`` (``num_virtual_tokens``), ``ia3``,
     ``bottleneck`` (``bottleneck_size``, ``bottleneck_sites``, ``bottleneck_placement``). ``objective``:
     ``sft``; ``reward`` (scalar head, chosen + rejected); ``dpo`` (chosen + rejected, a no-grad reference
-    pass; ``dpo_reference="adapter_off"`` reuses the base, ``"copy"`` holds a second model); ``online_rl``
+    pass; ``dpo_reference="adapter_off"`` reuses the base, ``"copy"`` holds a second model, ``"precomputed"``
+    runs that pass once before training, over the starting model, and holds no copy); ``online_rl``
     (``rl_samples`` completions per prompt generated with a KV cache, then trained on, with a KL reference
     pass). ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
     mask (K/V repeated, float bias saved); with ``attention="flash"`` packing runs varlen, maskless.
@@ -726,7 +728,7 @@ def estimate_training(
         wkey = "weights" if "weights" in wterms else "embeddings_lm_head"
         wterms = {**wterms, wkey: max(0, wterms[wkey] - head)}
     # ---- phases (steady state: optimizer states exist, gradients were set to None by zero_grad)
-    ref_copy = objective in ("dpo", "online_rl") and (dpo_reference == "copy" or full)
+    ref_copy = objective in ("dpo", "online_rl") and (dpo_reference == "copy" or (full and dpo_reference != "precomputed"))
     ref_w = {"reference_weights": sum(wterms.values())} if ref_copy else {}
     static = {**wterms, **ref_w, **({"lora_params": adapters} if adapters else {}), **mixed_cache, **({"optimizer_states": states} if states else {}),
               "cublas_workspace": 2 * ws, **shard_terms}
@@ -747,7 +749,7 @@ def estimate_training(
         phases["attention_backward"] = {**static, **attn_phase, **held}
     if ac.recompute_fwd:
         phases["attention_recompute_forward"] = {**static, **ac.recompute_fwd, **held}
-    phases |= _objective_phases(spec, objective, static, act, b_ex, b, s, ref_copy, notes)
+    phases |= _objective_phases(spec, objective, static, act, b_ex, b, s, ref_copy, notes, dpo_reference)
     if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
     statics = set(static)

@@ -77,6 +77,11 @@ def prefix_layer_bytes(spec: ModelSpec, act: int, n: int, s: int) -> float:
     return (2 * act * kv_width + act) * n / s
 
 
+#: where DPO's reference log-probs come from: the base with the adapter off (a no-grad pass per step), a second
+#: copy of the model, or one no-grad pass of the starting model before training (llmtune's ``precomputed``)
+DPO_REFERENCES = ("adapter_off", "copy", "precomputed")
+
+
 def check_mechanism(method: str, objective: str, *, num_virtual_tokens: int, bottleneck_size: int,
                     sites: tuple[str, ...], placement: str, rl_samples: int, dpo_reference: str) -> None:
     """Reject bad mechanism arguments, naming the argument."""
@@ -90,8 +95,8 @@ def check_mechanism(method: str, objective: str, *, num_virtual_tokens: int, bot
         raise InvalidOptionError(f"bottleneck_placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
     if not sites or any(x not in SITES for x in sites):
         raise InvalidOptionError(f"bottleneck_sites={sites!r} must name some of {', '.join(SITES)}")
-    if dpo_reference not in ("adapter_off", "copy"):
-        raise InvalidOptionError(f"dpo_reference={dpo_reference!r} is not 'adapter_off' or 'copy'")
+    if dpo_reference not in DPO_REFERENCES:
+        raise InvalidOptionError(f"dpo_reference={dpo_reference!r} is not one of {', '.join(DPO_REFERENCES)}")
 
 
 def sequences_per_example(objective: str, rl_samples: int) -> int:

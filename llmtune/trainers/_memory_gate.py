@@ -45,6 +45,9 @@ MAPPED: dict[str, dict[str, str]] = {
         "double_quant": "double_quant",
         "skip_modules": "checked: a list other than ('lm_head',) is reported as not modelled",
     },
+    "DpoTrainOptions": {"reference": "dpo_reference (adapter_off; precomputed: no copy, the pass runs once)"},
+    "RewardTrainOptions": {},
+    "OnlineTrainOptions": {"samples": "rl_samples"},
     "Int8Options": {
         "has_fp16_weights": "weight_format (True keeps 16-bit weights)",
         "skip_modules": "checked: a list other than ('lm_head',) is reported as not modelled",
@@ -88,6 +91,16 @@ IRRELEVANT: dict[str, dict[str, str]] = {
         "quant_storage": "the same packed bytes under another dtype",
     },
     "Int8Options": {"threshold": "outlier columns are computed in a transient fp16 slice"},
+    # the preference / online-RL options classes = TrainOptions' fields plus these
+    "DpoTrainOptions": {"beta": "a scalar in the loss", "label_smoothing": "a scalar in the loss",
+                        "simpo_gamma": "a scalar in the loss",
+                        "loss_type": "every loss type scores the same chosen + rejected rows (SimPO/ORPO skip the "
+                                     "reference pass: the estimate keeps it, an over-estimate of its phase only)"},
+    "RewardTrainOptions": {"use_margin": "a scalar per pair",
+                           "center_rewards_coefficient": "a scalar penalty on the scores"},
+    "OnlineTrainOptions": {"reward_model": "scored with no grad after generation, before the policy step (its "
+                                           "weights are not counted: an under-estimate by the reward model's size)",
+                           "kl_coef": "a scalar in the loss", "temperature": "sampling, not how much"},
 }
 
 
@@ -183,6 +196,8 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     objective = getattr(type(trainer), "objective", "sft")
     if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
         kw["objective"] = objective
+        if objective == "dpo":
+            kw["dpo_reference"] = trainer.options.reference
     elif objective in ("rloo", "grpo"):  # K sampled answers per prompt (KV cache), the adapter-off reference
         kw.update(objective="online_rl", rl_samples=trainer.options.samples)
     est = estimate_training(spec, gpus=processes, **kw)

@@ -286,6 +286,7 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
     base, state.tokenizer = backend.load(model, tokenizer, ctx)
     _setup_data(state, data, eval_data)
     _read_resumed(state)
+    state.objective.setup(base, state)
     if "before" not in state.evals:
         state.evals["before"] = evaluate(state, base, "before")
     _setup_method(state, base)
@@ -498,9 +499,20 @@ def train_step(state: RunState) -> dict[str, Any] | None:
                   "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": tokens / dt if dt > 0 else None, "memory_bytes": _memory_bytes(state.acc.device),
                   "time_s": time.perf_counter() - state.t_start, "num_threads": state.num_threads,
-                  **getattr(state.objective, "pop_metrics", dict)()}
+                  **_objective_metrics(state)}
         state.history.append(record)
     return record
+
+
+def _objective_metrics(state: RunState) -> dict[str, float]:
+    """The objective's statistics of this step over the whole global batch (weighted sums added over processes)."""
+    weight, sums = state.objective.pop_metric_sums()
+    if state.world > 1 and sums:  # every process ran the same objective on its share: the same keys
+        keys = sorted(sums)
+        t = torch.tensor([weight, *(sums[k] for k in keys)], dtype=torch.float64, device=state.acc.device)
+        t = state.acc.reduce(t, reduction="sum")
+        weight, sums = float(t[0]), dict(zip(keys, t[1:].tolist()))
+    return {k: v / weight for k, v in sums.items()} if weight else {}
 
 
 def _forward_backward(state: RunState, examples: list[Any]) -> tuple[float, int]:

@@ -55,12 +55,13 @@ def test_short_demo_second_act_rlhf(tmp_path: Path) -> None:
 
     lines: list[str] = []
     settings = {"rm_steps": 4, "rl_steps": 2, "rl_prompts_per_step": 2, "samples": 2, "rank_samples": 2,
-                "max_new_tokens": 6}
+                "max_new_tokens": 6, "eval_samples": 2}
     summary = run_demo(tmp_path, pretrain_steps=8, epochs=1, eval_examples=4, progress=False, echo=lines.append,
                        rlhf=True, rlhf_settings=settings)
     written = json.loads((tmp_path / "summary.json").read_text())
     for key in ("rm_val_pairwise_accuracy", "rm_heldout_pairwise_accuracy", "heldout_reward_sft",
-                "heldout_reward_rl", "win_rate_vs_sft"):
+                "heldout_reward_rl", "win_rate_vs_sft", "greedy_reward_sft", "greedy_reward_rl",
+                "greedy_win_rate_vs_sft", "heldout_exact_match_rl", "greedy_exact_match_rl"):
         assert isinstance(written[key], float), key
     assert 0.0 <= written["win_rate_vs_sft"] <= 1.0 and written["rlhf_seconds"] > 0
     assert (tmp_path / "rlhf" / "reward" / "model" / "config.json").is_file()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from llmtune.trainers.callbacks import Callback
 from llmtune.trainers.rlhf.pairs import collate_groups, encode_group
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -201,8 +202,10 @@ def test_dpo_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
     assert steps[-1]["reward_margin"] > 0 and {"logps_rejected", "rewards_chosen", "rewards_rejected"} <= set(steps[-1])
     from llmtune.core.errors import InvalidOptionError
 
-    with pytest.raises(InvalidOptionError, match=r"does not support method='full'"):
+    with pytest.raises(InvalidOptionError, match=r"reference='adapter_off': method 'full' has no adapter"):
         llmtune.get_trainer("dpo", method="full")
+    with pytest.raises(InvalidOptionError, match=r"does not support method='prompt_tuning'"):
+        llmtune.get_trainer("dpo", method="prompt_tuning")
 
 
 def test_reward_trainer_on_the_recipe(tok: Any, tmp_path: Path) -> None:
@@ -291,3 +294,102 @@ def test_malformed_ranking_names_file_line_field_through_the_rlhf_paths(tok: Any
     missing = {"prompt": "What is Teh C?", "responses": ["Tea with milk.", "Coffee."]}
     with pytest.raises(ConfigError, match=r"record 0: field 'ranking': missing"):
         preference_groups([missing], tok)
+
+
+class _Parameters(Callback):
+    """Elements of every `torch.nn.Parameter` alive at the end of each step (a copy of the model would add its own)."""
+
+    def __init__(self) -> None:
+        self.alive: list[int] = []
+
+    @staticmethod
+    def count() -> int:
+        import gc
+
+        gc.collect()
+        return sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter))
+
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        self.alive.append(self.count())
+
+
+class _StopAt(Callback):
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+
+def test_dpo_on_the_recipe_precomputed_reference_equals_adapter_off(tok: Any, tmp_path: Path) -> None:
+    import llmtune
+
+    opts = {"method": "lora", "rank": 4, "alpha": 8, "max_steps": 3, "batch_size": 2, "lr": 1e-2, "warmup": 0,
+            "progress": False}
+    live = llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, eval_data=_RECORDS[:2], tokenizer=tok,
+                                                    output_dir=tmp_path / "live")
+    pre = llmtune.get_trainer("dpo", reference="precomputed", **opts).train(
+        _tiny(tok), _RECORDS, eval_data=_RECORDS[:2], tokenizer=tok, output_dir=tmp_path / "pre")
+    a, b = [r["loss"] for r in live.history], [r["loss"] for r in pre.history]
+    assert a[0] == pytest.approx(math.log(2), abs=1e-6) and b[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert a == pytest.approx(b, abs=1e-6) and a[-1] < a[0]
+    # the "before" evaluation scores the base itself (policy == reference: ln 2), also with adapter_off
+    assert live.eval["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert live.eval["after"]["loss"] == pytest.approx(pre.eval["after"]["loss"], abs=1e-6)
+
+
+def test_dpo_full_finetuning_with_precomputed_reference_holds_one_model(tok: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import llmtune
+
+    opts = {"method": "full", "reference": "precomputed", "max_steps": 3, "batch_size": 2, "lr": 1e-3, "warmup": 0,
+            "progress": False, "precision": "fp32"}
+    model = _tiny(tok)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = _Parameters()
+    before = seen.count()  # the model to train (and whatever else this process holds)
+    result = llmtune.get_trainer("dpo", **opts).train(model, _RECORDS, tokenizer=tok, output_dir=tmp_path / "run",
+                                                      callbacks=[seen])
+    losses = [r["loss"] for r in result.history]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
+    assert seen.alive == [before] * 3  # no reference copy: the trained model's parameters are the only ones alive
+    trained = AutoModelForCausalLM.from_pretrained(str(result.model_dir))
+    changed = [k for k, v in trained.state_dict().items() if k in start and not torch.equal(v, start[k])]
+    assert len(changed) >= len(start) // 2  # full fine-tuning moved the weights
+
+
+def test_dpo_full_finetuning_resumes_exactly(tok: Any, tmp_path: Path) -> None:
+    import llmtune
+
+    opts = {"method": "full", "reference": "precomputed", "max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup": 0,
+            "progress": False, "precision": "fp32"}
+    whole = llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok, output_dir=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok, output_dir=tmp_path / "b",
+                                                 callbacks=[_StopAt()])
+    resumed = llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok,
+                                                       output_dir=tmp_path / "b", resume="auto")
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    a = (tmp_path / "a" / "model" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model" / "model.safetensors").read_bytes()
+
+
+def test_grpo_trains_end_to_end_from_the_same_samples_as_rloo(tok: Any, tmp_path: Path) -> None:
+    """Same seed, same start: step 1 samples the same answers (equal mean reward, KL 0); the advantages differ."""
+    import json
+
+    import llmtune
+    from llmtune.trainers.rlhf.reward import RewardModel, reward_model_from_causal_lm
+
+    RewardModel(reward_model_from_causal_lm(_tiny(tok, seed=1), tok), tok).save(tmp_path / "rm")
+    prompts = [{"prompt": "What is Kopi O?"}, {"instruction": "What is Teh C?", "output": "Tea with milk."}] * 2
+    opts = {"method": "lora", "rank": 4, "alpha": 8, "max_steps": 2, "batch_size": 2, "samples": 4,
+            "reward_model": str(tmp_path / "rm"), "max_new_tokens": 6, "warmup": 0, "lr": 1e-2, "progress": False}
+    rows = {}
+    for name in ("rloo", "grpo"):
+        result = llmtune.get_trainer(name, **opts).train(_tiny(tok), prompts, tokenizer=tok, output_dir=tmp_path / name)
+        assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+        lines = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        rows[name] = [x for x in lines if "kl" in x]
+    assert len(rows["grpo"]) == 2 and rows["grpo"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["grpo"][0]["reward"] == rows["rloo"][0]["reward"]  # the same K answers were scored
+    assert rows["grpo"][0]["advantage_std"] != pytest.approx(rows["rloo"][0]["advantage_std"], rel=1e-3)

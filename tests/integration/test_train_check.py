@@ -136,6 +136,14 @@ def test_check_of_a_dpo_config_estimates_the_preference_objective(demo_dir: Path
     assert code == 0 and report["ok"], report["checks"]
     assert "objective 'dpo'" in {c["name"]: c["detail"] for c in report["checks"]}["data"]
     assert any("dpo" in str(n) for n in report["estimate"]["assumptions"])   # chosen + rejected, reference pass
+    # full fine-tuning with the reference precomputed: no second copy in the estimate
+    config.write_text("model: base\ndata: prefs.jsonl\ntrainer:\n  name: dpo\n  method: full\n  reference: precomputed\n"
+                      "  batch_size: 1\n  max_length: 64\n")
+    code, out = _invoke(str(config), "--check", "--json")
+    full = json.loads(out)
+    assert code == 0 and full["ok"], full["checks"]
+    assert any("computed once before training" in str(n) for n in full["estimate"]["assumptions"])
+    assert "reference_weights" not in full["estimate"]["breakdown"]
 
 
 def test_check_of_an_rloo_config_estimates_k_samples(demo_dir: Path) -> None:

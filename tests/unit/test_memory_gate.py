@@ -116,6 +116,35 @@ def test_pretrain_options_add_only_irrelevant_fields():
     assert extra == set(IRRELEVANT["PretrainOptions"])
 
 
+@pytest.mark.parametrize("name", ["DpoTrainOptions", "RewardTrainOptions", "OnlineTrainOptions"])
+def test_preference_and_online_options_are_mapped_or_declared_irrelevant(name):
+    """The fields objectives dpo / reward / rloo+grpo add to `TrainOptions`: each mapped or declared irrelevant."""
+    from llmtune.trainers._memory_gate import IRRELEVANT, MAPPED
+    from llmtune.trainers.objectives.dpo import DpoTrainOptions, RewardTrainOptions
+    from llmtune.trainers.objectives.online import OnlineTrainOptions
+    from llmtune.trainers.options import TrainOptions
+
+    cls = {"DpoTrainOptions": DpoTrainOptions, "RewardTrainOptions": RewardTrainOptions,
+           "OnlineTrainOptions": OnlineTrainOptions}[name]
+    extra = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(TrainOptions)}
+    mapped, irrelevant = set(MAPPED[name]), set(IRRELEVANT[name])
+    assert not mapped & irrelevant and extra == mapped | irrelevant, (name, extra, mapped, irrelevant)
+
+
+def test_dpo_precomputed_reference_reaches_the_estimate():
+    from llmtune.memory import ModelSpec, estimate_training
+
+    spec = ModelSpec.from_preset("llama-3.2-1b")
+    kw = {"batch_size": 2, "seq_len": 256, "gradient_checkpointing": True, "objective": "dpo"}
+    full_copy = estimate_training(spec, "full", **kw)  # full fine-tuning without precomputing: a second model
+    full_pre = estimate_training(spec, "full", dpo_reference="precomputed", **kw)
+    assert "reference_weights" in full_copy.breakdown and "reference_weights" not in full_pre.breakdown
+    assert full_copy.device_bytes - full_pre.device_bytes >= full_copy.breakdown["reference_weights"] * 0.99
+    assert any("computed once before training" in n for n in full_pre.assumptions)
+    lora = estimate_training(spec, "lora", **kw)
+    assert "reference_weights" not in lora.breakdown
+
+
 def test_every_config_key_is_declared():
     """A new top-level config key fails here until the gate says how it treats it."""
     from llmtune.trainers._config import TOP_LEVEL

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 OBJECTIVES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "sft": ("llmtune.trainers.objectives.sft:Sft", None),
     "pretrain": ("llmtune.trainers.objectives.pretrain:Pretrain", ("full", "lora", "dora")),
-    "dpo": ("llmtune.trainers.objectives.dpo:Dpo", ("lora", "dora")),
+    "dpo": ("llmtune.trainers.objectives.dpo:Dpo", ("full", "lora", "dora")),
     "reward": ("llmtune.trainers.objectives.dpo:Reward", ("full", "lora", "dora")),
     "rloo": ("llmtune.trainers.objectives.online:Rloo", ("lora", "dora")),
     "grpo": ("llmtune.trainers.objectives.online:Grpo", ("lora", "dora")),

@@ -125,6 +125,12 @@ class Objective:
     def eval_data(self, data: Any, tokenizer: Any, options: Any) -> EvalData:
         raise NotImplementedError
 
+    def setup(self, model: Any, state: Any) -> None:
+        """Once per run, before the method applies: ``model`` is the run's starting model (also on resume:
+        a checkpoint's weights load after this); ``state`` the loop's `RunState` (data, eval, tokenizer,
+        accelerator). Objectives that need something of the starting model (DPO's precomputed reference
+        log-probs) take it here. Default: nothing."""
+
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         from llmtune.data import collate
 
@@ -139,6 +145,8 @@ class Objective:
         """SUM of the per-token losses of ``batch`` (the loop divides by the global token count)."""
         return backend.loss(model, batch, ctx)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """This step's objective statistics for its ``log.jsonl`` line (e.g. DPO margins), then forget them."""
-        return {}
+    def pop_metric_sums(self) -> tuple[float, dict[str, float]]:
+        """This step's objective statistics (e.g. DPO margins) on this process, as (total weight, weighted sum of
+        each statistic), then forget them. The loop adds both over processes and logs sum / weight, so a
+        statistic in ``log.jsonl`` is the whole global batch's. Default: none."""
+        return 0.0, {}

@@ -2,7 +2,10 @@
 
 A training "example" is one `llmtune.trainers.rlhf.pairs.Group` (a prompt, its answers, the pairs its
 ranking implies); `scored_tokens` is its number of pairs, so the loop's sum / count is the mean loss per pair.
-The reference of DPO/IPO is the same PEFT model with the adapter switched off (methods lora / dora).
+The reference of DPO/IPO is the same PEFT model with the adapter switched off (methods lora / dora), or,
+with ``reference="precomputed"``, log-probs computed once from the starting model before the first step (the
+only way for method ``full``: no second copy of the model either way). Validation groups always carry
+precomputed reference log-probs, so the "before" evaluation scores the base model itself.
 
     trainer = llmtune.get_trainer("dpo", method="lora", beta=0.1, loss_type="dpo", max_steps=100)
     trainer.train(model, "prefs.jsonl", tokenizer=tok, output_dir="out")
@@ -23,19 +26,28 @@ from llmtune.trainers.options import TrainOptions
 
 @dataclasses.dataclass(frozen=True)
 class DpoTrainOptions(TrainOptions):
-    """`TrainOptions` plus the preference loss (``loss_type``, ``beta``, ``label_smoothing``, ``simpo_gamma``)."""
+    """`TrainOptions` plus the preference loss (``loss_type``, ``beta``, ``label_smoothing``, ``simpo_gamma``)
+    and where DPO/IPO take the reference from (``reference``: ``"adapter_off"`` or ``"precomputed"``)."""
 
     lr: float = 5e-4
     loss_type: str = "dpo"          #: "dpo", "ipo", "simpo" or "orpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    reference: str = "adapter_off"  #: "adapter_off" (a no-grad pass per step) or "precomputed" (once, at setup)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from llmtune.trainers.rlhf.losses import check_preference_options
+        from llmtune.core.options import check_choice
+        from llmtune.trainers.rlhf.dpo import REFERENCES
+        from llmtune.trainers.rlhf.losses import NEEDS_REFERENCE, check_preference_options
 
         check_preference_options(self.loss_type, self.beta, self.label_smoothing)
+        check_choice("reference", self.reference, REFERENCES)
+        if self.method == "full" and self.loss_type in NEEDS_REFERENCE and self.reference != "precomputed":
+            raise InvalidOptionError(f"option reference={self.reference!r}: method 'full' has no adapter to switch "
+                                     f"off for the {self.loss_type} reference; use reference='precomputed' (log-probs "
+                                     "of the starting model, computed once; no second copy)", field="reference")
 
 
 class GroupData(TrainData):
@@ -103,6 +115,23 @@ class Dpo(Objective):
         n = options.eval_examples
         return EvalData(examples=groups if n == 0 else groups[:n])
 
+    def setup(self, model: Any, state: Any) -> None:
+        """Reference log-probs of the starting model, once: for the training groups with
+        ``reference="precomputed"``, and always for the validation groups."""
+        from llmtune.trainers.rlhf.dpo import with_reference_logps
+        from llmtune.trainers.rlhf.losses import NEEDS_REFERENCE
+
+        o = state.options
+        if getattr(o, "loss_type", None) not in NEEDS_REFERENCE:
+            return
+        pad = state.tokenizer.pad_token_id
+        with state.acc.autocast():
+            if o.reference == "precomputed":
+                data = state.data
+                data.groups = with_reference_logps(model, data.groups, pad, o.eval_batch_size)
+            if state.eval is not None and state.eval.examples:
+                state.eval.examples = with_reference_logps(model, state.eval.examples, pad, o.eval_batch_size)
+
     def collate(self, examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
         from llmtune.trainers.rlhf.pairs import collate_groups
 
@@ -115,16 +144,17 @@ class Dpo(Objective):
         from llmtune.trainers.rlhf.dpo import DpoOptions, dpo_loss
 
         o = ctx.options
-        if o.loss_type in ("dpo", "ipo") and not hasattr(model, "disable_adapter"):
-            raise InvalidOptionError(f"objective 'dpo' with loss_type {o.loss_type!r} takes its reference from the "
-                                     f"model with the adapter off: use method 'lora' or 'dora' (got {o.method!r})")
+        if o.loss_type in ("dpo", "ipo") and "reference_logps" not in batch and not hasattr(model, "disable_adapter"):
+            raise InvalidOptionError(f"objective 'dpo' with loss_type {o.loss_type!r} and reference='adapter_off' "
+                                     f"takes its reference from the model with the adapter off: use method 'lora' or "
+                                     f"'dora', or reference='precomputed' (got method {o.method!r})", field="reference")
         out, stats = dpo_loss(model, dict(batch), DpoOptions(loss_type=o.loss_type, beta=o.beta,
                                                               label_smoothing=o.label_smoothing,
                                                               simpo_gamma=o.simpo_gamma))
         _record(self, batch, stats)
         return out.loss * batch["chosen"].numel()
 
-    def pop_metrics(self) -> dict[str, float]:
+    def pop_metric_sums(self) -> tuple[float, dict[str, float]]:
         from llmtune.trainers.objectives.online import pop_weighted
 
         return pop_weighted(getattr(self, "_metrics", []))
@@ -164,4 +194,4 @@ class Reward(Objective):
         _record(self, batch, stats)
         return loss * batch["chosen"].numel()
 
-    pop_metrics = Dpo.pop_metrics
+    pop_metric_sums = Dpo.pop_metric_sums

@@ -163,19 +163,16 @@ class _Online(Objective):
             self._metrics.append((len(prompts), stats))
         return loss * len(prompts)
 
-    def pop_metrics(self) -> dict[str, float]:
+    def pop_metric_sums(self) -> tuple[float, dict[str, float]]:
         return pop_weighted(self._metrics)
 
 
-def pop_weighted(metrics: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """The weighted mean of each statistic over this step's micro-batches; empties ``metrics``."""
-    total = sum(n for n, _ in metrics)
-    out: dict[str, float] = {}
-    if total:
-        for key in metrics[0][1]:
-            out[key] = sum(n * float(s[key]) for n, s in metrics) / total
+def pop_weighted(metrics: list[tuple[int, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    """(total weight, weighted sum of each statistic) over this step's micro-batches; empties ``metrics``."""
+    total = float(sum(n for n, _ in metrics))
+    sums = {key: sum(n * float(s[key]) for n, s in metrics) for key in (metrics[0][1] if metrics else {})}
     metrics.clear()
-    return out
+    return total, sums
 
 
 class Rloo(_Online):

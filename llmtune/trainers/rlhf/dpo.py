@@ -114,11 +114,19 @@ def reference_logps(model: Any, groups: Sequence[Group], pad_id: int, batch_size
     return out
 
 
+def with_reference_logps(model: Any, groups: Sequence[Group], pad_id: int, batch_size: int = 16) -> list[Group]:
+    """``groups`` carrying their answers' reference log-probs (`reference_logps` of ``model`` as it is now)."""
+    refs = reference_logps(model, groups, pad_id, batch_size)
+    return [dataclasses.replace(g, reference_logps=tuple(r)) for g, r in zip(groups, refs)]
+
+
 def dpo_loss(model: Any, batch: dict[str, torch.Tensor], options: DpoOptions,
              ref_rows: torch.Tensor | None = None) -> tuple[PreferenceOutput, dict[str, float]]:
-    """The loss of one batch; ``ref_rows``: precomputed reference log-prob per row (else adapter off)."""
+    """The loss of one batch; the reference log-prob per row is ``ref_rows``, else the batch's
+    ``reference_logps`` (groups from `with_reference_logps`), else a pass with the adapter off."""
     logps, tokens = row_logps(model, batch)
     ref = None
+    ref_rows = batch.get("reference_logps") if ref_rows is None else ref_rows
     if options.loss_type in NEEDS_REFERENCE:
         if ref_rows is None:
             with adapter_off(model):
@@ -156,22 +164,18 @@ def train_dpo(model: Any, tokenizer: Any, groups: Sequence[Group], *, options: D
         return _train_dpo_trl(model, tokenizer, groups, options, output_dir)
     torch.manual_seed(options.seed)
     pad = tokenizer.pad_token_id
-    indexed = list(enumerate(groups))
-    refs = None
     if options.loss_type in NEEDS_REFERENCE and options.reference == "precomputed":
-        refs = reference_logps(model, list(groups), pad)
+        groups = with_reference_logps(model, list(groups), pad)
     elif options.loss_type in NEEDS_REFERENCE and not hasattr(model, "disable_adapter"):
         raise ConfigError("reference='adapter_off' needs a PEFT model; for full fine-tuning use "
                           "reference='precomputed' (no second copy of the model either way)")
     log = _loop.Logger(log_path, callback)
     opt, sched = _loop.optimizer_for(model, options.lr, options.steps)
-    batches = _loop.seeded_batches(indexed, options.batch_size, options.seed)
+    batches = _loop.seeded_batches(list(groups), options.batch_size, options.seed)
     model.train()
     for step in range(options.steps):
-        chosen = next(batches)
-        batch = collate_groups([g for _, g in chosen], pad)
-        ref_rows = None if refs is None else torch.tensor([x for i, _ in chosen for x in refs[i]])
-        out, stats = dpo_loss(model, batch, options, ref_rows)
+        batch = collate_groups(next(batches), pad)
+        out, stats = dpo_loss(model, batch, options)
         grad_norm = _loop.step(model, opt, sched, out.loss, f"dpo step {step}")
         log({"objective": "dpo", "loss_type": options.loss_type, "step": step + 1, "loss": float(out.loss.detach()),
              "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], **stats})
@@ -194,4 +198,4 @@ def _train_dpo_trl(model: Any, tokenizer: Any, groups: Sequence[Group], options:
 
 
 __all__ = ["REFERENCES", "DpoOptions", "DpoResult", "add_policy_adapter", "adapter_off", "dpo_loss",
-           "reference_logps", "row_logps", "train_dpo"]
+           "reference_logps", "row_logps", "train_dpo", "with_reference_logps"]

@@ -68,6 +68,11 @@ def win_rate(new: Sequence[str], old: Sequence[str], references: Sequence[str]) 
     return score / len(references)
 
 
+def all_pairs_win_rate(new: Sequence[str], old: Sequence[str], reference: str) -> float:
+    """Fraction of (new answer, old answer) pairs of one prompt where the rule prefers the new (ties: one half)."""
+    return win_rate([a for a in new for _ in old], [b for _ in new for b in old], [reference] * (len(new) * len(old)))
+
+
 def _decode(tokenizer: Any, ids: Sequence[int], stops: set[int]) -> str:
     kept = [t for t in ids if t not in stops]
     return str(tokenizer.decode(kept, skip_special_tokens=True)).strip()
@@ -108,21 +113,60 @@ def ranked_groups(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]],
     return groups
 
 
-def _greedy(model: Any, tokenizer: Any, prompts: list[list[int]], template: str, max_new_tokens: int
-            ) -> tuple[list[list[int]], list[str]]:
+def _answers(model: Any, tokenizer: Any, prompts: list[list[int]], template: str, max_new_tokens: int, *,
+             k: int = 1, temperature: float = 1.0, seed: int = 0) -> tuple[list[list[int]], list[str]]:
+    """``k`` sampled answers per prompt (prompt-major), or the greedy answer when ``k`` is 0: ids and texts."""
+    import torch
+
     from llmtune.data.templates import stop_token_ids
     from llmtune.trainers.rlhf.online import sample
 
     stops = stop_token_ids(template, tokenizer)
+    torch.manual_seed(seed)
     outs = []
     for start in range(0, len(prompts), 32):
-        outs += sample(model, prompts[start:start + 32], k=1, pad_id=tokenizer.pad_token_id, stop_ids=stops,
-                       max_new_tokens=max_new_tokens, do_sample=False)
+        outs += sample(model, prompts[start:start + 32], k=max(k, 1), pad_id=tokenizer.pad_token_id, stop_ids=stops,
+                       max_new_tokens=max_new_tokens, temperature=temperature, do_sample=k > 0)
     return outs, [_decode(tokenizer, o, set(stops)) for o in outs]
 
 
+def compare_policies(policy: Any, reward: Any, tokenizer: Any, prompts: list[list[int]], refs: list[str], *,
+                     template: str, max_new_tokens: int, k: int, temperature: float, seed: int,
+                     prefix: str) -> dict[str, float]:
+    """The policy with its adapter (``rl``) against itself with the adapter off (``sft``) on held-out prompts.
+
+    ``k`` > 0: ``k`` sampled answers per prompt at ``temperature`` (the policy as RL trains it); the win-rate
+    compares every RL answer with every SFT answer of the same prompt. ``k`` = 0: one greedy answer each.
+    """
+    from llmtune.trainers.rlhf.dpo import adapter_off
+
+    def answers() -> tuple[list[list[int]], list[str]]:  # the same seed for both: common random numbers
+        return _answers(policy, tokenizer, prompts, template, max_new_tokens, k=k, temperature=temperature, seed=seed)
+
+    with adapter_off(policy):
+        sft_ids, sft_text = answers()
+    rl_ids, rl_text = answers()
+    n = max(k, 1)
+    rows = [p for p in prompts for _ in range(n)]
+    sft_r = reward.score_ids([p + a for p, a in zip(rows, sft_ids)])
+    rl_r = reward.score_ids([p + a for p, a in zip(rows, rl_ids)])
+    wins = [all_pairs_win_rate(rl_text[i * n:(i + 1) * n], sft_text[i * n:(i + 1) * n], refs[i])
+            for i in range(len(prompts))]
+    per = [refs[i // n] for i in range(len(rows))]
+    out = {"reward_sft": sum(sft_r) / len(sft_r), "reward_rl": sum(rl_r) / len(rl_r),
+           "win_rate_vs_sft": sum(wins) / len(wins),
+           "reward_model_win_rate_vs_sft": sum(1.0 if a > b else 0.5 if a == b else 0.0
+                                               for a, b in zip(rl_r, sft_r)) / len(rl_r),
+           "correctness_sft": sum(correctness(a, r) for a, r in zip(sft_text, per)) / len(per),
+           "correctness_rl": sum(correctness(a, r) for a, r in zip(rl_text, per)) / len(per),
+           "exact_match_sft": sum(a == r for a, r in zip(sft_text, per)) / len(per),
+           "exact_match_rl": sum(a == r for a, r in zip(rl_text, per)) / len(per)}
+    examples = [{"reference": r, "sft": a, "rl": b} for r, a, b in list(zip(per, sft_text, rl_text))[:5 * n:n]]
+    return {f"{prefix}{key}": v for key, v in out.items()} | {f"{prefix}samples": examples}  # type: ignore[dict-item]
+
+
 DEFAULTS: dict[str, Any] = {
-    "samples": 4, "rank_samples": 8, "temperature": 1.0, "rm_method": "lora", "rank_reference": True,
+    "samples": 4, "rank_samples": 8, "temperature": 0.7, "eval_samples": 8, "rm_method": "lora", "rank_reference": True,
     "rm_steps": 200, "rm_lr": 2e-3, "rm_batch": 8, "rl_steps": 60, "rl_lr": 3e-4, "rl_prompts_per_step": 8,
     "kl_coef": 2.0, "rank": 16, "alpha": 32,
     "max_new_tokens": 24,
@@ -148,7 +192,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     from pathlib import Path
 
     from llmtune.data.templates import render_prompt, stop_token_ids
-    from llmtune.trainers.rlhf.dpo import adapter_off, add_policy_adapter
+    from llmtune.trainers.rlhf.dpo import add_policy_adapter
     from llmtune.trainers.rlhf.online import OnlineOptions, train_online
     from llmtune.trainers.rlhf.reward import RewardOptions, reward_model_from_causal_lm, train_reward
 
@@ -189,26 +233,17 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     held_prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
                     for r in heldout]
     refs = [r["output"] for r in heldout]
-    with adapter_off(policy):
-        sft_ids, sft_text = _greedy(policy, tokenizer, held_prompts, template, cfg["max_new_tokens"])
-    rl_ids, rl_text = _greedy(policy, tokenizer, held_prompts, template, cfg["max_new_tokens"])
-    sft_r = reward.model.score_ids([p + a for p, a in zip(held_prompts, sft_ids)])
-    rl_r = reward.model.score_ids([p + a for p, a in zip(held_prompts, rl_ids)])
+    common = {"template": template, "max_new_tokens": cfg["max_new_tokens"], "temperature": cfg["temperature"]}
+    sampled = compare_policies(policy, reward.model, tokenizer, held_prompts, refs, k=cfg["eval_samples"],
+                               seed=seed + 3, prefix="heldout_", **common)
+    greedy = compare_policies(policy, reward.model, tokenizer, held_prompts, refs, k=0, seed=seed, prefix="greedy_",
+                              **common)
     summary = {
         "rm_pairs": n_pairs, "rm_rankings": len(groups), "rm_val_pairwise_accuracy": val_acc,
         "rm_heldout_pairwise_accuracy": held_acc, "rm_loss_first": reward.history[0]["loss"],
         "rm_loss_last": [r for r in reward.history if "loss" in r][-1]["loss"],
-        "heldout_reward_sft": sum(sft_r) / len(sft_r), "heldout_reward_rl": sum(rl_r) / len(rl_r),
-        "win_rate_vs_sft": win_rate(rl_text, sft_text, refs),
-        "reward_model_win_rate_vs_sft": sum(1.0 if a > b else 0.5 if a == b else 0.0
-                                            for a, b in zip(rl_r, sft_r)) / len(rl_r),
-        "heldout_correctness_sft": sum(correctness(a, r) for a, r in zip(sft_text, refs)) / len(refs),
-        "heldout_correctness_rl": sum(correctness(a, r) for a, r in zip(rl_text, refs)) / len(refs),
-        "exact_match_sft": sum(a == r for a, r in zip(sft_text, refs)) / len(refs),
-        "exact_match_rl": sum(a == r for a, r in zip(rl_text, refs)) / len(refs),
+        **sampled, **greedy, "win_rate_vs_sft": sampled["heldout_win_rate_vs_sft"],
         "rl_reward_first": online.history[0]["reward"], "rl_reward_last": online.history[-1]["reward"],
-        "rl_kl_last": online.history[-1]["kl"], "rlhf_seconds": time.perf_counter() - t0,
-        "rlhf_settings": cfg, "rlhf_samples": [{"reference": r, "sft": a, "rl": b}
-                                              for r, a, b in list(zip(refs, sft_text, rl_text))[:5]],
+        "rl_kl_last": online.history[-1]["kl"], "rlhf_seconds": time.perf_counter() - t0, "rlhf_settings": cfg,
     }
     return summary

@@ -45,6 +45,8 @@ class Group:
     pairs: list[tuple[int, int]]
     margins: list[float] = field(default_factory=list)  # one per pair (empty: no margin)
     where: str = "record"
+    #: the reference policy's summed log-prob of each answer, computed once (empty: not precomputed)
+    reference_logps: tuple[float, ...] = ()
 
 
 def encode_group(prompt: str, responses: Sequence[str], ranking: Sequence[int], tokenizer: PreTrainedTokenizerBase,
@@ -138,9 +140,14 @@ def collate_groups(groups: Sequence[Group], pad_id: int) -> dict[str, torch.Tens
     """Right-padded rows (one per answer of every group) and the rows of each pair's chosen / rejected answer.
 
     Keys: ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on answer tokens), ``chosen`` and
-    ``rejected`` (row indices, one per pair), ``margin`` (one per pair, zeros without margins).
+    ``rejected`` (row indices, one per pair), ``margin`` (one per pair, zeros without margins); and
+    ``reference_logps`` (one per row) when the groups carry precomputed reference log-probs.
     """
     import torch
+
+    with_ref = [bool(g.reference_logps) for g in groups]
+    if any(with_ref) and not all(with_ref):
+        raise ConfigError("collate_groups: some groups carry precomputed reference log-probs and some do not")
 
     rows: list[list[int]] = []
     masks: list[list[int]] = []
@@ -164,9 +171,12 @@ def collate_groups(groups: Sequence[Group], pad_id: int) -> dict[str, torch.Tens
         ids[i, :len(r)] = torch.tensor(r)
         attn[i, :len(r)] = 1
         comp[i, :len(r)] = torch.tensor(m)
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
-            "chosen": torch.tensor(chosen, dtype=torch.long), "rejected": torch.tensor(rejected, dtype=torch.long),
-            "margin": torch.tensor(margins, dtype=torch.float)}
+    out = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
+           "chosen": torch.tensor(chosen, dtype=torch.long), "rejected": torch.tensor(rejected, dtype=torch.long),
+           "margin": torch.tensor(margins, dtype=torch.float)}
+    if with_ref and all(with_ref):
+        out["reference_logps"] = torch.tensor([x for g in groups for x in g.reference_logps], dtype=torch.float64)
+    return out
 
 
 __all__ = ["Group", "collate_groups", "encode_group", "expected_pairs", "group_texts", "load_preference_groups",
