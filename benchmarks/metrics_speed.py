@@ -8,7 +8,7 @@ example, one sentence per line):
 * ``long``: ``--long-pairs`` (8) pairs of ~5,000 words on ~360 lines.
 
 ROUGE (rouge1, rouge2, rougeL, rougeLsum), stemmer on and off: ``llmtune.get_metric("rouge").compute``
-("cold": llmtune's word-id and Porter memos emptied first, "warm": kept from the previous call), rouge-score's ``RougeScorer.score`` per pair, and
+("cold": llmtune's Porter memo emptied first, "warm": kept from the previous call), rouge-score's ``RougeScorer.score`` per pair, and
 rouge-score-rs single-threaded (``RAYON_NUM_THREADS=1``; the best of its ``score_batch`` and a ``score`` loop).
 rouge-score is O(n*m) in Python, so on ``long`` it runs on ``--official-long-pairs`` pairs and its time is
 scaled to the corpus (``official_scaled``: true). BLEU: corpus ``compute`` vs ``sacrebleu.metrics.BLEU``
