@@ -363,10 +363,23 @@ def test_dpo_full_finetuning_resumes_exactly(tok: Any, tmp_path: Path) -> None:
     opts = {"method": "full", "reference": "precomputed", "max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup": 0,
             "progress": False, "precision": "fp32"}
     whole = llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok, output_dir=tmp_path / "a")
+    model = _tiny(tok)
     with pytest.raises(KeyboardInterrupt):
-        llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok, output_dir=tmp_path / "b",
+        llmtune.get_trainer("dpo", **opts).train(model, _RECORDS, tokenizer=tok, output_dir=tmp_path / "b",
                                                  callbacks=[_StopAt()])
-    resumed = llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok,
+    assert (tmp_path / "b" / "reference_logps.json").is_file()
+    import shutil
+
+    from llmtune.core.errors import DamagedFileError
+
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    (tmp_path / "c" / "reference_logps.json").write_text('{"fingerprint": ')  # truncated
+    with pytest.raises(DamagedFileError, match=r"reference_logps.json: not the reference log-probs"):
+        llmtune.get_trainer("dpo", **opts).train(_tiny(tok), _RECORDS, tokenizer=tok, output_dir=tmp_path / "c",
+                                                 resume="auto")
+    # resumed with the same in-memory model, which trained in place for 2 steps: the reference is still the
+    # starting model's (read back from the run), so the curve and the weights are the uninterrupted run's
+    resumed = llmtune.get_trainer("dpo", **opts).train(model, _RECORDS, tokenizer=tok,
                                                        output_dir=tmp_path / "b", resume="auto")
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
     a = (tmp_path / "a" / "model" / "model.safetensors").read_bytes()

@@ -91,6 +91,43 @@ def _groups(data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
     return groups
 
 
+#: the run file holding the reference log-probs computed at the start (`Dpo.setup`)
+REFERENCE_FILE = "reference_logps.json"
+
+
+def _write_references(path: Any, fingerprint: str, sets: Mapping[str, Sequence[Any]]) -> None:
+    import os
+
+    body = {"fingerprint": fingerprint, **{k: [list(g.reference_logps) for g in v] for k, v in sets.items()}}
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(body) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_references(path: Any, fingerprint: str) -> dict[str, list[list[float]]] | None:
+    """The saved reference log-probs of this run's data; None when there are none for these data."""
+    from llmtune.core.errors import DamagedFileError
+
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+        sets = {k: [[float(x) for x in row] for row in body[k]] for k in ("train", "eval")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DamagedFileError(f"{path}: not the reference log-probs this run wrote ({exc}); delete it to "
+                               "recompute them from the starting model") from exc
+    return sets if body.get("fingerprint") == fingerprint else None
+
+
+def _check_lengths(path: Any, saved: Mapping[str, list[list[float]]], sets: Mapping[str, Sequence[Any]]) -> None:
+    from llmtune.core.errors import DamagedFileError
+
+    for k, groups in sets.items():
+        if len(saved[k]) != len(groups) or any(len(r) != len(g.response_ids) for r, g in zip(saved[k], groups)):
+            raise DamagedFileError(f"{path}: its {k} reference log-probs do not match this run's {k} groups; delete "
+                                   "it to recompute them from the starting model")
+
+
 def _record(objective: Objective, batch: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
     """Keep a training micro-batch's statistics (weighted by its pairs) for the step's log line."""
     import torch
@@ -117,20 +154,33 @@ class Dpo(Objective):
 
     def setup(self, model: Any, state: Any) -> None:
         """Reference log-probs of the starting model, once: for the training groups with
-        ``reference="precomputed"``, and always for the validation groups."""
+        ``reference="precomputed"``, and always for the validation groups. They are written to
+        ``output_dir/reference_logps.json`` and read back on resume, so a resumed run never takes its reference
+        from a model that has trained since (an in-memory model trained in place, say)."""
         from llmtune.trainers.rlhf.dpo import with_reference_logps
         from llmtune.trainers.rlhf.losses import NEEDS_REFERENCE
 
         o = state.options
         if getattr(o, "loss_type", None) not in NEEDS_REFERENCE:
             return
-        pad = state.tokenizer.pad_token_id
-        with state.acc.autocast():
-            if o.reference == "precomputed":
-                data = state.data
-                data.groups = with_reference_logps(model, data.groups, pad, o.eval_batch_size)
-            if state.eval is not None and state.eval.examples:
-                state.eval.examples = with_reference_logps(model, state.eval.examples, pad, o.eval_batch_size)
+        sets = {"train": state.data.groups if o.reference == "precomputed" else [],
+                "eval": state.eval.examples if state.eval is not None else []}
+        path = state.out / REFERENCE_FILE
+        saved = _read_references(path, state.fingerprint) if state.resume_from is not None else None
+        if saved is None:
+            pad = state.tokenizer.pad_token_id
+            with state.acc.autocast():
+                sets = {k: with_reference_logps(model, v, pad, o.eval_batch_size) if v else v for k, v in sets.items()}
+            if state.is_main_process:
+                _write_references(path, state.fingerprint, sets)
+        else:
+            _check_lengths(path, saved, sets)
+            sets = {k: [dataclasses.replace(g, reference_logps=tuple(r)) for g, r in zip(v, saved[k])]
+                    for k, v in sets.items()}
+        if sets["train"]:
+            state.data.groups = sets["train"]
+        if sets["eval"]:
+            state.eval.examples = sets["eval"]
 
     def collate(self, examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
         from llmtune.trainers.rlhf.pairs import collate_groups
