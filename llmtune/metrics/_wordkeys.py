@@ -18,6 +18,7 @@ MAX_KEY_BYTES = 16  # longer words get an id from a dict instead of key columns
 _LOW_BYTES = np.array([[(1 << (8 * min(max(n - _CHUNK * k, 0), _CHUNK))) - 1 for n in range(MAX_KEY_BYTES + 1)]
                        for k in range(MAX_KEY_BYTES // _CHUNK)], dtype=np.uint64)
 #: odd multipliers mixing the key columns into one hash (collisions are detected, then resolved exactly)
+_WINDOW = np.dtype((np.void, _CHUNK))
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64)
 
 
@@ -26,18 +27,19 @@ def key_columns(data: bytes, starts: np.ndarray, lens: np.ndarray) -> np.ndarray
     word longer than `MAX_KEY_BYTES` becomes ``(0xFF << 56 | i, 0, ...)``, ``i`` its distinct index (no word
     byte is 0xFF)."""
     long_words = lens > MAX_KEY_BYTES
-    short = lens[~long_words]
-    width = -(-int(short.max()) // _CHUNK) if len(short) else 1
+    n = len(starts)
+    capped = np.minimum(lens, MAX_KEY_BYTES, out=np.empty(n, dtype=np.uint8), casting="unsafe")
+    longest = int(lens.max(where=~long_words, initial=0))
+    width = max(1, -(-longest // _CHUNK))
     raw = data + bytes(_CHUNK * width)
-    windows = np.ndarray(shape=(len(raw) - _CHUNK + 1,), dtype=np.dtype((np.void, _CHUNK)), buffer=raw, strides=(1,))
-    capped = np.minimum(lens, MAX_KEY_BYTES)
-    cols = np.empty((width, len(starts)), dtype=np.uint64)
-    at = np.array(starts, dtype=np.int64)
-    mask = np.empty(len(starts), dtype=np.uint64)
-    for k in range(width):
-        cols[k] = windows[at].view("<u8")
+    cols = np.empty((width, n), dtype=np.uint64)
+    mask = np.empty(n, dtype=np.uint64)
+    at = np.ascontiguousarray(starts)  # np.take copies strided indices on every call
+    for k in range(width):  # column k: the 8 bytes from each start + 8k, as one unaligned "void" read per word
+        windows = np.ndarray(shape=(len(raw) - _CHUNK * (k + 1) + 1,), dtype=_WINDOW, buffer=raw,
+                             offset=_CHUNK * k, strides=(1,))
+        np.take(windows, at, out=cols[k].view(_WINDOW))
         cols[k] &= np.take(_LOW_BYTES[k], capped, out=mask)
-        at += _CHUNK
     if long_words.any():
         where = np.flatnonzero(long_words)
         ids: dict[bytes, int] = {}

@@ -245,6 +245,7 @@ class _Corpus:
 
 
 _KEY_LIMIT = 1 << 62
+_U32_KEYS = 1 << 32  # rouge2 keys below this are sorted as uint32 (half the bytes of int64)
 _ONE = np.uint64(1)
 _FEW_ROWS = 32  # below this many short rows outside the batched paths, score them one by one
 _FEW_TOKENS = 4096  # ... holding fewer tokens than this in all
@@ -432,7 +433,7 @@ class _Join:
     """Every row's reference tokens (side a) and prediction tokens (side b) grouped by ``(row, token)``, one sort.
 
     ``a_row``/``a_off``/``a_at``: per reference token its row, offset in its text and index in `_Corpus.flat`
-    (rows in order, tokens in order); ``b_at`` the same for the prediction tokens; ``group``: per entry (a
+    (rows in order, tokens in order); ``b_row``/``b_at`` the same for the prediction tokens; ``group``: per entry (a
     entries, then b entries) its ``(row, token)`` group; ``a_sorted``/``a_groups``/``a_first``: the a entries in
     group order, the groups that have some and where each starts there; ``group_row``, ``count_a``,
     ``count_b``: per group its row and number of entries on each side.
@@ -441,6 +442,7 @@ class _Join:
     a_row: np.ndarray
     a_off: np.ndarray
     a_at: np.ndarray
+    b_row: np.ndarray
     b_at: np.ndarray
     group: np.ndarray
     a_sorted: np.ndarray
@@ -478,7 +480,7 @@ def _join(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> _Join
     count_a = np.bincount(group[:n_a], minlength=n_groups)
     a_groups = np.flatnonzero(count_a)
     a_first = (np.cumsum(count_a) - count_a)[a_groups]
-    return _Join(a_row, a_off, a_at, b_at, group, order[order < n_a], a_groups, a_first,
+    return _Join(a_row, a_off, a_at, b_row, b_at, group, order[order < n_a], a_groups, a_first,
                  sorted_keys[first] // stride, count_a, np.bincount(group[n_a:], minlength=n_groups))
 
 
@@ -486,6 +488,38 @@ def _unigram_hits(join: _Join, n_rows: int) -> np.ndarray:
     """rouge1's clipped overlap per row, from the join's per-group counts."""
     overlap = np.minimum(join.count_a, join.count_b)
     return np.bincount(join.group_row, weights=overlap, minlength=n_rows).astype(np.int64)
+
+
+def _bigram_hits(corpus: _Corpus, join: _Join, n_rows: int) -> np.ndarray | None:
+    """rouge2's clipped overlap per row from the join: a bigram is its first token's ``(row, token)`` group and
+    its second token, so one sort of ``(group, next token, side)`` keys (uint32 where they fit) gives the
+    counts. None when the keys would not fit 63 bits."""
+    vocab, n_groups, n_a = corpus.vocab_size, len(join.count_a), len(join.a_at)
+    bound = 2 * n_groups * vocab
+    if bound >= _KEY_LIMIT:
+        return None
+    dtype = np.uint32 if bound < _U32_KEYS else np.int64
+    parts = []
+    for side, row, at, grp in ((0, join.a_row, join.a_at, join.group[:n_a]),
+                               (1, join.b_row, join.b_at, join.group[n_a:])):
+        keep = np.flatnonzero(row[1:] == row[:-1])  # entry i + 1 is the next token of entry i's text
+        key = grp[keep].astype(dtype)
+        key *= dtype(vocab)
+        key += corpus.flat[at[keep + 1]].astype(dtype, copy=False)
+        key *= dtype(2)
+        key += dtype(side)
+        parts.append(key)
+    sk = np.concatenate(parts)
+    if len(sk) == 0:
+        return np.zeros(n_rows, dtype=np.int64)
+    sk.sort()
+    first = np.flatnonzero(heads(sk))
+    count = np.diff(np.r_[first, len(sk)])
+    key = sk[first] >> dtype(1)
+    both = np.flatnonzero(key[1:] == key[:-1])  # (group, next token) on both sides: runs i, i + 1
+    overlap = np.minimum(count[both], count[both + 1])
+    return np.bincount(join.group_row[key[both] // dtype(vocab)], weights=overlap, minlength=n_rows
+                       ).astype(np.int64)
 
 
 def _row_starts(lengths: np.ndarray) -> np.ndarray:
@@ -679,7 +713,11 @@ class NumpyRouge(RougeTemplate):
             if t in ("rougeL", "rougeLsum"):
                 continue
             n = int(t[5:])
-            hits = _unigram_hits(join, len(pred_text)) if n == 1 else _ngram_hits(corpus, n, pred_text, ref_text)
+            hits = _unigram_hits(join, len(pred_text)) if n == 1 else None
+            if n == 2:
+                hits = _bigram_hits(corpus, join, len(pred_text))
+            if hits is None:
+                hits = _ngram_hits(corpus, n, pred_text, ref_text)
             stats[t] = (hits, np.maximum(n_pred - n + 1, 0), np.maximum(n_ref - n + 1, 0))
         if "rougeL" in types:
             stats["rougeL"] = (_rouge_l_hits(corpus, pred_text, ref_text, join), n_pred, n_ref)

@@ -204,6 +204,28 @@ def test_against_rouge_score_on_a_small_corpus() -> None:
                     assert got.per_example[f"{t}_{m}"][i] == want[t][k], (stem, i, t, m)
 
 
+@pytest.mark.parametrize("u32_keys", [1 << 32, 0, -1])  # uint32 keys, int64 keys, keys too wide: n-gram sort
+def test_rouge2_from_the_join_equals_rouge_score(monkeypatch: pytest.MonkeyPatch, u32_keys: int) -> None:
+    """rouge2's overlaps come from the unigram join's groups; whichever key width it picks (or when it hands
+    over to the general n-gram sort), the numbers are rouge-score's."""
+    from llmtune.metrics import rouge
+
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    if u32_keys < 0:
+        monkeypatch.setattr(rouge, "_KEY_LIMIT", 0)
+    else:
+        monkeypatch.setattr(rouge, "_U32_KEYS", u32_keys)
+    rng = np.random.default_rng(5)
+    words = ["a", "b", "c", "dd", "e"]
+    preds = [" ".join(rng.choice(words, int(rng.integers(0, 12)))) for _ in range(60)]
+    refs = [[" ".join(rng.choice(words, int(rng.integers(0, 12))))] for _ in range(60)]
+    got = NumpyRouge(rouge_types=["rouge2"]).compute(preds, refs).per_example
+    scorer = rouge_scorer.RougeScorer(["rouge2"])
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        want = scorer.score(r[0], p)["rouge2"]
+        assert (got["rouge2_precision"][i], got["rouge2_recall"][i], got["rouge2_fmeasure"][i]) == tuple(want), i
+
+
 # --- options -------------------------------------------------------------------------------------------------
 
 

@@ -55,3 +55,17 @@ def test_sort_with_order_equals_a_stable_argsort() -> None:
         want = np.argsort(keys, kind="stable")
         assert order.tolist() == want.tolist()
         assert got_keys.tolist() == keys[want].tolist()
+
+
+def test_key_columns_are_the_zero_padded_bytes_also_from_strided_starts() -> None:
+    """Each column holds 8 bytes of the word, little-endian, zero past its end; starts may be a strided view."""
+    data, starts, ends = _spans(WORDS)
+    spaced = np.repeat(starts, 2)[::2]  # a strided view, as `_word_bounds` returns
+    cols = _wordkeys.key_columns(data, spaced, ends - starts)
+    for i, w in enumerate(WORDS):
+        if len(w) <= _wordkeys.MAX_KEY_BYTES:
+            padded = w + bytes(8 * len(cols) - len(w))
+            assert [int(c) for c in cols[:, i]] == [int.from_bytes(padded[8 * k:8 * k + 8], "little")
+                                                    for k in range(len(cols))], w
+        else:
+            assert int(cols[0, i]) >> 56 == 0xFF and not cols[1:, i].any(), w
