@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -53,13 +54,22 @@ def _time(fn: Callable[[], Any], before: Callable[[], None] | None = None) -> tu
     return time.perf_counter() - t, time.process_time() - c, out
 
 
+HEAP_STEP = True  # False with --no-heap-step: `llmtune.metrics._heap.keep_freed_heap` never runs
+#: per side of the last `_race`, the fewest minor page faults of one of its calls
+FAULTS: dict[str, int] = {}
+
+
 def _race(sides: dict[str, Callable[[], Any]], repeats: int, before: dict[str, Callable[[], None]] | None = None,
           ) -> dict[str, tuple[float, float, Any]]:
     """Best (wall, cpu) of each side over ``repeats`` alternating rounds, with each side's last result."""
     best: dict[str, list[Any]] = {k: [float("inf"), float("inf"), None] for k in sides}
+    FAULTS.clear()
     for _ in range(repeats):
         for name, fn in sides.items():
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall, cpu, out = _time(fn, (before or {}).get(name))
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            FAULTS[name] = min(FAULTS.get(name, faults), faults)
             b = best[name]
             b[0], b[1], b[2] = min(b[0], wall), min(b[1], cpu), out
     return {k: (v[0], v[1], v[2]) for k, v in best.items()}
@@ -105,6 +115,7 @@ def bench_rouge(name: str, preds: list[str], refs: list[str], stem: bool, repeat
         "rs_loop": lambda: [rs_scorer.score(r, p) for r, p in zip(refs, preds)],
     }
     got = _race(sides, repeats, before={"ours": clear_caches})
+    faults = dict(FAULTS)
     scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=stem)
     off = _race({"rouge_score": lambda: [scorer.score(r, p) for r, p in zip(refs[:k], preds[:k])]},
                 repeats if name == "short" else 1)["rouge_score"]
@@ -125,6 +136,8 @@ def bench_rouge(name: str, preds: list[str], refs: list[str], stem: bool, repeat
         "official_pairs": k, "ratio_vs_rouge_score_rs": rs_wall / ours_wall, "cpu_ratio_vs_rouge_score_rs":
         rs_cpu / ours_cpu, "ratio_vs_rouge_score": off[0] * scale / ours_wall,
         "equal_rouge_score": equal_official, "equal_rouge_score_rs": equal_rs, "repeats": repeats,
+        "ours_page_faults": faults["ours"], "ours_warm_page_faults": faults["ours_warm"],
+        "heap_step": HEAP_STEP,
     }
 
 
@@ -233,7 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpora", default="short,article,long")
     parser.add_argument("--ter-pairs", type=int, default=500, help="short pairs for TER (sacrebleu's is slow)")
     parser.add_argument("--n-jobs", default="", help="e.g. 1,2: ROUGE n_jobs scaling on the article corpus")
+    parser.add_argument("--no-heap-step", action="store_true",
+                        help="skip llmtune.metrics._heap.keep_freed_heap (its effect on page faults and time)")
     args = parser.parse_args(argv)
+    if args.no_heap_step:
+        global HEAP_STEP
+        import llmtune.metrics._heap as heap
+
+        heap._done, HEAP_STEP = True, False
     data = corpora(args.pairs, args.long_pairs)
     machine = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

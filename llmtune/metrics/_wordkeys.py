@@ -64,6 +64,8 @@ def sort_with_order(keys: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.nda
     packed.sort()
     low = np.bitwise_and(packed, np.uint64((1 << idx_bits) - 1))
     packed >>= np.uint64(idx_bits)
+    if keys.dtype == np.int64:  # the keys are below 2**63: the same bits
+        return packed.view(np.int64), low.view(np.int64)
     return packed.astype(keys.dtype, copy=False), low.view(np.int64)
 
 

@@ -153,13 +153,12 @@ _CLASS_TABLE = bytes(
     c if (48 <= c <= 57 or 97 <= c <= 122) else _LINE_MARK if c == 10 else _TEXT_MARK if c == 0 else 32
     for c in range(256)
 )
-def _word_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(buffer, starts, ends)``: the class-mapped bytes and the ``[a-z0-9]+`` runs in them."""
-    buf = np.frombuffer(data, dtype=np.uint8)
+def _word_bounds(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` of the ``[a-z0-9]+`` runs in the class-mapped bytes ``buf``."""
     edge = np.zeros(len(buf) + 2, dtype=np.int8)
     edge[1:-1] = buf >= 48
     runs = np.flatnonzero(edge[1:] != edge[:-1])
-    return buf, runs[0::2], runs[1::2]
+    return runs[0::2], runs[1::2]
 
 
 def _token_ids(data: bytes, starts: np.ndarray, ends: np.ndarray, use_stemmer: bool) -> tuple[np.ndarray, int]:
@@ -200,25 +199,30 @@ class _Corpus:
     """
 
     def __init__(self, texts: list[str], use_stemmer: bool, want_lines: bool) -> None:
-        joined = _TEXT_SEP.join(texts)
-        if joined.count(_TEXT_SEP) != len(texts) - 1:  # a text contains NUL itself
-            joined = _TEXT_SEP.join(text.replace(_TEXT_SEP, " ") for text in texts)
-        data = joined.lower().encode("ascii", "replace").translate(_CLASS_TABLE)
-        buf, starts, ends = _word_bounds(data)
+        data = _TEXT_SEP.join(texts).lower().encode("ascii", "replace").translate(_CLASS_TABLE)
+        buf = np.frombuffer(data, dtype=np.uint8)
+        marks = np.flatnonzero(buf <= _TEXT_MARK)  # line breaks and text separators
+        is_text = buf[marks] == _TEXT_MARK
+        if int(np.count_nonzero(is_text)) != len(texts) - 1:  # a text contains NUL itself
+            data = _TEXT_SEP.join(text.replace(_TEXT_SEP, " ") for text in texts).lower().encode(
+                "ascii", "replace").translate(_CLASS_TABLE)
+            buf = np.frombuffer(data, dtype=np.uint8)
+            marks = np.flatnonzero(buf <= _TEXT_MARK)
+            is_text = buf[marks] == _TEXT_MARK
+        starts, ends = _word_bounds(buf)
         n_texts = len(texts)
         #: all token ids, the text of each, each text's length and start in `flat`
         self.flat, self.vocab_size = _token_ids(data, starts, ends, use_stemmer)
-        self.lengths = _segment_sizes(starts, np.flatnonzero(buf == _TEXT_MARK))
+        self.lengths = _segment_sizes(starts, marks[is_text])
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.text_of = np.repeat(np.arange(n_texts), self.lengths)
         #: non-empty lines: start in `flat`, length, text; the lines of text t are first_line[t]:first_line[t+1]
         if want_lines:
-            marks = np.flatnonzero(buf <= _TEXT_MARK)
             sizes = _segment_sizes(starts, marks)
             nonempty = sizes > 0
             self.line_start = (np.cumsum(sizes) - sizes)[nonempty]
             self.line_len = sizes[nonempty]
-            self.line_text = np.r_[0, np.cumsum(buf[marks] == _TEXT_MARK)][nonempty]
+            self.line_text = np.r_[0, np.cumsum(is_text)][nonempty]
         else:
             self.line_start = self.line_len = self.line_text = np.zeros(0, dtype=np.int64)
         self.first_line = np.searchsorted(self.line_text, np.arange(n_texts + 1))
