@@ -20,7 +20,9 @@ scaled to the corpus (``official_scaled``: true). BLEU: corpus ``compute`` vs ``
 Repetitions alternate between implementations; the best wall time of each is kept (``ratio`` = theirs / ours,
 > 1 means llmtune is faster), and CPU times (``*_cpu_s``) are given as they are steadier on a shared machine.
 Each line says whether the numbers were identical (``equal``). ``--n-jobs`` adds the parallel mode's scaling.
-Usage: ``python benchmarks/metrics_speed.py [--pairs 2000] [--repeats 5] [--only rouge|bleu|ter] [--corpora short,article,long]``.
+ROUGE lines also give the fewest minor page faults of one of our calls (``ours_page_faults``), and
+``--no-heap-step`` skips ``llmtune.metrics._heap.keep_freed_heap`` for the whole run (``heap_step``: false).
+Usage: ``python benchmarks/metrics_speed.py [--pairs 2000] [--repeats 5] [--only rouge|bleu|ter] [--corpora short,article,long] [--no-heap-step]``.
 """
 
 from __future__ import annotations
