@@ -438,8 +438,7 @@ class _Join:
 
     ``a_row``/``a_off``/``a_at``: per reference token its row, offset in its text and index in `_Corpus.flat`
     (rows in order, tokens in order); ``b_row``/``b_at`` the same for the prediction tokens; ``group``: per entry (a
-    entries, then b entries) its ``(row, token)`` group; ``a_sorted``/``a_groups``/``a_first``: the a entries in
-    group order, the groups that have some and where each starts there; ``group_row``, ``count_a``,
+    entries, then b entries) its ``(row, token)`` group; ``group_row``, ``count_a``,
     ``count_b``: per group its row and number of entries on each side.
     """
 
@@ -449,9 +448,6 @@ class _Join:
     b_row: np.ndarray
     b_at: np.ndarray
     group: np.ndarray
-    a_sorted: np.ndarray
-    a_groups: np.ndarray
-    a_first: np.ndarray
     group_row: np.ndarray
     count_a: np.ndarray
     count_b: np.ndarray
@@ -459,8 +455,7 @@ class _Join:
     def group_bits(self, a_bits: np.ndarray) -> np.ndarray:
         """Per group, the OR (bits are distinct within a group: the sum) of its reference entries' ``a_bits``."""
         out = np.zeros(len(self.count_a), dtype=np.uint64)
-        if len(self.a_sorted):
-            out[self.a_groups] = np.add.reduceat(a_bits[self.a_sorted], self.a_first)
+        np.add.at(out, self.group[:len(self.a_row)], a_bits)
         return out
 
     def b_masks(self, a_bits: np.ndarray) -> np.ndarray:
@@ -482,9 +477,7 @@ def _join(corpus: _Corpus, pred_text: np.ndarray, ref_text: np.ndarray) -> _Join
     group[order] = np.cumsum(head) - 1
     n_a, n_groups = len(a_at), len(first)
     count_a = np.bincount(group[:n_a], minlength=n_groups)
-    a_groups = np.flatnonzero(count_a)
-    a_first = (np.cumsum(count_a) - count_a)[a_groups]
-    return _Join(a_row, a_off, a_at, b_row, b_at, group, order[order < n_a], a_groups, a_first,
+    return _Join(a_row, a_off, a_at, b_row, b_at, group,
                  sorted_keys[first] // stride, count_a, np.bincount(group[n_a:], minlength=n_groups))
 
 
