@@ -4,7 +4,7 @@ A 2,000-pair ROUGE or BLEU call holds up to about 10 MB of NumPy temporaries at 
 tokenizing, the sorted join, rouge2, rougeLsum). glibc's malloc trims the free top of its heap back to the OS
 once it exceeds ``M_TRIM_THRESHOLD`` (128 KB at start; raised to twice the size of the largest ``mmap``-ed
 block freed so far), so the pages of each stage are faulted in afresh: on the 2-core VM the benchmarks ran on,
-2,800-4,400 faults per short ROUGE call (about 1.7 us each, 5-8 ms of a 15-21 ms call), how many depending on
+2,800-5,400 faults per short ROUGE call (about 1.7 us each, 5-10 ms of a 20-24 ms call), how many depending on
 what the process did before. Splitting the corpus into blocks does not avoid them: each block's temporaries
 are trimmed and faulted again, and the per-block NumPy calls cost more (measured: see docs/metrics-rouge.md).
 `keep_freed_heap` allocates and frees one untouched 32 MB buffer once per process: glibc then raises its
