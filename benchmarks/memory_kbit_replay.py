@@ -26,41 +26,14 @@ NOT_IN_STEP = {"weights_nf4", "quant_metadata_nf4", "embeddings_lm_head", "norms
                "cublas_workspace", "dequant_buffer"}
 
 
-def _meter(skip: set[int]) -> Any:
-    import torch
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class LivePeak(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.live: dict[int, tuple[Any, int]] = {}
-            self.cur = self.peak = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            out = func(*args, **(kwargs or {}))
-            for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-                self.cur -= self.live.pop(key)[1]
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    key = st.data_ptr()
-                    if key and key not in skip and key not in self.live:
-                        self.live[key] = (StorageWeakRef(st), st.nbytes())
-                        self.cur += st.nbytes()
-            self.peak = max(self.peak, self.cur)
-            return out
-
-    return LivePeak()
-
-
 def replay(cfg: dict[str, Any], batch: int, seq: int, steps: int, rank: int) -> dict[str, Any]:
     """Live-tensor peak of ``steps`` steps of the recipe, and the estimate's phases without static terms."""
     import peft
     import torch
     import transformers
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llmtune.models.live_memory import LivePeak
 
     spec = ModelSpec.from_hf_config(cfg)
     kw = {k: v for k, v in cfg.items() if k != "model_type"}
@@ -78,12 +51,10 @@ def replay(cfg: dict[str, Any], batch: int, seq: int, steps: int, rank: int) -> 
                                                     target_modules=spec.linear_module_names()))
     pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
-    skip = {p.untyped_storage().data_ptr() for p in pm.parameters()}
-    skip |= {b.untyped_storage().data_ptr() for b in pm.buffers()}
     ids = torch.randint(4, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     kernel = cuda_attention_kernel(spec, 4, "sdpa")
     backend = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(kernel, SDPBackend.MATH)
-    meter = _meter(skip)
+    meter = LivePeak.excluding(pm)
     with sdpa_kernel(backend), warnings.catch_warnings(), meter:
         warnings.simplefilter("ignore")
         for _ in range(steps):

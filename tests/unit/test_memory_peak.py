@@ -22,12 +22,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
-
 from llmtune.memory import ModelSpec, estimate_serving, estimate_training  # noqa: E402
 from llmtune.memory.attention import cuda_attention_kernel  # noqa: E402
+from llmtune.models.live_memory import LivePeak  # noqa: E402
 
 B, S = 2, 512
 TINY = dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
@@ -38,26 +35,6 @@ STATIC = {"weights", "weights_nf4", "quant_metadata_nf4", "embeddings_lm_head", 
           "gradients", "gradients_lm_head"}
 
 
-class LivePeak(TorchDispatchMode):
-    """Peak bytes of live tensor storages created while active (storages in ``skip`` excluded)."""
-
-    def __init__(self, skip: set[int]) -> None:
-        super().__init__()
-        self.skip, self.live, self.cur, self.peak = skip, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.cur -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key and key not in self.skip and key not in self.live:
-                    self.live[key] = (StorageWeakRef(st), st.nbytes())
-                    self.cur += st.nbytes()
-        self.peak = max(self.peak, self.cur)
-        return out
 
 
 def _measure(dtype, kernel: str, gc: bool, reentrant: bool = False) -> int:
@@ -75,11 +52,9 @@ def _measure(dtype, kernel: str, gc: bool, reentrant: bool = False) -> int:
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                            target_modules=ModelSpec.from_hf_config(TINY).linear_module_names()))
     model.train()
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     ids = torch.randint(3, 1000, (B, S), generator=torch.Generator().manual_seed(0))
     backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
-    meter = LivePeak(skip)
+    meter = LivePeak.excluding(model)
     with sdpa_kernel(backend), warnings.catch_warnings(), meter:
         warnings.simplefilter("ignore")
         out = model(input_ids=ids, labels=ids)
@@ -171,10 +146,8 @@ def _measure_kbit_recipe(tmp_path, steps: int = 2) -> tuple[int, int]:
                                                            target_modules=targets))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     ids = torch.randint(4, QLORA_CLASS["vocab_size"], (1, 1024), generator=torch.Generator().manual_seed(0))
-    meter = LivePeak(skip)
+    meter = LivePeak.excluding(model)
     first = 0
     with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings(), meter:  # the kernel CUDA picks for fp32 + GQA
         warnings.simplefilter("ignore")
@@ -239,9 +212,7 @@ def test_nf4_prefill_holds_what_bf16_holds_at_the_logits(tmp_path):
         for mod in model.modules():  # not the CPU-only repacked weights of eval mode: the path CUDA takes
             if hasattr(mod, "support_avx512bf16_for_cpu"):
                 mod.support_avx512bf16_for_cpu = False
-        skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-        meter = LivePeak(skip)
+        meter = LivePeak.excluding(model)
         with torch.no_grad(), meter:
             out = model(input_ids=ids, use_cache=True)
         del out, model
