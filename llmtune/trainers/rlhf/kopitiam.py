@@ -79,38 +79,37 @@ def _decode(tokenizer: Any, ids: Sequence[int], stops: set[int]) -> str:
 
 
 def ranked_groups(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, k: int, template: str,
-                  max_new_tokens: int, temperature: float, seed: int, batch: int = 32,
-                  add_reference: bool = False) -> list[Any]:
+                  max_new_tokens: int, temperature: float, seed: int, add_reference: bool = False) -> list[Any]:
     """Sample ``k`` answers per record from ``model``, rank them with the rule, return the groups with pairs.
 
     ``add_reference``: the record's own answer joins the sampled ones (the "human" also writes the right
     answer, as the labellers of InstructGPT wrote demonstrations); it then ranks first unless a sample ties it.
     """
-    import torch
-
-    from llmtune.data.templates import render_prompt, render_segments, stop_token_ids
-    from llmtune.trainers.rlhf.online import sample
+    from llmtune.data.templates import render_segments, stop_token_ids
     from llmtune.trainers.rlhf.pairs import Group, ranking_pairs
 
-    stops = stop_token_ids(template, tokenizer)
-    torch.manual_seed(seed)
+    stops = set(stop_token_ids(template, tokenizer))
+    prompts = prompt_ids(records, tokenizer, template)
+    outs, texts = _answers(model, tokenizer, prompts, template, max_new_tokens, k=k, temperature=temperature,
+                           seed=seed)
     groups = []
-    for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
-        prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
-                   for r in chunk]
-        outs = sample(model, prompts, k=k, pad_id=tokenizer.pad_token_id, stop_ids=stops,
-                      max_new_tokens=max_new_tokens, temperature=temperature)
-        for i, rec in enumerate(chunk):
-            answers = outs[i * k:(i + 1) * k]
-            if add_reference:
-                text = render_segments(rec, template, tokenizer)[-1].text
-                answers = [*answers, list(tokenizer(text, add_special_tokens=False)["input_ids"])]
-            ranking = human_ranking([_decode(tokenizer, a, set(stops)) for a in answers], rec["output"])
-            pairs = ranking_pairs(ranking)
-            if pairs:
-                groups.append(Group(prompts[i], answers, pairs, where=f"record {start + i}"))
+    for i, rec in enumerate(records):
+        answers, shown = outs[i * k:(i + 1) * k], texts[i * k:(i + 1) * k]
+        if add_reference:
+            ids = list(tokenizer(render_segments(rec, template, tokenizer)[-1].text, add_special_tokens=False)["input_ids"])
+            answers, shown = [*answers, ids], [*shown, _decode(tokenizer, ids, stops)]
+        pairs = ranking_pairs(human_ranking(shown, rec["output"]))
+        if pairs:
+            groups.append(Group(prompts[i], answers, pairs, where=f"record {i}"))
     return groups
+
+
+def prompt_ids(records: Sequence[dict[str, Any]], tokenizer: Any, template: str) -> list[list[int]]:
+    """Each record's prompt, rendered with ``template`` up to the answer, as token ids."""
+    from llmtune.data.templates import render_prompt
+
+    return [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
+            for r in records]
 
 
 def _answers(model: Any, tokenizer: Any, prompts: list[list[int]], template: str, max_new_tokens: int, *,
@@ -191,7 +190,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
     import copy
     from pathlib import Path
 
-    from llmtune.data.templates import render_prompt, stop_token_ids
+    from llmtune.data.templates import stop_token_ids
     from llmtune.trainers.rlhf.dpo import add_policy_adapter
     from llmtune.trainers.rlhf.online import OnlineOptions, train_online
     from llmtune.trainers.rlhf.reward import RewardOptions, reward_model_from_causal_lm, train_reward
@@ -221,8 +220,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
 
     policy = add_policy_adapter(copy.deepcopy(sft_model), rank=cfg["rank"], alpha=cfg["alpha"])
     stops = stop_token_ids(template, tokenizer)
-    prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
-               for r in train]
+    prompts = prompt_ids(train, tokenizer, template)
     rl_opts = OnlineOptions(samples=cfg["samples"], kl_coef=cfg["kl_coef"], temperature=cfg["temperature"],
                             max_new_tokens=cfg["max_new_tokens"], lr=cfg["rl_lr"], steps=cfg["rl_steps"],
                             prompts_per_step=cfg["rl_prompts_per_step"], seed=seed)
@@ -230,8 +228,7 @@ def run_rlhf_act(sft_model: Any, tokenizer: Any, train: Sequence[dict[str, Any]]
                           options=rl_opts, log_path=out / "rloo" / "log.jsonl")
     policy.save_pretrained(str(out / "rloo" / "adapter"))
 
-    held_prompts = [list(tokenizer(render_prompt(r, template, tokenizer)[0], add_special_tokens=False)["input_ids"])
-                    for r in heldout]
+    held_prompts = prompt_ids(heldout, tokenizer, template)
     refs = [r["output"] for r in heldout]
     common = {"template": template, "max_new_tokens": cfg["max_new_tokens"], "temperature": cfg["temperature"]}
     sampled = compare_policies(policy, reward.model, tokenizer, held_prompts, refs, k=cfg["eval_samples"],
