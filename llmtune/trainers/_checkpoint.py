@@ -316,7 +316,7 @@ def claim_output_dir(output_dir: Path, fingerprint: Fingerprint, *, overwrite: b
                                  "directory, pass overwrite=True (CLI --overwrite) to replace it, or resume it")
         elif set(changes) - set(allow_changes):
             raise _resume_error(output_dir, changes, set(allow_changes))
-    _write_atomic(output_dir / RUN_FILE, fingerprint.to_dict())
+    write_json_atomic(output_dir / RUN_FILE, fingerprint.to_dict())
     return RunDir(output_dir, fingerprint, previous, events)
 
 
@@ -364,7 +364,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it over ``path`` (readers never see half)."""
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -96,12 +96,10 @@ REFERENCE_FILE = "reference_logps.json"
 
 
 def _write_references(path: Any, fingerprint: str, sets: Mapping[str, Sequence[Any]]) -> None:
-    import os
+    from llmtune.trainers._checkpoint import write_json_atomic
 
-    body = {"fingerprint": fingerprint, **{k: [list(g.reference_logps) for g in v] for k, v in sets.items()}}
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(body) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"fingerprint": fingerprint, **{k: [list(g.reference_logps) for g in v]
+                                                            for k, v in sets.items()}})
 
 
 def _read_references(path: Any, fingerprint: str) -> dict[str, list[list[float]]] | None:
