@@ -86,6 +86,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """CPU benchmarks (metric speed, quantization quality); one JSON line per result."""
     _install(session, "all")
+    session.install("rouge-score-rs==0.2.1")  # the Rust ROUGE that metrics_speed.py races
     session.run("python", "benchmarks/metrics_speed.py")
     session.run("python", "benchmarks/quantization_quality.py")
     session.run("python", "benchmarks/bnb_guard.py")
