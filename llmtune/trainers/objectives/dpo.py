@@ -214,10 +214,20 @@ class RewardTrainOptions(TrainOptions):
 
     #: LoRA / DoRA on a reward model train the score head too (PEFT's SEQ_CLS task: modules_to_save)
     peft_task_type: ClassVar[str] = "SEQ_CLS"
+    #: the model is a 1-label sequence classifier (`llmtune.models.loading.load_model_and_tokenizer`'s head)
+    model_head: ClassVar[str] = "score"
     method: str = "full"
     lr: float = 1e-4
     use_margin: bool = False
     center_rewards_coefficient: float | None = None
+    #: start a fresh (seeded) score head on a causal LM's backbone; without it a causal LM is refused
+    add_score_head: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from llmtune.core.options import check_type
+
+        check_type("add_score_head", self.add_score_head, bool)
 
 
 class Reward(Objective):
@@ -232,9 +242,9 @@ class Reward(Objective):
     scored_tokens = Dpo.scored_tokens
 
     def loss(self, backend: Any, model: Any, batch: Mapping[str, Any], ctx: Any) -> Any:
-        from llmtune.trainers.rlhf.reward import reward_loss
+        from llmtune.trainers.rlhf.reward import is_reward_model, reward_loss
 
-        if getattr(getattr(model, "config", None), "num_labels", None) != 1:
+        if not is_reward_model(model):
             raise InvalidOptionError("objective 'reward' trains a 1-label sequence-classification model: pass "
                                      "reward_model_from_causal_lm(model, tokenizer) as the model")
         loss, stats = reward_loss(model, dict(batch), use_margin=ctx.options.use_margin,
