@@ -142,6 +142,18 @@ class Dpo(Objective):
     name: ClassVar[str] = "dpo"
     Options: ClassVar[type] = DpoTrainOptions
 
+    def check_data(self, data: Any, what: str) -> str:
+        """Every preference record parsed as training parses it; the rankings' sizes and pairs."""
+        from llmtune.data.preference import load_preference_records
+        from llmtune.trainers.rlhf.pairs import expected_pairs
+
+        records = load_preference_records(str(data))
+        sizes = [len(r.ranking) if hasattr(r, "ranking") else 2 for r in records]
+        pairs = sum(expected_pairs(r.ranking) if hasattr(r, "ranking") else 1 for r in records)
+        ranked = sum(hasattr(r, "ranking") for r in records)
+        return (f"{data}: {len(records)} preference records ({ranked} ranked, {len(records) - ranked} pairwise), "
+                f"{pairs} pairs; largest ranking {max(sizes)} answers")
+
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> GroupData:
         return GroupData(_groups(data, tokenizer, options, "data"), options.seed)
 
@@ -236,6 +248,7 @@ class Reward(Objective):
 
     name: ClassVar[str] = "reward"
     Options: ClassVar[type] = RewardTrainOptions
+    check_data = Dpo.check_data
     train_data = Dpo.train_data
     eval_data = Dpo.eval_data
     collate = Dpo.collate

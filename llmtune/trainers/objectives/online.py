@@ -127,6 +127,14 @@ class _Online(Objective):
         self._tokenizer: Any = None
         self._metrics: list[tuple[int, dict[str, float]]] = []
 
+    def check_data(self, data: Any, what: str) -> str:
+        records = prompt_records(str(data), what)
+        if what == "eval_data":
+            self._references(records)
+        with_prompt = sum("prompt" in r for r in records)
+        return (f"{data}: {len(records)} prompts ({with_prompt} 'prompt' records, {len(records) - with_prompt} "
+                "instruction / chat records: their prompt part)")
+
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> PromptData:
         self._tokenizer = tokenizer
         return PromptData(_prompts(data, tokenizer, options, "data")[0], options.seed)
@@ -134,16 +142,22 @@ class _Online(Objective):
     def eval_data(self, data: Any, tokenizer: Any, options: Any) -> EvalData:
         """Greedy answers to held-out prompts, scored against their reference answers (``output``/``chosen``)."""
         prompts, records = _prompts(data, tokenizer, options, "eval_data")
-        refs = [r.get("output", r.get("chosen")) for r in records]
-        if any(not isinstance(x, str) for x in refs):
-            raise ConfigError(f"eval_data of objective {self.name!r}: every record needs a reference answer "
-                              f"('output' or 'chosen') to score the greedy answers against")
+        refs = self._references(records)
         n = options.eval_examples or len(prompts)
         return EvalData(prompts=prompts[:n], references=[str(x).strip() for x in refs[:n]])
 
     def setup(self, model: Any, state: Any) -> None:
         """The reward model loads (and is checked: a trained score head) before anything trains."""
         self.reward_model(state.options.reward_model, state.acc.device, state.tokenizer)
+
+    def _references(self, records: Any) -> list[str]:
+        """Each held-out record's reference answer (``output`` or ``chosen``), to score greedy answers against."""
+        refs = [r.get("output", r.get("chosen")) for r in records]
+        missing = [i for i, x in enumerate(refs) if not isinstance(x, str)]
+        if missing:
+            raise ConfigError(f"{records.where(missing[0])}: eval_data of objective {self.name!r}: every record needs a "
+                              "reference answer ('output' or 'chosen') to score the greedy answers against")
+        return [str(x) for x in refs]
 
     def collate(self, examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
         import torch
