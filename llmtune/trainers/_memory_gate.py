@@ -211,7 +211,8 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     objective = getattr(type(trainer), "objective", "sft")
     if objective in ("dpo", "reward"):   # every answer of a ranking is a row, every pair a loss term; DPO's reference
         kw |= {"objective": objective, "responses": ranking_rows(config.data, trainer.options.batch_size, notes)}
-        if objective == "dpo":
+        if objective == "dpo":  # llmtune's DPO takes full-vocabulary fp32 log-probs of every row (no chunks)
+            kw["recipe"] = dataclasses.replace(kw["recipe"], loss="full_fp32")
             kw["dpo_reference"] = trainer.options.reference
     elif objective in ("rloo", "grpo"):  # K sampled answers per prompt (KV cache), the adapter-off reference
         kw.update(objective="online_rl", rl_samples=trainer.options.samples)
