@@ -103,13 +103,8 @@ def load_model_and_tokenizer(
         else "the local cache (the hub is unreachable)" if local_only else "the Hugging Face hub")
 
     kwargs: dict[str, Any] = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
-    model_kwargs = dict(kwargs)
-    if torch_dtype is not None:
-        model_kwargs["dtype"] = torch_dtype
-    if quantization_config is not None:
-        model_kwargs["quantization_config"] = quantization_config
-    if device_map is not None:
-        model_kwargs["device_map"] = device_map
+    given = {"dtype": torch_dtype, "quantization_config": quantization_config, "device_map": device_map}
+    model_kwargs = {**kwargs, **{k: v for k, v in given.items() if v is not None}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if local.is_dir() and quantization_config is None and _gptq_checkpoint(local):
