@@ -128,29 +128,35 @@ def _check_records(path: str, what: str, objective: str) -> tuple[str, None]:
 def _check_reward_model(path: str | None, objective: str) -> tuple[str, None]:
     """``reward_model`` of rloo / grpo: a saved 1-label sequence classifier whose weights hold its score head."""
     from llmtune.core.errors import ConfigError
-    from llmtune.models.loading import safetensors_names
     from llmtune.trainers.objectives.online import REWARD_MODEL_HINT
 
     if path is None:
         raise ConfigError(f"objective {objective!r} needs reward_model: DIR under trainer: (a reward model: "
                           "train one with trainer: {name: reward})")
-    d = Path(path)
-    if not (d / "config.json").is_file():
+    if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"reward_model {path}: no such model directory (no config.json)")
+    return _check_score_head(path, "reward_model", REWARD_MODEL_HINT)
+
+
+def _check_score_head(path: str, what: str, hint: str) -> tuple[str, None]:
+    """The model directory ``path`` is a 1-label ``XForSequenceClassification`` whose safetensors hold the head."""
+    from llmtune.core.errors import ConfigError
+    from llmtune.models.loading import safetensors_names
+
+    d = Path(path)
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))
     archs = [str(a) for a in config.get("architectures") or []]
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ConfigError(f"reward_model {path}: a {', '.join(archs) or config.get('model_type')} has no score head; "
-                          f"{REWARD_MODEL_HINT}")
+        raise ConfigError(f"{what} {path}: a {', '.join(archs) or config.get('model_type')} has no score head; {hint}")
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if labels != 1:
-        raise ConfigError(f"reward_model {path}: {archs[0]} with {labels} labels; a reward model has one output")
+        raise ConfigError(f"{what} {path}: {archs[0]} with {labels} labels; a reward model has one output")
     names = [n for f in sorted(d.glob("*.safetensors")) for n in safetensors_names(f)]
     roots = {n.split(".")[0] for n in names}
     backbone = max(roots, key=lambda r: sum(n.startswith(r + ".") for n in names)) if roots else ""
     if names and not roots - {backbone, "lm_head"}:
-        raise ConfigError(f"reward_model {path}: its weights hold no score head (only {backbone}.*): transformers "
-                          f"would initialise it at random; {REWARD_MODEL_HINT}")
+        raise ConfigError(f"{what} {path}: its weights hold no score head (only {backbone}.*): transformers "
+                          f"would initialise it at random; {hint}")
     return f"{path}: {archs[0]}, 1 label, score head in its weights", None
 
 
@@ -191,7 +197,11 @@ def check_config(config: Any, gpu: str | int | None = None, *, processes: int = 
     _attempt(checks, "support", lambda: _check_support(trainer))
     if getattr(opts, "distributed", "ddp") == "fsdp":
         _attempt(checks, "distributed", lambda: _check_fsdp(processes))
-    _attempt(checks, "model", lambda: _check_model(config.model))
+    if _attempt(checks, "model", lambda: _check_model(config.model)) and objective == "reward" \
+            and not getattr(opts, "add_score_head", False):
+        from llmtune.trainers.objectives.dpo import ADD_SCORE_HEAD_HINT
+
+        _attempt(checks, "score_head", lambda: _check_score_head(config.model, "model", ADD_SCORE_HEAD_HINT))
     tokenizer_dir = config.tokenizer or config.model
     _attempt(checks, "tokenizer", lambda: _check_tokenizer(tokenizer_dir, opts.template))
     _attempt(checks, "data", lambda: _check_records(config.data, "data", objective))

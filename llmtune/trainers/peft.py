@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from llmtune.core.errors import ConfigError
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
-from llmtune.trainers.objectives.dpo import DpoTrainOptions, RewardTrainOptions
+from llmtune.trainers.objectives.dpo import ADD_SCORE_HEAD_HINT, DpoTrainOptions, RewardTrainOptions
 from llmtune.trainers.objectives.online import OnlineTrainOptions
 from llmtune.trainers.options import PretrainOptions, TrainOptions
 
@@ -59,12 +59,6 @@ def _is_config_only(model: Any) -> bool:
     return type(model).__name__.endswith("Config") and hasattr(model, "to_dict")
 
 
-#: what a reward trainer given a causal LM is told
-_ADD_SCORE_HEAD = ("objective 'reward' trains a 1-label sequence-classification model: give a reward model "
-                   "(one trainer 'reward' saved), or set add_score_head: true under trainer: to train a fresh "
-                   "score head on this model's backbone")
-
-
 class PeftBackend(TrainerBackend):
     """transformers + PEFT, run by llmtune's loop on Accelerate."""
 
@@ -93,7 +87,7 @@ class PeftBackend(TrainerBackend):
             loaded, loaded_tok = load_model_and_tokenizer(
                 str(model), dtype=dtype, quantization_config=qconfig, trust_remote_code=ctx.options.trust_remote_code,
                 device_map=_device_map(ctx.device) if q is not None else None, head=head,
-                fresh_head=bool(getattr(ctx.options, "add_score_head", False)), head_hint=_ADD_SCORE_HEAD)
+                fresh_head=bool(getattr(ctx.options, "add_score_head", False)), head_hint=ADD_SCORE_HEAD_HINT)
             return loaded, tokenizer if tokenizer is not None else loaded_tok
         elif not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a local path, a hub id, a config or a torch.nn.Module, "
@@ -106,7 +100,7 @@ class PeftBackend(TrainerBackend):
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             model = as_reward_model(model, tokenizer, fresh_head=ctx.options.add_score_head, seed=ctx.seed,
-                                    hint=_ADD_SCORE_HEAD)
+                                    hint=ADD_SCORE_HEAD_HINT)
         if dtype is not None:
             model = model.to(dtype)
         if q is not None:  # quantize on the training device (faster on a GPU, and no 4-bit move after)

@@ -103,6 +103,9 @@ def test_reward_trainer_refuses_a_causal_lm_unless_add_score_head(work: Path, ca
     code, _, err = run_cli(["train", cfg, "--overwrite"], capsys)
     assert code != 0 and "LlamaForCausalLM has no score head" in err and "add_score_head: true" in err, err
     assert not (work / "runs" / "rm-on-lm" / "model").exists()
+    code, out, _ = run_cli(["train", cfg, "--check", "--json"], capsys)
+    head = {c["name"]: c for c in json.loads(out)["checks"]}["score_head"]
+    assert code == 1 and not head["ok"] and "add_score_head: true" in head["detail"], head
     cfg = _config(work, "rm-on-lm", f"model: base\ndata: prefs.jsonl\noutput_dir: runs/rm-on-lm\n"
                                     f"trainer:\n  name: reward\n  add_score_head: true\n{FAST}")
     code, _, err = run_cli(["train", cfg, "--overwrite"], capsys)

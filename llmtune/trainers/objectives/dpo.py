@@ -220,6 +220,12 @@ class Dpo(Objective):
         return pop_weighted(getattr(self, "_metrics", []))
 
 
+#: what a reward trainer given a causal LM is told
+ADD_SCORE_HEAD_HINT = ("objective 'reward' trains a 1-label sequence-classification model: give a reward model "
+                       "(one trainer 'reward' saved), or set add_score_head: true under trainer: to train a fresh "
+                       "score head on this model's backbone")
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardTrainOptions(TrainOptions):
     """`TrainOptions` for objective ``reward`` (``use_margin``, ``center_rewards_coefficient``)."""

@@ -89,7 +89,7 @@ def prompt_records(data: Any, what: str) -> Any:
     from llmtune.data.records import Records, read_records
 
     if isinstance(data, (str, os.PathLike)):
-        records = read_records(data)
+        records = read_records(os.fspath(data))
     elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         records = Records(list(data), source=what)
     else:
