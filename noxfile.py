@@ -1,4 +1,4 @@
-"""Sessions: tests (CPU, what CI runs), property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
+"""Sessions: tests (CPU, what CI runs), cpu-paths, property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
 llamacpp, bench-gpu. Each installs what it needs itself."""
 
 from __future__ import annotations
@@ -28,6 +28,21 @@ def tests(session: nox.Session) -> None:
     _install(session, "test")
     session.install(*PLUGINS)
     session.run("pytest", "tests", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci", "LLMTUNE_FULL_ENV": "1"})
+
+
+#: What another CPU would run, forced on this one: ATen's AVX2 kernels, NumPy's AVX2 dispatch, bitsandbytes
+#: without its AVX512-BF16 path (tests/cpu_paths.py).
+OTHER_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+             "LLMTUNE_CPU_PATHS": "no-avx512bf16"}
+
+
+@nox.session(name="cpu-paths")
+def cpu_paths(session: nox.Session) -> None:
+    """The kernel-sensitive tests again, under the kernel paths of other CPUs (CI runs it after `tests`)."""
+    _install(session, "test")
+    env = {"HYPOTHESIS_PROFILE": "ci", "LLMTUNE_FULL_ENV": "1"}
+    session.run("pytest", "tests", "-m", "cpu_kernels", *session.posargs, env=env | OTHER_CPU)
+    session.run("pytest", "tests", "-m", "bnb_4bit", *session.posargs, env=env | {"LLMTUNE_CPU_PATHS": "faulty-4bit"})
 
 
 @nox.session(name="property-long")
@@ -71,6 +86,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """CPU benchmarks (metric speed, quantization quality); one JSON line per result."""
     _install(session, "all")
+    session.install("rouge-score-rs==0.2.1")  # the Rust ROUGE that metrics_speed.py races
     session.run("python", "benchmarks/metrics_speed.py")
     session.run("python", "benchmarks/quantization_quality.py")
     session.run("python", "benchmarks/bnb_guard.py")

@@ -23,6 +23,7 @@ from typing import Any
 
 from llmtune.memory import ModelSpec, estimate_serving, estimate_training, estimate_weights
 from llmtune.memory.estimate import lora_params, resolve_lora_targets
+from llmtune.memory.recipes import Recipe, hf_recipe
 
 MiB = 2**20
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "memory" / "h100-llama3.2-1b.json"
@@ -46,8 +47,9 @@ def _published(spec: ModelSpec, case: dict[str, Any]) -> dict[str, float | None]
     return {"lecture": P * 4 / (32 / bits) * 1.2, "accelerate": 8 * P, "transformer_math": tm, "hf_blog": blog}
 
 
-def _ours(spec: ModelSpec, case: dict[str, Any], trained: bool = False) -> float:
-    """Our prediction; ``trained``: a training case ran earlier in the same process (2 cuBLAS handles)."""
+def _ours(spec: ModelSpec, case: dict[str, Any], hf: Recipe, trained: bool = False) -> float:
+    """Our prediction (``hf``: the plain recipe as the measured peft ran it); ``trained``: a training case ran
+    earlier in the same process (2 cuBLAS handles)."""
     method, bits = case["method"], case["bits"]
     if method == "load":
         return estimate_weights(spec, bits).peak_tensor_bytes
@@ -57,20 +59,27 @@ def _ours(spec: ModelSpec, case: dict[str, Any], trained: bool = False) -> float
     if method.startswith("unsloth-"):
         return estimate_training(spec, method.split("-", 1)[1], batch_size=case["batch"], seq_len=case["seq"],
                                  recipe="unsloth", lora_rank=16).peak_tensor_bytes
-    return estimate_training(spec, method, batch_size=case["batch"], seq_len=case["seq"], recipe="hf", lora_rank=16,
+    return estimate_training(spec, method, batch_size=case["batch"], seq_len=case["seq"], recipe=hf, lora_rank=16,
                              gradient_checkpointing=bool(case.get("gc"))).peak_tensor_bytes
+
+
+def _measured_versions(data: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The peft and transformers versions the measurements ran (the file's ``versions``); None where unsaid."""
+    found = data.get("versions") or {}
+    return found.get("peft"), found.get("transformers")
 
 
 def rows(path: Path) -> list[dict[str, Any]]:
     """One row per measured case: measured MiB and each estimator's MiB and relative error."""
     data = json.loads(path.read_text())
     spec = ModelSpec.from_preset("llama-3.2-1b")
+    hf = hf_recipe(*_measured_versions(data))
     out = []
     trained = False  # cases run in file order in one process: after a backward, autograd's handle persists
     for case in data["cases"]:
         if "peak_alloc_MiB" not in case or "method" not in case:
             continue
-        pred = _published(spec, case) | {"llmtune": _ours(spec, case, trained)}
+        pred = _published(spec, case) | {"llmtune": _ours(spec, case, hf, trained)}
         trained = trained or case["method"] not in ("load", "infer")
         m = case["peak_alloc_MiB"]
         out.append({"case": case["name"].split("/", 1)[1], "measured_MiB": m,

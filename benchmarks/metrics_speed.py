@@ -19,7 +19,8 @@ scaled to the corpus (``official_scaled``: true). BLEU: corpus ``compute`` vs ``
 
 Repetitions alternate between implementations; the best wall time of each is kept (``ratio`` = theirs / ours,
 > 1 means llmtune is faster), and CPU times (``*_cpu_s``) are given as they are steadier on a shared machine.
-Each line says whether the numbers were identical (``equal``). ``--n-jobs`` adds the parallel mode's scaling.
+Each line says whether the numbers were identical (``equal``) and which machine it ran on (CPU model, its AVX-512
+flags, NumPy's dispatched SIMD targets, load average: ``_machine.py``). ``--n-jobs`` adds the parallel mode's scaling.
 ROUGE lines also give the fewest minor page faults of one of our calls (``ours_page_faults``), and
 ``--no-heap-step`` skips ``llmtune.metrics._heap.keep_freed_heap`` for the whole run (``heap_step``: false).
 Usage: ``python benchmarks/metrics_speed.py [--pairs 2000] [--repeats 5] [--only rouge|bleu|ter] [--corpora short,article,long] [--no-heap-step]``.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -40,6 +40,7 @@ from typing import Any
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # rouge-score-rs single-threaded (read when it starts its pool)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _machine
 from _corpus import make_corpus
 
 import llmtune
@@ -257,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
 
         heap._done, HEAP_STEP = True, False
     data = corpora(args.pairs, args.long_pairs)
-    machine = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    machine = _machine.machine()
     wanted = args.corpora.split(",")
     if args.only in (None, "rouge"):
         for name in wanted:

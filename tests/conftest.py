@@ -1,4 +1,4 @@
-"""Shared test configuration: Hypothesis profiles and the GPU marker."""
+"""Shared test configuration: Hypothesis profiles, the GPU marker and the forced CPU kernel paths."""
 
 from __future__ import annotations
 
@@ -20,6 +20,30 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Apply the process-wide forced kernel paths of ``LLMTUNE_CPU_PATHS`` (tests/cpu_paths.py)."""
+    import cpu_paths
+
+    if "no-avx512bf16" in cpu_paths.FORCED:
+        cpu_paths.disable_avx512bf16()
+
+
+@pytest.fixture(autouse=True)
+def _forced_4bit_kernel(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With ``LLMTUNE_CPU_PATHS=faulty-4bit``, tests marked ``bnb_4bit`` run on the simulated faulty kernel."""
+    import cpu_paths
+
+    if "faulty-4bit" not in cpu_paths.FORCED or request.node.get_closest_marker("bnb_4bit") is None:
+        yield
+        return
+    from llmtune.quantizers import bnb_guard
+
+    with pytest.MonkeyPatch.context() as mp:
+        cpu_paths.simulate_4bit_kernel(mp, faulty=True)
+        yield
+    bnb_guard.clear_cache()
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from llmtune.core.errors import ConfigError, GPURequiredError, LlmtuneError  # n
 from llmtune.quantizers.bnb import RECORD_FILE  # noqa: E402
 from llmtune.quantizers.bnb_guard import guard_4bit_model  # noqa: E402
 
+pytestmark = [pytest.mark.cpu_kernels, pytest.mark.bnb_4bit]  # rerun under forced kernel paths: tests/cpu_paths.py
+
 LINEARS = (*(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
            *(f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")))
 

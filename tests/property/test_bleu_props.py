@@ -19,6 +19,8 @@ import llmtune
 
 sacrebleu_metrics = pytest.importorskip("sacrebleu.metrics")
 bleu_score = pytest.importorskip("nltk.translate.bleu_score")
+
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
 logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # its effective_order advice on every sentence
 
 # --- strategies ------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import llmtune
 
 sacrebleu_metrics = pytest.importorskip("sacrebleu.metrics")
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 
 @st.composite
 def chrf_options(draw: st.DrawFn) -> dict[str, object]:

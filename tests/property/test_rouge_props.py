@@ -23,6 +23,8 @@ rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 rouge_tokenize = pytest.importorskip("rouge_score.tokenize")
 porter = pytest.importorskip("nltk.stem.porter")
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 MEASURES = ("precision", "recall", "fmeasure")
 #: examples per test in the active profile (ci: 150, long: 3000); costly tests run a fraction, cheap ones more
 BUDGET: int = settings().max_examples

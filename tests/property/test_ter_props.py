@@ -16,6 +16,8 @@ from llmtune.metrics.ter import ter_edits
 sacrebleu_metrics = pytest.importorskip("sacrebleu.metrics")
 lib_ter = pytest.importorskip("sacrebleu.metrics.lib_ter")
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 ter_options = st.fixed_dictionaries({k: st.booleans() for k in ("normalized", "no_punct", "asian_support",
                                                                  "case_sensitive")})
 

@@ -20,6 +20,8 @@ sacrebleu = pytest.importorskip("sacrebleu")
 from sacrebleu.metrics import BLEU  # noqa: E402
 from sacrebleu.metrics.bleu import _get_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 logging.getLogger("sacrebleu").setLevel(logging.ERROR)
 
 TEA_REF = "I am very happy to say that I am drinking a warm cup of tea"

@@ -25,6 +25,8 @@ from llmtune.quantizers.bnb_guard import (  # noqa: E402
     reference_dequantize_4bit,
 )
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 # The NF4 code (QLoRA, appendix E), as printed in bitsandbytes' get_4bit_type("nf4").
 NF4_CODE = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -16,53 +16,17 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
+from cpu_paths import CALLS, FAULTY, row_restart_dequantize, simulate_4bit_kernel  # noqa: E402
+
 import llmtune  # noqa: E402
 from llmtune.quantizers import bnb_guard  # noqa: E402
 from llmtune.quantizers.bnb_guard import reference_dequantize_4bit  # noqa: E402
 
-
-def row_restart_dequantize(packed: torch.Tensor, quant_state, *args, **kwargs) -> torch.Tensor:
-    """The AVX-512 fault: block index = row * ceil(n / blocksize) + col // blocksize (blocks never span rows)."""
-    rows, n = quant_state.shape
-    bs = quant_state.blocksize
-    absmax = bnb_guard.reference_absmax(quant_state)
-    exact = reference_dequantize_4bit(packed, quant_state).float()
-    per_row = -(-n // bs)
-    col_block = torch.arange(n) // bs
-    block = (torch.arange(rows)[:, None] * per_row + col_block[None, :]).clamp(max=absmax.numel() - 1)
-    true_block = (torch.arange(rows * n) // bs).reshape(rows, n)
-    return (exact / absmax[true_block] * absmax[block]).to(quant_state.dtype)
-
-
-def sound_dequantize(packed: torch.Tensor, quant_state, *args, **kwargs) -> torch.Tensor:
-    return reference_dequantize_4bit(packed, quant_state)
-
-
-def simulated_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Linear4bit.forward on the simulated kernel; inference fails for widths not a multiple of 64 if faulty."""
-    if FAULTY["on"] and not self.training and self.in_features % 64:
-        raise RuntimeError(f"shape '[{self.out_features}, {self.in_features // 64}]' is invalid")
-    w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(self.compute_dtype)
-    bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-    return torch.nn.functional.linear(x.to(self.compute_dtype), w, bias).to(x.dtype)
-
-
-FAULTY = {"on": False}
-CALLS = {"n": 0}
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
 
 
 def _kernel(monkeypatch, faulty: bool) -> None:
-    bnb_guard.clear_cache()
-    FAULTY["on"] = faulty
-    CALLS["n"] = 0
-    impl = row_restart_dequantize if faulty else sound_dequantize
-
-    def counted(*args, **kwargs):
-        CALLS["n"] += 1
-        return impl(*args, **kwargs)
-
-    monkeypatch.setattr(bnb.functional, "dequantize_4bit", counted)
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", simulated_forward)
+    simulate_4bit_kernel(monkeypatch, faulty)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from llmtune.quantizers.bnb import (
     skip_matches,
 )
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 
 def test_registry_resolves_the_three_names_to_bnb() -> None:
     assert type(llmtune.get_quantizer("nf4")) is NF4Quantizer

@@ -10,6 +10,8 @@ gguf = pytest.importorskip("gguf")
 from llmtune.core.errors import InvalidOptionError  # noqa: E402
 from llmtune.export import quants  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 T = gguf.GGMLQuantizationType
 
 

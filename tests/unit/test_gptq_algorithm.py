@@ -11,6 +11,8 @@ from llmtune.core.errors import BackendUnavailableError, InvalidOptionError, Unk
 from llmtune.quantizers.gptq.algorithm import GPTQ, rtn  # noqa: E402
 from llmtune.quantizers.gptq.quant_linear import QuantLinear  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 
 def _layer_problem(seed: int = 0, n: int = 1024, d_in: int = 128, d_out: int = 64):
     """Correlated inputs with a few outlier features (like LLM activations) and a random weight."""

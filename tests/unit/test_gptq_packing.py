@@ -15,6 +15,8 @@ from llmtune.quantizers.gptq.packing import (  # noqa: E402
     unpack_zeros,
 )
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_rows_and_cols_round_trip(bits: int) -> None:

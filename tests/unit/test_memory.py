@@ -23,6 +23,7 @@ from llmtune.memory import (
     rule_of_thumb_serving_gb,
 )
 from llmtune.memory.mechanisms import PAIR_BATCH_BYTES, PAIR_LOSS_BYTES
+from llmtune.memory.recipes import hf_recipe
 from llmtune.memory.weights import quantized_bytes_per_param
 
 MiB = 2**20
@@ -59,6 +60,8 @@ H100_UNSLOTH = [
     ("b4s512/unsloth-qlora-nf4-gc", "qlora", 4, 512, 1506.7),
 ]
 SPEC_1B = ModelSpec.from_preset("llama-3.2-1b")
+#: the plain recipe as the measured versions ran it (reentrant kbit checkpointing), whatever is installed here
+HF_MEASURED = hf_recipe("0.21.0", "5.17.0")
 
 
 # The inference cases measured after a training case find the autograd thread's cuBLAS handle (and its
@@ -77,7 +80,7 @@ def _predict(kind: str, method: str | None, bits: int, gc: bool | None, b: int |
         handles = 2 if name in AFTER_TRAINING else 1
         return estimate_serving(SPEC_1B, bits, batch_size=b, seq_len=s, cublas_handles=handles).peak_tensor_bytes
     assert method is not None and b is not None and s is not None and gc is not None
-    return estimate_training(SPEC_1B, method, batch_size=b, seq_len=s, gradient_checkpointing=gc, recipe="hf",
+    return estimate_training(SPEC_1B, method, batch_size=b, seq_len=s, gradient_checkpointing=gc, recipe=HF_MEASURED,
                              lora_rank=16).peak_tensor_bytes
 
 

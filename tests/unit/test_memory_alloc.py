@@ -20,6 +20,8 @@ from llmtune.memory.weights import (
     quantize_temporaries,
 )
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 MiB = 2**20
 SPEC_1B = ModelSpec.from_preset("llama-3.2-1b")
 

@@ -18,6 +18,8 @@ peft = pytest.importorskip("peft")
 
 from llmtune.memory import PRESETS, ModelSpec, estimate_training  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 B, S = 2, 64
 TINY = {
     "llama": dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,

@@ -14,6 +14,7 @@ model with fp32 LoRA adapters (bitsandbytes' 4-bit matmul casts its output back 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -24,7 +25,10 @@ peft = pytest.importorskip("peft")
 
 from llmtune.memory import ModelSpec, estimate_serving, estimate_training  # noqa: E402
 from llmtune.memory.attention import cuda_attention_kernel  # noqa: E402
+from llmtune.memory.recipes import RECIPE_FACTS, resolve_recipe  # noqa: E402
 from llmtune.models.live_memory import LivePeak  # noqa: E402
+
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
 
 B, S = 2, 512
 TINY = dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
@@ -62,8 +66,10 @@ def _measure(dtype, kernel: str, gc: bool, reentrant: bool = False) -> int:
     return meter.peak
 
 
-def _predict(method: str, gc: bool) -> tuple[int, str]:
-    e = estimate_training(ModelSpec.from_hf_config(TINY), method, batch_size=B, seq_len=S, recipe="hf",
+def _predict(method: str, gc: bool, reentrant: bool = False) -> tuple[int, str]:
+    """The phase peak of the ``hf`` recipe checkpointing as measured (not as the installed peft would)."""
+    recipe = dataclasses.replace(RECIPE_FACTS["hf"], kbit_reentrant_checkpointing=reentrant)
+    e = estimate_training(ModelSpec.from_hf_config(TINY), method, batch_size=B, seq_len=S, recipe=recipe,
                           gradient_checkpointing=gc, lora_rank=8)
     per_phase = {p: sum(v for k, v in t.items() if k not in STATIC) for p, t in e.phase_breakdowns.items()}
     phase = max(per_phase, key=lambda p: per_phase[p])
@@ -90,7 +96,7 @@ def test_peak_of_one_step_matches_live_tensors(method, dtype, kernel, gc, phase)
     """Predicted peak (non-static terms) within 2% of the CPU live-tensor peak, in the predicted phase."""
     # the hf QLoRA recipe's checkpointing is reentrant (prepare_model_for_kbit_training), so measure it that way
     measured = _measure(getattr(torch, dtype), kernel, gc, reentrant=method == "qlora")
-    predicted, peak_phase = _predict(method, gc)
+    predicted, peak_phase = _predict(method, gc, reentrant=method == "qlora")
     assert peak_phase == phase
     assert abs(predicted / measured - 1) <= 0.02, f"predicted {predicted} vs live peak {measured}"
 
@@ -106,12 +112,14 @@ def test_checkpointed_bf16_backward_start_is_an_upper_bound():
 
 def test_fp32_math_non_reentrant_checkpointing():
     """The same fp32 math-kernel step with non-reentrant checkpointing holds two residual-stream tensors less
-    (the ``reentrant_checkpoint_outputs`` term): predicted without that term within 2%."""
+    (the ``reentrant_checkpoint_outputs`` term, absent from the non-reentrant recipe): predicted within 2%."""
     measured = _measure(torch.float32, "math", True, reentrant=False)
-    e = estimate_training(ModelSpec.from_hf_config(TINY), "qlora", batch_size=B, seq_len=S, recipe="hf",
+    recipe = dataclasses.replace(RECIPE_FACTS["hf"], kbit_reentrant_checkpointing=False)
+    e = estimate_training(ModelSpec.from_hf_config(TINY), "qlora", batch_size=B, seq_len=S, recipe=recipe,
                           gradient_checkpointing=True, lora_rank=8)
     t = e.phase_breakdowns["attention_backward"]
-    predicted = sum(v for k, v in t.items() if k not in STATIC and k != "reentrant_checkpoint_outputs")
+    assert "reentrant_checkpoint_outputs" not in t
+    predicted = sum(v for k, v in t.items() if k not in STATIC)
     assert abs(predicted / measured - 1) <= 0.02, f"predicted {predicted} vs live peak {measured}"
 
 
@@ -122,10 +130,24 @@ QLORA_CLASS = dict(model_type="llama", vocab_size=8000, hidden_size=2048, interm
                    num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False)
 
 
-def _measure_kbit_recipe(tmp_path, steps: int = 2) -> tuple[int, int]:
+def _prepare_kbit(model, reentrant: bool | None):
+    """``prepare_model_for_kbit_training`` with checkpointing; ``reentrant`` None: the installed peft's default,
+    else passed explicitly (peft 0.22 renamed the keyword to ``activation_checkpointing_kwargs``)."""
+    import inspect
+
+    kwargs = {}
+    if reentrant is not None:
+        params = inspect.signature(peft.prepare_model_for_kbit_training).parameters
+        key = "activation_checkpointing_kwargs" if "activation_checkpointing_kwargs" in params else \
+            "gradient_checkpointing_kwargs"
+        kwargs[key] = {"use_reentrant": reentrant}
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, **kwargs)
+
+
+def _measure_kbit_recipe(tmp_path, reentrant: bool | None = None, steps: int = 2) -> tuple[int, int]:
     """The ``hf`` QLoRA recipe itself on CPU, as reference_recipe.py runs it: a bitsandbytes nf4 model (double
-    quantization, bf16 compute), ``prepare_model_for_kbit_training`` (fp32 upcast, reentrant checkpointing,
-    input grads), PEFT LoRA r=16 on every linear, AdamW, ``out = model(ids, labels=ids); out.loss.backward()``.
+    quantization, bf16 compute), ``prepare_model_for_kbit_training`` (fp32 upcast, checkpointing, input grads
+    when reentrant), PEFT LoRA r=16 on every linear, AdamW, ``out = model(ids, labels=ids); out.loss.backward()``.
     Returns (live peak of all steps, live peak of the first step)."""
     pytest.importorskip("bitsandbytes")
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -140,7 +162,7 @@ def _measure_kbit_recipe(tmp_path, steps: int = 2) -> tuple[int, int]:
                                             bnb_4bit_compute_dtype=torch.bfloat16)
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=q,
                                                                   device_map={"": "cpu"}, attn_implementation="sdpa")
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = _prepare_kbit(model, reentrant)
         targets = ModelSpec.from_hf_config(QLORA_CLASS).linear_module_names()
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                            target_modules=targets))
@@ -160,15 +182,20 @@ def _measure_kbit_recipe(tmp_path, steps: int = 2) -> tuple[int, int]:
     return meter.peak, first
 
 
-def test_kbit_recipe_itself_matches_the_estimate(tmp_path):
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant:tol1%", "non-reentrant:tol1%"])
+def test_kbit_recipe_itself_matches_the_estimate(tmp_path, reentrant):
     """The real 4-bit recipe (not an fp32 stand-in) in the attention-bound class: every tensor it creates in two
-    steps (fp32 activations after the upcast, reentrant checkpoints, fp32 logits kept by ``out``, LoRA inputs,
-    AdamW states) sums at its peak to the predicted attention-backward phase within 1% (CPU, torch 2.13,
-    transformers 5.24, bitsandbytes 0.50.2: 486.0 MiB live in the second step vs 483.8 predicted)."""
+    steps (fp32 activations after the upcast, checkpoints, fp32 logits kept by ``out``, LoRA inputs, AdamW
+    states) sums at its peak to the predicted attention-backward phase within 1%, for both checkpointing modes
+    (peft < 0.22 checkpoints reentrantly, 0.22 with transformers >= 5.23 not: `hf_recipe`). The mode is passed
+    explicitly, so the result does not depend on the installed peft (CPU, torch 2.13, bitsandbytes 0.50.2:
+    485.98 MiB live reentrant, 469.98 non-reentrant, vs 483.8 / 467.8 predicted; the same on an AVX-512 BF16
+    CPU and with bitsandbytes' BF16 path or ATen's AVX-512 kernels switched off)."""
     spec = ModelSpec.from_hf_config(QLORA_CLASS)
     assert cuda_attention_kernel(spec, 4, "sdpa") == "math"
-    measured, _ = _measure_kbit_recipe(tmp_path)
-    e = estimate_training(spec, "qlora", batch_size=1, seq_len=1024, recipe="hf", gradient_checkpointing=True,
+    measured, _ = _measure_kbit_recipe(tmp_path, reentrant)
+    recipe = dataclasses.replace(RECIPE_FACTS["hf"], kbit_reentrant_checkpointing=reentrant)
+    e = estimate_training(spec, "qlora", batch_size=1, seq_len=1024, recipe=recipe, gradient_checkpointing=True,
                           lora_rank=16)
     # here only the weights and what exists on a GPU alone are static: states and gradients were made in the meter
     gpu_or_weights = {"weights_nf4", "quant_metadata_nf4", "embeddings_lm_head", "norms", "lora_params",
@@ -177,6 +204,23 @@ def test_kbit_recipe_itself_matches_the_estimate(tmp_path):
     assert max(per_phase, key=lambda p: per_phase[p]) == "attention_backward"
     predicted = per_phase["attention_backward"]
     assert abs(predicted / measured - 1) <= 0.01, f"predicted {predicted / 2**20:.2f} vs live {measured / 2**20:.2f} MiB"
+
+
+def test_hf_recipe_follows_the_installed_peft_checkpointing():
+    """Drift guard: what the installed peft + transformers really do in ``prepare_model_for_kbit_training``
+    (the ``use_reentrant`` its checkpoint function is bound with; torch's default, reentrant, when unbound) is
+    what ``recipe="hf"`` assumes. A peft or transformers release that changes it fails here, on any machine."""
+    cfg = dict(TINY)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.is_loaded_in_4bit = True  # the flag peft reads; the checkpointing set-up is all this test needs
+        model = _prepare_kbit(model, None)
+    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()} - {None}
+    assert len(funcs) == 1, funcs
+    reentrant = getattr(funcs.pop(), "keywords", {}).get("use_reentrant", True)
+    assert resolve_recipe("hf").kbit_reentrant_checkpointing is reentrant
 
 
 # The public inference case's width (Llama-3.2-1B: tied 128,256-token embeddings, hidden 2048, GQA 32/8), one layer.

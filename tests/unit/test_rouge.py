@@ -13,6 +13,8 @@ from llmtune.core.errors import InvalidOptionError, UnknownOptionError
 from llmtune.metrics import _porter
 from llmtune.metrics.rouge import DEFAULT_ROUGE_TYPES, ROUGE_TYPES, NumpyRouge, tokenize
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 ALL = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
 

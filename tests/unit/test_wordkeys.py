@@ -7,6 +7,8 @@ import pytest
 
 from llmtune.metrics import _wordkeys
 
+pytestmark = pytest.mark.cpu_kernels  # rerun under forced kernel paths: tests/cpu_paths.py
+
 
 def _ids_by_python(words: list[bytes]) -> list[int]:
     first: dict[bytes, int] = {}
