@@ -148,7 +148,9 @@ class _Online(Objective):
 
     def setup(self, model: Any, state: Any) -> None:
         """The reward model loads (and is checked: a trained score head) before anything trains."""
-        self.reward_model(state.options.reward_model, state.acc.device, state.tokenizer)
+        o = state.options
+        if o.reward_model is not None or not getattr(o, "reward_funcs", None):  # reward functions may stand alone
+            self.reward_model(o.reward_model, state.acc.device, state.tokenizer)
 
     def _references(self, records: Any) -> list[str]:
         """Each held-out record's reference answer (``output`` or ``chosen``), to score greedy answers against."""
