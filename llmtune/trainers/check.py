@@ -1,8 +1,9 @@
 """`check_config`: everything about a training config that can be checked without training (``--check``).
 
-The model (a local directory's ``config.json``, or a memory preset for a hub id), the tokenizer files, the
-training and evaluation data (read and validated record by record: formats known), the template, the
-options (already checked when the config was loaded: ``lr`` finite, ...), the support matrix, and the memory
+The model (a local directory's ``config.json``, or a memory preset for a hub id; for ``reward`` its score head),
+the tokenizer files, the training and evaluation data (read and validated record by record as the objective reads
+them: `llmtune.trainers.objectives.base.Objective.check_data`), the ``reward_model`` of rloo / grpo, the template,
+the options (already checked when the config was loaded: ``lr`` finite, ...), the support matrix, and the memory
 estimate of *that* config with a fit verdict per GPU (`llmtune.trainers._memory_gate.estimate_for_config`).
 No torch, no model weights, nothing printed: the CLI renders the `ConfigCheck`.
 """
