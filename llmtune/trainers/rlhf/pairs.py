@@ -72,11 +72,13 @@ def encode_group(prompt: str, responses: Sequence[str], ranking: Sequence[int], 
                           f"({len(answers[longest])} tokens) exceed max_length={max_length}; cut, the answer would "
                           f"lose its end token; raise max_length to {len(prompt_ids) + len(answers[longest])} or "
                           "shorten the record")
-    pairs = ranking_pairs(ranking)
-    for a, b in pairs:
-        if answers[a] == answers[b]:
+    first: dict[tuple[int, ...], int] = {}
+    for b, ans in enumerate(answers):
+        a = first.setdefault(tuple(ans), b)
+        if ranking[a] != ranking[b]:  # tied copies make no pair
             raise ConfigError(f"{where}: {names[b]} is the same tokens as {names[a]} under the template: a pair of "
                               "equal answers teaches nothing; remove one")
+    pairs = ranking_pairs(ranking)
     margins = [margin_per_rank * (ranking[b] - ranking[a]) for a, b in pairs] if margin_per_rank else []
     return Group(prompt_ids, answers, pairs, margins, where)
 
