@@ -19,6 +19,7 @@ Two record shapes, each validated with errors that name file:line:field:
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,14 @@ def _prompt(record: dict[str, Any], where: str) -> list[Turn]:
     return turns
 
 
+def parse_prompt(record: Any, where: str = "record") -> list[Turn]:
+    """A record's validated ``prompt`` as chat turns ending with a user turn (its ``system`` folded in): what
+    online RL (``rloo``/``grpo``) answers."""
+    if not isinstance(record, dict):
+        raise _fail(where, None, f"a record must be an object, got {_type_name(record)}")
+    return _prompt(record, where)
+
+
 def _implicit(record: dict[str, Any], where: str) -> PreferencePair:
     """chosen / rejected as whole conversations: the shared leading turns are the prompt."""
     convs = {}
@@ -143,6 +152,12 @@ def _ranking(record: dict[str, Any], where: str) -> RankedRecord:
             raise _fail(where, f"ranking[{i}]", f"must be an int >= 0, got {rank!r}")
     if len(set(ranking)) == 1:
         raise _fail(where, "ranking", "every response has the same rank: there is no preference to learn")
+    first: dict[str, int] = {}
+    for i, answer in enumerate(answers):
+        j = first.setdefault(json.dumps(answer, sort_keys=True, default=str), i)
+        if ranking[j] != ranking[i]:  # tied copies make no pair; ranked ones a pair of two equal texts
+            raise _fail(where, f"responses[{i}]", f"is the same answer as responses[{j}], ranked {ranking[i]} and "
+                        f"{ranking[j]}: a pair of equal texts teaches nothing; remove one")
     return RankedRecord(prompt, answers, list(ranking), where)
 
 

@@ -254,12 +254,29 @@ def _from_tokenizer(messages: list[dict[str, Any]], tokenizer: PreTrainedTokeniz
                               "of the earlier turns, so prompt and answer cannot be separated; use 'llama3', "
                               "'chatml' or 'alpaca'")
         answer = full[len(prompt):]
+        _check_rendered_answer(message, answer, stops, where, i)
         if not any(stop in answer for stop in stops) and tokenizer.eos_token:
             answer += tokenizer.eos_token
         segments.append(Segment(prompt[len(done):], False))
         segments.append(Segment(answer, True))
         done = prompt + answer
     return segments
+
+
+def _check_rendered_answer(message: dict[str, Any], answer: str, stops: list[str], where: str, turn: int) -> None:
+    """The tokenizer's template rendered what the turn says: every tool call's name, and some text for content
+    (a template that ignores ``tool_calls`` would otherwise train the call as an empty answer)."""
+    bare = answer
+    for stop in stops:
+        bare = bare.replace(stop, "")
+    missing = [c["function"]["name"] for c in message.get("tool_calls") or [] if c["function"]["name"] not in bare]
+    if missing:
+        raise ConfigError(f"{where}: turn {turn}: the tokenizer's chat template ignores 'tool_calls': it renders "
+                          f"the answer as {bare.strip()!r}, without the call to {missing[0]!r}, and the call would "
+                          "train as that; use template 'llama3.1' or 'chatml', which render tool calls")
+    if str(message.get("content") or "").strip() and not bare.strip():
+        raise ConfigError(f"{where}: turn {turn}: the tokenizer's chat template renders this assistant turn as an "
+                          "empty answer; use template 'llama3', 'llama3.1' or 'chatml'")
 
 
 def with_system_prompt(record: dict[str, Any], system_prompt: str | None, where: str = "record") -> dict[str, Any]:

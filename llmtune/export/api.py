@@ -77,7 +77,7 @@ def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: st
         tokenizer.chat_template = JINJA[source.template]
     vocab = tokenizer.get_vocab()
     stops = [int(vocab[t]) for t in stop_tokens(source.template, tokenizer) if t in vocab]
-    if stops:
+    if stops and getattr(model, "generation_config", None) is not None:  # a reward model does not generate
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     if progress:
         progress("write safetensors", 0, 1)
@@ -106,11 +106,14 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
     the run recorded. ``requantize`` (hf only): a quantizer name (``nf4``, ``int8``...) applied to the merged
     model. ``progress(stage, done, total)`` is called as the export advances.
     """
-    from llmtune.export.merge import merge
+    from llmtune.export.merge import merge, model_head
 
     source = resolve_source(path, base=base, template=template)
     target = check_output(out, source)
     _check_args(format, dtype, target, overwrite)
+    if format != "hf" and model_head(source) == "score":
+        raise ExportError(f"{source.path} is a reward model (a score head, no language-model head): export it with "
+                          f"format 'hf' (--format hf: an XForSequenceClassification); {format} holds language models")
     if template is not None and template not in ("llama3", "llama3.1", "chatml", "alpaca", "tokenizer"):
         raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     if requantize and format != "hf":

@@ -110,13 +110,46 @@ def dequantize_model(model: Any) -> int:
     return len(targets)
 
 
+def model_head(source: Source) -> str:
+    """``"score"`` for a reward model (a SEQ_CLS adapter: PEFT's sequence-classification task, or a model saved as
+    ``XForSequenceClassification``), else ``"lm"``."""
+    import json
+    from pathlib import Path
+
+    if source.adapter_dir is not None:
+        return "score" if source.adapter_config.get("task_type") == "SEQ_CLS" else "lm"
+    config = Path(source.base).expanduser() / "config.json"
+    try:
+        archs = json.loads(config.read_text()).get("architectures") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        archs = None  # the loader names what is wrong with it
+    return "score" if any(str(a).endswith("ForSequenceClassification") for a in archs or []) else "lm"
+
+
+def _adapter_has_head(source: Source) -> bool:
+    """Whether the adapter saved the trained score head beside its weights (``modules_to_save``)."""
+    from llmtune.models.loading import safetensors_names
+
+    saved = set(source.adapter_config.get("modules_to_save") or ())
+    path = source.adapter_dir / "adapter_model.safetensors" if source.adapter_dir is not None else None
+    names = safetensors_names(path) if path is not None and path.is_file() else []
+    return any(saved & set(name.split(".")) for name in names if "lora_" not in name)
+
+
 def load_base(source: Source, *, quantized: bool = False, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(base model in float32, tokenizer); ``quantized``: quantized as the run's quantizer did in training."""
+    """(base model in float32, tokenizer); ``quantized``: quantized as the run's quantizer did in training.
+
+    A reward model's base loads as a 1-label ``XForSequenceClassification``; its score head comes from the base
+    or from the adapter (``modules_to_save``), and is refused when neither has trained weights for it."""
     import torch
 
     from llmtune.models.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(source.base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    head = model_head(source)
+    model, tokenizer = load_model_and_tokenizer(
+        source.base, dtype=torch.float32, trust_remote_code=trust_remote_code, head=head,
+        fresh_head=head == "score" and _adapter_has_head(source),
+        head_hint="neither the base nor the adapter holds a trained score head: export the run that trained it")
     if source.adapter_dir is not None and (source.adapter_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 

@@ -56,10 +56,9 @@ def _weight_names(adapter_dir: Path) -> list[str]:
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         return []
-    with open(path, "rb") as fh:  # the safetensors header: 8-byte length, then JSON
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    return [k for k in header if k != "__metadata__"]
+    from llmtune.models.loading import safetensors_names
+
+    return safetensors_names(path)
 
 
 def _lora_findings(config: dict[str, Any], weights: list[str]) -> list[VllmFinding]:

@@ -26,6 +26,7 @@ from llmtune.memory.mechanisms import (
     adapter_params,
     check_mechanism,
     generation_terms,
+    pair_terms,
     prefix_layer_bytes,
     reference_pass_terms,
     sequences_per_example,
@@ -548,7 +549,8 @@ def _objective_phases(spec: ModelSpec, objective: str, static: dict[str, int], a
         out["generation"] = {**static, **generation_terms(spec, act, b, s)}
         notes.append(f"online RL: {b // b_ex} samples per prompt generated with a KV cache, then trained on")
     if objective in ("dpo", "reward"):
-        notes.append(f"{objective}: chosen and rejected sequences in one batch ({b} sequences per micro-batch)")
+        notes.append(f"{objective}: every answer of a micro-batch's pairs / rankings is one sequence, each once "
+                     f"({b} sequences per micro-batch)")
     return out
 
 
@@ -607,6 +609,7 @@ def estimate_training(
     bottleneck_placement: str = "series",
     dpo_reference: str = "adapter_off",
     rl_samples: int = 4,
+    responses: int = 2,
 ) -> Estimate:
     """Peak GPU memory of fine-tuning ``spec`` (per GPU), as the max over forward, backward and optimizer step.
 
@@ -616,7 +619,8 @@ def estimate_training(
     pass; ``dpo_reference="adapter_off"`` reuses the base, ``"copy"`` holds a second model, ``"precomputed"``
     runs that pass once before training, over the starting model, and holds no copy); ``online_rl``
     (``rl_samples`` completions per prompt generated with a KV cache, then trained on, with a KL reference
-    pass). ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
+    pass). ``responses``: answers per example of ``dpo`` / ``reward`` (2 for a pair; a ranking of K answers puts
+    K rows through the model, each answer once, and scores its K(K-1)/2 pairs). ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
     mask (K/V repeated, float bias saved); with ``attention="flash"`` packing runs varlen, maskless.
 
     ``recipe``: ``"hf"`` = plain transformers + PEFT + bitsandbytes (../shared/memory/reference_recipe.py:
@@ -652,10 +656,10 @@ def estimate_training(
         raise InvalidOptionError(f"precision={precision!r} applies to method='full' only")
     check_mechanism(method, objective, num_virtual_tokens=num_virtual_tokens, bottleneck_size=bottleneck_size,
                     sites=tuple(bottleneck_sites), placement=bottleneck_placement, rl_samples=rl_samples,
-                    dpo_reference=dpo_reference)
+                    dpo_reference=dpo_reference, responses=responses)
     if not isinstance(packing, bool):
         raise InvalidOptionError(f"packing must be True or False, got {packing!r}")
-    n_seq = sequences_per_example(objective, rl_samples)
+    n_seq = sequences_per_example(objective, rl_samples, responses)
     b_ex, b = b, b * n_seq  # sequences through the model per micro-batch
     if method == "prompt_tuning":
         s += num_virtual_tokens  # the soft prompt is prepended to every sequence
@@ -750,6 +754,9 @@ def estimate_training(
     if ac.recompute_fwd:
         phases["attention_recompute_forward"] = {**static, **ac.recompute_fwd, **held}
     phases |= _objective_phases(spec, objective, static, act, b_ex, b, s, ref_copy, notes, dpo_reference)
+    every, at_loss = pair_terms(objective, b_ex, responses)
+    for name, terms in phases.items():
+        terms.update(every, **(at_loss if name.startswith("loss_") else {}))
     if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
     statics = set(static)

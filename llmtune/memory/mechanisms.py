@@ -14,8 +14,8 @@ Each function counts what one mechanism adds, from the operations it runs:
   after attention and/or the MLP, ``2hm + m + h`` parameters each. Each saves its input for ``dW_down`` (a
   copy in the adapter dtype), the down output (the activation's input) and the activation output (for
   ``dW_up``): ``adapter_bytes x (h + 2m)`` per token.
-* **objectives**: DPO and pairwise reward models run chosen and rejected sequences together (2x the
-  sequences); online RL (GRPO-style) trains on ``K`` samples per prompt after generating them with a KV cache.
+* **objectives**: DPO and reward models run every answer of a pair (2x the sequences) or of a ranking of K
+  answers (K x) together, each once, and score its K(K-1)/2 pairs; online RL (GRPO-style) trains on ``K`` samples per prompt after generating them with a KV cache.
 """
 
 from __future__ import annotations
@@ -83,14 +83,15 @@ DPO_REFERENCES = ("adapter_off", "copy", "precomputed")
 
 
 def check_mechanism(method: str, objective: str, *, num_virtual_tokens: int, bottleneck_size: int,
-                    sites: tuple[str, ...], placement: str, rl_samples: int, dpo_reference: str) -> None:
+                    sites: tuple[str, ...], placement: str, rl_samples: int, dpo_reference: str,
+                    responses: int = 2) -> None:
     """Reject bad mechanism arguments, naming the argument."""
     if objective not in OBJECTIVES:
         raise InvalidOptionError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
-    for name, v in (("num_virtual_tokens", num_virtual_tokens), ("bottleneck_size", bottleneck_size),
-                    ("rl_samples", rl_samples)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidOptionError(f"{name} must be an integer >= 1, got {v!r}")
+    for name, v, low in (("num_virtual_tokens", num_virtual_tokens, 1), ("bottleneck_size", bottleneck_size, 1),
+                         ("rl_samples", rl_samples, 1), ("responses", responses, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise InvalidOptionError(f"{name} must be an integer >= {low}, got {v!r}")
     if placement not in PLACEMENTS:
         raise InvalidOptionError(f"bottleneck_placement={placement!r} is not one of {', '.join(PLACEMENTS)}")
     if not sites or any(x not in SITES for x in sites):
@@ -99,9 +100,26 @@ def check_mechanism(method: str, objective: str, *, num_virtual_tokens: int, bot
         raise InvalidOptionError(f"dpo_reference={dpo_reference!r} is not one of {', '.join(DPO_REFERENCES)}")
 
 
-def sequences_per_example(objective: str, rl_samples: int) -> int:
-    """Sequences one example puts through the model: chosen + rejected (DPO, reward), K samples (online RL)."""
-    return {"sft": 1, "reward": 2, "dpo": 2, "online_rl": rl_samples}[objective]
+def sequences_per_example(objective: str, rl_samples: int, responses: int = 2) -> int:
+    """Sequences one example puts through the model: its ``responses`` answers, each once (DPO, reward: a pair
+    is 2, a ranking of K answers K), K samples (online RL)."""
+    return {"sft": 1, "reward": responses, "dpo": responses, "online_rl": rl_samples}[objective]
+
+
+#: bytes per (better, worse) pair: the batch's chosen / rejected row indices (int64) and margin (fp32), alive
+#: through the step; and the live peak of the pair-level loss (forward + backward: gathered log-probs or scores
+#: in fp32, token counts, the per-pair losses), measured with `llmtune.models.live_memory.LivePeak` on 2M pairs
+PAIR_BATCH_BYTES = 20
+PAIR_LOSS_BYTES = {"dpo": 60, "reward": 28}
+
+
+def pair_terms(objective: str, examples: int, responses: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(terms of every phase, terms of the loss phases) of the K(K-1)/2 pairs of ``examples`` rankings of
+    ``responses`` answers (no ties: the most pairs such a ranking can make); none outside dpo / reward."""
+    if objective not in PAIR_LOSS_BYTES:
+        return {}, {}
+    pairs = examples * responses * (responses - 1) // 2
+    return {"pair_indices": PAIR_BATCH_BYTES * pairs}, {"pair_loss": PAIR_LOSS_BYTES[objective] * pairs}
 
 
 def reference_pass_terms(spec: ModelSpec, act: int, tokens: int) -> dict[str, int]:

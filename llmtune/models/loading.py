@@ -18,6 +18,8 @@ from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError
 from llmtune.core.manifest import verify_manifest
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: what sits on the backbone: a language-model head, or a scalar score head (a reward model)
+HEADS = ("lm", "score")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -61,14 +63,22 @@ def load_model_and_tokenizer(
     quantization_config: Any = None,
     trust_remote_code: bool = False,
     device_map: Any = None,
+    head: str = "lm",
+    fresh_head: bool = False,
+    head_hint: str = "",
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a local directory or a hub id; a tokenizer without a pad token gets eos as pad.
 
     `quantization_config` is passed to ``from_pretrained`` as is (e.g. a Quantizer's ``hf_quantization_config()``).
+    ``head``: ``"lm"`` (a causal LM) or ``"score"`` (a 1-label ``XForSequenceClassification``: a reward model).
+    A ``"score"`` model whose checkpoint lacks the head's weights (a causal LM; transformers would initialise them
+    at random) is refused with `ConfigError` (``head_hint`` says what to do) unless ``fresh_head``.
     Raises `ConfigError` for a missing local directory and `LlmtuneError` when a hub id cannot be fetched.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if head not in HEADS:
+        raise InvalidOptionError(f"head={head!r} is not one of {', '.join(HEADS)}")
     if not isinstance(trust_remote_code, bool):
         raise InvalidOptionError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
     torch_dtype = resolve_dtype(dtype)
@@ -93,13 +103,8 @@ def load_model_and_tokenizer(
         else "the local cache (the hub is unreachable)" if local_only else "the Hugging Face hub")
 
     kwargs: dict[str, Any] = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
-    model_kwargs = dict(kwargs)
-    if torch_dtype is not None:
-        model_kwargs["dtype"] = torch_dtype
-    if quantization_config is not None:
-        model_kwargs["quantization_config"] = quantization_config
-    if device_map is not None:
-        model_kwargs["device_map"] = device_map
+    given = {"dtype": torch_dtype, "quantization_config": quantization_config, "device_map": device_map}
+    model_kwargs = {**kwargs, **{k: v for k, v in given.items() if v is not None}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if local.is_dir() and quantization_config is None and _gptq_checkpoint(local):
@@ -108,6 +113,8 @@ def load_model_and_tokenizer(
             from llmtune.quantizers.gptq import load_quantized
 
             model = load_quantized(local, dtype=torch_dtype if torch_dtype != "auto" else None)
+        elif head == "score":
+            model = _load_score_model(source, model_kwargs, name, fresh_head, head_hint)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     except LlmtuneError:
@@ -123,9 +130,48 @@ def load_model_and_tokenizer(
                            f"{hint.capitalize()}.") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if head == "score" and model.config.pad_token_id is None:  # the head reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     _guard_4bit(model)
     model.eval()
     return model, tokenizer
+
+
+def _load_score_model(source: str, model_kwargs: dict[str, Any], name: str, fresh_head: bool, hint: str) -> Any:
+    """A 1-label sequence-classification model; refused when its head would be initialised at random."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(source, **{k: model_kwargs[k] for k in ("local_files_only", "trust_remote_code")})
+    saved = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
+    what = ", ".join(config.architectures or [config.model_type])
+    hint = f"; {hint}" if hint else ""
+    if config.architectures and not saved and not fresh_head:  # refused before its weights load
+        raise ConfigError(f"{name}: a {what} has no score head (transformers would initialise one at random){hint}")
+    kwargs = dict(model_kwargs) if saved else {**model_kwargs, "num_labels": 1}
+    model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True, **kwargs)
+    if model.config.num_labels != 1:
+        raise ConfigError(f"{name}: {what} with {model.config.num_labels} labels; a reward model has one output "
+                          "(a scalar score)")
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(f"{model.base_model_prefix}."))
+    if missing and not fresh_head:
+        raise ConfigError(f"{name}: {what} has no trained score head ({', '.join(missing)} not in its weights: "
+                          f"transformers would initialise it at random){hint}")
+    return model
+
+
+def safetensors_names(path: str | Path) -> list[str]:
+    """The tensor names in a ``.safetensors`` file, read from its header (no torch, no tensor data)."""
+    import json
+
+    with open(path, "rb") as fh:  # the header: an 8-byte little-endian length, then JSON
+        size = int.from_bytes(fh.read(8), "little")
+        try:
+            header = json.loads(fh.read(size))
+        except (ValueError, MemoryError) as exc:
+            raise ConfigError(f"{path}: not a safetensors file (unreadable header: {exc})") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return [k for k in header if k != "__metadata__"]
 
 
 def _gptq_checkpoint(directory: Path) -> bool:

@@ -97,7 +97,8 @@ IRRELEVANT: dict[str, dict[str, str]] = {
                         "loss_type": "every loss type scores the same chosen + rejected rows (SimPO/ORPO skip the "
                                      "reference pass: the estimate keeps it, an over-estimate of its phase only)"},
     "RewardTrainOptions": {"use_margin": "a scalar per pair",
-                           "center_rewards_coefficient": "a scalar penalty on the scores"},
+                           "center_rewards_coefficient": "a scalar penalty on the scores",
+                           "add_score_head": "the score head is h x 1 either way (counted)"},
     "OnlineTrainOptions": {"reward_model": "scored with no grad after generation, before the policy step (its "
                                            "weights are not counted: an under-estimate by the reward model's size)",
                            "kl_coef": "a scalar in the loss", "temperature": "sampling, not how much"},
@@ -107,7 +108,7 @@ IRRELEVANT: dict[str, dict[str, str]] = {
 #: Top-level config keys (`_config.TOP_LEVEL`) -> how the gate treats them; guarded like the option tables.
 CONFIG_KEYS: dict[str, str] = {
     "model": "mapped: the ModelSpec (config.json or a preset)", "tokenizer": "irrelevant: no device memory",
-    "data": "irrelevant: read on the CPU", "eval_data": "mapped: the evaluation generation phase",
+    "data": "read for dpo / reward: the rows and pairs its largest rankings become (responses); else irrelevant", "eval_data": "mapped: the evaluation generation phase",
     "output_dir": "irrelevant: a path", "resume": "irrelevant: the same run", "trainer": "mapped: its options",
     "quantizer": "mapped: its options", "loggers": "irrelevant: CPU-side logging",
     "eval_tasks": "not modelled: task scoring (no-grad forwards of batch_size sequences) is reported in notes",
@@ -126,6 +127,20 @@ def model_spec(model: str) -> Any:
         return ModelSpec.from_preset(key)
     raise ConfigError(f"model {model!r}: no local config.json and no preset named {key!r}; pass spec= "
                       "(llmtune.memory.ModelSpec.from_hf_config) to estimate its memory")
+
+
+def ranking_rows(data: Any, batch_size: int, notes: list[str]) -> int:
+    """Answers per example to estimate with: the largest micro-batch of rankings in ``data`` (its ``batch_size``
+    largest) puts every answer through the model once, so its rows / ``batch_size``, rounded up (2 for pairs)."""
+    from llmtune.data.preference import load_preference_records
+
+    sizes = sorted((len(getattr(r, "responses", ())) or 2 for r in load_preference_records(data)), reverse=True)
+    rows = sum(sizes[:batch_size])
+    if sizes[0] > 2:
+        notes.append(f"rankings of up to {sizes[0]} answers: the largest micro-batch ({min(batch_size, len(sizes))} "
+                     f"rankings) puts {rows} answers through the model, each once, and scores up to "
+                     f"{sum(k * (k - 1) // 2 for k in sizes[:batch_size])} pairs")
+    return max(2, -(-rows // batch_size))
 
 
 def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list[str]]:
@@ -194,9 +209,10 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
     spec = spec if spec is not None else model_spec(config.model)
     kw, notes = training_arguments(trainer.options, getattr(type(trainer), "backend", "peft"))
     objective = getattr(type(trainer), "objective", "sft")
-    if objective in ("dpo", "reward"):   # chosen + rejected per example; DPO's reference pass
-        kw["objective"] = objective
-        if objective == "dpo":
+    if objective in ("dpo", "reward"):   # every answer of a ranking is a row, every pair a loss term; DPO's reference
+        kw |= {"objective": objective, "responses": ranking_rows(config.data, trainer.options.batch_size, notes)}
+        if objective == "dpo":  # llmtune's DPO takes full-vocabulary fp32 log-probs of every row (no chunks)
+            kw["recipe"] = dataclasses.replace(kw["recipe"], loss="full_fp32")
             kw["dpo_reference"] = trainer.options.reference
     elif objective in ("rloo", "grpo"):  # K sampled answers per prompt (KV cache), the adapter-off reference
         kw.update(objective="online_rl", rl_samples=trainer.options.samples)

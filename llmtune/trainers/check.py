@@ -1,8 +1,9 @@
 """`check_config`: everything about a training config that can be checked without training (``--check``).
 
-The model (a local directory's ``config.json``, or a memory preset for a hub id), the tokenizer files, the
-training and evaluation data (read and validated record by record: formats known), the template, the
-options (already checked when the config was loaded: ``lr`` finite, ...), the support matrix, and the memory
+The model (a local directory's ``config.json``, or a memory preset for a hub id; for ``reward`` its score head),
+the tokenizer files, the training and evaluation data (read and validated record by record as the objective reads
+them: `llmtune.trainers.objectives.base.Objective.check_data`), the ``reward_model`` of rloo / grpo, the template,
+the options (already checked when the config was loaded: ``lr`` finite, ...), the support matrix, and the memory
 estimate of *that* config with a fit verdict per GPU (`llmtune.trainers._memory_gate.estimate_for_config`).
 No torch, no model weights, nothing printed: the CLI renders the `ConfigCheck`.
 """
@@ -112,11 +113,10 @@ def _check_records(path: str, what: str, objective: str) -> tuple[str, None]:
         sources = text_sources(path, what)
         size = sum(s.path.stat().st_size for s in sources if s.path is not None)
         return f"{path}: {len(sources)} text source(s), {size:,} bytes", None
-    if objective != "sft":   # another objective (dpo, reward, a plugin's): read as it reads its data
+    if objective != "sft":   # another objective (dpo, reward, rloo, grpo, a plugin's): read as it reads its data
         from llmtune.trainers.objectives import get_objective
 
-        get_objective(objective).data_digest(path)
-        return f"{path}: read by objective {objective!r} (its records are validated when it tokenizes them)", None
+        return get_objective(objective).check_data(path, what), None
     from llmtune.data import load_records
     from llmtune.data.formats import detect_format
 
@@ -124,6 +124,41 @@ def _check_records(path: str, what: str, objective: str) -> tuple[str, None]:
     formats = Counter(detect_format(r, records.where(i)) for i, r in enumerate(records))
     kinds = ", ".join(f"{n} {k}" for k, n in formats.items())
     return f"{path}: {len(records)} records ({kinds})", None
+
+
+def _check_reward_model(path: str | None, objective: str) -> tuple[str, None]:
+    """``reward_model`` of rloo / grpo: a saved 1-label sequence classifier whose weights hold its score head."""
+    from llmtune.core.errors import ConfigError
+    from llmtune.trainers.objectives.online import REWARD_MODEL_HINT
+
+    if path is None:
+        raise ConfigError(f"objective {objective!r} needs reward_model: DIR under trainer: (a reward model: "
+                          "train one with trainer: {name: reward})")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"reward_model {path}: no such model directory (no config.json)")
+    return _check_score_head(path, "reward_model", REWARD_MODEL_HINT)
+
+
+def _check_score_head(path: str, what: str, hint: str) -> tuple[str, None]:
+    """The model directory ``path`` is a 1-label ``XForSequenceClassification`` whose safetensors hold the head."""
+    from llmtune.core.errors import ConfigError
+    from llmtune.models.loading import safetensors_names
+
+    d = Path(path)
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    archs = [str(a) for a in config.get("architectures") or []]
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{what} {path}: a {', '.join(archs) or config.get('model_type')} has no score head; {hint}")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if labels != 1:
+        raise ConfigError(f"{what} {path}: {archs[0]} with {labels} labels; a reward model has one output")
+    names = [n for f in sorted(d.glob("*.safetensors")) for n in safetensors_names(f)]
+    roots = {n.split(".")[0] for n in names}
+    backbone = max(roots, key=lambda r: sum(n.startswith(r + ".") for n in names)) if roots else ""
+    if names and not roots - {backbone, "lm_head"}:
+        raise ConfigError(f"{what} {path}: its weights hold no score head (only {backbone}.*): transformers "
+                          f"would initialise it at random; {hint}")
+    return f"{path}: {archs[0]}, 1 label, score head in its weights", None
 
 
 def _check_support(trainer: Any) -> tuple[str, None]:
@@ -163,10 +198,16 @@ def check_config(config: Any, gpu: str | int | None = None, *, processes: int = 
     _attempt(checks, "support", lambda: _check_support(trainer))
     if getattr(opts, "distributed", "ddp") == "fsdp":
         _attempt(checks, "distributed", lambda: _check_fsdp(processes))
-    _attempt(checks, "model", lambda: _check_model(config.model))
+    if _attempt(checks, "model", lambda: _check_model(config.model)) and objective == "reward" \
+            and not getattr(opts, "add_score_head", False):
+        from llmtune.trainers.objectives.dpo import ADD_SCORE_HEAD_HINT
+
+        _attempt(checks, "score_head", lambda: _check_score_head(config.model, "model", ADD_SCORE_HEAD_HINT))
     tokenizer_dir = config.tokenizer or config.model
     _attempt(checks, "tokenizer", lambda: _check_tokenizer(tokenizer_dir, opts.template))
     _attempt(checks, "data", lambda: _check_records(config.data, "data", objective))
+    if objective in ("rloo", "grpo") and (opts.reward_model is not None or not getattr(opts, "reward_funcs", None)):
+        _attempt(checks, "reward_model", lambda: _check_reward_model(opts.reward_model, objective))
     if config.eval_data is not None:
         _attempt(checks, "eval_data", lambda: _check_records(config.eval_data, "eval_data", objective))
     result = ConfigCheck(checks, gpu=None if gpu is None else str(gpu))

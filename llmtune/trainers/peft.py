@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from llmtune.core.errors import ConfigError
 from llmtune.trainers.backend import BackendContext, TrainerBackend
 from llmtune.trainers.base import RecipeTrainer
-from llmtune.trainers.objectives.dpo import DpoTrainOptions, RewardTrainOptions
+from llmtune.trainers.objectives.dpo import ADD_SCORE_HEAD_HINT, DpoTrainOptions, RewardTrainOptions
 from llmtune.trainers.objectives.online import OnlineTrainOptions
 from llmtune.trainers.options import PretrainOptions, TrainOptions
 
@@ -28,19 +28,26 @@ def _device_map(device: Any) -> dict[str, Any]:
     return {"": device.index if device.type == "cuda" else str(device)}
 
 
-def from_config(config: Any, dtype: Any, seed: int) -> Any:
-    """A randomly initialised causal LM (from a config object, a dict, or a directory with only config.json)."""
+def from_config(config: Any, dtype: Any, seed: int, head: str = "lm") -> Any:
+    """A randomly initialised causal LM (from a config object, a dict, or a directory with only config.json);
+    ``head="score"``: the same backbone as a 1-label sequence classifier (a reward model)."""
+    import copy
+
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
     if isinstance(config, dict):
         config = dict(config)
         config = AutoConfig.for_model(config.pop("model_type"), **config)
     elif not isinstance(config, PretrainedConfig):
         config = AutoConfig.from_pretrained(str(config))
+    auto: Any = AutoModelForCausalLM
+    if head == "score":
+        config, auto = copy.deepcopy(config), AutoModelForSequenceClassification
+        config.num_labels, config.architectures = 1, None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        return auto.from_config(config, dtype=dtype or torch.float32)
 
 
 def _is_config_only(model: Any) -> bool:
@@ -63,12 +70,13 @@ class PeftBackend(TrainerBackend):
         from torch import nn
 
         q, dtype = ctx.options.quantizer, ctx.base_dtype
+        head = getattr(ctx.options, "model_head", "lm")
         if _is_config_only(model):
             if tokenizer is None and isinstance(model, (str, os.PathLike)):
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(str(model))
-            model = from_config(model, dtype, ctx.seed)
+            model = from_config(model, dtype, ctx.seed, head)
         elif isinstance(model, (str, os.PathLike)):
             from llmtune.models.loading import load_model_and_tokenizer
 
@@ -78,13 +86,21 @@ class PeftBackend(TrainerBackend):
                                   "load the model yourself, quantize it, and pass the module")
             loaded, loaded_tok = load_model_and_tokenizer(
                 str(model), dtype=dtype, quantization_config=qconfig, trust_remote_code=ctx.options.trust_remote_code,
-                device_map=_device_map(ctx.device) if q is not None else None)
+                device_map=_device_map(ctx.device) if q is not None else None, head=head,
+                fresh_head=bool(getattr(ctx.options, "add_score_head", False)), head_hint=ADD_SCORE_HEAD_HINT)
             return loaded, tokenizer if tokenizer is not None else loaded_tok
         elif not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a local path, a hub id, a config or a torch.nn.Module, "
                               f"not {type(model).__name__}")
         elif tokenizer is None:
             raise ConfigError("model is an nn.Module: pass tokenizer= as well (or give a model path)")
+        elif head == "score":
+            from llmtune.trainers.rlhf.reward import as_reward_model
+
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = as_reward_model(model, tokenizer, fresh_head=ctx.options.add_score_head, seed=ctx.seed,
+                                    hint=ADD_SCORE_HEAD_HINT)
         if dtype is not None:
             model = model.to(dtype)
         if q is not None:  # quantize on the training device (faster on a GPU, and no 4-bit move after)
@@ -100,6 +116,8 @@ class PeftBackend(TrainerBackend):
             raise ConfigError("no tokenizer: pass tokenizer= (the model directory has none)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if getattr(ctx.options, "model_head", "lm") == "score" and model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # the score head reads the last non-pad token
         for p in model.parameters():
             p.requires_grad_(False)
         if ctx.options.quantizer is not None and ctx.options.upcast_embeddings:

@@ -134,7 +134,7 @@ def test_check_of_a_dpo_config_estimates_the_preference_objective(demo_dir: Path
     code, out = _invoke(str(config), "--check", "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"], report["checks"]
-    assert "objective 'dpo'" in {c["name"]: c["detail"] for c in report["checks"]}["data"]
+    assert "1 preference records (0 ranked, 1 pairwise), 1 pairs" in {c["name"]: c["detail"] for c in report["checks"]}["data"]
     assert any("dpo" in str(n) for n in report["estimate"]["assumptions"])   # chosen + rejected, reference pass
     # full fine-tuning with the reference precomputed: no second copy in the estimate
     config.write_text("model: base\ndata: prefs.jsonl\ntrainer:\n  name: dpo\n  method: full\n  reference: precomputed\n"
@@ -147,10 +147,17 @@ def test_check_of_a_dpo_config_estimates_the_preference_objective(demo_dir: Path
 
 
 def test_check_of_an_rloo_config_estimates_k_samples(demo_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmtune.models.tiny import build_tiny_model
+    from llmtune.trainers.rlhf.reward import RewardModel, reward_model_from_causal_lm
+
+    tok = AutoTokenizer.from_pretrained(str(demo_dir / "base"))
+    RewardModel(reward_model_from_causal_lm(build_tiny_model(tok, seed=1, **SMALL), tok), tok).save(demo_dir / "rm")
     (demo_dir / "prompts.jsonl").write_text(json.dumps({"prompt": "What is Kopi O?"}) + "\n")
     config = demo_dir / "rloo.yaml"
     config.write_text("model: base\ndata: prompts.jsonl\ntrainer:\n  name: rloo\n  batch_size: 1\n  max_length: 64\n"
-                      "  reward_model: rm\n  samples: 6\n")
+                      f"  reward_model: {demo_dir / 'rm'}\n  samples: 6\n")
     code, out = _invoke(str(config), "--check", "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"], report["checks"]

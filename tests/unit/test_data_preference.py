@@ -101,3 +101,15 @@ def test_in_memory_records_name_their_index() -> None:
     with pytest.raises(ConfigError, match=r"^mine\[1\]: field 'rejected': missing"):
         load_preference_records([PAIR, {"prompt": "x", "chosen": "y"}], source="mine")
     assert len(load_preference_records([PAIR])) == 1
+
+
+def test_a_ranking_that_ranks_the_same_answer_twice_is_refused_naming_both():
+    """A pair of equal texts teaches nothing (main trained it); tied copies make no pair and are kept."""
+    from llmtune.core.errors import ConfigError
+    from llmtune.data.preference import parse_preference
+
+    record = {"prompt": "Kopi O?", "responses": ["Black coffee.", "Tea.", "Black coffee."], "ranking": [0, 1, 2]}
+    with pytest.raises(ConfigError, match=r"prefs.jsonl:4: field 'responses\[2\]': is the same answer as "
+                                          r"responses\[0\], ranked 2 and 0"):
+        parse_preference(record, "prefs.jsonl:4")
+    assert parse_preference({**record, "ranking": [0, 1, 0]}, "prefs.jsonl:4").ranking == [0, 1, 0]

@@ -22,6 +22,7 @@ from llmtune.memory import (
     resolve_lora_targets,
     rule_of_thumb_serving_gb,
 )
+from llmtune.memory.mechanisms import PAIR_BATCH_BYTES, PAIR_LOSS_BYTES
 from llmtune.memory.recipes import hf_recipe
 from llmtune.memory.weights import quantized_bytes_per_param
 
@@ -450,7 +451,8 @@ def test_objectives_dpo_reward_online_rl():
     kw = dict(seq_len=512, recipe="hf", gradient_checkpointing=True)
     sft2 = estimate_training(SPEC_1B, "lora", batch_size=4, **kw)
     dpo = estimate_training(SPEC_1B, "lora", batch_size=2, objective="dpo", **kw)
-    assert dpo.phases["loss_backward"] == sft2.phases["loss_backward"]
+    pairs = 2 * (PAIR_BATCH_BYTES + PAIR_LOSS_BYTES["dpo"])  # one pair per example
+    assert dpo.phases["loss_backward"] == sft2.phases["loss_backward"] + pairs
     assert "reference_forward" in dpo.phases and "reference_weights" not in dpo.breakdown
     copy = estimate_training(SPEC_1B, "lora", batch_size=2, objective="dpo", dpo_reference="copy", **kw)
     assert copy.breakdown["reference_weights"] == sft2.breakdown["weights"]
@@ -467,6 +469,24 @@ def test_objectives_dpo_reward_online_rl():
         estimate_training(SPEC_1B, objective="ppo")
     with pytest.raises(InvalidOptionError, match="rl_samples"):
         estimate_training(SPEC_1B, objective="online_rl", rl_samples=0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_a_ranking_of_k_answers_is_k_rows_and_its_pairs(objective):
+    """A ranking of K answers puts K rows through the model (each answer once) and K(K-1)/2 pairs into the loss:
+    the step is the one of K pairs' worth of rows, plus the pairs' bytes (K=2000: ~2M pairs)."""
+    kw = dict(seq_len=256, recipe="llmtune", gradient_checkpointing=True)
+    for k in (2, 8, 2000):
+        ranked = estimate_training(SPEC_1B, "lora", batch_size=1, objective=objective, responses=k, **kw)
+        rows = estimate_training(SPEC_1B, "lora", batch_size=k // 2, objective=objective, **kw)  # pairs: 2 rows each
+        extra = k * (k - 1) // 2 - k // 2  # the ranking's pairs beyond the k/2 pairs of `rows`
+        assert ranked.breakdown["pair_indices"] == PAIR_BATCH_BYTES * k * (k - 1) // 2
+        loss = "loss_backward" if objective == "dpo" else "loss_forward"
+        assert ranked.phases[loss] - rows.phases[loss] == extra * (PAIR_BATCH_BYTES + PAIR_LOSS_BYTES[objective])
+    pair = estimate_training(SPEC_1B, "lora", batch_size=1, objective=objective, **kw)
+    assert ranked.peak_tensor_bytes > 40 * pair.peak_tensor_bytes  # 167.6 GB vs 3.6 GB (1B model, 256 tokens)
+    with pytest.raises(InvalidOptionError, match="responses must be an integer >= 2"):
+        estimate_training(SPEC_1B, objective=objective, responses=1)
 
 
 def test_adapter_method_parameter_counts():

@@ -158,3 +158,18 @@ def test_eval_tasks_are_named_as_not_modelled(tmp_path):
     cfg = _write(tmp_path, "llama-3.2-1b", "  rank: 8\neval_tasks: [kopitiam-mc]\n")
     _, rows = estimate_for_config(cfg, gpu="A100-80GB")
     assert any(n.startswith("eval_tasks:") for n in rows[0]["notes"])
+
+
+def test_dpo_config_is_estimated_with_its_rankings_rows_and_full_vocabulary_log_probs(tmp_path):
+    """A ranking of 8 answers next to pairs, batch 2: the largest micro-batch holds 8 + 2 rows (5 per example), and
+    DPO's log-probs are full-vocabulary fp32 (llmtune's DPO does not chunk them)."""
+    cfg = _write(tmp_path, "llama-3.2-1b", "  name: dpo\n  batch_size: 2\n  max_length: 256\n")
+    rows = [{"prompt": "Kopi?", "responses": [f"Answer {i}." for i in range(8)], "ranking": list(range(8))},
+            {"prompt": "Teh?", "chosen": "Tea with milk.", "rejected": "Coffee."}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    est, out = estimate_for_config(cfg)
+    kw, _ = training_arguments(cfg.trainer.options, "peft")
+    direct = estimate_training(ModelSpec.from_preset("llama-3.2-1b"), **{**kw, "recipe": dataclasses.replace(
+        kw["recipe"], loss="full_fp32")}, objective="dpo", responses=5)
+    assert est.peak_tensor_bytes == direct.peak_tensor_bytes
+    assert any("rankings of up to 8 answers" in n and "10 answers" in n and "29 pairs" in n for n in out[0]["notes"])

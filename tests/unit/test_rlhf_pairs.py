@@ -114,3 +114,22 @@ def test_advantages() -> None:
     assert g.mean().item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(InvalidOptionError):
         rloo_advantages(torch.ones(3, 1))
+
+
+def test_answers_are_never_truncated_nor_paired_with_their_own_tokens(tok):
+    """An answer that does not fit max_length after the prompt would lose its end token (and long answers become
+    token-identical): an error naming the record and the answer; two answers with the same tokens and different
+    ranks would make a pair of equal answers: an error; tied copies make no pair and are kept."""
+    prompt = "<|start_header_id|>user<|end_header_id|>\n\nKopi?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    long = "Coffee " * 30
+    with pytest.raises(ConfigError, match=r"prefs.jsonl:3: chosen: prompt \(\d+ tokens\) \+ answer \(\d+ tokens\) "
+                                          r"exceed max_length=24.*raise max_length to \d+"):
+        encode_group(prompt, [long + "sugar.<|eot_id|>", "Tea.<|eot_id|>"], [0, 1], tok, max_length=24,
+                     where="prefs.jsonl:3", names=("chosen", "rejected"))
+    with pytest.raises(ConfigError, match=r"record: responses\[2\] is the same tokens as responses\[0\]"):
+        encode_group(prompt, ["Tea.<|eot_id|>", "Kopi.<|eot_id|>", "Tea.<|eot_id|>"], [0, 1, 2], tok)
+    tied = encode_group(prompt, ["Tea.<|eot_id|>", "Kopi.<|eot_id|>", "Tea.<|eot_id|>"], [0, 1, 0], tok)
+    assert tied.pairs == [(0, 1), (2, 1)] and all(a != b for a, b in tied.pairs)
+    fits = encode_group(prompt, ["Tea.<|eot_id|>", "Kopi.<|eot_id|>"], [0, 1], tok, max_length=len(
+        tok(prompt + "Kopi.<|eot_id|>", add_special_tokens=False)["input_ids"]))
+    assert all(ans[-1] == tok.convert_tokens_to_ids("<|eot_id|>") for ans in fits.response_ids)

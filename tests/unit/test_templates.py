@@ -176,3 +176,26 @@ def test_stop_token_ids(tok: Any) -> None:
     assert stop_token_ids("chatml", tok) == ids(["<|im_end|>", "<|end_of_text|>"])
     assert stop_token_ids("alpaca", tok) == ids(["<|end_of_text|>"])
     assert stop_token_ids("tokenizer", tok) == ids(["<|end_of_text|>", "<|eot_id|>", "<|im_end|>"])
+
+
+def test_tokenizer_template_that_ignores_tool_calls_is_refused(tok):
+    """Template 'tokenizer' with a chat template that drops ``tool_calls`` would train the call as an empty
+    answer (main did, silently): refused, naming the turn and the function; one that renders the call is used."""
+    import copy
+
+    from llmtune.core.errors import ConfigError
+    from llmtune.data.templates import render_segments
+
+    call = {"type": "function", "function": {"name": "menu_price", "arguments": {"drink": "Kopi C"}}}
+    record = {"messages": [{"role": "user", "content": "How much is Kopi C?"},
+                           {"role": "assistant", "content": "", "tool_calls": [call]},
+                           {"role": "tool", "content": "1.60"}, {"role": "assistant", "content": "$1.60."}]}
+    with pytest.raises(ConfigError, match=r"tools.jsonl:2: turn 1: the tokenizer's chat template ignores "
+                                          r"'tool_calls'.*'menu_price'"):
+        render_segments(record, "tokenizer", tok, where="tools.jsonl:2")
+    renders = copy.deepcopy(tok)
+    renders.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                             "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}</call>{% endfor %}"
+                             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    answers = [s.text for s in render_segments(record, "tokenizer", renders) if s.trainable]
+    assert "<call>menu_price</call>" in answers[0]

@@ -119,6 +119,12 @@ class Objective:
         digest_into(h, data)
         return h.hexdigest()[:16]
 
+    def check_data(self, data: Any, what: str) -> str:
+        """Read and validate ``data`` as `train_data` will, without a tokenizer or torch (``train --check``);
+        return what was seen, or raise naming the file, line and field. Default: the data are read (hashed)."""
+        self.data_digest(data)
+        return f"{data}: read by objective {self.name!r} (its records are validated when it tokenizes them)"
+
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> TrainData:
         raise NotImplementedError
 

@@ -142,6 +142,18 @@ class Dpo(Objective):
     name: ClassVar[str] = "dpo"
     Options: ClassVar[type] = DpoTrainOptions
 
+    def check_data(self, data: Any, what: str) -> str:
+        """Every preference record parsed as training parses it; the rankings' sizes and pairs."""
+        from llmtune.data.preference import load_preference_records
+        from llmtune.trainers.rlhf.pairs import expected_pairs
+
+        records = load_preference_records(str(data))
+        sizes = [len(r.ranking) if hasattr(r, "ranking") else 2 for r in records]
+        pairs = sum(expected_pairs(r.ranking) if hasattr(r, "ranking") else 1 for r in records)
+        ranked = sum(hasattr(r, "ranking") for r in records)
+        return (f"{data}: {len(records)} preference records ({ranked} ranked, {len(records) - ranked} pairwise), "
+                f"{pairs} pairs; largest ranking {max(sizes)} answers")
+
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> GroupData:
         return GroupData(_groups(data, tokenizer, options, "data"), options.seed)
 
@@ -208,16 +220,32 @@ class Dpo(Objective):
         return pop_weighted(getattr(self, "_metrics", []))
 
 
+#: what a reward trainer given a causal LM is told
+ADD_SCORE_HEAD_HINT = ("objective 'reward' trains a 1-label sequence-classification model: give a reward model "
+                       "(one trainer 'reward' saved), or set add_score_head: true under trainer: to train a fresh "
+                       "score head on this model's backbone")
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardTrainOptions(TrainOptions):
     """`TrainOptions` for objective ``reward`` (``use_margin``, ``center_rewards_coefficient``)."""
 
     #: LoRA / DoRA on a reward model train the score head too (PEFT's SEQ_CLS task: modules_to_save)
     peft_task_type: ClassVar[str] = "SEQ_CLS"
+    #: the model is a 1-label sequence classifier (`llmtune.models.loading.load_model_and_tokenizer`'s head)
+    model_head: ClassVar[str] = "score"
     method: str = "full"
     lr: float = 1e-4
     use_margin: bool = False
     center_rewards_coefficient: float | None = None
+    #: start a fresh (seeded) score head on a causal LM's backbone; without it a causal LM is refused
+    add_score_head: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from llmtune.core.options import check_type
+
+        check_type("add_score_head", self.add_score_head, bool)
 
 
 class Reward(Objective):
@@ -226,15 +254,16 @@ class Reward(Objective):
 
     name: ClassVar[str] = "reward"
     Options: ClassVar[type] = RewardTrainOptions
+    check_data = Dpo.check_data
     train_data = Dpo.train_data
     eval_data = Dpo.eval_data
     collate = Dpo.collate
     scored_tokens = Dpo.scored_tokens
 
     def loss(self, backend: Any, model: Any, batch: Mapping[str, Any], ctx: Any) -> Any:
-        from llmtune.trainers.rlhf.reward import reward_loss
+        from llmtune.trainers.rlhf.reward import is_reward_model, reward_loss
 
-        if getattr(getattr(model, "config", None), "num_labels", None) != 1:
+        if not is_reward_model(model):
             raise InvalidOptionError("objective 'reward' trains a 1-label sequence-classification model: pass "
                                      "reward_model_from_causal_lm(model, tokenizer) as the model")
         loss, stats = reward_loss(model, dict(batch), use_margin=ctx.options.use_margin,

@@ -43,6 +43,11 @@ class OnlineTrainOptions(TrainOptions):
                       max_new_tokens=self.max_new_tokens)
 
 
+#: what a ``reward_model`` without a trained score head is told
+REWARD_MODEL_HINT = ("reward_model must be a trained reward model: train one with trainer: {name: reward} "
+                     "(it saves OUTPUT_DIR/model, or an adapter to export with llmtune export --format hf)")
+
+
 class PromptData(TrainData):
     """Prompts (token ids) in a fresh seeded permutation each epoch."""
 
@@ -63,21 +68,46 @@ class PromptData(TrainData):
 
 def prompt_text(record: Mapping[str, Any], template: str, tokenizer: Any, where: str) -> str:
     """The rendered prompt of a record: a preference record's ``prompt``, or any SFT record's prompt part."""
+    from llmtune.data.preference import parse_prompt
     from llmtune.data.templates import render_prompt, render_segments
-    from llmtune.trainers.rlhf.pairs import _turns
 
     if "prompt" in record:
-        turns = [*_turns(record["prompt"]), {"role": "assistant", "content": "."}]  # dropped below
+        turns = [*parse_prompt(dict(record), where), {"role": "assistant", "content": "."}]  # dropped below
         segments = render_segments({"messages": turns}, template, tokenizer, where=where)
         return "".join(s.text for s in segments[:-1])
     return render_prompt(dict(record), template, tokenizer)[0]
 
 
-def _prompts(data: Any, tokenizer: Any, options: Any, what: str) -> tuple[list[list[int]], list[dict[str, Any]]]:
-    from llmtune.trainers.objectives.sft import load_records
+def prompt_records(data: Any, what: str) -> Any:
+    """The records online RL answers, validated as training reads them (no tokenizer needed): each has a
+    ``prompt`` (a preference record's, with or without answers) or is an instruction / chat record (its prompt
+    part); a plain text record has no prompt. Errors name file:line:field."""
+    import os
 
-    records = load_records(data, what)
-    where = getattr(records, "where", lambda i: f"{what}[{i}]")
+    from llmtune.data.formats import detect_format
+    from llmtune.data.preference import parse_prompt
+    from llmtune.data.records import Records, read_records
+
+    if isinstance(data, (str, os.PathLike)):
+        records = read_records(os.fspath(data))
+    elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        records = Records(list(data), source=what)
+    else:
+        raise ConfigError(f"{what} must be a path to .jsonl/.json/.csv or a list of records, not {type(data).__name__}")
+    if not records:
+        raise ConfigError(f"{records.source}: no prompts")
+    for i, record in enumerate(records):
+        if isinstance(record, Mapping) and "prompt" in record:
+            parse_prompt(dict(record), records.where(i))
+        elif detect_format(record, records.where(i)) == "text":
+            raise ConfigError(f"{records.where(i)}: a plain text record has no prompt to answer; give 'prompt' "
+                              "(or an instruction / chat record)")
+    return records
+
+
+def _prompts(data: Any, tokenizer: Any, options: Any, what: str) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    records = prompt_records(data, what)
+    where = records.where
     prompts = [list(tokenizer(prompt_text(r, options.template, tokenizer, where(i)),
                               add_special_tokens=False)["input_ids"])[-options.max_length:]
                for i, r in enumerate(records)]
@@ -97,6 +127,14 @@ class _Online(Objective):
         self._tokenizer: Any = None
         self._metrics: list[tuple[int, dict[str, float]]] = []
 
+    def check_data(self, data: Any, what: str) -> str:
+        records = prompt_records(str(data), what)
+        if what == "eval_data":
+            self._references(records)
+        with_prompt = sum("prompt" in r for r in records)
+        return (f"{data}: {len(records)} prompts ({with_prompt} 'prompt' records, {len(records) - with_prompt} "
+                "instruction / chat records: their prompt part)")
+
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> PromptData:
         self._tokenizer = tokenizer
         return PromptData(_prompts(data, tokenizer, options, "data")[0], options.seed)
@@ -104,12 +142,24 @@ class _Online(Objective):
     def eval_data(self, data: Any, tokenizer: Any, options: Any) -> EvalData:
         """Greedy answers to held-out prompts, scored against their reference answers (``output``/``chosen``)."""
         prompts, records = _prompts(data, tokenizer, options, "eval_data")
-        refs = [r.get("output", r.get("chosen")) for r in records]
-        if any(not isinstance(x, str) for x in refs):
-            raise ConfigError(f"eval_data of objective {self.name!r}: every record needs a reference answer "
-                              f"('output' or 'chosen') to score the greedy answers against")
+        refs = self._references(records)
         n = options.eval_examples or len(prompts)
         return EvalData(prompts=prompts[:n], references=[str(x).strip() for x in refs[:n]])
+
+    def setup(self, model: Any, state: Any) -> None:
+        """The reward model loads (and is checked: a trained score head) before anything trains."""
+        o = state.options
+        if o.reward_model is not None or not getattr(o, "reward_funcs", None):  # reward functions may stand alone
+            self.reward_model(o.reward_model, state.acc.device, state.tokenizer)
+
+    def _references(self, records: Any) -> list[str]:
+        """Each held-out record's reference answer (``output`` or ``chosen``), to score greedy answers against."""
+        refs = [r.get("output", r.get("chosen")) for r in records]
+        missing = [i for i, x in enumerate(refs) if not isinstance(x, str)]
+        if missing:
+            raise ConfigError(f"{records.where(missing[0])}: eval_data of objective {self.name!r}: every record needs a "
+                              "reference answer ('output' or 'chosen') to score the greedy answers against")
+        return [str(x) for x in refs]
 
     def collate(self, examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
         import torch
@@ -130,11 +180,10 @@ class _Online(Objective):
             raise ConfigError(f"objective {self.name!r} needs reward_model=DIR: a reward model saved by "
                               f"RewardModel.save (transformers' AutoModelForSequenceClassification)")
         if self._reward is None or self._reward[0] != path:
-            from transformers import AutoModelForSequenceClassification
-
+            from llmtune.models.loading import load_model_and_tokenizer
             from llmtune.trainers.rlhf.reward import RewardModel
 
-            model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+            model = load_model_and_tokenizer(path, head="score", head_hint=REWARD_MODEL_HINT)[0].to(device).eval()
             model.requires_grad_(False)
             self._reward = (path, RewardModel(model, tokenizer))
         return self._reward[1]

@@ -50,17 +50,34 @@ class Group:
 
 
 def encode_group(prompt: str, responses: Sequence[str], ranking: Sequence[int], tokenizer: PreTrainedTokenizerBase,
-                 *, max_length: int = 1024, margin_per_rank: float = 0.0, where: str = "record") -> Group:
-    """A group from rendered texts: ``prompt`` up to the answer header, ``responses`` with their end token."""
+                 *, max_length: int = 1024, margin_per_rank: float = 0.0, where: str = "record",
+                 names: Sequence[str] = ()) -> Group:
+    """A group from rendered texts: ``prompt`` up to the answer header, ``responses`` with their end token.
+
+    Nothing is truncated: a prompt + answer longer than ``max_length`` would lose the answer's end token (where
+    the reward head reads, and what DPO's log-probs end on), and cut answers can become token-identical; both are
+    a `ConfigError` naming the record and the answer (``names``: field names, default ``responses[i]``)."""
     if len(responses) != len(ranking) or len(responses) < 2:
         raise ConfigError(f"{where}: ranking: need one rank per response and two or more responses, got "
                           f"{len(ranking)} ranks for {len(responses)} responses")
+    names = list(names) or [f"responses[{i}]" for i in range(len(responses))]
     prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if len(prompt_ids) >= max_length:
         raise ConfigError(f"{where}: prompt: {len(prompt_ids)} tokens leave no room for an answer in "
                           f"max_length={max_length}")
-    answers = [list(tokenizer(r, add_special_tokens=False)["input_ids"])[:max_length - len(prompt_ids)]
-               for r in responses]
+    answers = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    longest = max(range(len(answers)), key=lambda i: len(answers[i]))
+    if len(prompt_ids) + len(answers[longest]) > max_length:
+        raise ConfigError(f"{where}: {names[longest]}: prompt ({len(prompt_ids)} tokens) + answer "
+                          f"({len(answers[longest])} tokens) exceed max_length={max_length}; cut, the answer would "
+                          f"lose its end token; raise max_length to {len(prompt_ids) + len(answers[longest])} or "
+                          "shorten the record")
+    first: dict[tuple[int, ...], int] = {}
+    for b, ans in enumerate(answers):
+        a = first.setdefault(tuple(ans), b)
+        if ranking[a] != ranking[b]:  # tied copies make no pair
+            raise ConfigError(f"{where}: {names[b]} is the same tokens as {names[a]} under the template: a pair of "
+                              "equal answers teaches nothing; remove one")
     pairs = ranking_pairs(ranking)
     margins = [margin_per_rank * (ranking[b] - ranking[a]) for a, b in pairs] if margin_per_rank else []
     return Group(prompt_ids, answers, pairs, margins, where)
@@ -124,8 +141,10 @@ def preference_groups(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase
         prompt, texts, ranking = group_texts(record, template, tokenizer)
         where = str((record.get("where") if isinstance(record, dict) else getattr(record, "where", "")) or
                     f"record {i}")
+        ranked = (record.get("responses") if isinstance(record, dict) else getattr(record, "responses", None))
         groups.append(encode_group(prompt, texts, ranking, tokenizer, max_length=max_length,
-                                   margin_per_rank=margin_per_rank, where=where))
+                                   margin_per_rank=margin_per_rank, where=where,
+                                   names=() if ranked is not None else ("chosen", "rejected")))
     return groups
 
 

@@ -71,6 +71,23 @@ def reward_model_from_causal_lm(model: Any, tokenizer: Any, *, seed: int = 0) ->
     return rm.to(next(model.parameters()).device, dtype=next(model.parameters()).dtype)
 
 
+def is_reward_model(model: Any) -> bool:
+    """Whether ``model`` (or the model under its PEFT wrapper) is a 1-label ``XForSequenceClassification``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (type(base).__name__.endswith("ForSequenceClassification")
+            and getattr(getattr(base, "config", None), "num_labels", None) == 1)
+
+
+def as_reward_model(model: Any, tokenizer: Any, *, fresh_head: bool = False, seed: int = 0, hint: str = "") -> Any:
+    """``model`` when it is a reward model; a causal LM becomes one with a fresh head only when ``fresh_head``."""
+    if is_reward_model(model):
+        return model
+    if not fresh_head:
+        raise ConfigError(f"the model is a {type(model).__name__}, not a 1-label sequence classifier"
+                          f"{'; ' + hint if hint else ''}")
+    return reward_model_from_causal_lm(model, tokenizer, seed=seed)
+
+
 def row_rewards(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One scalar reward per row of a `collate_groups` batch."""
     device = next(model.parameters()).device
@@ -220,5 +237,5 @@ def _train_reward_trl(model: Any, tokenizer: Any, groups: Sequence[Group], eval_
     return RewardResult(rm, list(trainer.state.log_history), accuracy)
 
 
-__all__ = ["RewardModel", "RewardOptions", "RewardResult", "reward_loss", "reward_model_from_causal_lm",
-           "row_rewards", "train_reward"]
+__all__ = ["RewardModel", "RewardOptions", "RewardResult", "as_reward_model", "is_reward_model", "reward_loss",
+           "reward_model_from_causal_lm", "row_rewards", "train_reward"]
