@@ -44,8 +44,8 @@ def _check_args(fmt: str, dtype: str, out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} exists and is not empty; choose a new directory or pass overwrite=True (--overwrite)")
 
 
-def _write_gguf(merged: Any, source: Source, out: Path, dtype: str, *, ollama: bool, pre_tokenizer: str | None,
-                progress: Progress | None) -> dict[str, Any]:
+def _write_gguf(source: Source, out: Path, dtype: str, *, ollama: bool, pre_tokenizer: str | None,
+                trust_remote_code: bool, progress: Progress | None) -> dict[str, Any]:
     from llmtune.export.chat import END_OF_ANSWER, jinja_template, modelfile
     from llmtune.export.to_gguf import write_gguf
 
@@ -53,16 +53,32 @@ def _write_gguf(merged: Any, source: Source, out: Path, dtype: str, *, ollama: b
     if ollama and template not in ("llama3", "chatml", "alpaca"):
         raise ExportError(f"an Ollama Modelfile needs the training template (llama3, chatml or alpaca); the run "
                           f"recorded {template!r}; pass template= (--template)")
+    tensors, tokenizer, merged_into, streamed = _gguf_tensors(source, trust_remote_code, progress)
     name = f"model-{dtype}.gguf"
-    summary = write_gguf(merged.model, merged.tokenizer, out / name, dtype=dtype, name=source.path.name,
-                         chat_template=jinja_template(template, merged.tokenizer),
+    summary = write_gguf(tensors, tokenizer, out / name, dtype=dtype, name=source.path.name,
+                         chat_template=jinja_template(template, tokenizer),
                          eot_token=END_OF_ANSWER.get(template or ""), pre_tokenizer=pre_tokenizer, progress=progress)
     if ollama:
         assert template is not None
-        text = modelfile(name, template, merged.tokenizer, bos_in_template=not summary["add_bos_token"])
+        text = modelfile(name, template, tokenizer, bos_in_template=not summary["add_bos_token"])
         (out / "Modelfile").write_text(text)
     summary["tensors"] = len(summary["tensors"])
+    summary["merged_into"] = merged_into
+    summary["streamed"] = streamed
     return summary
+
+
+def _gguf_tensors(source: Source, trust_remote_code: bool, progress: Progress | None) -> tuple[Any, Any, str, Any]:
+    """(tensors, tokenizer, what the adapter was merged into, True or why the merge was done in memory)."""
+    from llmtune.export.merge import load_tokenizer, merge
+    from llmtune.export.tensors import ModelTensors, StreamedTensors, why_not_streamed
+
+    why = why_not_streamed(source)
+    if why is None:
+        what = "no adapter (the model as given)" if source.adapter_dir is None else "full-precision base (W + BA)"
+        return StreamedTensors(source), load_tokenizer(source, trust_remote_code), what, True
+    merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+    return ModelTensors(merged.model, merged.model.config.to_dict()), merged.tokenizer, merged.merged_into, why
 
 
 def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: str | None,
@@ -115,17 +131,16 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
         raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     if requantize and format != "hf":
         raise InvalidOptionError(f"requantize={requantize!r} applies to format 'hf' only (GGUF has its own dtypes)")
-    merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
     target.mkdir(parents=True, exist_ok=True)
     if format == "hf":
-        details = _write_hf(merged, source, target, dtype, requantize, progress)
+        merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+        details = {"merged_into": merged.merged_into, **_write_hf(merged, source, target, dtype, requantize, progress)}
     else:
-        details = _write_gguf(merged, source, target, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
-                              progress=progress)
+        details = _write_gguf(source, target, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
+                              trust_remote_code=trust_remote_code, progress=progress)
     info = {"format": format, "dtype": dtype, "source": str(source.path.resolve()),
             "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "base": source.base,
-            "merged_into": merged.merged_into, "template": source.template, "quantizer": source.quantizer,
-            "llmtune_version": __version__, **details}
+            "template": source.template, "quantizer": source.quantizer, "llmtune_version": __version__, **details}
     (target / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
     from llmtune.core.manifest import write_manifest
 

@@ -110,6 +110,18 @@ def dequantize_model(model: Any) -> int:
     return len(targets)
 
 
+def load_tokenizer(source: Source, trust_remote_code: bool = False) -> Any:
+    """The tokenizer the run saved with its adapter, else the base model's."""
+    from transformers import AutoTokenizer
+
+    if source.adapter_dir is not None and (source.adapter_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(source.adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(source.base, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # as load_model_and_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(source: Source, *, quantized: bool = False, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(base model in float32, tokenizer); ``quantized``: quantized as the run's quantizer did in training."""
     import torch
@@ -118,9 +130,7 @@ def load_base(source: Source, *, quantized: bool = False, trust_remote_code: boo
 
     model, tokenizer = load_model_and_tokenizer(source.base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if source.adapter_dir is not None and (source.adapter_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(source.adapter_dir))
+        tokenizer = load_tokenizer(source)
     if quantized:
         if source.quantizer is None:
             raise ConfigError(f"{source.path}: the run recorded no quantizer, so there is no quantized base")
