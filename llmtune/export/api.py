@@ -81,6 +81,23 @@ def _gguf_tensors(source: Source, trust_remote_code: bool, progress: Progress | 
     return ModelTensors(merged.model, merged.model.config.to_dict()), merged.tokenizer, merged.merged_into, why
 
 
+def portable_tokenizer_config(directory: Path) -> None:
+    """Make ``tokenizer_config.json`` loadable by transformers 4.x as well as 5.x.
+
+    transformers 5 saves ``tokenizer_class: TokenizersBackend`` (4.x: "Tokenizer class TokenizersBackend does not
+    exist") and its extra special tokens as a list (4.x expects ``additional_special_tokens``); both versions read
+    ``PreTrainedTokenizerFast`` with ``additional_special_tokens`` from the same tokenizer.json.
+    """
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: str | None,
               progress: Progress | None) -> dict[str, Any]:
     import torch
@@ -107,6 +124,7 @@ def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: st
     else:
         model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    portable_tokenizer_config(out)
     if progress:
         progress("write safetensors", 1, 1)
     return info

@@ -268,6 +268,7 @@ def write_gguf(tensors: Tensors, tokenizer: Any, path: str | Path, *, dtype: str
     writer = gguf.GGUFWriter(str(path), fam.arch)
     writer.add_type("model")
     writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     fam.write_hparams(writer, hp, _file_type(dtype))
     vocab_size = int(hp["vocab_size"])
     fields = _tokenizer(writer, tokenizer, vocab_size, chat_template, eot_token, pre_tokenizer)
