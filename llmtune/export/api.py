@@ -140,7 +140,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
     the run recorded. ``requantize`` (hf only): a quantizer name (``nf4``, ``int8``...) applied to the merged
     model. ``progress(stage, done, total)`` is called as the export advances.
     """
-    from llmtune.export.merge import merge
+    from llmtune.export.merge import check_mergeable, merge
 
     source = resolve_source(path, base=base, template=template)
     target = check_output(out, source)
@@ -149,6 +149,8 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
         raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     if requantize and format != "hf":
         raise InvalidOptionError(f"requantize={requantize!r} applies to format 'hf' only (GGUF has its own dtypes)")
+    if source.adapter_dir is not None:
+        check_mergeable(source)
     target.mkdir(parents=True, exist_ok=True)
     if format == "hf":
         merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)

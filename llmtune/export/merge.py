@@ -140,7 +140,7 @@ def load_base(source: Source, *, quantized: bool = False, trust_remote_code: boo
     return model, tokenizer
 
 
-def _check_mergeable(source: Source) -> None:
+def check_mergeable(source: Source) -> None:
     cfg = source.adapter_config
     kind = cfg.get("peft_type")
     if kind not in (None, "LORA"):
@@ -151,7 +151,7 @@ def _check_mergeable(source: Source) -> None:
 def merge(source: Source, *, trust_remote_code: bool = False, progress: Progress | None = None) -> Merged:
     """The base with the adapter folded in (float32); QLoRA: into the dequantized base."""
     if source.adapter_dir is not None:
-        _check_mergeable(source)
+        check_mergeable(source)
     if progress:
         progress("load base", 0, 1)
     quantized = source.adapter_dir is not None and source.quantizer is not None
