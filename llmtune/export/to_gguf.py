@@ -63,8 +63,17 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _pre_tokenizer(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer of a tokenizer.json (``gpt-2``, ``llama-bpe``, ``qwen2``)."""
+def _pre_tokenizer(spec: dict[str, Any], tokenizer: Any) -> str:
+    """llama.cpp's name for a BPE tokenizer's pre-tokenizer: the converter's own for a released tokenizer (found
+    by the hash of its tokens for `pretokenizers.CHKTXT`), else ``gpt-2``, ``llama-bpe`` or ``qwen2`` from the
+    pre-tokenizer's split pattern."""
+    import hashlib
+
+    from llmtune.export.pretokenizers import CHKTXT, HASHES
+
+    known = HASHES.get(hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest())
+    if known is not None:
+        return known
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -152,7 +161,7 @@ def tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
               "add_bos": bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id}
     if kind == "gpt2":
         fields["merges"] = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-        fields["pre"] = _pre_tokenizer(spec)
+        fields["pre"] = _pre_tokenizer(spec, tokenizer)
     else:
         fields["scores"] = token_scores
         fields["pre"] = "default"
