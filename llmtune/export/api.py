@@ -18,7 +18,7 @@ from llmtune.core.errors import InvalidOptionError
 from llmtune.export.source import ExportError, Source, check_output, resolve_source
 
 Progress = Callable[[str, int, int], None]
-FORMATS = ("gguf", "ollama", "hf")
+FORMATS = ("gguf", "ollama", "hf", "gguf-lora")
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "q4_0")
 HF_DTYPES = ("f32", "f16", "bf16")
 INFO = "export.json"
@@ -134,7 +134,9 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
            base: str | Path | None = None, template: str | None = None, requantize: str | None = None,
            pre_tokenizer: str | None = None, overwrite: bool = False, trust_remote_code: bool = False,
            progress: Progress | None = None) -> ExportResult:
-    """Export the run/adapter/model at ``path`` to directory ``out`` as ``format`` (gguf, ollama, hf).
+    """Export the run/adapter/model at ``path`` to directory ``out`` as ``format`` (gguf, ollama, hf, gguf-lora).
+
+    ``gguf-lora`` writes the adapter alone as a GGUF LoRA file (one base GGUF, many adapters in llama.cpp).
 
     ``dtype``: f16, bf16, q8_0, q4_0 (gguf/ollama) or f32, f16, bf16 (hf). ``base``/``template`` override what
     the run recorded. ``requantize`` (hf only): a quantizer name (``nf4``, ``int8``...) applied to the merged
@@ -152,7 +154,13 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
     if source.adapter_dir is not None:
         check_mergeable(source)
     target.mkdir(parents=True, exist_ok=True)
-    if format == "hf":
+    if format == "gguf-lora":
+        from llmtune.export.to_gguf import write_lora_gguf
+
+        details = {"merged_into": "not merged (the adapter alone, for the base GGUF)",
+                   **write_lora_gguf(source, target / f"adapter-{dtype}.gguf", dtype=dtype, name=source.path.name,
+                                     progress=progress)}
+    elif format == "hf":
         merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
         details = {"merged_into": merged.merged_into, **_write_hf(merged, source, target, dtype, requantize, progress)}
     else:

@@ -17,6 +17,7 @@ Follows what llama.cpp's own converter (``convert_hf_to_gguf.py``) writes, for t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 from llmtune.core.errors import InvalidOptionError
 from llmtune.export import quants
 from llmtune.export.families import Family, family
-from llmtune.export.source import ExportError
+from llmtune.export.source import ExportError, Source
 from llmtune.export.tensors import Tensors
 
 Progress = Callable[[str, int, int], None]
@@ -303,3 +304,62 @@ def write_gguf(tensors: Tensors, tokenizer: Any, path: str | Path, *, dtype: str
     return {"path": str(path), "architecture": fam.arch, "dtype": dtype, "tensors": written,
             "tokenizer": fields["model"], "pre_tokenizer": pre_tokenizer or fields["pre"],
             "add_bos_token": fields["add_bos"], "vocab_size": vocab_size}
+
+
+def write_lora_gguf(source: Source, path: str | Path, *, dtype: str = "f16", name: str = "llmtune-adapter",
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """The LoRA adapter of ``source`` as a GGUF LoRA file (what llama.cpp's ``convert_lora_to_gguf.py`` writes).
+
+    ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and per adapted weight
+    ``NAME.lora_a`` (A, rank x in) and ``NAME.lora_b`` (B, out x rank; for ``llama`` its rows permuted like the
+    weight's). llama.cpp scales by ``alpha / rank``, so an rsLoRA adapter is written with the alpha that gives
+    its ``alpha / sqrt(rank)``. Served with the base GGUF: ``llama-server -m base.gguf --lora adapter.gguf``.
+    """
+    import gguf
+    from safetensors import safe_open
+
+    from llmtune.export.tensors import lora_scaling, why_not_streamed
+
+    if dtype not in DTYPES:
+        raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if source.adapter_dir is None:
+        raise ExportError(f"{source.path}: no adapter to write as a GGUF LoRA (give a run or an adapter directory)")
+    why = why_not_streamed(dataclasses.replace(source, quantizer=None))
+    if why is not None:
+        raise ExportError(f"{source.adapter_dir}: cannot be written as a GGUF LoRA: {why}; export the merged model "
+                          "(--format gguf) instead")
+    hp = json.loads((Path(source.base).expanduser() / "config.json").read_text())
+    fam = family(hp)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], int(hp["num_hidden_layers"]))
+    writer = gguf.GGUFWriter(str(path), fam.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    types = _ggml_types()
+    alpha = None
+    with safe_open(str(source.adapter_dir / "adapter_model.safetensors"), framework="numpy") as f:
+        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
+        for i, key in enumerate(keys):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a = f.get_tensor(key).astype(np.float32)
+            b = f.get_tensor(key.replace(".lora_A.", ".lora_B.")).astype(np.float32)
+            rank = int(a.shape[0])
+            alpha = alpha if alpha is not None else lora_scaling(source.adapter_config, rank) * rank
+            if fam.permute and module.endswith(("q_proj", "k_proj")):
+                heads = hp["num_attention_heads"] if module.endswith("q_proj") else (
+                    hp.get("num_key_value_heads") or hp["num_attention_heads"])
+                b = permute_rope(b, int(heads))
+            target = _gguf_name(name_map, f"{module}.weight", fam.arch)
+            for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                kind = tensor_type(t.shape, dtype)
+                writer.add_tensor(target + suffix, encode(t, kind, target + suffix), raw_dtype=types[kind])
+            if progress:
+                progress("convert adapter", i + 1, len(keys))
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha if alpha is not None else 0.0))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return {"path": str(path), "architecture": fam.arch, "dtype": dtype, "lora_tensors": 2 * len(keys),
+            "lora_alpha": alpha}

@@ -187,6 +187,10 @@ def test_hf_export_loads_in_transformers_with_the_training_template(run: Path, t
     assert set(result.files) >= {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                                  "export.json"}
     assert json.loads((tmp_path / "hf" / "export.json").read_text())["format"] == "hf"
+    # readable by transformers 4.x too: no TokenizersBackend class, special tokens under the 4.x key
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in config
+    assert "<|eot_id|>" in config["additional_special_tokens"]
 
 
 def test_qlora_merge_into_the_dequantized_base_matches_the_adapter_on_the_4bit_base(tok: Any, tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ FAMILIES = {
 #: Written by llmtune, not by the converter for these tokenizers: what the HF tokenizer does (llama.cpp's default
 #: for a missing add_bos_token is per vocabulary type) and the template's end-of-turn token.
 OURS_ONLY = {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.eot_token_id"}
-#: Names and provenance, not read by llama.cpp when it runs the model.
-NAMING = {"general.name", "general.basename", "general.size_label", "general.finetune", "general.version"}
+#: Names and provenance (from a model card), not read by llama.cpp when it runs the model.
+NAMING = {"general.name", "general.basename", "general.size_label", "general.finetune", "general.version",
+          "general.tags", "general.base_model.count", "general.base_model.0.name"}
 
 _WRAPPER = """
 import sys
@@ -122,9 +123,12 @@ def _run_family(root: Path, tok: Any, model_type: str, overrides: dict[str, Any]
 def _convert(converter: Path, model_dir: Path, out: Path, pre: str) -> None:
     wrapper = out.parent / "convert.py"
     wrapper.write_text(_WRAPPER)
-    done = subprocess.run([sys.executable, str(wrapper), str(converter), pre, str(model_dir), "--outfile", str(out),
-                           "--outtype", "f16"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _run([sys.executable, str(wrapper), str(converter), pre, str(model_dir), "--outfile", str(out), "--outtype", "f16"])
+
+
+def _run(command: list[str], **env: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -174,3 +178,18 @@ def test_export_equals_llamacpp_converter(tok: Any, tmp_path: Path, name: str) -
     assert diffs == []
     if "rope_parameters" in overrides:
         assert "rope_freqs.weight" in tensors
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_lora_gguf_equals_convert_lora_to_gguf(tok: Any, tmp_path: Path, name: str) -> None:
+    converter = _converter()
+    model_type, overrides = FAMILIES[name]
+    run = _run_family(tmp_path, tok, model_type, overrides)
+    result = export(run, tmp_path / "lora", format="gguf-lora", dtype="f16")
+    assert result.info["lora_tensors"] == 2 * 7 * SMALL["num_hidden_layers"]
+    _run([sys.executable, str(converter / "convert_lora_to_gguf.py"), str(run / "adapter"), "--base",
+          str(tmp_path / "base"), "--outfile", str(tmp_path / "converter.gguf"), "--outtype", "f16"],
+         PYTHONPATH=os.pathsep.join([str(converter / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    diffs = gguf_differences(tmp_path / "lora" / "adapter-f16.gguf", tmp_path / "converter.gguf")
+    print(json.dumps({"lora_family": name, "differences": diffs}))
+    assert diffs == []
