@@ -15,11 +15,12 @@ from typing import Any
 
 from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError
+from llmtune.export.kquants import KQUANTS
 from llmtune.export.source import ExportError, Source, check_output, resolve_source
 
 Progress = Callable[[str, int, int], None]
 FORMATS = ("gguf", "ollama", "hf", "gguf-lora")
-GGUF_DTYPES = ("f16", "bf16", "q8_0", "q4_0")
+GGUF_DTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")   # k-quants: through llama.cpp
 HF_DTYPES = ("f32", "f16", "bf16")
 INFO = "export.json"
 
@@ -37,7 +38,7 @@ class ExportResult:
 def _check_args(fmt: str, dtype: str, out: Path, overwrite: bool) -> None:
     if fmt not in FORMATS:
         raise InvalidOptionError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
-    allowed = HF_DTYPES if fmt == "hf" else GGUF_DTYPES
+    allowed = HF_DTYPES if fmt == "hf" else GGUF_DTYPES[:4] if fmt == "gguf-lora" else GGUF_DTYPES
     if dtype not in allowed:
         raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(allowed)} for format {fmt!r}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -55,9 +56,19 @@ def _write_gguf(source: Source, out: Path, dtype: str, *, ollama: bool, pre_toke
                           f"recorded {template!r}; pass template= (--template)")
     tensors, tokenizer, merged_into, streamed = _gguf_tensors(source, trust_remote_code, progress)
     name = f"model-{dtype}.gguf"
-    summary = write_gguf(tensors, tokenizer, out / name, dtype=dtype, name=source.path.name,
+    kquant = dtype in KQUANTS
+    written = out / (f".model-f16-for-{dtype}.gguf" if kquant else name)
+    summary = write_gguf(tensors, tokenizer, written, dtype="f16" if kquant else dtype, name=source.path.name,
                          chat_template=jinja_template(template, tokenizer),
                          eot_token=END_OF_ANSWER.get(template or ""), pre_tokenizer=pre_tokenizer, progress=progress)
+    if kquant:
+        from llmtune.export.kquants import quantize_gguf
+
+        try:
+            quantize_gguf(written, out / name, dtype)
+        finally:
+            written.unlink()
+        summary.update(path=str(out / name), dtype=dtype, quantized_by="llama.cpp (llama_model_quantize)")
     if ollama:
         assert template is not None
         text = modelfile(name, template, tokenizer, bos_in_template=not summary["add_bos_token"])
@@ -153,6 +164,10 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
         raise InvalidOptionError(f"requantize={requantize!r} applies to format 'hf' only (GGUF has its own dtypes)")
     if source.adapter_dir is not None:
         check_mergeable(source)
+    if dtype in KQUANTS:
+        from llmtune.export.kquants import llama_cpp_quantizer
+
+        llama_cpp_quantizer(dtype)   # before any work: says what to install
     target.mkdir(parents=True, exist_ok=True)
     if format == "gguf-lora":
         from llmtune.export.to_gguf import write_lora_gguf

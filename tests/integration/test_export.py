@@ -369,13 +369,14 @@ def test_dequantize_model_recovers_the_weights_within_the_quantization_step(tok:
 
 
 # ---------------------------------------------------------------------------------------------- families
-def _family_model(tok: Any, family: str, tied: bool) -> Any:
+def _family_model(tok: Any, family: str, tied: bool, **overrides: Any) -> Any:
     """A random tiny model of ``family`` (weights spread wide enough that logits differ clearly between tokens)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, vocab_size=len(tok), max_position_embeddings=256, rms_norm_eps=1e-5,
                                   initializer_range=0.2, tie_word_embeddings=tied, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SMALL)
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  **{**SMALL, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -401,11 +402,20 @@ def test_families_write_every_tensor_under_its_llamacpp_name(tok: Any, tmp_path:
     assert _field(reader, "tokenizer.chat_template") == tok.chat_template   # no run: the tokenizer's own template
 
 
-@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("mistral", False), ("qwen2", True)])
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+LLAMACPP_FAMILIES = [("llama", False, {}), ("mistral", False, {}), ("qwen2", True, {}),
+                     ("llama", True, {"rope_parameters": LLAMA31_ROPE}), ("qwen3", False, {"head_dim": 32}),
+                     ("gemma2", True, {"head_dim": 16, "sliding_window": 32}),
+                     ("gemma3_text", True, {"head_dim": 16, "sliding_window": 32}), ("phi3", False, {})]
+
+
+@pytest.mark.parametrize(("family", "tied", "overrides"), LLAMACPP_FAMILIES,
+                         ids=["llama", "mistral", "qwen2", "llama3.1-rope", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_llamacpp_logits_match_transformers_for_each_family(tok: Any, tmp_path: Path, family: str,
-                                                            tied: bool) -> None:
+                                                            tied: bool, overrides: dict[str, Any]) -> None:
     llama_cpp = _llama_cpp()
-    model = _family_model(tok, family, tied)
+    model = _family_model(tok, family, tied, **overrides)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -422,7 +432,8 @@ def test_llamacpp_logits_match_transformers_for_each_family(tok: Any, tmp_path: 
     got = np.asarray(llm.scores[: len(ids)])
     diff = float(np.abs(got - want).max())
     agree = int((got.argmax(-1) == want.argmax(-1)).sum())
-    print(json.dumps({"family": family, "positions": len(ids), "argmax_agree": agree, "max_abs_logit_diff": diff,
+    print(json.dumps({"family": family, **overrides, "positions": len(ids), "argmax_agree": agree,
+                      "max_abs_logit_diff": diff,
                       "logit_std": float(want.std())}))
     assert diff < 0.05 * float(want.std())
     for pos in np.flatnonzero(got.argmax(-1) != want.argmax(-1)):   # only near-ties may flip
@@ -492,3 +503,78 @@ def test_dora_run_exports_from_its_checkpoint_adapter(tok: Any, tmp_path: Path) 
     assert result.info["adapter"] == str(adapter.resolve())
     names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out" / "model-f16.gguf")).tensors}
     assert "blk.0.attn_q.weight" in names and not any("lora" in n or "magnitude" in n for n in names)
+
+
+# ---------------------------------------------------------------------------------------------- k-quants, GGUF LoRA
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}   # k-quant blocks hold 256 weights: rows must be that long
+
+
+def test_kquant_without_llama_cpp_names_the_requirement(run: Path, tmp_path: Path) -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        with pytest.raises(ExportError, match="pip install llama-cpp-python"):
+            export(run, tmp_path / "k", format="gguf", dtype="q4_k_m")
+        assert not (tmp_path / "k").exists()
+        return
+    pytest.skip("llama-cpp-python is installed: the k-quant tests below run instead")
+
+
+@pytest.mark.parametrize(("dtype", "kind"), [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q6_k", "Q6_K")])
+def test_merged_lora_in_kquants_dequantizes_to_the_merged_weights(tok: Any, tmp_path: Path, dtype: str,
+                                                                  kind: str) -> None:
+    llama_cpp = _llama_cpp()
+    from llmtune.data import split_instructions
+    from llmtune.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tok, seed=0, **WIDE)
+    model.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    model.name_or_path = str(tmp_path / "base")
+    llmtune.get_trainer("lora", **{**FAST, "max_steps": 2}).train(model, split_instructions()[0][:8], tokenizer=tok,
+                                                                 output_dir=tmp_path / "run")
+    result = export(tmp_path / "run", tmp_path / dtype, format="gguf", dtype=dtype)
+    assert result.info["quantized_by"].startswith("llama.cpp")
+    assert sorted(p.name for p in (tmp_path / dtype).iterdir()) == ["export.json", "manifest.json",
+                                                                    f"model-{dtype}.gguf"]
+    reader = gguf.GGUFReader(str(tmp_path / dtype / f"model-{dtype}.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    merged = _reference_merged(tmp_path / "run").state_dict()
+    qtype = gguf.GGMLQuantizationType[kind]
+    t = tensors["blk.0.ffn_up.weight"]
+    assert t.tensor_type == qtype
+    want = merged["model.layers.0.mlp.up_proj.weight"].numpy()
+    got = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(want.shape)
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    bits = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 6}[kind]
+    print(json.dumps({"dtype": dtype, "ffn_up_max_rel_error": rel,
+                      "types": sorted({tensors[n].tensor_type.name for n in tensors})}))
+    assert rel < 2.0 ** (1 - bits)      # within a step of the 2^bits-level grid over the block's range
+    llm = llama_cpp.Llama(model_path=str(tmp_path / dtype / f"model-{dtype}.gguf"), n_ctx=64, n_threads=1,
+                          verbose=False)
+    assert len(llm.tokenize(b"Kopi O", add_bos=False)) > 0
+
+
+def test_gguf_lora_on_the_base_gguf_computes_what_the_merged_gguf_computes(run: Path, tmp_path: Path) -> None:
+    llama_cpp = _llama_cpp()
+    export(run, tmp_path / "lora", format="gguf-lora", dtype="f16")
+    export(run.parent / "base", tmp_path / "base", format="gguf", dtype="f16")
+    export(run, tmp_path / "merged", format="gguf", dtype="f16")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
+    ids = tok("What is Kopi O Kosong? Black coffee, no sugar.", add_special_tokens=False)["input_ids"]
+    scores = {}
+    for name, kwargs in (("merged", {"model_path": str(tmp_path / "merged" / "model-f16.gguf")}),
+                         ("base+lora", {"model_path": str(tmp_path / "base" / "model-f16.gguf"),
+                                        "lora_path": str(tmp_path / "lora" / "adapter-f16.gguf")}),
+                         ("base", {"model_path": str(tmp_path / "base" / "model-f16.gguf")})):
+        llm = llama_cpp.Llama(n_ctx=64, n_threads=1, verbose=False, logits_all=True, **kwargs)
+        llm.eval(ids)
+        scores[name] = np.asarray(llm.scores[: len(ids)])
+    lora_vs_merged = float(np.abs(scores["base+lora"] - scores["merged"]).max())
+    base_vs_merged = float(np.abs(scores["base"] - scores["merged"]).max())
+    print(json.dumps({"gguf_lora_vs_merged_max_abs_logit_diff": lora_vs_merged,
+                      "base_without_lora_vs_merged": base_vs_merged}))
+    assert lora_vs_merged < 0.1 * base_vs_merged
