@@ -94,26 +94,25 @@ def _spec(tokenizer: Any) -> dict[str, Any]:
 
 
 def _kind(spec: dict[str, Any]) -> str:
-    """``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece: BPE with byte fallback, or Unigram)."""
+    """``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece BPE: byte fallback, "\u2581" for spaces)."""
     model = spec.get("model", {})
     if model.get("type") == "BPE" and spec.get("decoder", {}).get("type") == "ByteLevel":
         return "gpt2"
-    if (model.get("type") == "BPE" and model.get("byte_fallback")) or model.get("type") == "Unigram":
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
         return "llama"
     raise ExportError(f"the tokenizer's model is {model.get('type')!r} without byte-level decoding or byte fallback; "
-                      "llmtune writes byte-level BPE (gpt2-style) and SentencePiece (BPE with byte fallback, Unigram) "
-                      "tokenizers to GGUF")
+                      "llmtune writes byte-level BPE (gpt2-style) and SentencePiece BPE (byte fallback: Llama 2, "
+                      "Mistral, Gemma) tokenizers to GGUF; SentencePiece Unigram is not written yet")
 
 
 def _sp_scores(spec: dict[str, Any], vocab: dict[str, int]) -> dict[int, float]:
-    """SentencePiece scores: Unigram's own; for BPE, minus the rank of the merge that makes the token.
+    """SentencePiece BPE scores: minus the rank of the merge that makes the token.
 
     llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined token scores highest, so scoring a
-    token by its merge rank reproduces the BPE merge order.
+    token by its merge rank reproduces the BPE merge order (llama.cpp's converter, given only a tokenizer.json,
+    scores every token -1000, which leaves that order to chance).
     """
     model = spec["model"]
-    if model["type"] == "Unigram":
-        return {i: float(score) for i, (_piece, score) in enumerate(model["vocab"])}
     scores: dict[int, float] = {}
     for rank, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge

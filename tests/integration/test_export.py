@@ -522,7 +522,7 @@ def test_kquant_without_llama_cpp_names_the_requirement(run: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("dtype", "kind"), [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q6_k", "Q6_K")])
-def test_merged_lora_in_kquants_dequantizes_to_the_merged_weights(tok: Any, tmp_path: Path, dtype: str,
+def test_llamacpp_kquants_of_a_merged_lora_dequantize_to_the_merged_weights(tok: Any, tmp_path: Path, dtype: str,
                                                                   kind: str) -> None:
     llama_cpp = _llama_cpp()
     from llmtune.data import split_instructions
@@ -556,7 +556,7 @@ def test_merged_lora_in_kquants_dequantizes_to_the_merged_weights(tok: Any, tmp_
     assert len(llm.tokenize(b"Kopi O", add_bos=False)) > 0
 
 
-def test_gguf_lora_on_the_base_gguf_computes_what_the_merged_gguf_computes(run: Path, tmp_path: Path) -> None:
+def test_llamacpp_gguf_lora_on_the_base_computes_what_the_merged_gguf_computes(run: Path, tmp_path: Path) -> None:
     llama_cpp = _llama_cpp()
     export(run, tmp_path / "lora", format="gguf-lora", dtype="f16")
     export(run.parent / "base", tmp_path / "base", format="gguf", dtype="f16")
@@ -578,3 +578,54 @@ def test_gguf_lora_on_the_base_gguf_computes_what_the_merged_gguf_computes(run: 
     print(json.dumps({"gguf_lora_vs_merged_max_abs_logit_diff": lora_vs_merged,
                       "base_without_lora_vs_merged": base_vs_merged}))
     assert lora_vs_merged < 0.1 * base_vs_merged
+
+
+# ---------------------------------------------------------------------------------------------- SentencePiece
+def _sentencepiece_bpe_tokenizer() -> Any:
+    """A Llama-2-style SentencePiece BPE (tokenizer.json form): "\u2581" for spaces, byte fallback, <s> added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmtune.models.tiny import bundled_corpus
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator(bundled_corpus(), trainer=trainers.BpeTrainer(vocab_size=700, show_progress=False))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(spec["vocab"], key=spec["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_vocab_and_llamacpp_tokenizes_like_transformers(
+        tmp_path: Path) -> None:
+    tok = _sentencepiece_bpe_tokenizer()
+    model = _family_model(tok, "llama", False)
+    model.save_pretrained(str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    result = export(tmp_path / "model", tmp_path / "out", format="gguf", dtype="f16")
+    assert result.info["tokenizer"] == "llama" and result.info["add_bos_token"] is True
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model-f16.gguf"))
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    types = _field(reader, "tokenizer.ggml.token_type")
+    assert types[0] == types[1] == int(gguf.TokenType.CONTROL)   # special added tokens (<unk> too, as the converter)
+    assert types[3 + 0x41] == int(gguf.TokenType.BYTE) and types[300] == int(gguf.TokenType.NORMAL)
+    scores = _field(reader, "tokenizer.ggml.scores")
+    assert len(scores) == len(tok) and len(set(scores[259:])) > 100   # merge ranks, not one constant
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-f16.gguf"), n_ctx=128, verbose=False,
+                          vocab_only=True)
+    for text in (TRICKY, "Kopi-\u00f6 \u5496\u5561 with  two spaces", " leading space", "</s> inside"):
+        want = tok(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
+        assert llm.detokenize(want[1:]).decode() == tok.decode(want[1:]), text
