@@ -66,10 +66,10 @@ def main() -> None:
         work = Path(tmp)
         source = args.run or args.model
         converter_input = args.model
-        if args.run:
-            from llmtune.export import export
-
-            export(args.run, work / "merged", format="hf", dtype="f32")
+        if args.run:   # in a child too: a child's ru_maxrss starts at its parent's peak (Linux keeps it over exec)
+            subprocess.run([sys.executable, "-c", "import sys; from llmtune.export import export; "
+                            "export(sys.argv[1], sys.argv[2], format='hf', dtype='f32')", str(args.run),
+                            str(work / "merged")], check=True, capture_output=True)
             converter_input = work / "merged"
         ours = work / "ours"
         theirs = work / f"converter-{args.dtype}.gguf"
