@@ -89,7 +89,9 @@ def _gguf_tensors(source: Source, trust_remote_code: bool, progress: Progress | 
         what = "no adapter (the model as given)" if source.adapter_dir is None else "full-precision base (W + BA)"
         return StreamedTensors(source), load_tokenizer(source, trust_remote_code), what, True
     merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
-    return ModelTensors(merged.model, merged.model.config.to_dict()), merged.tokenizer, merged.merged_into, why
+    config = Path(source.base).expanduser() / "config.json"   # the raw file, as llama.cpp's converter reads it
+    hparams = json.loads(config.read_text()) if config.is_file() else merged.model.config.to_dict()
+    return ModelTensors(merged.model, hparams), merged.tokenizer, merged.merged_into, why
 
 
 def portable_tokenizer_config(directory: Path) -> None:
