@@ -127,7 +127,19 @@ def _llama_hparams(w: Any, hp: Hparams, file_type: int) -> None:
     w.add_rope_dimension_count(head_dim(hp))
 
 
+def _gemma_attention_scale(hp: Hparams) -> None:
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B models), not by the
+    config's ``query_pre_attn_scalar``: refuse a config where those differ (released Gemma 2/3 models agree)."""
+    scalar = hp.get("query_pre_attn_scalar")
+    allowed = (hp.get("head_dim"), hp["hidden_size"] // hp["num_attention_heads"])
+    if scalar is not None and scalar not in allowed:
+        raise ExportError(f"config.json query_pre_attn_scalar={scalar} is neither head_dim ({allowed[0]}) nor "
+                          f"hidden_size/num_attention_heads ({allowed[1]}): llama.cpp would scale attention "
+                          "differently from transformers; export --format hf instead")
+
+
 def _gemma2_hparams(w: Any, hp: Hparams, file_type: int) -> None:
+    _gemma_attention_scale(hp)
     w.add_context_length(hp["max_position_embeddings"])
     w.add_embedding_length(hp["hidden_size"])
     w.add_block_count(hp["num_hidden_layers"])
@@ -144,6 +156,7 @@ def _gemma2_hparams(w: Any, hp: Hparams, file_type: int) -> None:
 
 
 def _gemma3_hparams(w: Any, hp: Hparams, file_type: int) -> None:
+    _gemma_attention_scale(hp)
     base_hparams(w, hp, file_type)
     for key in ("context_length", "attention.head_count", "attention.layer_norm_rms_epsilon", "attention.key_length",
                 "attention.value_length", "rope.freq_base", "attention.head_count_kv"):

@@ -406,8 +406,9 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
                 "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 LLAMACPP_FAMILIES = [("llama", False, {}), ("mistral", False, {}), ("qwen2", True, {}),
                      ("llama", True, {"rope_parameters": LLAMA31_ROPE}), ("qwen3", False, {"head_dim": 32}),
-                     ("gemma2", True, {"head_dim": 16, "sliding_window": 32}),
-                     ("gemma3_text", True, {"head_dim": 16, "sliding_window": 32}), ("phi3", False, {})]
+                     ("gemma2", True, {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}),
+                     ("gemma3_text", True, {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}),
+                     ("phi3", False, {})]
 
 
 @pytest.mark.parametrize(("family", "tied", "overrides"), LLAMACPP_FAMILIES,
@@ -628,4 +629,4 @@ def test_sentencepiece_tokenizer_is_written_as_llama_vocab_and_llamacpp_tokenize
     for text in (TRICKY, "Kopi-\u00f6 \u5496\u5561 with  two spaces", " leading space", "</s> inside"):
         want = tok(text)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
-        assert llm.detokenize(want[1:]).decode() == tok.decode(want[1:]), text
+        assert llm.detokenize(want).decode() == tok.decode(want, skip_special_tokens=True), text

@@ -51,8 +51,8 @@ FAMILIES = {
     "mistral": ("mistral", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3": ("qwen3", {"head_dim": 32}),
-    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 32}),
-    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 32}),
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}),
     "phi3": ("phi3", {}),
 }
 #: Written by llmtune, not by the converter for these tokenizers: what the HF tokenizer does (llama.cpp's default

@@ -46,3 +46,12 @@ def test_llama3_rope_freqs_divide_transformers_frequencies_into_the_scaled_ones(
     assert name == "rope_freqs.weight" and factors.shape == (dim // 2,)
     # llama.cpp divides each frequency by its factor: that must be transformers' scaled frequency
     torch.testing.assert_close(plain / torch.from_numpy(factors), scaled.float(), rtol=1e-5, atol=0)
+
+
+def test_a_gemma_attention_scale_llama_cpp_would_not_use_is_refused() -> None:
+    from llmtune.export.families import FAMILIES
+
+    hp = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
+          "query_pre_attn_scalar": 256}
+    with pytest.raises(ExportError, match="query_pre_attn_scalar=256"):
+        FAMILIES["gemma2"].write_hparams(None, hp, 1)
