@@ -1,18 +1,19 @@
-"""Write a (merged) transformers model as GGUF for llama.cpp / Ollama, through the ``gguf`` package.
+"""Write a model's tensors, config and tokenizer as GGUF for llama.cpp / Ollama, through the ``gguf`` package.
 
-Follows what llama.cpp's own converter (``convert_hf_to_gguf.py``) writes, for the families it loads as
-``llama`` (Llama, Mistral) and ``qwen2``:
+Follows what llama.cpp's own converter (``convert_hf_to_gguf.py``) writes, family by family (`families`):
 
 * tensor names from ``gguf``'s own HF-name map (``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``,
   ``output``); a tied ``lm_head`` is left out (llama.cpp then reuses ``token_embd``);
-* for ``llama``, the rows of ``q_proj``/``k_proj`` are permuted from the HF rotary layout (halves) back to
-  the interleaved pairs llama.cpp's rope expects (per head; ``k`` with the KV head count); ``qwen2`` uses
-  the NeoX rope and is written as is (with its q/k/v biases);
+* the family's tensor changes (``llama``: q/k rows permuted to llama.cpp's interleaved rope pairs; Gemma: norms
+  ``+1``) and extra tensors (``rope_freqs`` for Llama 3.1's rope);
 * 1-D tensors (norms, biases) stay float32; 2-D ones are f16, bf16, q8_0 or q4_0 (q8_0/q4_0: a row length
   that is not a multiple of 32 falls back to f16);
-* hyper-parameters under ``{arch}.*``; a byte-level BPE tokenizer as ``tokenizer.ggml.model = "gpt2"`` with its
-  tokens, token types (normal / control / user-defined / unused), merges, special-token ids, whether a BOS is
-  added, the pre-tokenizer name, and the chat template as ``tokenizer.chat_template``.
+* the tokenizer: byte-level BPE as ``tokenizer.ggml.model = "gpt2"`` (tokens, types, merges, the pre-tokenizer
+  name) or SentencePiece BPE as ``"llama"`` (tokens, types, scores), special-token ids, whether a BOS is added,
+  and the chat template as ``tokenizer.chat_template``.
+
+Tensors are streamed: the header is written from the shapes, then each tensor is loaded, converted and written.
+`write_lora_gguf` writes an adapter alone, as llama.cpp's ``convert_lora_to_gguf.py`` does.
 """
 
 from __future__ import annotations
