@@ -630,3 +630,16 @@ def test_sentencepiece_tokenizer_is_written_as_llama_vocab_and_llamacpp_tokenize
         want = tok(text)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
         assert llm.detokenize(want).decode() == tok.decode(want, skip_special_tokens=True), text
+
+
+def test_gguf_export_of_a_lora_run_streams_without_building_a_model(run: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the streamed export built a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+    result = export(run, tmp_path / "s", format="gguf", dtype="q8_0")
+    assert result.info["streamed"] is True and result.info["merged_into"] == "full-precision base (W + BA)"
