@@ -35,11 +35,11 @@ def _merged_f16(run: Path) -> tuple[Any, Any]:
     return merged.model, AutoTokenizer.from_pretrained(str(run / "adapter"))
 
 
-def _prompts(tok: Any, n: int) -> list[list[int]]:
+def _prompts(tok: Any, n: int, template: str) -> list[list[int]]:
     from llmtune.data import render_prompt, split_instructions
 
     _train, held = split_instructions()
-    return [tok(render_prompt(r, "llama3", tok)[0], add_special_tokens=False)["input_ids"] for r in held[:n]]
+    return [tok(render_prompt(r, template, tok)[0], add_special_tokens=False)["input_ids"] for r in held[:n]]
 
 
 def _hf(model: Any, ids: list[int], n: int) -> list[int]:
@@ -79,10 +79,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--dtypes", default="f16,bf16,q8_0,q4_0")
+    parser.add_argument("--template", default="llama3", help="the run's chat template (llama3, chatml, alpaca)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tok = _merged_f16(args.run)
-    prompts = _prompts(tok, args.prompts)
+    prompts = _prompts(tok, args.prompts, args.template)
     wants = [_hf(model, ids, args.tokens) for ids in prompts]
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes.split(","):

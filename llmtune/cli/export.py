@@ -1,4 +1,4 @@
-"""`llmtune export RUN_OR_ADAPTER --format gguf|ollama|hf --dtype f16|bf16|q8_0|q4_0 --out DIR` and `--check vllm`."""
+"""`llmtune export RUN_OR_ADAPTER --format gguf|ollama|hf|gguf-lora --dtype f16|bf16|q8_0|q4_0|q4_k_m|... --out DIR` and `--check vllm`."""
 
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def register(app: typer.Typer) -> None:
     def export_command(
         path: Annotated[Path, typer.Argument(help="A training run, an adapter directory, or a model directory.")],
         out: Annotated[Path | None, typer.Option("--out", help="Output directory (new or empty).")] = None,
-        fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile) or hf."),
-        dtype: str = typer.Option("f16", "--dtype", help="gguf/ollama: f16, bf16, q8_0, q4_0; hf: f32, f16, bf16."),
+        fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile), hf, or gguf-lora (the adapter alone)."),
+        dtype: str = typer.Option("f16", "--dtype", help="gguf/ollama: f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; gguf-lora: f16, bf16, q8_0, q4_0; hf: f32, f16, bf16."),
         check: str = typer.Option(None, "--check", help="Only check what a server will refuse: vllm."),
         base: str = typer.Option(None, "--base", help="Base model (default: what the adapter records)."),
         template: str = typer.Option(None, "--template", help="Chat template (default: the run's)."),

@@ -15,11 +15,12 @@ from typing import Any
 
 from llmtune._version import __version__
 from llmtune.core.errors import InvalidOptionError
+from llmtune.export.kquants import KQUANTS
 from llmtune.export.source import ExportError, Source, check_output, resolve_source
 
 Progress = Callable[[str, int, int], None]
-FORMATS = ("gguf", "ollama", "hf")
-GGUF_DTYPES = ("f16", "bf16", "q8_0", "q4_0")
+FORMATS = ("gguf", "ollama", "hf", "gguf-lora")
+GGUF_DTYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")   # k-quants: through llama.cpp
 HF_DTYPES = ("f32", "f16", "bf16")
 INFO = "export.json"
 
@@ -37,15 +38,15 @@ class ExportResult:
 def _check_args(fmt: str, dtype: str, out: Path, overwrite: bool) -> None:
     if fmt not in FORMATS:
         raise InvalidOptionError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
-    allowed = HF_DTYPES if fmt == "hf" else GGUF_DTYPES
+    allowed = HF_DTYPES if fmt == "hf" else GGUF_DTYPES[:4] if fmt == "gguf-lora" else GGUF_DTYPES
     if dtype not in allowed:
         raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(allowed)} for format {fmt!r}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose a new directory or pass overwrite=True (--overwrite)")
 
 
-def _write_gguf(merged: Any, source: Source, out: Path, dtype: str, *, ollama: bool, pre_tokenizer: str | None,
-                progress: Progress | None) -> dict[str, Any]:
+def _write_gguf(source: Source, out: Path, dtype: str, *, ollama: bool, pre_tokenizer: str | None,
+                trust_remote_code: bool, progress: Progress | None) -> dict[str, Any]:
     from llmtune.export.chat import END_OF_ANSWER, jinja_template, modelfile
     from llmtune.export.to_gguf import write_gguf
 
@@ -53,16 +54,61 @@ def _write_gguf(merged: Any, source: Source, out: Path, dtype: str, *, ollama: b
     if ollama and template not in ("llama3", "chatml", "alpaca"):
         raise ExportError(f"an Ollama Modelfile needs the training template (llama3, chatml or alpaca); the run "
                           f"recorded {template!r}; pass template= (--template)")
+    tensors, tokenizer, merged_into, streamed = _gguf_tensors(source, trust_remote_code, progress)
     name = f"model-{dtype}.gguf"
-    summary = write_gguf(merged.model, merged.tokenizer, out / name, dtype=dtype, name=source.path.name,
-                         chat_template=jinja_template(template, merged.tokenizer),
+    kquant = dtype in KQUANTS
+    written = out / (f".model-f16-for-{dtype}.gguf" if kquant else name)
+    summary = write_gguf(tensors, tokenizer, written, dtype="f16" if kquant else dtype, name=source.path.name,
+                         chat_template=jinja_template(template, tokenizer),
                          eot_token=END_OF_ANSWER.get(template or ""), pre_tokenizer=pre_tokenizer, progress=progress)
+    if kquant:
+        from llmtune.export.kquants import quantize_gguf
+
+        try:
+            quantize_gguf(written, out / name, dtype)
+        finally:
+            written.unlink()
+        summary.update(path=str(out / name), dtype=dtype, quantized_by="llama.cpp (llama_model_quantize)")
     if ollama:
         assert template is not None
-        text = modelfile(name, template, merged.tokenizer, bos_in_template=not summary["add_bos_token"])
+        text = modelfile(name, template, tokenizer, bos_in_template=not summary["add_bos_token"])
         (out / "Modelfile").write_text(text)
     summary["tensors"] = len(summary["tensors"])
+    summary["merged_into"] = merged_into
+    summary["streamed"] = streamed
     return summary
+
+
+def _gguf_tensors(source: Source, trust_remote_code: bool, progress: Progress | None) -> tuple[Any, Any, str, Any]:
+    """(tensors, tokenizer, what the adapter was merged into, True or why the merge was done in memory)."""
+    from llmtune.export.merge import load_tokenizer, merge
+    from llmtune.export.tensors import ModelTensors, StreamedTensors, why_not_streamed
+
+    why = why_not_streamed(source)
+    if why is None:
+        what = "no adapter (the model as given)" if source.adapter_dir is None else "full-precision base (W + BA)"
+        return StreamedTensors(source), load_tokenizer(source, trust_remote_code), what, True
+    merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+    config = Path(source.base).expanduser() / "config.json"   # the raw file, as llama.cpp's converter reads it
+    hparams = json.loads(config.read_text()) if config.is_file() else merged.model.config.to_dict()
+    return ModelTensors(merged.model, hparams), merged.tokenizer, merged.merged_into, why
+
+
+def portable_tokenizer_config(directory: Path) -> None:
+    """Make ``tokenizer_config.json`` loadable by transformers 4.x as well as 5.x.
+
+    transformers 5 saves ``tokenizer_class: TokenizersBackend`` (4.x: "Tokenizer class TokenizersBackend does not
+    exist") and its extra special tokens as a list (4.x expects ``additional_special_tokens``); both versions read
+    ``PreTrainedTokenizerFast`` with ``additional_special_tokens`` from the same tokenizer.json.
+    """
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: str | None,
@@ -91,6 +137,7 @@ def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: st
     else:
         model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    portable_tokenizer_config(out)
     if progress:
         progress("write safetensors", 1, 1)
     return info
@@ -100,13 +147,15 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
            base: str | Path | None = None, template: str | None = None, requantize: str | None = None,
            pre_tokenizer: str | None = None, overwrite: bool = False, trust_remote_code: bool = False,
            progress: Progress | None = None) -> ExportResult:
-    """Export the run/adapter/model at ``path`` to directory ``out`` as ``format`` (gguf, ollama, hf).
+    """Export the run/adapter/model at ``path`` to directory ``out`` as ``format`` (gguf, ollama, hf, gguf-lora).
+
+    ``gguf-lora`` writes the adapter alone as a GGUF LoRA file (one base GGUF, many adapters in llama.cpp).
 
     ``dtype``: f16, bf16, q8_0, q4_0 (gguf/ollama) or f32, f16, bf16 (hf). ``base``/``template`` override what
     the run recorded. ``requantize`` (hf only): a quantizer name (``nf4``, ``int8``...) applied to the merged
     model. ``progress(stage, done, total)`` is called as the export advances.
     """
-    from llmtune.export.merge import merge, model_head
+    from llmtune.export.merge import check_mergeable, merge, model_head
 
     source = resolve_source(path, base=base, template=template)
     target = check_output(out, source)
@@ -118,17 +167,28 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
         raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     if requantize and format != "hf":
         raise InvalidOptionError(f"requantize={requantize!r} applies to format 'hf' only (GGUF has its own dtypes)")
-    merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+    if source.adapter_dir is not None:
+        check_mergeable(source)
+    if dtype in KQUANTS:
+        from llmtune.export.kquants import llama_cpp_quantizer
+
+        llama_cpp_quantizer(dtype)   # before any work: says what to install
     target.mkdir(parents=True, exist_ok=True)
-    if format == "hf":
-        details = _write_hf(merged, source, target, dtype, requantize, progress)
+    if format == "gguf-lora":
+        from llmtune.export.to_gguf import write_lora_gguf
+
+        details = {"merged_into": "not merged (the adapter alone, for the base GGUF)",
+                   **write_lora_gguf(source, target / f"adapter-{dtype}.gguf", dtype=dtype, name=source.path.name,
+                                     progress=progress)}
+    elif format == "hf":
+        merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+        details = {"merged_into": merged.merged_into, **_write_hf(merged, source, target, dtype, requantize, progress)}
     else:
-        details = _write_gguf(merged, source, target, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
-                              progress=progress)
+        details = _write_gguf(source, target, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
+                              trust_remote_code=trust_remote_code, progress=progress)
     info = {"format": format, "dtype": dtype, "source": str(source.path.resolve()),
             "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "base": source.base,
-            "merged_into": merged.merged_into, "template": source.template, "quantizer": source.quantizer,
-            "llmtune_version": __version__, **details}
+            "template": source.template, "quantizer": source.quantizer, "llmtune_version": __version__, **details}
     (target / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
     from llmtune.core.manifest import write_manifest
 

@@ -136,6 +136,18 @@ def _adapter_has_head(source: Source) -> bool:
     return any(saved & set(name.split(".")) for name in names if "lora_" not in name)
 
 
+def load_tokenizer(source: Source, trust_remote_code: bool = False) -> Any:
+    """The tokenizer the run saved with its adapter, else the base model's."""
+    from transformers import AutoTokenizer
+
+    if source.adapter_dir is not None and (source.adapter_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(source.adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(source.base, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # as load_model_and_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(source: Source, *, quantized: bool = False, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(base model in float32, tokenizer); ``quantized``: quantized as the run's quantizer did in training.
 
@@ -151,9 +163,7 @@ def load_base(source: Source, *, quantized: bool = False, trust_remote_code: boo
         fresh_head=head == "score" and _adapter_has_head(source),
         head_hint="neither the base nor the adapter holds a trained score head: export the run that trained it")
     if source.adapter_dir is not None and (source.adapter_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(source.adapter_dir))
+        tokenizer = load_tokenizer(source)
     if quantized:
         if source.quantizer is None:
             raise ConfigError(f"{source.path}: the run recorded no quantizer, so there is no quantized base")
@@ -163,7 +173,7 @@ def load_base(source: Source, *, quantized: bool = False, trust_remote_code: boo
     return model, tokenizer
 
 
-def _check_mergeable(source: Source) -> None:
+def check_mergeable(source: Source) -> None:
     cfg = source.adapter_config
     kind = cfg.get("peft_type")
     if kind not in (None, "LORA"):
@@ -174,7 +184,7 @@ def _check_mergeable(source: Source) -> None:
 def merge(source: Source, *, trust_remote_code: bool = False, progress: Progress | None = None) -> Merged:
     """The base with the adapter folded in (float32); QLoRA: into the dequantized base."""
     if source.adapter_dir is not None:
-        _check_mergeable(source)
+        check_mergeable(source)
     if progress:
         progress("load base", 0, 1)
     quantized = source.adapter_dir is not None and source.quantizer is not None

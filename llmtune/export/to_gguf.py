@@ -1,24 +1,26 @@
-"""Write a (merged) transformers model as GGUF for llama.cpp / Ollama, through the ``gguf`` package.
+"""Write a model's tensors, config and tokenizer as GGUF for llama.cpp / Ollama, through the ``gguf`` package.
 
-Follows what llama.cpp's own converter (``convert_hf_to_gguf.py``) writes, for the families it loads as
-``llama`` (Llama, Mistral) and ``qwen2``:
+Follows what llama.cpp's own converter (``convert_hf_to_gguf.py``) writes, family by family (`families`):
 
 * tensor names from ``gguf``'s own HF-name map (``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``,
   ``output``); a tied ``lm_head`` is left out (llama.cpp then reuses ``token_embd``);
-* for ``llama``, the rows of ``q_proj``/``k_proj`` are permuted from the HF rotary layout (halves) back to
-  the interleaved pairs llama.cpp's rope expects (per head; ``k`` with the KV head count); ``qwen2`` uses
-  the NeoX rope and is written as is (with its q/k/v biases);
+* the family's tensor changes (``llama``: q/k rows permuted to llama.cpp's interleaved rope pairs; Gemma: norms
+  ``+1``) and extra tensors (``rope_freqs`` for Llama 3.1's rope);
 * 1-D tensors (norms, biases) stay float32; 2-D ones are f16, bf16, q8_0 or q4_0 (q8_0/q4_0: a row length
   that is not a multiple of 32 falls back to f16);
-* hyper-parameters under ``{arch}.*``; a byte-level BPE tokenizer as ``tokenizer.ggml.model = "gpt2"`` with its
-  tokens, token types (normal / control / user-defined / unused), merges, special-token ids, whether a BOS is
-  added, the pre-tokenizer name, and the chat template as ``tokenizer.chat_template``.
+* the tokenizer: byte-level BPE as ``tokenizer.ggml.model = "gpt2"`` (tokens, types, merges, the pre-tokenizer
+  name) or SentencePiece BPE as ``"llama"`` (tokens, types, scores), special-token ids, whether a BOS is added,
+  and the chat template as ``tokenizer.chat_template``.
+
+Tensors are streamed: the header is written from the shapes, then each tensor is loaded, converted and written.
+`write_lora_gguf` writes an adapter alone, as llama.cpp's ``convert_lora_to_gguf.py`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,12 @@ import numpy as np
 
 from llmtune.core.errors import InvalidOptionError
 from llmtune.export import quants
-from llmtune.export.source import ExportError
+from llmtune.export.families import Family, family
+from llmtune.export.source import ExportError, Source
+from llmtune.export.tensors import Tensors
 
 Progress = Callable[[str, int, int], None]
 DTYPES = ("f16", "bf16", "q8_0", "q4_0")
-#: HF ``model_type`` -> (GGUF architecture, permute q/k rows for llama.cpp's rope).
-FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 #: Pre-tokenizer split patterns of the tokenizers llama.cpp knows by name (its ``tokenizer.ggml.pre``).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -63,54 +65,17 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _config_value(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
+def _pre_tokenizer(spec: dict[str, Any], tokenizer: Any) -> str:
+    """llama.cpp's name for a BPE tokenizer's pre-tokenizer: the converter's own for a released tokenizer (found
+    by the hash of its tokens for `pretokenizers.CHKTXT`), else ``gpt-2``, ``llama-bpe`` or ``qwen2`` from the
+    pre-tokenizer's split pattern."""
+    import hashlib
 
+    from llmtune.export.pretokenizers import CHKTXT, HASHES
 
-def _rope_theta(config: Any) -> float:
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if kind not in ("default", None):
-        raise ExportError(f"rope scaling {kind!r} is not written to GGUF by llmtune yet; export --format hf instead")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
-
-
-def family(config: Any) -> tuple[str, bool]:
-    """(GGUF architecture, permute q/k) of a transformers config; `ExportError` for another family."""
-    kind = getattr(config, "model_type", None)
-    if kind not in FAMILIES:
-        raise ExportError(f"model type {kind!r} cannot be written as GGUF yet (supported: {', '.join(FAMILIES)}); "
-                          "export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
-    return FAMILIES[kind]
-
-
-def _hparams(writer: Any, config: Any, dtype: str) -> None:
-    n_head = int(config.num_attention_heads)
-    hidden = int(config.hidden_size)
-    head_dim = int(_config_value(config, "head_dim", default=hidden // n_head))
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(int(_config_value(config, "num_key_value_heads", default=n_head)))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_vocab_size(int(config.vocab_size))
-    writer.add_file_type(_file_type(dtype))
-
-
-def _pre_tokenizer(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer of a tokenizer.json (``gpt-2``, ``llama-bpe``, ``qwen2``)."""
+    known = HASHES.get(hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest())
+    if known is not None:
+        return known
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -124,42 +89,99 @@ def _pre_tokenizer(spec: dict[str, Any]) -> str:
                       "qwen2); pass pre_tokenizer= (--pre-tokenizer) with llama.cpp's name for it")
 
 
+def _spec(tokenizer: Any) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def _kind(spec: dict[str, Any]) -> str:
+    """``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece BPE: byte fallback, "\u2581" for spaces)."""
+    model = spec.get("model", {})
+    if model.get("type") == "BPE" and spec.get("decoder", {}).get("type") == "ByteLevel":
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama"
+    raise ExportError(f"the tokenizer's model is {model.get('type')!r} without byte-level decoding or byte fallback; "
+                      "llmtune writes byte-level BPE (gpt2-style) and SentencePiece BPE (byte fallback: Llama 2, "
+                      "Mistral, Gemma) tokenizers to GGUF; SentencePiece Unigram is not written yet")
+
+
+def _sp_scores(spec: dict[str, Any], vocab: dict[str, int]) -> dict[int, float]:
+    """SentencePiece BPE scores: minus the rank of the merge that makes the token.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined token scores highest, so scoring a
+    token by its merge rank reproduces the BPE merge order (llama.cpp's converter, given only a tokenizer.json,
+    scores every token -1000, which leaves that order to chance).
+    """
+    model = spec["model"]
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = vocab.get(left + right)
+        if token is not None and token not in scores:
+            scores[token] = -float(rank)
+    return scores
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before the text (SentencePiece's add_dummy_prefix)."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    return '"prepend": "\\u2581"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
+
+
 def tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
-    """Tokens, token types, merges and special ids of a byte-level BPE (gpt2-style) fast tokenizer."""
+    """Tokens, token types, merges or scores, and special ids of a fast tokenizer, as llama.cpp reads them."""
     import gguf
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    if spec.get("model", {}).get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
-        raise ExportError("only byte-level BPE (gpt2-style) tokenizers are written to GGUF by llmtune; this one is "
-                          f"{spec.get('model', {}).get('type')!r}; use llama.cpp's convert_hf_to_gguf.py on an hf export")
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    spec = _spec(tokenizer)
+    kind = _kind(spec)
+    vocab = tokenizer.get_vocab()
+    reverse = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
+    scores = _sp_scores(spec, vocab) if kind == "llama" else {}
+    unk = tokenizer.unk_token_id if kind == "llama" else None
+    tokens, types, token_scores = [], [], []
     for i in range(vocab_size):
+        text = reverse.get(i, f"[PAD{i}]")
         if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(int(gguf.TokenType.UNUSED))
+            kind_i = gguf.TokenType.UNUSED
         elif i in added:
-            tokens.append(reverse[i])
-            types.append(int(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED))
+            kind_i = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+        elif i == unk:
+            kind_i = gguf.TokenType.UNKNOWN
+        elif kind == "llama" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            kind_i = gguf.TokenType.BYTE
         else:
-            tokens.append(reverse[i])
-            types.append(int(gguf.TokenType.NORMAL))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+            kind_i = gguf.TokenType.NORMAL
+        tokens.append(text)
+        types.append(int(kind_i))
+        token_scores.append(scores.get(i, -1000.0 if i in added or i not in reverse else 0.0))
     probe = tokenizer("a")["input_ids"]
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_tokenizer(spec),
-            "add_bos": bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id}
+    fields = {"model": kind, "tokens": tokens, "types": types,
+              "n_vocab_real": len(spec.get("model", {}).get("vocab", [])) + len(spec.get("added_tokens", [])),
+              "add_bos": bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id}
+    if kind == "gpt2":
+        fields["merges"] = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        fields["pre"] = _pre_tokenizer(spec, tokenizer)
+    else:
+        fields["scores"] = token_scores
+        fields["pre"] = "default"
+        fields["space_prefix"] = _space_prefix(spec)
+    return fields
 
 
 def _tokenizer(writer: Any, tokenizer: Any, vocab_size: int, chat_template: str | None, eot: str | None,
                pre: str | None) -> dict[str, Any]:
     fields = tokenizer_fields(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(fields["model"])
     writer.add_tokenizer_pre(pre or fields["pre"])
     writer.add_token_list(fields["tokens"])
+    if fields["model"] == "llama":
+        writer.add_token_scores(fields["scores"])
+        writer.add_add_space_prefix(fields["space_prefix"])
     writer.add_token_types(fields["types"])
-    writer.add_token_merges(fields["merges"])
+    if fields["model"] == "gpt2":
+        writer.add_token_merges(fields["merges"])
     for kind in ("bos", "eos", "pad", "unk"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
@@ -171,36 +193,6 @@ def _tokenizer(writer: Any, tokenizer: Any, vocab_size: int, chat_template: str 
     if chat_template:
         writer.add_chat_template(chat_template)
     return fields
-
-
-def _tensor_plan(model: Any, arch: str, permute: bool) -> Iterator[tuple[str, str, Any]]:
-    """(GGUF name, HF name, torch tensor) in state-dict order, q/k permuted, tied lm_head left out."""
-    import gguf
-
-    config = model.config
-    n_layers = int(config.num_hidden_layers)
-    n_head = int(config.num_attention_heads)
-    n_kv = int(_config_value(config, "num_key_value_heads", default=n_head))
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-            continue
-        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ExportError(f"no GGUF name for tensor {hf_name!r} of a {arch} model")
-        t = tensor.detach().float().cpu()
-        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = _torch_permute(t, n_head)
-        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = _torch_permute(t, n_kv)
-        yield name, hf_name, t
-
-
-def _torch_permute(t: Any, n_head: int) -> Any:
-    import torch
-
-    return torch.from_numpy(permute_rope(t.numpy(), n_head))
 
 
 def tensor_type(shape: tuple[int, ...], dtype: str) -> str:
@@ -227,37 +219,147 @@ def encode(t: np.ndarray, kind: str, name: str) -> np.ndarray:
     raise InvalidOptionError(f"unknown tensor type {kind!r}")
 
 
-def write_gguf(model: Any, tokenizer: Any, path: str | Path, *, dtype: str = "f16", name: str = "llmtune-export",
-               chat_template: str | None = None, eot_token: str | None = None, pre_tokenizer: str | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """Write ``model`` (a transformers causal LM) and ``tokenizer`` to the GGUF file ``path``; returns a summary."""
+
+
+def _gguf_name(name_map: Any, hf_name: str, arch: str) -> str:
+    name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ExportError(f"no GGUF name for tensor {hf_name!r} of a {arch} model")
+    return str(name)
+
+
+def _plan(tensors: Tensors, fam: Family, n_vocab_real: int) -> list[tuple[str, str | None, tuple[int, ...]]]:
+    """(GGUF name, HF name or None for a generated tensor, shape) for every tensor the GGUF holds."""
+    import gguf
+
+    hp = tensors.hparams
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], int(hp["num_hidden_layers"]))
+    tied = bool(hp.get("tie_word_embeddings", False)) or fam.drop_lm_head
+    plan: list[tuple[str, str | None, tuple[int, ...]]] = []
+    if fam.extra is not None:
+        plan += [(name, None, tuple(t.shape)) for name, t in fam.extra(hp)]
+    for hf_name, shape in tensors.shapes().items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        if fam.cut_embeddings and hf_name.endswith("embed_tokens.weight"):
+            shape = (min(shape[0], n_vocab_real), *shape[1:])
+        plan.append((_gguf_name(name_map, hf_name, fam.arch), hf_name, shape))
+    return plan
+
+
+def _prepared(tensors: Tensors, fam: Family, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 tensor as the GGUF stores it: q/k permuted (llama), Gemma's norms shifted, embedding cut."""
+    hp = tensors.hparams
+    t = tensors.load(hf_name)
+    if fam.permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        t = permute_rope(t, int(hp["num_attention_heads"]))
+    elif fam.permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        t = permute_rope(t, int(hp.get("num_key_value_heads") or hp["num_attention_heads"]))
+    if fam.norm_shift and hf_name.endswith("norm.weight"):
+        t = t + np.float32(fam.norm_shift)
+    return t[: shape[0]] if t.shape[0] != shape[0] else t
+
+
+def write_gguf(tensors: Tensors, tokenizer: Any, path: str | Path, *, dtype: str = "f16",
+               name: str = "llmtune-export", chat_template: str | None = None, eot_token: str | None = None,
+               pre_tokenizer: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Write ``tensors`` (a model's HF-named tensors and config) and ``tokenizer`` as the GGUF file ``path``.
+
+    Streams: every tensor's size is known from its shape, so the header goes first and each tensor is loaded,
+    converted and written in turn (one tensor in memory at a time). Returns a summary.
+    """
     import gguf
 
     if dtype not in DTYPES:
         raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-    arch, permute = family(model.config)
+    hp = tensors.hparams
+    fam = family(hp)
     path = Path(path)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), fam.arch)
+    writer.add_type("model")
     writer.add_name(name)
-    _hparams(writer, model.config, dtype)
-    fields = _tokenizer(writer, tokenizer, int(model.config.vocab_size), chat_template, eot_token, pre_tokenizer)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    fam.write_hparams(writer, hp, _file_type(dtype))
+    vocab_size = int(hp["vocab_size"])
+    fields = _tokenizer(writer, tokenizer, vocab_size, chat_template, eot_token, pre_tokenizer)
+    plan = _plan(tensors, fam, fields["n_vocab_real"])
     types = _ggml_types()
-    plan = list(_tensor_plan(model, arch, permute))
     written: dict[str, str] = {}
-    for i, (gguf_name, _hf, t) in enumerate(plan):
-        kind = tensor_type(tuple(t.shape), dtype)
-        writer.add_tensor(gguf_name, encode(t.numpy(), kind, gguf_name), raw_dtype=types[kind])
+    for gguf_name, _hf, shape in plan:
+        kind = tensor_type(shape, dtype)
+        block, size = gguf.GGML_QUANT_SIZES[types[kind]]
+        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size,
+                               raw_dtype=types[kind])
         written[gguf_name] = kind
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    extra = dict(fam.extra(hp)) if fam.extra is not None else {}
+    for i, (gguf_name, hf_name, shape) in enumerate(plan):
+        t = extra[gguf_name] if hf_name is None else _prepared(tensors, fam, hf_name, shape)
+        writer.write_tensor_data(encode(t, written[gguf_name], gguf_name))
         if progress:
             progress("convert tensors", i + 1, len(plan))
-    if progress:
-        progress("write gguf", 0, 1)
+    writer.close()
+    return {"path": str(path), "architecture": fam.arch, "dtype": dtype, "tensors": written,
+            "tokenizer": fields["model"], "pre_tokenizer": pre_tokenizer or fields["pre"],
+            "add_bos_token": fields["add_bos"], "vocab_size": vocab_size}
+
+
+def write_lora_gguf(source: Source, path: str | Path, *, dtype: str = "f16", name: str = "llmtune-adapter",
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """The LoRA adapter of ``source`` as a GGUF LoRA file (what llama.cpp's ``convert_lora_to_gguf.py`` writes).
+
+    ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, and per adapted weight
+    ``NAME.lora_a`` (A, rank x in) and ``NAME.lora_b`` (B, out x rank; for ``llama`` its rows permuted like the
+    weight's). llama.cpp scales by ``alpha / rank``, so an rsLoRA adapter is written with the alpha that gives
+    its ``alpha / sqrt(rank)``. Served with the base GGUF: ``llama-server -m base.gguf --lora adapter.gguf``.
+    """
+    import gguf
+    from safetensors import safe_open
+
+    from llmtune.export.tensors import lora_scaling, why_not_streamed
+
+    if dtype not in DTYPES:
+        raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if source.adapter_dir is None:
+        raise ExportError(f"{source.path}: no adapter to write as a GGUF LoRA (give a run or an adapter directory)")
+    why = why_not_streamed(dataclasses.replace(source, quantizer=None))
+    if why is not None:
+        raise ExportError(f"{source.adapter_dir}: cannot be written as a GGUF LoRA: {why}; export the merged model "
+                          "(--format gguf) instead")
+    hp = json.loads((Path(source.base).expanduser() / "config.json").read_text())
+    fam = family(hp)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], int(hp["num_hidden_layers"]))
+    writer = gguf.GGUFWriter(str(path), fam.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    types = _ggml_types()
+    alpha = None
+    with safe_open(str(source.adapter_dir / "adapter_model.safetensors"), framework="numpy") as f:
+        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
+        for i, key in enumerate(keys):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a = f.get_tensor(key).astype(np.float32)
+            b = f.get_tensor(key.replace(".lora_A.", ".lora_B.")).astype(np.float32)
+            rank = int(a.shape[0])
+            alpha = alpha if alpha is not None else lora_scaling(source.adapter_config, rank) * rank
+            if fam.permute and module.endswith(("q_proj", "k_proj")):
+                heads = hp["num_attention_heads"] if module.endswith("q_proj") else (
+                    hp.get("num_key_value_heads") or hp["num_attention_heads"])
+                b = permute_rope(b, int(heads))
+            target = _gguf_name(name_map, f"{module}.weight", fam.arch)
+            for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                kind = tensor_type(t.shape, dtype)
+                writer.add_tensor(target + suffix, encode(t, kind, target + suffix), raw_dtype=types[kind])
+            if progress:
+                progress("convert adapter", i + 1, len(keys))
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha if alpha is not None else 0.0))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
-    if progress:
-        progress("write gguf", 1, 1)
-    return {"path": str(path), "architecture": arch, "dtype": dtype, "tensors": written,
-            "pre_tokenizer": pre_tokenizer or fields["pre"], "add_bos_token": fields["add_bos"],
-            "vocab_size": int(model.config.vocab_size)}
+    return {"path": str(path), "architecture": fam.arch, "dtype": dtype, "lora_tensors": 2 * len(keys),
+            "lora_alpha": alpha}

@@ -83,7 +83,8 @@ def test_gguf_f16_reads_back_with_expected_names_shapes_dtypes_weights_and_metad
     stages: list[str] = []
     result = export(run, tmp_path / "out", format="gguf", dtype="f16", progress=lambda s, d, t: stages.append(s))
     path = tmp_path / "out" / "model-f16.gguf"
-    assert {"load base", "merge adapter", "convert tensors", "write gguf", "manifest"} <= set(stages)
+    assert {"convert tensors", "manifest"} <= set(stages)
+    assert result.info["streamed"] is True   # LoRA folded in tensor by tensor; no model was loaded
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     merged = _reference_merged(run)
@@ -186,6 +187,10 @@ def test_hf_export_loads_in_transformers_with_the_training_template(run: Path, t
     assert set(result.files) >= {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                                  "export.json"}
     assert json.loads((tmp_path / "hf" / "export.json").read_text())["format"] == "hf"
+    # readable by transformers 4.x too: no TokenizersBackend class, special tokens under the 4.x key
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in config
+    assert "<|eot_id|>" in config["additional_special_tokens"]
 
 
 def test_qlora_merge_into_the_dequantized_base_matches_the_adapter_on_the_4bit_base(tok: Any, tmp_path: Path) -> None:
@@ -364,13 +369,14 @@ def test_dequantize_model_recovers_the_weights_within_the_quantization_step(tok:
 
 
 # ---------------------------------------------------------------------------------------------- families
-def _family_model(tok: Any, family: str, tied: bool) -> Any:
+def _family_model(tok: Any, family: str, tied: bool, **overrides: Any) -> Any:
     """A random tiny model of ``family`` (weights spread wide enough that logits differ clearly between tokens)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, vocab_size=len(tok), max_position_embeddings=256, rms_norm_eps=1e-5,
                                   initializer_range=0.2, tie_word_embeddings=tied, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SMALL)
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  **{**SMALL, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -396,11 +402,21 @@ def test_families_write_every_tensor_under_its_llamacpp_name(tok: Any, tmp_path:
     assert _field(reader, "tokenizer.chat_template") == tok.chat_template   # no run: the tokenizer's own template
 
 
-@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("mistral", False), ("qwen2", True)])
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+LLAMACPP_FAMILIES = [("llama", False, {}), ("mistral", False, {}), ("qwen2", True, {}),
+                     ("llama", True, {"rope_parameters": LLAMA31_ROPE}), ("qwen3", False, {"head_dim": 32}),
+                     ("gemma2", True, {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}),
+                     ("gemma3_text", True, {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}),
+                     ("phi3", False, {})]
+
+
+@pytest.mark.parametrize(("family", "tied", "overrides"), LLAMACPP_FAMILIES,
+                         ids=["llama", "mistral", "qwen2", "llama3.1-rope", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_llamacpp_logits_match_transformers_for_each_family(tok: Any, tmp_path: Path, family: str,
-                                                            tied: bool) -> None:
+                                                            tied: bool, overrides: dict[str, Any]) -> None:
     llama_cpp = _llama_cpp()
-    model = _family_model(tok, family, tied)
+    model = _family_model(tok, family, tied, **overrides)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -417,7 +433,8 @@ def test_llamacpp_logits_match_transformers_for_each_family(tok: Any, tmp_path: 
     got = np.asarray(llm.scores[: len(ids)])
     diff = float(np.abs(got - want).max())
     agree = int((got.argmax(-1) == want.argmax(-1)).sum())
-    print(json.dumps({"family": family, "positions": len(ids), "argmax_agree": agree, "max_abs_logit_diff": diff,
+    print(json.dumps({"family": family, **overrides, "positions": len(ids), "argmax_agree": agree,
+                      "max_abs_logit_diff": diff,
                       "logit_std": float(want.std())}))
     assert diff < 0.05 * float(want.std())
     for pos in np.flatnonzero(got.argmax(-1) != want.argmax(-1)):   # only near-ties may flip
@@ -487,3 +504,142 @@ def test_dora_run_exports_from_its_checkpoint_adapter(tok: Any, tmp_path: Path) 
     assert result.info["adapter"] == str(adapter.resolve())
     names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out" / "model-f16.gguf")).tensors}
     assert "blk.0.attn_q.weight" in names and not any("lora" in n or "magnitude" in n for n in names)
+
+
+# ---------------------------------------------------------------------------------------------- k-quants, GGUF LoRA
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}   # k-quant blocks hold 256 weights: rows must be that long
+
+
+def test_kquant_without_llama_cpp_names_the_requirement(run: Path, tmp_path: Path) -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        with pytest.raises(ExportError, match="pip install llama-cpp-python"):
+            export(run, tmp_path / "k", format="gguf", dtype="q4_k_m")
+        assert not (tmp_path / "k").exists()
+        return
+    pytest.skip("llama-cpp-python is installed: the k-quant tests below run instead")
+
+
+@pytest.mark.parametrize(("dtype", "kind"), [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q6_k", "Q6_K")])
+def test_llamacpp_kquants_of_a_merged_lora_dequantize_to_the_merged_weights(tok: Any, tmp_path: Path, dtype: str,
+                                                                  kind: str) -> None:
+    llama_cpp = _llama_cpp()
+    from llmtune.data import split_instructions
+    from llmtune.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tok, seed=0, **WIDE)
+    model.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    model.name_or_path = str(tmp_path / "base")
+    llmtune.get_trainer("lora", **{**FAST, "max_steps": 2}).train(model, split_instructions()[0][:8], tokenizer=tok,
+                                                                 output_dir=tmp_path / "run")
+    result = export(tmp_path / "run", tmp_path / dtype, format="gguf", dtype=dtype)
+    assert result.info["quantized_by"].startswith("llama.cpp")
+    assert sorted(p.name for p in (tmp_path / dtype).iterdir()) == ["export.json", "manifest.json",
+                                                                    f"model-{dtype}.gguf"]
+    reader = gguf.GGUFReader(str(tmp_path / dtype / f"model-{dtype}.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    merged = _reference_merged(tmp_path / "run").state_dict()
+    qtype = gguf.GGMLQuantizationType[kind]
+    t = tensors["blk.0.ffn_up.weight"]
+    assert t.tensor_type == qtype
+    want = merged["model.layers.0.mlp.up_proj.weight"].numpy()
+    got = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(want.shape)
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    bits = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 6}[kind]
+    print(json.dumps({"dtype": dtype, "ffn_up_max_rel_error": rel,
+                      "types": sorted({tensors[n].tensor_type.name for n in tensors})}))
+    assert rel < 2.0 ** (1 - bits)      # within a step of the 2^bits-level grid over the block's range
+    llm = llama_cpp.Llama(model_path=str(tmp_path / dtype / f"model-{dtype}.gguf"), n_ctx=64, n_threads=1,
+                          verbose=False)
+    assert len(llm.tokenize(b"Kopi O", add_bos=False)) > 0
+
+
+def test_llamacpp_gguf_lora_on_the_base_computes_what_the_merged_gguf_computes(run: Path, tmp_path: Path) -> None:
+    llama_cpp = _llama_cpp()
+    export(run, tmp_path / "lora", format="gguf-lora", dtype="f16")
+    export(run.parent / "base", tmp_path / "base", format="gguf", dtype="f16")
+    export(run, tmp_path / "merged", format="gguf", dtype="f16")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
+    ids = tok("What is Kopi O Kosong? Black coffee, no sugar.", add_special_tokens=False)["input_ids"]
+    scores = {}
+    for name, kwargs in (("merged", {"model_path": str(tmp_path / "merged" / "model-f16.gguf")}),
+                         ("base+lora", {"model_path": str(tmp_path / "base" / "model-f16.gguf"),
+                                        "lora_path": str(tmp_path / "lora" / "adapter-f16.gguf")}),
+                         ("base", {"model_path": str(tmp_path / "base" / "model-f16.gguf")})):
+        llm = llama_cpp.Llama(n_ctx=64, n_threads=1, verbose=False, logits_all=True, **kwargs)
+        llm.eval(ids)
+        scores[name] = np.asarray(llm.scores[: len(ids)])
+    lora_vs_merged = float(np.abs(scores["base+lora"] - scores["merged"]).max())
+    base_vs_merged = float(np.abs(scores["base"] - scores["merged"]).max())
+    print(json.dumps({"gguf_lora_vs_merged_max_abs_logit_diff": lora_vs_merged,
+                      "base_without_lora_vs_merged": base_vs_merged}))
+    assert lora_vs_merged < 0.1 * base_vs_merged
+
+
+# ---------------------------------------------------------------------------------------------- SentencePiece
+def _sentencepiece_bpe_tokenizer() -> Any:
+    """A Llama-2-style SentencePiece BPE (tokenizer.json form): "\u2581" for spaces, byte fallback, <s> added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmtune.models.tiny import bundled_corpus
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator(bundled_corpus(), trainer=trainers.BpeTrainer(vocab_size=700, show_progress=False))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(spec["vocab"], key=spec["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_vocab_and_llamacpp_tokenizes_like_transformers(
+        tmp_path: Path) -> None:
+    tok = _sentencepiece_bpe_tokenizer()
+    model = _family_model(tok, "llama", False)
+    model.save_pretrained(str(tmp_path / "model"))
+    tok.save_pretrained(str(tmp_path / "model"))
+    result = export(tmp_path / "model", tmp_path / "out", format="gguf", dtype="f16")
+    assert result.info["tokenizer"] == "llama" and result.info["add_bos_token"] is True
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model-f16.gguf"))
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    types = _field(reader, "tokenizer.ggml.token_type")
+    assert types[0] == types[1] == int(gguf.TokenType.CONTROL)   # special added tokens (<unk> too, as the converter)
+    assert types[3 + 0x41] == int(gguf.TokenType.BYTE) and types[300] == int(gguf.TokenType.NORMAL)
+    scores = _field(reader, "tokenizer.ggml.scores")
+    assert len(scores) == len(tok) and len(set(scores[259:])) > 100   # merge ranks, not one constant
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-f16.gguf"), n_ctx=128, verbose=False,
+                          vocab_only=True)
+    for text in (TRICKY, "Kopi-\u00f6 \u5496\u5561 with  two spaces", " leading space", "</s> inside"):
+        want = tok(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == want, text
+        assert llm.detokenize(want).decode() == tok.decode(want, skip_special_tokens=True), text
+
+
+def test_gguf_export_of_a_lora_run_streams_without_building_a_model(run: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the streamed export built a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+    result = export(run, tmp_path / "s", format="gguf", dtype="q8_0")
+    assert result.info["streamed"] is True and result.info["merged_into"] == "full-precision base (W + BA)"
