@@ -59,7 +59,13 @@ def _attempt(checks: list[Check], name: str, fn: Any) -> Any:
 def _check_model(model: str) -> tuple[str, dict[str, Any] | None]:
     from llmtune.core.errors import ConfigError
 
+    from llmtune.models.loading import gguf_path, model_config
+
     path = Path(model)
+    gguf = gguf_path(path)
+    if gguf is not None:
+        data = model_config(gguf)
+        return f"{model}: {data.get('model_type')}, GGUF file {gguf.name} ({gguf.stat().st_size} bytes)", data
     if path.is_dir():
         cfg = path / "config.json"
         if not cfg.is_file():
