@@ -259,14 +259,25 @@ def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
         torch_dtype = torch.float32
     tokenizer = _gguf_call(path, "tokenizer", AutoTokenizer.from_pretrained)
     model = _gguf_call(path, "weights", AutoModelForCausalLM.from_pretrained, dtype=torch_dtype)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = str(path)
+    _drop_gguf_marks(model)
+    model.config.name_or_path = model.name_or_path = str(path)  # an adapter trained on it records the file
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _drop_gguf_marks(model: Any) -> None:
+    """Unmark a dequantized GGUF model: transformers' own `remove_quantization_config` (quantizer, config entry,
+    ``is_quantized``) and the per-module ``config._is_quantized`` flags it set after loading."""
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = False
 
 
 def model_config(name_or_path: str | Path) -> dict[str, Any]:
