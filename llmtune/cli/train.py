@@ -181,9 +181,8 @@ def register(app: typer.Typer) -> None:
         """Answer prompts with a model (greedy, or sampled with --temperature), optionally with an adapter on top."""
         from rich.console import Console
 
-        from llmtune.trainers._inference import generate_text, load_for_inference
-
         from llmtune.trainers._evaluate import sampling_options
+        from llmtune.trainers._inference import generate_text, load_for_inference
 
         _quiet_transformers()
         sampling_options(temperature, top_p, top_k, seed)  # bad options fail before the model loads

@@ -63,6 +63,25 @@ def resolve_dtype(dtype: Any) -> Any:
     raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} or a torch.dtype")
 
 
+def _source(name_or_path: str | Path) -> tuple[str, bool]:
+    """(what to pass to ``from_pretrained``, whether to stay offline) for a model directory or a hub id."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{local}: not a model directory (no config.json)")
+        verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
+        return str(local), True
+    if local.exists():
+        raise ConfigError(f"{name}: is a file, not a model directory")
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise ConfigError(f"{name}: no such model directory")
+    local_only = hub_offline()
+    if not local_only and not hub_reachable():
+        local_only = True  # try the cache; the caller's error says the hub was unreachable
+    return name, local_only
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     *,
@@ -89,20 +108,7 @@ def load_model_and_tokenizer(
         return load_gguf(gguf, dtype=torch_dtype)
     name = str(name_or_path)
     local = Path(name).expanduser()
-    if local.is_dir():
-        source, local_only = str(local), True
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{local}: not a model directory (no config.json)")
-        verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
-    elif local.exists():
-        raise ConfigError(f"{name}: is a file, not a model directory")
-    elif isinstance(name_or_path, Path) or _looks_like_path(name):
-        raise ConfigError(f"{name}: no such model directory")
-    else:
-        source = name
-        local_only = hub_offline()
-        if not local_only and not hub_reachable():
-            local_only = True  # try the cache; the error below says the hub was unreachable
+    source, local_only = _source(name_or_path)
     where = "the local directory" if local.is_dir() else (
         "the local cache (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if hub_offline()
         else "the local cache (the hub is unreachable)" if local_only else "the Hugging Face hub")

@@ -117,7 +117,6 @@ CONFIG_KEYS: dict[str, str] = {
 def model_spec(model: str) -> Any:
     """The ModelSpec of a config's ``model``: its config.json when local, else a preset named like the hub id."""
     from llmtune.memory import PRESETS, ModelSpec
-
     from llmtune.models.loading import gguf_path, model_config
 
     path = Path(model)

@@ -58,7 +58,6 @@ def _attempt(checks: list[Check], name: str, fn: Any) -> Any:
 
 def _check_model(model: str) -> tuple[str, dict[str, Any] | None]:
     from llmtune.core.errors import ConfigError
-
     from llmtune.models.loading import gguf_path, model_config
 
     path = Path(model)

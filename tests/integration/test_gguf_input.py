@@ -75,7 +75,7 @@ def test_gguf_file_and_its_folder_load_with_tokenizer_and_template(made: dict[st
 def test_two_gguf_files_in_a_folder_must_be_named(made: dict[str, Any], tmp_path: Path) -> None:
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / name).write_bytes(made["path"].read_bytes())
-    with pytest.raises(ConfigError, match="2 .gguf files"):
+    with pytest.raises(ConfigError, match=r"2 \.gguf files"):
         gguf_path(tmp_path)
     assert gguf_path(tmp_path / "a.gguf") == tmp_path / "a.gguf"
 
@@ -101,7 +101,7 @@ def test_unreadable_architecture_and_tensor_type_are_one_line_errors(tmp_path: P
         load_model_and_tokenizer(tmp_path / "arch.gguf")
     assert "\n" not in str(err.value)
     _write(tmp_path / "type.gguf", "llama", gguf.GGMLQuantizationType.Q8_1)
-    with pytest.raises(UnsupportedModelError, match="token_embd.weight has GGUF type Q8_1"):
+    with pytest.raises(UnsupportedModelError, match=r"token_embd\.weight has GGUF type Q8_1"):
         load_model_and_tokenizer(tmp_path / "type.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(UnsupportedModelError, match="not a readable GGUF file"):
