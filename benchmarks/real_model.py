@@ -78,10 +78,11 @@ def _batches(examples: list[Any], steps: int, batch: int) -> list[list[Any]]:
 
 def _llmtune_sft(model_dir: str, records: list[dict[str, Any]], steps: int, out: Path) -> dict[str, Any]:
     import llmtune
+    from llmtune.trainers.callbacks import Callback
 
     marks: list[float] = []
 
-    class Clock:
+    class Clock(Callback):
         def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
             marks.append(time.perf_counter())
 
@@ -127,19 +128,19 @@ def _plain_sft(model_dir: str, batches: list[list[Any]]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, SFT["max_grad_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         marks.append(time.perf_counter())
     return {"losses": losses, "marks": marks, "wall_s": time.perf_counter() - start}
 
 
 def _trl_sft(model_dir: str, batches: list[list[Any]], out: Path) -> dict[str, Any]:
-    """TRL's SFTTrainer on the same token ids (completion mask = llmtune's labels), sequential sampler."""
+    """TRL's SFTTrainer on the same token ids and labels (-100 on the prompt), sequential sampler."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"input_ids": list(e.input_ids), "completion_mask": [int(t != -100) for t in e.labels]}
+    rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)}
             for chunk in batches for e in chunk]
     marks: list[float] = []
     losses: list[float] = []
@@ -165,7 +166,7 @@ def _trl_sft(model_dir: str, batches: list[list[Any]], out: Path) -> dict[str, A
                      weight_decay=SFT["weight_decay"], max_grad_norm=SFT["max_grad_norm"], optim="adamw_torch",
                      logging_steps=1, save_strategy="no", report_to=[], seed=SFT["seed"], data_seed=SFT["seed"],
                      dataloader_num_workers=0, use_cpu=True, max_length=SFT["max_length"],
-                     completion_only_loss=True, dataset_kwargs={"skip_prepare_dataset": True},
+                     dataset_kwargs={"skip_prepare_dataset": True},
                      remove_unused_columns=False, disable_tqdm=True)
     trainer = Sequential(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[Clock()])

@@ -70,7 +70,7 @@ def test_perplexity_and_multiple_choice(real_dir: Path, real: tuple[Any, Any]) -
 
     text = importlib.resources.files("llmtune.tasks").joinpath("bundled/text_made_up.jsonl")
     out = _cli("eval", "--task", "perplexity", "--data", str(text), "--model", str(real_dir), "--json")
-    ppl = json.loads(out[out.index("{"):])["perplexity"]["metrics"]["token_perplexity"]
+    ppl = _json_lines(out, '"task"')[0]["metrics"]["token_perplexity"]
     assert 1 < ppl < 100  # a real model reads plain English well (a random one: ~vocab size, 49,152)
     mc = llmtune.get_task("kopitiam-mc", limit=12).evaluate(*real)
     assert len(mc.per_item) == 12 and mc.metrics["acc"] >= 0.25  # at least chance on four choices
