@@ -23,8 +23,8 @@ from llmtune.cli.main import app  # noqa: E402
 from llmtune.models.loading import load_model_and_tokenizer  # noqa: E402
 
 #: SFT settings shared by the LoRA-family runs: short sequences, few steps, the tokenizer's ChatML template.
-SFT = {"rank": 8, "alpha": 16, "lr": 1e-3, "batch_size": 4, "max_length": 96, "max_steps": 12, "warmup": 0,
-       "template": "tokenizer", "eval_examples": 8, "max_new_tokens": 16, "progress": False, "dropout": 0.0}
+SFT = {"rank": 8, "alpha": 16, "lr": 1e-3, "batch_size": 4, "max_length": 96, "max_steps": 8, "warmup": 0,
+       "template": "tokenizer", "eval_examples": 4, "max_new_tokens": 12, "progress": False, "dropout": 0.0}
 CAPITAL = "What is the capital of France?"
 
 
