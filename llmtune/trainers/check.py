@@ -86,7 +86,10 @@ def _check_model(model: str) -> tuple[str, dict[str, Any] | None]:
 def _check_tokenizer(directory: str | None, template: str) -> tuple[str, None]:
     """The tokenizer files exist; template 'tokenizer' needs a chat_template."""
     from llmtune.core.errors import ConfigError
+    from llmtune.models.loading import gguf_path
 
+    if directory is not None and gguf_path(directory) is not None:
+        return f"template {template!r} (the tokenizer and chat template inside the GGUF file)", None
     if directory is None or not Path(directory).is_dir():
         return f"template {template!r} (tokenizer not checked: not a local directory)", None
     d = Path(directory)

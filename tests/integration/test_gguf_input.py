@@ -185,6 +185,9 @@ def test_train_check_merge_export_memory_from_a_gguf(made: dict[str, Any], tmp_p
     check = json.loads(_cli("train", str(config), "--check", "--json"))
     assert check["ok"] and check["estimate"]["peak_tensor_bytes"] > 0
     assert "GGUF file tiny.gguf" in json.dumps(check)
+    folder = tmp_path / "folder.yaml"  # the directory holding the file: the same model
+    folder.write_text(config.read_text().replace(str(made["path"]), str(made["path"].parent)))
+    assert json.loads(_cli("train", str(folder), "--check", "--json"))["ok"]
     _cli("train", str(config))
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(made["path"])
