@@ -91,10 +91,12 @@ def _sft(method: str, data: tuple[list[dict[str, Any]], list[dict[str, Any]]], m
         model, train, eval_data=held, output_dir=out)
 
 
-def _check_estimate(tmp_path: Path, model: str, trainer: dict[str, Any], quantizer: str | None = None) -> int:
+def _check_estimate(tmp_path: Path, model: str, trainer: dict[str, Any], quantizer: str | None = None,
+                    record: dict[str, str] | None = None) -> int:
     """`llmtune train --check --json` on a config for this run: the estimate's peak tensor bytes."""
     data = tmp_path / "check.jsonl"
-    data.write_text(json.dumps({"instruction": "What is Kopi O?", "input": "", "output": "Black coffee."}) + "\n")
+    record = record or {"instruction": "What is Kopi O?", "input": "", "output": "Black coffee."}
+    data.write_text(json.dumps(record) + "\n")
     lines = [f"model: {model}", f"data: {data}", f"output_dir: {tmp_path / 'check-run'}", "trainer:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in trainer.items()]
     if quantizer:
@@ -159,7 +161,8 @@ def test_dpo_a_few_steps(real_dir: Path, sft_data: Any, tmp_path: Path) -> None:
         str(real_dir), _preferences(sft_data[0])[:16], output_dir=tmp_path / "run")
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert result.history[-1]["loss"] < math.log(2)
-    assert _check_estimate(tmp_path, str(real_dir), {"objective": "dpo", **options}) > 0
+    assert _check_estimate(tmp_path, str(real_dir), {"name": "dpo", "method": "lora", **options},
+                           record={"prompt": "What is Kopi O?", "chosen": "Black coffee.", "rejected": "Tea."}) > 0
 
 
 def test_reward_model_a_few_steps(real: tuple[Any, Any], sft_data: Any, tmp_path: Path) -> None:
