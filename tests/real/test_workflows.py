@@ -171,10 +171,12 @@ def test_reward_model_a_few_steps(real: tuple[Any, Any], sft_data: Any, tmp_path
     from llmtune.trainers.rlhf.reward import reward_model_from_causal_lm
 
     model, tokenizer = real
+    # an easy preference for a few steps: any right answer over a non-answer (a score head starts at random)
+    pairs = [{**p, "rejected": "I do not know."} for p in _preferences(sft_data[0])[:24]]
     options = {"rank": 8, "alpha": 16, "max_steps": 6, "batch_size": 4, "lr": 1e-3, "warmup": 0, "progress": False,
                "max_length": 96, "template": "tokenizer"}
     result = llmtune.get_trainer("reward", method="lora", **options).train(
-        reward_model_from_causal_lm(model, tokenizer), _preferences(sft_data[0])[:24], tokenizer=tokenizer,
+        reward_model_from_causal_lm(model, tokenizer), pairs, tokenizer=tokenizer,
         output_dir=tmp_path / "run")
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert {"accuracy", "margin"} <= set(result.history[-1])
