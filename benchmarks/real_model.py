@@ -223,6 +223,8 @@ def _text_file() -> str:
 
 
 def ppl_speed(model_dir: str, repeats: int) -> None:
+    import math
+
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -238,21 +240,20 @@ def ppl_speed(model_dir: str, repeats: int) -> None:
                 for i, t in enumerate(texts)]
     runs = {"llmtune": lambda: task.evaluate(model, tok),
             "lm-eval": lambda: harness.loglikelihood_rolling(requests, disable_tqdm=True)}
-    rates = {}
-    for name, fn in runs.items():
-        value = fn()  # warm-up, and the value reported
-        seconds = []
-        for _ in range(repeats):
+    values = {name: fn() for name, fn in runs.items()}  # warm-up, and the values reported
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so a change in the machine's load hits both sides alike
+        for name, fn in runs.items():
             t = time.perf_counter()
             fn()
-            seconds.append(time.perf_counter() - t)
-        rates[name] = n_tokens / statistics.median(seconds)
-        import math
-
+            seconds[name].append(time.perf_counter() - t)
+    rates = {}
+    for name, value in values.items():
+        rates[name] = n_tokens / statistics.median(seconds[name])
         ppl = (value.metrics["token_perplexity"] if name == "llmtune"
                else math.exp(-sum(value) / n_tokens))
         _emit({"part": "ppl-speed", "method": name, "texts": len(texts), "tokens": n_tokens,
-               "tokens_per_s": round(rates[name], 1), "seconds": [round(s, 3) for s in seconds],
+               "tokens_per_s": round(rates[name], 1), "seconds": [round(s, 3) for s in seconds[name]],
                "token_perplexity": round(float(ppl), 4)})
     _emit({"part": "ppl-speed", "comparison": True, "llmtune_vs_lm_eval": round(rates["llmtune"] / rates["lm-eval"], 3)})
 
@@ -333,7 +334,7 @@ def main() -> None:
                         help="The imported model directory (default: $LLMTUNE_REAL_MODEL).")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--steps", type=int, default=10, help="Training steps per SFT run.")
-    parser.add_argument("--repeats", type=int, default=2, help="Timed repeats of each perplexity run.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats of each perplexity run (interleaved).")
     parser.add_argument("--gptq-samples", type=int, default=4, help="GPTQ calibration samples (128 tokens each).")
     args = parser.parse_args()
     if not args.model:
