@@ -267,11 +267,10 @@ def _check_estimate(model: str, trainer: dict[str, Any], quantizer: str | None, 
 
     data = tmp / "check.jsonl"
     data.write_text(json.dumps({"instruction": "What is Kopi O?", "input": "", "output": "Black coffee."}) + "\n")
-    lines = [f"model: {model}", f"data: {data}", f"output_dir: {tmp / 'check-run'}", "trainer:"]
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in trainer.items()]
-    if quantizer:
-        lines.append(f"quantizer: {quantizer}")
-    (tmp / "check.yaml").write_text("\n".join(lines) + "\n")
+    import yaml
+
+    (tmp / "check.yaml").write_text(yaml.safe_dump({"model": model, "data": str(data), "output_dir": str(tmp / "run2"),
+                                                    "trainer": trainer, **({"quantizer": quantizer} if quantizer else {})}))
     report = check_config(load_config(tmp / "check.yaml"))
     return int(report.estimate.peak_tensor_bytes)
 

@@ -35,7 +35,8 @@ def _cli(*args: str) -> str:
 
 
 def _json_lines(output: str, key: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{") and key in line]
+    """The JSON objects printed on lines holding ``key`` (stderr's progress text may precede one on its line)."""
+    return [json.loads(line[line.index("{"):]) for line in output.splitlines() if "{" in line and key in line]
 
 
 def _logits(model: Any, tokenizer: Any, text: str = "The capital of France is Paris. It lies on the") -> Any:
@@ -97,12 +98,11 @@ def _check_estimate(tmp_path: Path, model: str, trainer: dict[str, Any], quantiz
     data = tmp_path / "check.jsonl"
     record = record or {"instruction": "What is Kopi O?", "input": "", "output": "Black coffee."}
     data.write_text(json.dumps(record) + "\n")
-    lines = [f"model: {model}", f"data: {data}", f"output_dir: {tmp_path / 'check-run'}", "trainer:"]
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in trainer.items()]
-    if quantizer:
-        lines.append(f"quantizer: {quantizer}")
+    import yaml
+
     config = tmp_path / "check.yaml"
-    config.write_text("\n".join(lines) + "\n")
+    config.write_text(yaml.safe_dump({"model": model, "data": str(data), "output_dir": str(tmp_path / "check-run"),
+                                      "trainer": trainer, **({"quantizer": quantizer} if quantizer else {})}))
     report = json.loads(_cli("train", str(config), "--check", "--json"))
     assert report["ok"], report
     return int(report["estimate"]["peak_tensor_bytes"])
