@@ -332,7 +332,7 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("LLMTUNE_REAL_MODEL"),
                         help="The imported model directory (default: $LLMTUNE_REAL_MODEL).")
     parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--steps", type=int, default=10, help="Training steps per SFT run.")
+    parser.add_argument("--steps", type=int, default=8, help="Training steps per SFT run.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats of each perplexity run (interleaved).")
     parser.add_argument("--gptq-samples", type=int, default=4, help="GPTQ calibration samples (128 tokens each).")
     args = parser.parse_args()
