@@ -206,7 +206,7 @@ def test_train_check_merge_export_memory_from_a_gguf(made: dict[str, Any], tmp_p
     assert json.loads(memory[memory.index("{"):])
 
 
-def test_qlora_from_a_gguf_quantizes_the_loaded_model(made: dict[str, Any]) -> None:
+def test_qlora_from_a_gguf_quantizes_the_loaded_model(made: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     import llmtune
     from llmtune.data import split_instructions
@@ -215,5 +215,5 @@ def test_qlora_from_a_gguf_quantizes_the_loaded_model(made: dict[str, Any]) -> N
     trainer = llmtune.get_trainer("lora", quantizer=llmtune.get_quantizer("nf4", compute_dtype="float32"), rank=4,
                                   alpha=8, lr=2e-2, batch_size=4, max_steps=1, warmup=0, eval_examples=0,
                                   progress=False, template="tokenizer")
-    result = trainer.train(str(made["path"]), train[:8])
+    result = trainer.train(str(made["path"]), train[:8], output_dir=tmp_path / "run")
     assert result.adapter_dir is not None and len(result.history) >= 1
