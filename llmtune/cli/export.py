@@ -65,7 +65,7 @@ def _export(path: Path, out: Path, options: dict[str, Any], quiet: bool, as_json
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
-        path: Annotated[Path, typer.Argument(help="A training run, an adapter directory, or a model directory.")],
+        path: Annotated[Path, typer.Argument(help="A training run, an adapter directory, a model directory or a .gguf file.")],
         out: Annotated[Path | None, typer.Option("--out", help="Output directory (new or empty).")] = None,
         fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp), ollama (GGUF + Modelfile), hf, or gguf-lora (the adapter alone)."),
         dtype: str = typer.Option("f16", "--dtype", help="gguf/ollama: f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; gguf-lora: f16, bf16, q8_0, q4_0; hf: f32, f16, bf16."),

@@ -32,7 +32,7 @@ def _root(
 
 
 #: Subcommand modules under llmtune.cli; each defines ``register(app)``. Add yours here.
-_COMMANDS = ("backends", "quantize", "eval", "memory", "train", "export")
+_COMMANDS = ("backends", "quantize", "eval", "memory", "train", "export", "models")
 for _name in _COMMANDS:
     importlib.import_module(f"llmtune.cli.{_name}").register(app)
 

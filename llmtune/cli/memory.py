@@ -12,7 +12,10 @@ import typer
 def _spec(model: str) -> Any:
     """A ModelSpec from a preset name, a config.json path or a model directory."""
     from llmtune.memory import ModelSpec
+    from llmtune.models.loading import gguf_path, model_config
 
+    if gguf_path(model) is not None:
+        return ModelSpec.from_hf_config(model_config(model))
     if Path(model).is_file() and Path(model).suffix != ".json":
         from llmtune.core.errors import ConfigError
 
@@ -161,7 +164,7 @@ def _print_fits(con: Any, est: Any, solved: dict[str, int], gpu: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("memory")
     def memory(
-        model: str = typer.Argument(..., help="Preset name (e.g. llama-3.1-8b), config.json path or model dir."),
+        model: str = typer.Argument(..., help="Preset name (e.g. llama-3.1-8b), config.json path, model dir or .gguf file."),
         method: str = typer.Option("lora", "--method", help="full, lora, qlora, dora, prompt_tuning, prefix_tuning, ia3 or bottleneck."),
         batch: int = typer.Option(1, "--batch", help="Micro-batch size per GPU."),
         seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),

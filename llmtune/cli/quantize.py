@@ -33,7 +33,7 @@ def _progress_bar(label: str, enabled: bool) -> Iterator[Any]:
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize(
-        model_dir: Annotated[Path, typer.Argument(help="Local model directory (config.json, safetensors, tokenizer).")],
+        model_dir: Annotated[Path, typer.Argument(help="Local model directory (config.json, safetensors, tokenizer) or .gguf file.")],
         out: Annotated[Path, typer.Option("--out", help="Directory to write the quantized checkpoint to.")],
         method: str = typer.Option("gptq", "--method", help="Quantizer name: gptq, rtn, nf4, fp4, int8, ..."),
         backend: str = typer.Option(None, "--backend", help="Backend of the method (default: its default)."),

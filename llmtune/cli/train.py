@@ -167,21 +167,29 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
         prompt: Annotated[list[str], typer.Argument(help="One or more prompts (instructions).")],
-        model: str = typer.Option(None, "--model", "-m", help="Base model dir or hub id (default: the adapter's)."),
+        model: str = typer.Option(None, "--model", "-m", help="Base model dir, .gguf file or hub id (default: the adapter's)."),
         adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Adapter directory written by llmtune train.")] = None,
         template: str = typer.Option("llama3", "--template", help="llama3, chatml, alpaca, tokenizer, or 'none'."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+        temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sample."),
+        top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling: keep the smallest set of tokens "
+                                    "whose probability reaches this (needs --temperature > 0)."),
+        top_k: int = typer.Option(None, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
+        seed: int = typer.Option(None, "--seed", help="Seed for sampling: the same seed gives the same answers."),
         as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt."),
     ) -> None:
-        """Answer prompts greedily with a model, optionally with an adapter on top."""
+        """Answer prompts with a model (greedy, or sampled with --temperature), optionally with an adapter on top."""
         from rich.console import Console
 
+        from llmtune.trainers._evaluate import sampling_options
         from llmtune.trainers._inference import generate_text, load_for_inference
 
         _quiet_transformers()
+        sampling_options(temperature, top_p, top_k, seed)  # bad options fail before the model loads
         m, tok = load_for_inference(model, adapter)
         answers = generate_text(m, tok, list(prompt), template=None if template == "none" else template,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed)
         console = Console()
         for p, a in zip(prompt, answers):
             if as_json:

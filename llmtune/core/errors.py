@@ -81,3 +81,7 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
 
 class MergeNotSupportedError(LlmtuneError, NotImplementedError):
     """An adapter that cannot be folded into the base weights (a non-linear bottleneck adapter, prefix tuning)."""
+
+
+class UnsupportedModelError(ConfigError):
+    """A model file llmtune's loaders cannot read (a GGUF architecture or tensor type transformers lacks); names it."""

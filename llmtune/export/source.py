@@ -37,7 +37,7 @@ class Source:
         """Local directories the export reads (an output must not overlap any of them)."""
         paths = [self.path, *(p for p in (self.adapter_dir, self.run_dir) if p is not None)]
         base = Path(self.base).expanduser()
-        if base.is_dir():
+        if base.exists():  # a model directory or a GGUF file
             paths.append(base)
         return paths
 
@@ -65,7 +65,11 @@ def _run_config(adapter_dir: Path) -> tuple[Path | None, dict[str, Any]]:
 
 def resolve_source(path: str | Path, *, base: str | Path | None = None, template: str | None = None) -> Source:
     """Resolve ``path`` (run, adapter or model directory); ``base``/``template`` override what the run recorded."""
+    from llmtune.models.loading import gguf_path
+
     p = Path(path).expanduser()
+    if gguf_path(p) is not None:  # a GGUF model: loaded (dequantized) like a model directory
+        return Source(path=p, base=str(base or p), template=template)
     if not p.is_dir():
         raise ConfigError(f"{p}: no such directory (give a training run, an adapter or a model directory)")
     for d in (p, p / "adapter"):

@@ -4,6 +4,9 @@
 * A hub id is read from the local cache only when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set or the hub
   does not answer a quick connection probe; a miss is then an `LlmtuneError` that says what to do, not a hang.
 * ``trust_remote_code`` is off unless asked for; a model that needs it is an error that says so.
+* A ``.gguf`` file (or a directory holding exactly one and no ``config.json``) is read with transformers' GGUF
+  loader, dequantized into the compute dtype (float32 unless asked), with the tokenizer and chat template it carries;
+  `import_gguf` writes it out as an ordinary model directory. Every command takes models through this module.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError
+from llmtune.core.errors import (
+    ConfigError,
+    InvalidOptionError,
+    LlmtuneError,
+    MissingDependencyError,
+    UnsupportedModelError,
+)
 from llmtune.core.manifest import verify_manifest
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -56,6 +65,25 @@ def resolve_dtype(dtype: Any) -> Any:
     raise InvalidOptionError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} or a torch.dtype")
 
 
+def _source(name_or_path: str | Path) -> tuple[str, bool]:
+    """(what to pass to ``from_pretrained``, whether to stay offline) for a model directory or a hub id."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{local}: not a model directory (no config.json)")
+        verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
+        return str(local), True
+    if local.exists():
+        raise ConfigError(f"{name}: is a file, not a model directory")
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise ConfigError(f"{name}: no such model directory")
+    local_only = hub_offline()
+    if not local_only and not hub_reachable():
+        local_only = True  # try the cache; the caller's error says the hub was unreachable
+    return name, local_only
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     *,
@@ -82,22 +110,15 @@ def load_model_and_tokenizer(
     if not isinstance(trust_remote_code, bool):
         raise InvalidOptionError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
     torch_dtype = resolve_dtype(dtype)
+    gguf = gguf_path(name_or_path)
+    if gguf is not None:
+        if quantization_config is not None:
+            raise ConfigError(f"{gguf}: a GGUF model cannot be quantized while loading; load it, then quantize the "
+                              "module (or import it first: llmtune import-gguf)")
+        return load_gguf(gguf, dtype=torch_dtype)
     name = str(name_or_path)
     local = Path(name).expanduser()
-    if local.is_dir():
-        source, local_only = str(local), True
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{local}: not a model directory (no config.json)")
-        verify_manifest(local, required=False)  # llmtune-written models carry checksums; damage is named
-    elif local.exists():
-        raise ConfigError(f"{name}: is a file, not a model directory")
-    elif isinstance(name_or_path, Path) or _looks_like_path(name):
-        raise ConfigError(f"{name}: no such model directory")
-    else:
-        source = name
-        local_only = hub_offline()
-        if not local_only and not hub_reachable():
-            local_only = True  # try the cache; the error below says the hub was unreachable
+    source, local_only = _source(name_or_path)
     where = "the local directory" if local.is_dir() else (
         "the local cache (offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if hub_offline()
         else "the local cache (the hub is unreachable)" if local_only else "the Hugging Face hub")
@@ -195,3 +216,172 @@ def _guard_4bit(model: Any) -> None:
     from llmtune.quantizers.bnb_guard import guard_4bit_model
 
     guard_4bit_model(model)
+
+
+GGUF_EXTRA = "pip install 'llmtune[gguf]'"
+
+
+def gguf_path(name_or_path: Any) -> Path | None:
+    """The GGUF file ``name_or_path`` names: a ``.gguf`` file, or a directory holding exactly one ``.gguf`` file and
+    no ``config.json`` (a directory with a config.json is an ordinary model directory). None when it names neither."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ConfigError(f"{path}: holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); "
+                          "name the file to load")
+    return found[0] if found else None
+
+
+def _gguf_reader(path: Path) -> Any:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise MissingDependencyError(f"{path}: reading a GGUF model needs the gguf package ({GGUF_EXTRA})") from None
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, KeyError, OSError) as err:
+        raise UnsupportedModelError(f"{path}: not a readable GGUF file ({' '.join(str(err).split())[:200]})") from None
+
+
+def check_gguf(path: Path) -> str:
+    """The file's GGUF architecture, after checking transformers can read it and every tensor type it holds;
+    `UnsupportedModelError` naming the architecture or the tensor type (and tensor) otherwise."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    reader = _gguf_reader(path)
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UnsupportedModelError(f"{path}: no general.architecture in the GGUF metadata; not a model file")
+    arch = str(bytes(field.parts[field.data[0]]), encoding="utf-8")
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} cannot be read by transformers' GGUF loader "
+                                    f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+    plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16}
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in plain and tensor.tensor_type not in _type_traits:
+            raise UnsupportedModelError(f"{path}: tensor {tensor.name} has GGUF type {tensor.tensor_type.name}, which "
+                                        "the gguf package cannot dequantize; convert the file to another type")
+    return arch
+
+
+def _gguf_call(path: Path, what: str, fn: Any, **kwargs: Any) -> Any:
+    """``fn(path.parent, gguf_file=path.name, **kwargs)`` without progress bars (the library prints nothing); its
+    errors typed."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    shown, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(bar, disable=True)  # its dequantization bar is a plain tqdm
+    try:
+        return fn(str(path.parent), gguf_file=path.name, local_files_only=True, **kwargs)
+    except (NotImplementedError, ValueError, KeyError, OSError) as err:
+        text = " ".join(str(err).split())[:300]
+        raise UnsupportedModelError(f"{path}: transformers cannot read its {what}: {text or type(err).__name__}") \
+            from None
+    finally:
+        gguf_utils.tqdm = bar
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a GGUF file, dequantized into ``dtype`` (None/"auto": float32), in eval mode.
+
+    The model is an ordinary transformers model afterwards: the GGUF quantization marks transformers leaves on it
+    (which refuse ``save_pretrained``) are removed, since the weights are dense.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    check_gguf(path)
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype in (None, "auto"):
+        torch_dtype = torch.float32
+    tokenizer = _gguf_call(path, "tokenizer", AutoTokenizer.from_pretrained)
+    model = _gguf_call(path, "weights", AutoModelForCausalLM.from_pretrained, dtype=torch_dtype)
+    _drop_gguf_marks(model)
+    model.config.name_or_path = model.name_or_path = str(path)  # an adapter trained on it records the file
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _drop_gguf_marks(model: Any) -> None:
+    """Unmark a dequantized GGUF model: transformers' own `remove_quantization_config` (quantizer, config entry,
+    ``is_quantized``) and the per-module ``config._is_quantized`` flags it set after loading."""
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = False
+
+
+def model_config(name_or_path: str | Path) -> dict[str, Any]:
+    """The transformers config (as a dict) of a model directory, its ``config.json``, or a GGUF file."""
+    import json
+
+    gguf = gguf_path(name_or_path)
+    if gguf is not None:
+        from transformers import AutoConfig
+
+        check_gguf(gguf)
+        config: dict[str, Any] = _gguf_call(gguf, "config", AutoConfig.from_pretrained).to_dict()
+        config.pop("quantization_config", None)
+        return config
+    path = Path(name_or_path).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a transformers config (a JSON object)")
+    return data
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """The tokenizer of a model directory, a hub id, or a GGUF file (the one it carries)."""
+    from transformers import AutoTokenizer
+
+    gguf = gguf_path(name_or_path)
+    if gguf is not None:
+        return _gguf_call(gguf, "tokenizer", AutoTokenizer.from_pretrained)
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def import_gguf(path: str | Path, out: str | Path, *, dtype: Any = None, overwrite: bool = False) -> Path:
+    """Write the GGUF model at ``path`` as a transformers directory ``out``: safetensors (``dtype``, default
+    float32), tokenizer, chat template, ``manifest.json``. Returns ``out``."""
+    from llmtune.core.manifest import write_manifest
+    from llmtune.core.paths import check_output_dir
+
+    src = gguf_path(path)
+    if src is None:
+        raise ConfigError(f"{path}: not a .gguf file (nor a directory holding one)")
+    target = check_output_dir(out, [src])
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {target} exists and is not empty; choose a new directory or pass --overwrite")
+    model, tokenizer = load_gguf(src, dtype=dtype)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    write_manifest(target)
+    return target

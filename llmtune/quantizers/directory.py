@@ -58,10 +58,15 @@ def quantize_directory(
     ``options`` go to the quantizer; ``progress`` (`ProgressFn`) hears of each quantized step (a decoder block
     for gptq/rtn). Returns a summary: method, backend, out, seconds, safetensors_bytes, calibration_samples.
     """
+    from llmtune.models.loading import gguf_path
+
     src = Path(model_dir)
-    if src.is_file():
+    gguf = gguf_path(src)
+    if gguf is not None:
+        src = gguf
+    elif src.is_file():
         raise ConfigError(f"{src}: is a file, not a model directory")
-    if not (src / "config.json").is_file():
+    elif not (src / "config.json").is_file():
         raise ConfigError(f"{src}: not a model directory (no config.json)")
     check_output_dir(out, [src, calibration_file])
     quantizer = get_quantizer(method, backend=backend, **options)
@@ -69,7 +74,12 @@ def quantize_directory(
     if text is None and method in NEEDS_CALIBRATION:
         raise ConfigError(f"--calibration FILE is required for {method}: a text file in the model's domain "
                           "(it is tokenized and cut into fixed-length samples)")
-    model, tokenizer = _load_local(src)
+    if gguf is not None:
+        from llmtune.models.loading import load_gguf
+
+        model, tokenizer = load_gguf(gguf)
+    else:
+        model, tokenizer = _load_local(src)
     calibration = None
     if text is not None:
         calibration = text_calibration(tokenizer, text, n_samples=n_samples, seq_len=seq_len, seed=seed,

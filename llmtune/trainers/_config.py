@@ -229,9 +229,9 @@ def run(config: TrainConfig, *, resume: bool | str | None = None, overwrite: boo
     (``overwrite``/``allow_changes``: see train)."""
     tokenizer = None
     if config.tokenizer is not None:
-        from transformers import AutoTokenizer
+        from llmtune.models.loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        tokenizer = load_tokenizer(config.tokenizer)
     return config.trainer.train(
         config.model, config.data, eval_data=config.eval_data, tokenizer=tokenizer,
         output_dir=config.output_dir, resume=config.resume if resume is None else resume,

@@ -67,8 +67,13 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
 
 
 def generate_text(model: Any, tokenizer: Any, prompts: list[str], *, template: str | None = "llama3",
-                  max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers to ``prompts``, each wrapped as a user instruction in ``template`` (None: raw text)."""
+                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None) -> list[str]:
+    """Answers to ``prompts``, each wrapped as a user instruction in ``template`` (None: raw text): greedy
+    (``temperature`` 0) or sampled with ``temperature``/``top_p``/``top_k``, repeatable with ``seed``."""
+    from llmtune.trainers._evaluate import sampling_options
+
+    sampling = sampling_options(temperature, top_p, top_k, seed)
     from llmtune.trainers._evaluate import generate
 
     ids = []
@@ -81,7 +86,7 @@ def generate_text(model: Any, tokenizer: Any, prompts: list[str], *, template: s
             # the prompt part does not depend on the answer; a placeholder satisfies the record checks
             text, _answer = render_prompt({"instruction": prompt, "input": "", "output": "x"}, template, tokenizer)
         ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)
+    return generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, sampling=sampling)
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = None, dtype: str = "auto",

@@ -118,8 +118,11 @@ CONFIG_KEYS: dict[str, str] = {
 def model_spec(model: str) -> Any:
     """The ModelSpec of a config's ``model``: its config.json when local, else a preset named like the hub id."""
     from llmtune.memory import PRESETS, ModelSpec
+    from llmtune.models.loading import gguf_path, model_config
 
     path = Path(model)
+    if gguf_path(path) is not None:
+        return ModelSpec.from_hf_config(model_config(path))
     if (path / "config.json").is_file() or path.name == "config.json":
         return ModelSpec.from_hf_config(path)
     key = re.sub(r"[^a-z0-9.]+", "-", model.rsplit("/", 1)[-1].lower()).strip("-").replace("meta-", "")

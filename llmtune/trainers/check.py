@@ -59,8 +59,13 @@ def _attempt(checks: list[Check], name: str, fn: Any) -> Any:
 
 def _check_model(model: str) -> tuple[str, dict[str, Any] | None]:
     from llmtune.core.errors import ConfigError
+    from llmtune.models.loading import gguf_path, model_config
 
     path = Path(model)
+    gguf = gguf_path(path)
+    if gguf is not None:
+        data = model_config(gguf)
+        return f"{model}: {data.get('model_type')}, GGUF file {gguf.name} ({gguf.stat().st_size} bytes)", data
     if path.is_dir():
         cfg = path / "config.json"
         if not cfg.is_file():
@@ -82,7 +87,10 @@ def _check_model(model: str) -> tuple[str, dict[str, Any] | None]:
 def _check_tokenizer(directory: str | None, template: str) -> tuple[str, None]:
     """The tokenizer files exist; template 'tokenizer' needs a chat_template."""
     from llmtune.core.errors import ConfigError
+    from llmtune.models.loading import gguf_path
 
+    if directory is not None and gguf_path(directory) is not None:
+        return f"template {template!r} (the tokenizer and chat template inside the GGUF file)", None
     if directory is None or not Path(directory).is_dir():
         return f"template {template!r} (tokenizer not checked: not a local directory)", None
     d = Path(directory)

@@ -309,6 +309,8 @@ def model_identity(model: Any) -> str:
 
     if isinstance(model, (str, os.PathLike)):
         local = Path(model).expanduser()
+        if local.is_file():  # a GGUF file: its name and size
+            return f"file:{local.name}:{local.stat().st_size}"
         if not (local / "config.json").is_file():
             return str(model)
         h = hashlib.sha256((local / "config.json").read_bytes())

@@ -69,14 +69,19 @@ class PeftBackend(TrainerBackend):
     def _load_module(self, model: Any, tokenizer: Any, ctx: BackendContext) -> tuple[Any, Any]:
         from torch import nn
 
+        from llmtune.models.loading import gguf_path, load_tokenizer
+
         q, dtype = ctx.options.quantizer, ctx.base_dtype
         head = getattr(ctx.options, "model_head", "lm")
         if _is_config_only(model):
             if tokenizer is None and isinstance(model, (str, os.PathLike)):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(model))
+                tokenizer = load_tokenizer(str(model))
             model = from_config(model, dtype, ctx.seed, head)
+        elif q is not None and (gguf := gguf_path(model)) is not None:
+            from llmtune.models.loading import load_gguf
+
+            model, loaded_tok = load_gguf(gguf, dtype=dtype)  # GGUF: dense first, quantized below
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
         elif isinstance(model, (str, os.PathLike)):
             from llmtune.models.loading import load_model_and_tokenizer
 
