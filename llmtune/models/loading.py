@@ -115,6 +115,9 @@ def load_model_and_tokenizer(
         if quantization_config is not None:
             raise ConfigError(f"{gguf}: a GGUF model cannot be quantized while loading; load it, then quantize the "
                               "module (or import it first: llmtune import-gguf)")
+        if head != "lm":
+            raise ConfigError(f"{gguf}: a GGUF file holds a causal LM, not a {head!r} model; import it first "
+                              f"(llmtune import-gguf FILE --out DIR) and give DIR{f' ({head_hint})' if head_hint else ''}")
         return load_gguf(gguf, dtype=torch_dtype)
     name = str(name_or_path)
     local = Path(name).expanduser()
