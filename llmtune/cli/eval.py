@@ -31,7 +31,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmtune.core.errors import ConfigError
-from llmtune.core.paths import read_text_file
+from llmtune.core.paths import check_output_dir, read_text_file
 
 
 def _parse_value(text: str) -> Any:
@@ -202,6 +202,8 @@ def _run_tasks(names: list[str], *, data: Path | None, model: str | None, adapte
         raise ConfigError("--data names one file: give exactly one --task with it")
     if model is None and adapter is None:
         raise ConfigError("task mode needs --model (a directory or hub id) and/or --adapter")
+    if output is not None:  # before a model loads; `evaluate` checks every task's files again
+        check_output_dir(output, [data, options.get("fewshot_data")], what="--output")
     per_task = {**options, "num_fewshot": num_fewshot}
     if data is not None:
         per_task["data"] = str(data)

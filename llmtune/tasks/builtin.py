@@ -73,6 +73,11 @@ class DataTask(Task):
             raise ConfigError(f"{self.data_path()}: no items")
         return docs[: self.options.limit] if self.options.limit else docs
 
+    def check_data(self) -> None:
+        self.docs()
+        if self.options.num_fewshot and self.options.fewshot_data:
+            self.shot_pool()
+
     def shot_pool(self) -> tuple[list[Doc], bool]:
         """(docs shots are drawn from, whether that is the evaluated file itself)."""
         if self.options.fewshot_data:
