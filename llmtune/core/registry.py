@@ -206,7 +206,7 @@ class Registry:
         self._ensure(kind)
         names = sorted({n for (k, n, _) in self._entries if k == kind})
         for what, value in (("name", name), ("backend", backend)):
-            if value is not None and not isinstance(value, str):
+            if not isinstance(value, str) and (what == "name" or value is not None):
                 raise ArgumentTypeError(f"{kind} {what} must be a string, got {value!r} ({type(value).__name__}); "
                                         f"known {kind}s: {', '.join(names) or 'none'}")
         if name not in names:

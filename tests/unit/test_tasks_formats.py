@@ -221,3 +221,24 @@ def test_an_empty_text_file_has_nothing_to_score(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ConfigError, match=r"empty\.txt: empty: there is no text to score"):
         formats.read_texts(tmp_path / "empty.txt")
+
+
+def test_task_options_for_a_task_not_given_is_an_error_with_the_closest_name(tmp_path: Path) -> None:
+    """A misspelt key used to be ignored: the bundled made-up items were scored and labelled 'hellaswag'."""
+    with pytest.raises(UnknownOptionError, match=r"task_options names 'hellaswg'.*Did you mean 'hellaswag'\?") as err:
+        llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswg": {"limit": 2}})
+    assert err.value.field == "hellaswg"
+    task = llmtune.get_task("boolq")
+    with pytest.raises(UnknownOptionError, match="task_options names 'boolq'.*get_task"):
+        llmtune.evaluate("no-model-is-loaded", [task], task_options={"boolq": {"limit": 2}})
+
+
+def test_evaluate_checks_data_and_output_before_the_model_loads(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "hellaswag.jsonl", [_HS])
+    with pytest.raises(ConfigError, match=r"output_dir .* contains the input .*hellaswag\.jsonl"):
+        llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswag": {"data": str(data)}},
+                         output_dir=tmp_path)
+    assert data.read_text() == json.dumps(_HS) + "\n"
+    bad = _jsonl(tmp_path / "bad.jsonl", [{**_HS, "label": 4}])
+    with pytest.raises(ConfigError, match="field 'label': 4 is not an index into 4 endings"):
+        llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswag": {"data": str(bad)}})
