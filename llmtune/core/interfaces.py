@@ -108,7 +108,7 @@ class Task(Backend):
     def evaluate(self, model: Any, tokenizer: Any = None, **kwargs: Any) -> TaskResult:
         """Score ``model`` (an ``nn.Module`` with ``tokenizer``, or a scorer) on this task's items."""
 
-    def check_data(self) -> None:  # noqa: B027 (optional hook: a task without data files has nothing to check)
+    def check_data(self) -> None:
         """Read and check the task's data files without a model (an error names the bad row); `evaluate` calls it
         for every task before the model loads."""
 

@@ -131,9 +131,6 @@ class BleuOptions:
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                     raise InvalidOptionError(f"option weights[{i}]={w!r} must be a finite number >= 0 (a negative "
                                              "weight rewards missing n-grams)", field="weights")
-            if not any(self.weights):
-                raise InvalidOptionError(f"option weights={tuple(self.weights)!r}: at least one weight must be > 0 "
-                                         "(all zero scores every output 1)", field="weights")
             object.__setattr__(self, "weights", tuple(self.weights))
 
     # Resolved values -----------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.core.errors import ConfigError, UnknownOptionError, did_you_mean
-from llmtune.core.paths import check_output_dir
 from llmtune.core.interfaces import Task
+from llmtune.core.paths import check_output_dir
 from llmtune.core.results import TaskResult
 
 

@@ -225,7 +225,7 @@ class TrainOptions:
         positive("loss_chunk_tokens", self.loss_chunk_tokens, zero_ok=True)
         if self.num_threads != "auto":
             positive("num_threads", self.num_threads)
-            _at_most("num_threads", self.num_threads, MAX_THREADS, "more threads than cores only slow a run down")
+            _at_most("num_threads", int(self.num_threads), MAX_THREADS, "more threads than cores only slow a run down")
         check_choice("template", self.template, TEMPLATES)
         positive("max_length", self.max_length)
         check_choice("train_on", self.train_on, TRAIN_ON)

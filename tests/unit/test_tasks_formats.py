@@ -229,7 +229,7 @@ def test_task_options_for_a_task_not_given_is_an_error_with_the_closest_name(tmp
         llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswg": {"limit": 2}})
     assert err.value.field == "hellaswg"
     task = llmtune.get_task("boolq")
-    with pytest.raises(UnknownOptionError, match="task_options names 'boolq'.*get_task"):
+    with pytest.raises(UnknownOptionError, match=r"task_options names 'boolq'.*get_task"):
         llmtune.evaluate("no-model-is-loaded", [task], task_options={"boolq": {"limit": 2}})
 
 
