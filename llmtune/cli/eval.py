@@ -7,6 +7,8 @@ Two modes:
   `llmtune.evaluate` (``--backend lm-eval`` runs lm-evaluation-harness instead); ``--output DIR`` writes
   per-item JSONL and ``results.json``; ``--option key=value`` passes task options (e.g. ``limit=100``).
 
+A flag of the other mode (``--output`` with ``--metric``, ``--metric`` with ``--task``) is an error, not ignored.
+
 File formats (chosen by extension, or forced with ``--format``):
 
 * plain text (any extension but ``.jsonl``/``.json``): one example per line (``\\n`` or ``\\r\\n``); a final
@@ -149,6 +151,11 @@ def register(app: typer.Typer) -> None:
         """Score predictions against references with ROUGE or BLEU, or run benchmark tasks on a model."""
         import llmtune
 
+        _refuse_other_mode(bool(task), {
+            "--metric": metric, "--predictions": predictions, "--references": references or more_references,
+            "--format": fmt != "auto", "--field": field != "text"}, {
+            "--data": data, "--model": model, "--adapter": adapter, "--output": output,
+            "--num-fewshot": num_fewshot != 0, "--batch-size": batch_size != 8})
         if task:
             options = parse_options(list(option or []))
             results = _run_tasks(task, data=data, model=model, adapter=adapter, backend=backend,
@@ -191,6 +198,16 @@ def register(app: typer.Typer) -> None:
             for i in range(len(preds)):
                 ex.add_row(str(i), *(f"{per[k][i]:.4f}" for k in per))
             console.print(ex)
+
+
+def _refuse_other_mode(task_mode: bool, metric_flags: dict[str, Any], task_flags: dict[str, Any]) -> None:
+    """A flag of the other mode would be ignored silently (``--output`` in metric mode writes nothing): refuse it."""
+    unused = metric_flags if task_mode else task_flags
+    given = [flag for flag, value in unused.items() if value]
+    if given:
+        mode, other = ("task mode (--task)", "metric mode") if task_mode else ("metric mode (--metric)", "task mode")
+        raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for {other}, not {mode}; "
+                          f"drop {'it' if len(given) == 1 else 'them'}")
 
 
 def _run_tasks(names: list[str], *, data: Path | None, model: str | None, adapter: Path | None, backend: str | None,
