@@ -242,3 +242,13 @@ def test_evaluate_checks_data_and_output_before_the_model_loads(tmp_path: Path) 
     bad = _jsonl(tmp_path / "bad.jsonl", [{**_HS, "label": 4}])
     with pytest.raises(ConfigError, match="field 'label': 4 is not an index into 4 endings"):
         llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswag": {"data": str(bad)}})
+
+
+def test_task_option_values_are_checked() -> None:
+    with pytest.raises(InvalidOptionError, match="option data=123 must be a file path") as err:
+        llmtune.get_task("hellaswag", data=123)
+    assert err.value.field == "data"
+    with pytest.raises(InvalidOptionError, match=r"option until=\[1\] must be a stop string"):
+        llmtune.get_task("generation", until=[1])
+    # one string is one stop string (as the harness takes it), never one stop per character
+    assert llmtune.get_task("generation", until="Question:").options.until == ("Question:",)
