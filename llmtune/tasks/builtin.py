@@ -220,6 +220,14 @@ class KopitiamOptions(TaskOptions):
 
     template: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.template is not None:
+            from llmtune.core.options import check_choice
+            from llmtune.data.templates import TEMPLATES
+
+            check_choice("template", self.template, TEMPLATES)
+
 
 class KopitiamMCTask(MultipleChoiceTask):
     """Made-up: which plain-English description is this kopitiam order? (4 choices, seeded distractors)."""

@@ -252,3 +252,5 @@ def test_task_option_values_are_checked() -> None:
         llmtune.get_task("generation", until=[1])
     # one string is one stop string (as the harness takes it), never one stop per character
     assert llmtune.get_task("generation", until="Question:").options.until == ("Question:",)
+    with pytest.raises(InvalidOptionError, match="template='llama4' is not one of.*Did you mean 'llama3'"):
+        llmtune.get_task("kopitiam-mc", template="llama4")  # was found only when the first item was rendered
