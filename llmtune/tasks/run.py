@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmtune.core.errors import ConfigError, UnknownOptionError, did_you_mean
+from llmtune.core.errors import ArgumentTypeError, ConfigError, UnknownOptionError, did_you_mean
 from llmtune.core.interfaces import Task
 from llmtune.core.paths import check_output_dir
 from llmtune.core.results import TaskResult
@@ -61,6 +61,8 @@ def _tasks(tasks: Any, backend: str | None, task_options: Mapping[str, Mapping[s
 
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ArgumentTypeError(f"tasks must be a task name, a Task, or a non-empty list of them; got {tasks!r}")
     names = [t for t in tasks if isinstance(t, str)]
     for key in task_options:
         if key not in names:

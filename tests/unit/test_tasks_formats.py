@@ -252,5 +252,13 @@ def test_task_option_values_are_checked() -> None:
         llmtune.get_task("generation", until=[1])
     # one string is one stop string (as the harness takes it), never one stop per character
     assert llmtune.get_task("generation", until="Question:").options.until == ("Question:",)
-    with pytest.raises(InvalidOptionError, match="template='llama4' is not one of.*Did you mean 'llama3'"):
+    with pytest.raises(InvalidOptionError, match=r"template='llama4' is not one of.*Did you mean 'llama3'"):
         llmtune.get_task("kopitiam-mc", template="llama4")  # was found only when the first item was rendered
+
+
+@pytest.mark.parametrize("tasks", [123, [], None])
+def test_evaluate_needs_tasks(tasks) -> None:
+    from llmtune.core.errors import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match="tasks must be a task name, a Task, or a non-empty list"):
+        llmtune.evaluate("no-model-is-loaded", tasks)
