@@ -7,6 +7,8 @@ Two modes:
   `llmtune.evaluate` (``--backend lm-eval`` runs lm-evaluation-harness instead); ``--output DIR`` writes
   per-item JSONL and ``results.json``; ``--option key=value`` passes task options (e.g. ``limit=100``).
 
+A flag of the other mode (``--output`` with ``--metric``, ``--metric`` with ``--task``) is an error, not ignored.
+
 File formats (chosen by extension, or forced with ``--format``):
 
 * plain text (any extension but ``.jsonl``/``.json``): one example per line (``\\n`` or ``\\r\\n``); a final
@@ -31,7 +33,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmtune.core.errors import ConfigError
-from llmtune.core.paths import read_text_file
+from llmtune.core.paths import check_output_dir, read_text_file
 
 
 def _parse_value(text: str) -> Any:
@@ -149,6 +151,11 @@ def register(app: typer.Typer) -> None:
         """Score predictions against references with ROUGE or BLEU, or run benchmark tasks on a model."""
         import llmtune
 
+        _refuse_other_mode(bool(task), {
+            "--metric": metric, "--predictions": predictions, "--references": references or more_references,
+            "--format": fmt != "auto", "--field": field != "text"}, {
+            "--data": data, "--model": model, "--adapter": adapter, "--output": output,
+            "--num-fewshot": num_fewshot != 0, "--batch-size": batch_size != 8})
         if task:
             options = parse_options(list(option or []))
             results = _run_tasks(task, data=data, model=model, adapter=adapter, backend=backend,
@@ -193,6 +200,16 @@ def register(app: typer.Typer) -> None:
             console.print(ex)
 
 
+def _refuse_other_mode(task_mode: bool, metric_flags: dict[str, Any], task_flags: dict[str, Any]) -> None:
+    """A flag of the other mode would be ignored silently (``--output`` in metric mode writes nothing): refuse it."""
+    unused = metric_flags if task_mode else task_flags
+    given = [flag for flag, value in unused.items() if value]
+    if given:
+        mode, other = ("task mode (--task)", "metric mode") if task_mode else ("metric mode (--metric)", "task mode")
+        raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for {other}, not {mode}; "
+                          f"drop {'it' if len(given) == 1 else 'them'}")
+
+
 def _run_tasks(names: list[str], *, data: Path | None, model: str | None, adapter: Path | None, backend: str | None,
                num_fewshot: int, batch_size: int, output: Path | None, options: dict[str, Any]) -> dict[str, Any]:
     """`llmtune.evaluate` with the command line's options given to every task."""
@@ -202,6 +219,8 @@ def _run_tasks(names: list[str], *, data: Path | None, model: str | None, adapte
         raise ConfigError("--data names one file: give exactly one --task with it")
     if model is None and adapter is None:
         raise ConfigError("task mode needs --model (a directory or hub id) and/or --adapter")
+    if output is not None:  # before a model loads; `evaluate` checks every task's files again
+        check_output_dir(output, [data, options.get("fewshot_data")], what="--output")
     per_task = {**options, "num_fewshot": num_fewshot}
     if data is not None:
         per_task["data"] = str(data)

@@ -108,5 +108,9 @@ class Task(Backend):
     def evaluate(self, model: Any, tokenizer: Any = None, **kwargs: Any) -> TaskResult:
         """Score ``model`` (an ``nn.Module`` with ``tokenizer``, or a scorer) on this task's items."""
 
+    def check_data(self) -> None:
+        """Read and check the task's data files without a model (an error names the bad row); `evaluate` calls it
+        for every task before the model loads."""
+
 
 KINDS: dict[str, type[Backend]] = {"metric": Metric, "quantizer": Quantizer, "trainer": Trainer, "task": Task}

@@ -18,8 +18,9 @@ def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (), 
     """``out`` as a Path, or a `ConfigError` when writing a directory there would be unsafe or impossible.
 
     Refused: an output that is, or contains, one of ``inputs`` (writing there would overwrite the source:
-    ``quantize M --out M``), a path that exists and is not a directory, and a location that cannot be
-    written (read-only directory). Symbolic links are resolved first, so a link to the source is the source.
+    ``quantize M --out M``) or lies inside an input directory (``quantize M --out M/quantized``), a path
+    that exists and is not a directory, and a location that cannot be written (read-only directory). Symbolic
+    links are resolved first, so a link to the source is the source.
     """
     path = Path(out).expanduser()
     target = path.resolve()
@@ -29,9 +30,12 @@ def check_output_dir(out: str | Path, inputs: Iterable[str | Path | None] = (), 
         source = Path(given).expanduser()
         if not source.exists():
             continue
-        if _within(source.resolve(), target):
-            relation = "is" if source.resolve() == target else "contains"
-            raise ConfigError(f"{what} {path} {relation} the input {source}: writing there would overwrite it; "
+        src = source.resolve()
+        relation = ("is" if src == target else "contains" if _within(src, target) else
+                    "lies inside" if src.is_dir() and _within(target, src) else None)
+        if relation:
+            harm = "add files to it" if relation == "lies inside" else "overwrite it"
+            raise ConfigError(f"{what} {path} {relation} the input {source}: writing there would {harm}; "
                               "choose another output directory")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} exists and is not a directory")

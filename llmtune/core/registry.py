@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from llmtune.core.errors import (
+    ArgumentTypeError,
     BackendUnavailableError,
     LlmtuneError,
     MissingDependencyError,
@@ -204,6 +205,10 @@ class Registry:
         self._check_kind(kind)
         self._ensure(kind)
         names = sorted({n for (k, n, _) in self._entries if k == kind})
+        for what, value in (("name", name), ("backend", backend)):
+            if not isinstance(value, str) and (what == "name" or value is not None):
+                raise ArgumentTypeError(f"{kind} {what} must be a string, got {value!r} ({type(value).__name__}); "
+                                        f"known {kind}s: {', '.join(names) or 'none'}")
         if name not in names:
             raise UnknownBackendError(
                 f"unknown {kind} {name!r}.{did_you_mean(name, names)} Known {kind}s: {', '.join(names) or 'none'}."

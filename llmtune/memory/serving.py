@@ -23,6 +23,7 @@ import dataclasses
 import math
 
 from llmtune.core.errors import InvalidOptionError
+from llmtune.core.options import check_type
 from llmtune.memory.gpus import gpu_bytes
 from llmtune.memory.spec import ModelSpec
 
@@ -107,16 +108,25 @@ def vllm_capacity(spec: ModelSpec, weight_bytes: int, *, gpu: str | int, kv_byte
                   non_torch_bytes: int = 0, cudagraph_bytes: int = 0,
                   shared_prefix_tokens: int = 0) -> tuple[ServingCapacity, dict[str, int]]:
     """vLLM's block pool on one GPU for ``weight_bytes`` of (per-GPU) weights; also the profiling-run terms."""
+    check_type("gpu_memory_utilization", gpu_memory_utilization, (int, float))
     if not 0 < gpu_memory_utilization <= 1:
-        raise InvalidOptionError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
-    for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                    ("max_num_batched_tokens", max_num_batched_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidOptionError(f"{name} must be an integer >= 1, got {v!r}")
+        raise InvalidOptionError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}",
+                                 field="gpu_memory_utilization")
     mml = max_model_len if max_model_len is not None else spec_max_len(spec)
-    if isinstance(mml, bool) or not isinstance(mml, int) or mml < 1:
-        raise InvalidOptionError(f"max_model_len must be an integer >= 1, got {max_model_len!r}")
+    for name, v, least in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                           ("max_num_batched_tokens", max_num_batched_tokens, 1), ("max_model_len", mml, 1),
+                           ("non_torch_bytes", non_torch_bytes, 0), ("cudagraph_bytes", cudagraph_bytes, 0),
+                           ("shared_prefix_tokens", shared_prefix_tokens, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise InvalidOptionError(f"vllm option {name} must be an integer >= {least}, got {v!r}", field=name)
     requested = math.ceil(gpu_bytes(gpu) * gpu_memory_utilization)
+    for name, v in (("non_torch_bytes", non_torch_bytes), ("cudagraph_bytes", cudagraph_bytes)):
+        if v > requested:
+            raise InvalidOptionError(f"vllm option {name}={v:,} is more than the {requested:,} bytes that "
+                                     f"gpu_memory_utilization leaves on {gpu}", field=name)
+    if shared_prefix_tokens > mml:
+        raise InvalidOptionError(f"vllm option shared_prefix_tokens={shared_prefix_tokens} exceeds "
+                                 f"max_model_len={mml}", field="shared_prefix_tokens")
     seqs = min(max_num_batched_tokens, max_num_seqs)
     prof = profile_run_bytes(spec, act_bytes, max_num_batched_tokens, seqs, tp)
     non_kv = weight_bytes + sum(prof.values()) + non_torch_bytes

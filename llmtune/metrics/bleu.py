@@ -128,8 +128,9 @@ class BleuOptions:
                 raise InvalidOptionError(f"option weights has {len(self.weights)} entries (n-gram orders); at most "
                                          f"{MAX_NGRAM_ORDER}")
             for i, w in enumerate(self.weights):
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                    raise InvalidOptionError(f"option weights[{i}]={w!r} must be a finite number")
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                    raise InvalidOptionError(f"option weights[{i}]={w!r} must be a finite number >= 0 (a negative "
+                                             "weight rewards missing n-grams)", field="weights")
             object.__setattr__(self, "weights", tuple(self.weights))
 
     # Resolved values -----------------------------------------------------------------------------------------

@@ -146,6 +146,8 @@ def bootstrap_ci(predictions: Iterable[str], references: Iterable[Any], metric: 
                  n_samples: int = 1000, seed: int | None = DEFAULT_SEED, key: str | None = None,
                  **options: Any) -> SystemResult:
     """One system's score with sacrebleu's bootstrap ``mean`` and ``ci`` (``corpus_score(n_bootstrap=n)``)."""
+    _check_count("n_samples", n_samples, 1)
+    _check_seed(seed)
     preds, refs = check_corpus(predictions, references, metric)
     sc = _scorer(metric, refs, key, options)
     stats = sc.stats(preds)
@@ -171,6 +173,9 @@ def compare(baseline: Iterable[str], *systems: Iterable[str], references: Iterab
         raise InvalidOptionError(f"test={test!r} must be 'bs' (paired bootstrap) or 'ar' (approximate randomization)")
     if not systems:
         raise InvalidOptionError("compare needs at least one system besides the baseline")
+    _check_count("n_samples", n_samples, 0, "0 = the default")
+    _check_count("n_ar_confidence", n_ar_confidence, -1, "-1 = none, 0 = 1000")
+    _check_seed(seed)
     base, refs = check_corpus(baseline, references, metric)
     outs = [check_corpus(s, refs, metric)[0] for s in systems]
     sc = _scorer(metric, refs, key, options)
@@ -187,6 +192,19 @@ def compare(baseline: Iterable[str], *systems: Iterable[str], references: Iterab
     results = [run(sc, bl_stats, bl_score, sc.stats(out), n, n_conf, seed) for out in outs]
     signature = f"{sc.signature}|test:{test}|n:{n}|seed:{str(seed).lower()}"
     return ComparisonResult(SystemResult(bl_score, None, bl_mean, bl_ci), results, signature)
+
+
+def _check_count(field: str, value: object, minimum: int, meaning: str = "") -> None:
+    """An int >= ``minimum`` (not a bool, not a float): resample counts, where a negative used to mean the default."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        say = f" ({meaning})" if meaning else ""
+        raise InvalidOptionError(f"{field}={value!r} must be an integer >= {minimum}{say}", field=field)
+
+
+def _check_seed(seed: object) -> None:
+    """None (fresh entropy) or an int >= 0, what NumPy's generator takes."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise InvalidOptionError(f"seed={seed!r} must be None or an integer >= 0", field="seed")
 
 
 def _p_value(stats: np.ndarray, real_difference: float) -> float:

@@ -9,6 +9,7 @@ Kinds of scoring: `MultipleChoiceTask` (log-likelihood of each choice; acc, acc_
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -31,7 +32,7 @@ def bundled_path(name: str) -> Path:
 
 def _check_int(field: str, value: object, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidOptionError(f"option {field}={value!r} must be an int >= {minimum}")
+        raise InvalidOptionError(f"option {field}={value!r} must be an int >= {minimum}", field=field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,10 @@ class TaskOptions:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        for field in ("data", "fewshot_data"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise InvalidOptionError(f"option {field}={value!r} must be a file path", field=field)
         _check_int("num_fewshot", self.num_fewshot, 0)
         _check_int("seed", self.seed, 0)
         if self.limit is not None:
@@ -72,6 +77,11 @@ class DataTask(Task):
         if not docs:
             raise ConfigError(f"{self.data_path()}: no items")
         return docs[: self.options.limit] if self.options.limit else docs
+
+    def check_data(self) -> None:
+        self.docs()
+        if self.options.num_fewshot and self.options.fewshot_data:
+            self.shot_pool()
 
     def shot_pool(self) -> tuple[list[Doc], bool]:
         """(docs shots are drawn from, whether that is the evaluated file itself)."""
@@ -210,6 +220,14 @@ class KopitiamOptions(TaskOptions):
 
     template: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.template is not None:
+            from llmtune.core.options import check_choice
+            from llmtune.data.templates import TEMPLATES
+
+            check_choice("template", self.template, TEMPLATES)
+
 
 class KopitiamMCTask(MultipleChoiceTask):
     """Made-up: which plain-English description is this kopitiam order? (4 choices, seeded distractors)."""
@@ -338,10 +356,18 @@ class PerplexityTask(DataTask):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions(GenOptions):
-    """Plus ``until``: stop strings (default: a newline)."""
+    """Plus ``until``: stop strings (default: a newline; one string is one stop string)."""
 
     max_new_tokens: int = 64
     until: tuple[str, ...] = ("\n",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        stops = (self.until,) if isinstance(self.until, str) else self.until  # one string is one stop, as the harness
+        if not isinstance(stops, (list, tuple)) or not stops or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidOptionError(f"option until={self.until!r} must be a stop string or a list of non-empty "
+                                     "stop strings", field="until")
+        object.__setattr__(self, "until", tuple(stops))
 
 
 class GenerationTask(DataTask):

@@ -44,6 +44,9 @@ class HarnessTask(Task):
         self._ours = self.ours(**options)
         self.options = self._ours.options
 
+    def check_data(self) -> None:
+        self._ours.check_data()
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if importlib.util.find_spec("lm_eval") is None:

@@ -8,8 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmtune.core.errors import ConfigError
+from llmtune.core.errors import ArgumentTypeError, ConfigError, UnknownOptionError, did_you_mean
 from llmtune.core.interfaces import Task
+from llmtune.core.paths import check_output_dir
 from llmtune.core.results import TaskResult
 
 
@@ -55,10 +56,20 @@ def _adapter_base(adapter: str | Path | None) -> str:
 
 
 def _tasks(tasks: Any, backend: str | None, task_options: Mapping[str, Mapping[str, Any]]) -> list[Task]:
+    """The `Task` objects of ``tasks``; every key of ``task_options`` must name one of the tasks given by name."""
     from llmtune.core.registry import get_task
 
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ArgumentTypeError(f"tasks must be a task name, a Task, or a non-empty list of them; got {tasks!r}")
+    names = [t for t in tasks if isinstance(t, str)]
+    for key in task_options:
+        if key not in names:
+            hint = did_you_mean(str(key), names)
+            raise UnknownOptionError(f"task_options names {key!r}, which is not among the tasks given by name "
+                                     f"({', '.join(map(repr, names)) or 'none'}).{hint} Options of a Task object go to "
+                                     "get_task(name, **options)", field=str(key))
     out = []
     for t in tasks:
         if isinstance(t, Task):
@@ -67,6 +78,8 @@ def _tasks(tasks: Any, backend: str | None, task_options: Mapping[str, Mapping[s
             out.append(get_task(t, backend=backend, **dict(task_options.get(t, {}))))
         else:
             raise ConfigError(f"tasks must be names or Task objects, got {t!r}")
+    for task in out:  # read every data file now: a bad row is reported before a model loads
+        task.check_data()
     return out
 
 
@@ -90,20 +103,31 @@ def evaluate(
     ``output_dir``: writes ``{task}.jsonl`` (one line per item) and ``results.json`` (metrics, stderr, config).
     ``progress(task, done, total)`` is called as items are scored.
     """
+    chosen = _tasks(tasks, backend, task_options or {})
+    out = check_output_dir(output_dir, _task_inputs(chosen), what="output_dir") if output_dir is not None else None
     was_training = bool(getattr(model, "training", False))
     module, tok = load_model(model, tokenizer, adapter)
     if was_training and module is model:
         module.train()  # a caller's module is given back in its own mode (the scorer evaluates in eval mode)
     results: dict[str, TaskResult] = {}
-    for task in _tasks(tasks, backend, task_options or {}):
+    for task in chosen:
         def tick(done: int, total: int, _name: str = task.name) -> None:
             if progress is not None:
                 progress(_name, done, total)
 
         results[task.name] = task.evaluate(module, tok, batch_size=batch_size, progress=tick)
-    if output_dir is not None:
-        write_results(results, output_dir)
+    if out is not None:
+        write_results(results, out)
     return results
+
+
+def _task_inputs(tasks: Sequence[Task]) -> list[str]:
+    """The data files the tasks read (an output directory must not hold them)."""
+    out = []
+    for task in tasks:
+        opts = getattr(task, "options", None)
+        out += [str(p) for p in (getattr(opts, "data", None), getattr(opts, "fewshot_data", None)) if p]
+    return out
 
 
 def _jsonable(value: Any) -> Any:

@@ -320,8 +320,41 @@ def claim_output_dir(output_dir: Path, fingerprint: Fingerprint, *, overwrite: b
     return RunDir(output_dir, fingerprint, previous, events)
 
 
+#: Settings that shape the trained weights or the optimizer's state: a checkpoint's tensors do not load under
+#: other values, so no resume may change them (``allow_changes`` refuses them).
+FIXED_ON_RESUME = ("trainer", "model", "method", "rank", "targets", "num_virtual_tokens", "init", "bottleneck_size",
+                   "bottleneck_sites", "bottleneck_placement", "quantizer", "optimizer")
+
+
+def check_allow_changes(allow_changes: Iterable[str], options: Any, free: Iterable[str] = ()) -> tuple[str, ...]:
+    """``allow_changes`` as a tuple, once each names a setting of ``options`` (a trainer's options dataclass) or
+    ``data`` that a resume can change; an `InvalidOptionError` naming it and the allowed ones otherwise. Names in
+    ``free`` (settings that are not part of the run's identity) need no allowing and are accepted."""
+    from llmtune.core.errors import InvalidOptionError, did_you_mean
+
+    names = tuple(allow_changes)
+    known = {f.name for f in dataclasses.fields(options)} | {"trainer", "model", "data"}
+    allowed = sorted(known - set(FIXED_ON_RESUME) - set(free))
+    for name in names:
+        flag = f"allow_changes {name!r} (CLI --allow-change {name})"
+        if not isinstance(name, str) or name not in known:
+            raise InvalidOptionError(f"{flag} is not a setting of this run.{did_you_mean(str(name), known)} A resume "
+                                     f"may change: {', '.join(allowed)}", field="allow_changes")
+        if name in FIXED_ON_RESUME:
+            raise InvalidOptionError(f"{flag}: {name} shapes the trained weights or the optimizer state, so a "
+                                     "checkpoint cannot continue under another value; restore it, or start a new run "
+                                     f"(another output_dir, or --overwrite). A resume may change: {', '.join(allowed)}",
+                                     field="allow_changes")
+    return names
+
+
 def _resume_error(where: Path, changes: Mapping[str, tuple[Any, Any]], allowed: set[str]) -> OutputDirError:
     bad = {k: v for k, v in changes.items() if k not in allowed}
+    fixed = [k for k in bad if k in FIXED_ON_RESUME]
+    if fixed:
+        return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}); {', '.join(fixed)} cannot "
+                              "change on resume (the checkpoint's weights or optimizer state have another shape): "
+                              "restore the settings, or start a new run (another output_dir, or --overwrite)")
     return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}); restore the settings, or "
                           f"allow it with allow_changes={sorted(bad)!r} (CLI: "
                           + " ".join(f"--allow-change {k}" for k in bad) + ")")

@@ -65,12 +65,14 @@ class RecipeTrainer(Trainer):
         unless each changed field is named in ``allow_changes`` (e.g. ``("max_steps",)``). Any option can be
         overridden by keyword.
         """
-        from llmtune.trainers.loop import run
+        from llmtune.trainers._checkpoint import check_allow_changes
+        from llmtune.trainers.loop import NOT_RUN_IDENTITY, run
 
         opts = self._merged_options(overrides) if overrides else self.options
+        allowed = check_allow_changes(allow_changes, opts, free=NOT_RUN_IDENTITY)
         out = Path(output_dir if output_dir is not None else opts.output_dir)
         return run(self, opts, model, data, eval_data=eval_data, tokenizer=tokenizer, output_dir=out,
-                   resume=resume, callbacks=list(callbacks), overwrite=overwrite, allow_changes=tuple(allow_changes))
+                   resume=resume, callbacks=list(callbacks), overwrite=overwrite, allow_changes=allowed)
 
 
 def trainer_class(objective: str, backend: type[TrainerBackend], *, name: str | None = None) -> type[RecipeTrainer]:

@@ -100,6 +100,8 @@ class TaskEvaluator(Callback):
         self.specs = [make_spec(t) for t in ([tasks] if isinstance(tasks, (str, Mapping)) else tasks)]
         if not self.specs:
             raise ConfigError("TaskEvaluator needs at least one task")
+        for spec in self.specs:  # a bad data row is reported now (and by --check), not after the training
+            getattr(spec.task, "check_data", lambda: None)()
         self.every = _positive_int(every, "TaskEvaluator every")
         self.batch_size = _positive_int(batch_size, "TaskEvaluator batch_size") or 8
         self.at_end = at_end

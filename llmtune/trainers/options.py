@@ -29,6 +29,16 @@ DISTRIBUTED = ("ddp", "fsdp")
 positive = check_positive
 
 
+#: Upper bounds of options whose larger values crash a run instead of failing cleanly.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+
+
+def _at_most(field: str, value: int, most: int, why: str) -> None:
+    if value > most:
+        raise InvalidOptionError(f"option {field}={value!r} must be at most {most} ({why})", field=field)
+
+
 def _check_targets(opts: Any) -> None:
     targets = opts.targets
     if isinstance(targets, list):
@@ -215,6 +225,7 @@ class TrainOptions:
         positive("loss_chunk_tokens", self.loss_chunk_tokens, zero_ok=True)
         if self.num_threads != "auto":
             positive("num_threads", self.num_threads)
+            _at_most("num_threads", int(self.num_threads), MAX_THREADS, "more threads than cores only slow a run down")
         check_choice("template", self.template, TEMPLATES)
         positive("max_length", self.max_length)
         check_choice("train_on", self.train_on, TRAIN_ON)
@@ -224,6 +235,7 @@ class TrainOptions:
         for name in ("eval_every", "eval_examples", "save_every", "keep_checkpoints", "seed",
                      "early_stopping_patience"):
             positive(name, getattr(self, name), zero_ok=True)
+        _at_most("seed", self.seed, MAX_SEED, "NumPy's seed range, which the run seeds with it")
         for name in ("eval_batch_size", "max_new_tokens", "log_every"):
             positive(name, getattr(self, name))
         check_type("output_dir", self.output_dir, (str, os.PathLike))

@@ -53,6 +53,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (root / "latin1.yaml").write_bytes("model: base\ndata: caf\xe9.jsonl\n".encode("latin-1"))
     (root / "data-is-a-dir.yaml").write_text("model: base\ndata: adir\noutput_dir: runs/d\n")
+    _bad_task_data(root)
     custom = root / "custom"
     custom.mkdir()
     config = json.loads((root / "base" / "config.json").read_text())
@@ -62,6 +63,26 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (custom / name).write_bytes((root / "base" / name).read_bytes())
     return root
+
+
+def _bad_task_data(root: Path) -> None:
+    """Task data whose fields are all present but whose values are wrong, a run config, and a data folder."""
+    hs = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["w", "x", "y", "z"], "label": 1}
+    rows = {"hs-label9.jsonl": {**hs, "label": 9}, "hs-one-string.jsonl": {**hs, "endings": "wxyz"},
+            "boolq-string.jsonl": {"question": "q", "passage": "p", "answer": "false"},
+            "mmlu-9.jsonl": {"question": "q", "choices": ["w", "x", "y", "z"], "answer": 9},
+            "mmlu-minus1.jsonl": {"question": "q", "choices": ["w", "x", "y", "z"], "answer": -1}}
+    for name, row in rows.items():
+        (root / name).write_text(json.dumps(row) + "\n")
+    (root / "squad-no-qas.json").write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c"}]}]}))
+    (root / "empty.txt").write_text("")
+    (root / "evaldata").mkdir()
+    (root / "evaldata" / "hellaswag.jsonl").write_text(json.dumps(hs) + "\n")
+    (root / "sft.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    run = "model: base\ndata: sft.jsonl\noutput_dir: runs/safety\ntrainer:\n  template: chatml\n"
+    (root / "run.yaml").write_text(run)
+    (root / "seed.yaml").write_text(run + "  seed: 100000000000000000000\n")
+    (root / "threads.yaml").write_text(run + "  num_threads: 100000\n")
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -97,6 +118,31 @@ CATALOGUE = [
     (["merge", "--adapter", "adapter", "--out", "base"], "is the input"),
     (["demo", "--out", "a-file"], "--out a-file exists and is not a directory"),
     (["train", "data-is-a-dir.yaml"], "adir: is a directory, not a data file"),
+    # task data: values checked, not only presence (each was scored as acc 0, exit 0)
+    (["eval", "--task", "hellaswag", "--data", "hs-label9.jsonl", "--model", "base"],
+     "hs-label9.jsonl:1: field 'label': 9 is not an index into 4 endings"),
+    (["eval", "--task", "hellaswag", "--data", "hs-one-string.jsonl", "--model", "base"],
+     "hs-one-string.jsonl:1: field 'endings': expected a list of endings, got one string"),
+    (["eval", "--task", "boolq", "--data", "boolq-string.jsonl", "--model", "base"],
+     "boolq-string.jsonl:1: field 'answer': expected true or false, got \"false\""),
+    (["eval", "--task", "mmlu", "--data", "mmlu-9.jsonl", "--model", "base"],
+     "mmlu-9.jsonl:1: field 'answer': 9 is not an index into 4 choices"),
+    (["eval", "--task", "mmlu", "--data", "mmlu-minus1.jsonl", "--model", "base"],
+     "mmlu-minus1.jsonl:1: field 'answer': -1 is not an index into 4 choices"),
+    (["eval", "--task", "squad", "--data", "squad-no-qas.json", "--model", "base"],
+     "squad-no-qas.json: data[0].paragraphs[0]: no field 'qas'"),
+    (["eval", "--task", "perplexity", "--data", "empty.txt", "--model", "base"], "empty.txt: empty: there is no text"),
+    # outputs never overlap inputs
+    (["eval", "--task", "hellaswag", "--data", "evaldata/hellaswag.jsonl", "--model", "base", "--output", "evaldata"],
+     "--output evaldata contains the input evaldata/hellaswag.jsonl"),
+    (["quantize", "base", "--method", "nf4", "--out", "base/quantized"],
+     "--out base/quantized lies inside the input base"),
+    # options never vanish, bounds are checked
+    (["train", "run.yaml", "--resume", "auto", "--allow-change", "no_such_field"],
+     "allow_changes 'no_such_field' (CLI --allow-change no_such_field) is not a setting of this run"),
+    (["train", "run.yaml", "--resume", "auto", "--allow-change", "rank"], "rank shapes the trained weights"),
+    (["train", "seed.yaml", "--check"], "option seed=100000000000000000000 must be at most 4294967295"),
+    (["train", "threads.yaml", "--check"], "option num_threads=100000 must be at most 1024"),
 ]
 
 

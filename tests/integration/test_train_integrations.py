@@ -105,6 +105,10 @@ def test_config_eval_tasks_validated_with_its_line(tmp_path: Path) -> None:
         load_config(_config(tmp_path, "eval_tasks: [{name: kopitiam-mc, every: -1}]\n"))
     with pytest.raises(ConfigError, match=r"c\.yaml:10: 'eval_tasks' must be a list"):
         load_config(_config(tmp_path, "eval_tasks: 3\n"))
+    # a bad row of a task's data is found when the config is read (and by --check), not after the training
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "label": 5}) + "\n")
+    with pytest.raises(ConfigError, match=r"mc\.jsonl:1: field 'label': 5 is not an index into 2 choices"):
+        load_config(_config(tmp_path, f"eval_tasks: [{{name: multiple-choice, data: {tmp_path / 'mc.jsonl'}}}]\n"))
 
 
 def test_cli_runs_config_tasks_and_prints_the_vllm_finding(tok: Any, tmp_path: Path) -> None:

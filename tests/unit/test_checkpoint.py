@@ -247,6 +247,34 @@ def test_check_resumable_refuses_changed_settings_unless_allowed(tmp_path: Path)
     assert ckpt.check_resumable(path, longer, ["max_steps", "data"])["step"] == 2
 
 
+def test_a_changed_rank_is_never_offered_as_an_allowed_change(tmp_path: Path) -> None:
+    """A checkpoint's adapter of rank 4 does not load at rank 8: the error says so instead of suggesting
+    --allow-change rank (which used to end in a raw RuntimeError from load_state_dict)."""
+    path = make_checkpoint(tmp_path, 2)
+    wider = ckpt.Fingerprint(config={**FP.config, "rank": 8}, data="d0")
+    with pytest.raises(OutputDirError, match=r"rank 4 -> 8\); rank cannot change on resume") as err:
+        ckpt.check_resumable(path, wider)
+    assert "--allow-change" not in str(err.value)
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    (["no_such_field"], r"allow_changes 'no_such_field' \(CLI --allow-change no_such_field\) is not a setting of "
+                        r"this run\. A resume may change: .*\bmax_steps\b"),
+    (["max_step"], "Did you mean 'max_steps'"),
+    (["rank"], r"allow_changes 'rank' .*: rank shapes the trained weights.* A resume may change: .*\blr\b"),
+    (["lr", "method"], "method shapes the trained weights"),
+])
+def test_allow_changes_names_a_changeable_setting(names: list[str], message: str) -> None:
+    from llmtune.core.errors import InvalidOptionError
+    from llmtune.trainers.options import TrainOptions
+
+    with pytest.raises(InvalidOptionError, match=message) as err:
+        ckpt.check_allow_changes(names, TrainOptions())
+    assert err.value.field == "allow_changes" and "\n" not in str(err.value)
+    assert ckpt.check_allow_changes(["lr", "data", "save_every"], TrainOptions(), free=["save_every"]) == (
+        "lr", "data", "save_every")
+
+
 def test_prune_keeps_the_newest_and_never_the_current(tmp_path: Path) -> None:
     for step in (2, 4, 6, 8):
         make_checkpoint(tmp_path, step)

@@ -126,3 +126,20 @@ def test_invalid_metric_option_is_reported(tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", "-m", "bleu", "-p", str(p), "-r", str(r), "-o", "smooth_method=expo"])
     assert isinstance(result.exception, InvalidOptionError)
     assert "Did you mean 'exp'" in str(result.exception)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--output", "out"], "--output is for task mode, not metric mode (--metric); drop it"),
+    (["--model", "m", "--num-fewshot", "2"], "--model, --num-fewshot are for task mode"),
+])
+def test_a_flag_of_task_mode_is_refused_in_metric_mode(tmp_path: Path, extra: list[str], message: str) -> None:
+    """``--output`` with ``--metric`` used to be ignored: exit 0 and nothing written."""
+    p, r = _write(tmp_path / "p.txt", PREDS), _write(tmp_path / "r.txt", REFS1)
+    result = runner.invoke(app, ["eval", "-m", "bleu", "-p", str(p), "-r", str(r), *extra])
+    assert isinstance(result.exception, ConfigError) and message in str(result.exception)
+
+
+def test_a_flag_of_metric_mode_is_refused_in_task_mode() -> None:
+    result = runner.invoke(app, ["eval", "--task", "hellaswag", "--model", "m", "--metric", "bleu"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--metric is for metric mode, not task mode (--task)" in str(result.exception)

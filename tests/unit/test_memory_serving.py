@@ -92,3 +92,22 @@ def test_cli_how_many_users_at_4k():
     r = CliRunner().invoke(app, ["memory", "llama-3.1-8b", "--serve", "--engine", "vllm", "--gpu", "A100-80",
                                  "--seq", "4096"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "concurrent sequences of 4,096 tokens" in r.output and "tokens of KV cache" in r.output
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"non_torch_bytes": -10**12}, "vllm option non_torch_bytes must be an integer >= 0, got -1000000000000"),
+    ({"cudagraph_bytes": -1}, "vllm option cudagraph_bytes must be an integer >= 0"),
+    ({"non_torch_bytes": 10**15}, "non_torch_bytes=1,000,000,000,000,000 is more than the"),
+    ({"shared_prefix_tokens": -3}, "shared_prefix_tokens must be an integer >= 0"),
+    ({"shared_prefix_tokens": 9000, "max_model_len": 8192}, "shared_prefix_tokens=9000 exceeds max_model_len=8192"),
+    ({"non_torch_bytes": 1.5e9}, "non_torch_bytes must be an integer >= 0, got 1500000000.0"),
+    ({"gpu_memory_utilization": "0.9"}, "gpu_memory_utilization='0.9' must be int or float"),
+])
+def test_negative_or_absurd_vllm_options_are_errors(options, message):
+    """A negative non_torch_bytes used to grow the KV pool past the GPU (1.08 TB reported on an 80 GB H100)."""
+    spec = ModelSpec.from_preset("llama-3.1-8b")
+    with pytest.raises(InvalidOptionError, match=message.replace("(", r"\(").replace(".", r"\.")) as err:
+        estimate_serving(spec, 16, engine="vllm", gpu="H100", vllm=options)
+    assert err.value.field == next(iter(options))
+    fine = estimate_serving(spec, 16, engine="vllm", gpu="H100", vllm={"non_torch_bytes": 2 * 2**30})
+    assert fine.device_bytes <= GPUS["H100-80GB"]

@@ -97,3 +97,22 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="9 predictions but 10 references"):
         compare(base, close[:9], references=refs)
     assert np.isfinite(compare(base, close, references=refs).systems[0].p_value)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"seed": -1}, r"seed=-1 must be None or an integer >= 0"),
+    ({"seed": 1.5}, r"seed=1\.5 must be None or an integer >= 0"),
+    ({"n_samples": -5}, r"n_samples=-5 must be an integer >= 0 \(0 = the default\)"),
+    ({"n_samples": 2.0}, r"n_samples=2\.0 must be an integer"),
+    ({"test": "ar", "n_ar_confidence": -2}, r"n_ar_confidence=-2 must be an integer >= -1"),
+])
+def test_seeds_and_sample_counts_are_checked(kwargs: dict, message: str) -> None:
+    """A negative count used to mean the default (1000 resamples) and a negative seed was NumPy's ValueError."""
+    refs, base, close, _ = _corpus(10)
+    with pytest.raises(InvalidOptionError, match=message) as err:
+        compare(base, close, references=refs, **kwargs)
+    assert err.value.field == next(k for k in kwargs if k != "test")
+    with pytest.raises(InvalidOptionError, match="n_samples=0 must be an integer >= 1"):
+        bootstrap_ci(base, refs, n_samples=0)
+    with pytest.raises(InvalidOptionError, match="seed=-3"):
+        bootstrap_ci(base, refs, seed=-3)

@@ -71,3 +71,28 @@ def test_yaml_lr_nan_and_inf_fail_when_the_config_is_read(tmp_path, text) -> Non
     config.write_text(f"model: m\ndata: d.jsonl\ntrainer:\n  lr: {text}\n")
     with pytest.raises(LlmtuneError, match="lr"):
         load_config(config)
+
+
+@pytest.mark.parametrize(("weights", "message"), [((-0.5, 1.5), r"weights\[0\]=-0\.5 must be a finite number >= 0"),
+                                                  ((0.5, -1e-9), r"weights\[1\]=-1e-09 must be a finite number >= 0")])
+def test_bleu_nltk_weights_are_not_negative(weights, message) -> None:
+    with pytest.raises(InvalidOptionError, match=message):
+        llmtune.get_metric("bleu", definition="nltk", weights=weights)
+    assert llmtune.get_metric("bleu", definition="nltk", weights=(0.5, 0.5, 0, 0)).compute(["a b"], ["a b"]).scores
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("seed: 100000000000000000000", "option seed=100000000000000000000 must be at most 4294967295"),
+    ("num_threads: 100000", "option num_threads=100000 must be at most 1024"),
+])
+def test_seed_and_num_threads_are_bounded_when_the_config_is_read(tmp_path, text, message) -> None:
+    """``--check`` said "ok" to both; the run then failed in NumPy's seeding or crashed creating threads."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from llmtune.trainers._config import load_config
+
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: m\ndata: d.jsonl\ntrainer:\n  {text}\n")
+    with pytest.raises(LlmtuneError, match=rf"c\.yaml:4: .*{message}"):
+        load_config(config)

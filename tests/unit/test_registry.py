@@ -216,3 +216,13 @@ def test_broken_plugin_is_reported_without_breaking_others() -> None:
     with pytest.raises(BackendUnavailableError, match="broken on purpose"):
         reg.create("metric", "broken")
     reg.create("metric", "exact_match")  # the healthy plugin still works
+
+
+@pytest.mark.parametrize("call", [lambda: llmtune.get_trainer(123), lambda: llmtune.get_metric(None),
+                                  lambda: llmtune.get_metric("rouge", backend=3), lambda: llmtune.get_task(["mmlu"])])
+def test_a_name_that_is_not_a_string_is_a_typed_error(call) -> None:
+    """``get_trainer(123)`` used to end in a raw ``TypeError: 'int' object is not iterable``."""
+    from llmtune.core.errors import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match=r"(name|backend) must be a string, got .*known \w+s: "):
+        call()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,9 @@ def test_reader_errors_name_file_line_and_field(tmp_path: Path) -> None:
         formats.read_hellaswag(tmp_path / "bad.jsonl")
     with pytest.raises(ConfigError, match="no such file"):
         formats.read_arc(tmp_path / "missing.jsonl")
-    with pytest.raises(ConfigError, match="answerKey 'E'"):
+    with pytest.raises(ConfigError, match=r"a\.jsonl:1: field 'answerKey': \"E\" is not among the choice labels"):
         formats.read_arc(_jsonl(tmp_path / "a.jsonl", [
-            {"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"}]))
+            {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}]))
 
 
 def test_kopitiam_bundled_file_is_what_the_generator_writes() -> None:
@@ -129,3 +130,135 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="columns"):
         (tmp_path / "short_test.csv").write_text("q,a,b\n")
         formats.read_mmlu(tmp_path / "short_test.csv")
+
+
+# -- values, not only presence: one row per bad value, the error names FILE:LINE, the field and what is wrong ----
+_HS = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["w", "x", "y", "z"], "label": 0}
+_MMLU = {"question": "q", "choices": ["w", "x", "y", "z"], "answer": 0}
+_ARC = {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
+_MC = {"question": "q", "choices": ["a", "b"], "label": 0}
+_TQA = {"question": "q", "mc1_targets": {"choices": ["a", "b"], "labels": [1, 0]}}
+
+BAD_VALUES = [
+    ("hellaswag", {**_HS, "label": 9}, "field 'label': 9 is not an index into 4 endings"),
+    ("hellaswag", {**_HS, "label": -1}, "field 'label': -1 is not an index into 4 endings"),
+    ("hellaswag", {**_HS, "label": "9"}, "field 'label': \"9\" is not an index into 4 endings"),
+    ("hellaswag", {**_HS, "label": True}, "field 'label': expected an integer index, got true"),
+    ("hellaswag", {**_HS, "endings": "wxyz"}, "field 'endings': expected a list of endings, got one string"),
+    ("hellaswag", {**_HS, "endings": ["w", 3]}, "field 'endings': item 1 is 3, not a string"),
+    ("hellaswag", {**_HS, "ctx_a": None}, "field 'ctx_a': expected a string, got null"),
+    ("mmlu", {**_MMLU, "answer": 9}, "field 'answer': 9 is not an index into 4 choices"),
+    ("mmlu", {**_MMLU, "answer": -1}, "field 'answer': -1 is not an index into 4 choices"),
+    ("mmlu", {**_MMLU, "answer": "E"}, "field 'answer': \"E\" is not a choice letter"),
+    ("mmlu", {**_MMLU, "answer": 1.0}, "field 'answer': expected an integer index, got 1.0"),
+    ("mmlu", {**_MMLU, "choices": ["w", "x", "y"]}, "field 'choices': has 3 choices; this format has exactly 4"),
+    ("boolq", {"question": "q", "passage": "p", "answer": "false"},
+     "field 'answer': expected true or false, got \"false\" (write the JSON boolean false, without quotes)"),
+    ("boolq", {"question": "q", "passage": "p", "answer": 1}, "field 'answer': expected true or false, got 1"),
+    ("boolq", {"question": "q", "passage": "p", "label": 2}, "field 'label': 2 is not an index into 2 answers"),
+    ("arc", {**_ARC, "answerKey": "C"}, "field 'answerKey': \"C\" is not among the choice labels ['A', 'B']"),
+    ("arc", {**_ARC, "choices": {"text": ["a", "b"], "label": ["A"]}},
+     "field 'choices.label': has 1 labels; this format has exactly 2"),
+    ("arc", {"question": {"stem": "q", "choices": [{"text": "a"}]}, "answerKey": "A"},
+     "question.choices[0]: no field 'label'"),
+    ("mc", {**_MC, "label": 2}, "field 'label': 2 is not an index into 2 choices"),
+    ("mc", {**_MC, "choices": "ab"}, "field 'choices': expected a list of choices, got one string"),
+    ("truthfulqa", {**_TQA, "mc1_targets": {"choices": ["a", "b"], "labels": [1, 1]}},
+     "field 'mc1_targets': has 2 correct answers; exactly one needed"),
+    ("truthfulqa", {**_TQA, "mc1_targets": {"choices": ["a", "b"], "labels": [1]}},
+     "field 'mc1_targets.labels': expected one 0 or 1 per choice (2), got [1]"),
+    ("truthfulqa", {**_TQA, "mc1_targets": {"a": 1, "b": "0"}}, "answer \"b\" is marked \"0\", not 0 or 1"),
+    ("gsm8k", {"question": "q", "answer": "42"}, "field 'answer': has no final '#### number'"),
+    ("gsm8k", {"question": "q", "answer": 42}, "field 'answer': expected a string, got 42"),
+    ("generation", {"prompt": "p", "reference": ["a", "b"]}, "field 'reference': expected a string"),
+    ("text", {"text": "  "}, "field 'text': is empty"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "row", "message"), BAD_VALUES, ids=[f"{f}-{m[:40]}" for f, _, m in BAD_VALUES])
+def test_every_reader_checks_values_naming_file_line_and_field(tmp_path: Path, fmt: str, row: dict,
+                                                               message: str) -> None:
+    good = {"hellaswag": _HS, "mmlu": _MMLU, "arc": _ARC, "mc": _MC, "truthfulqa": _TQA,
+            "boolq": {"question": "q", "passage": "p", "answer": True}, "gsm8k": {"question": "q", "answer": "#### 1"},
+            "generation": {"prompt": "p", "reference": "r"}, "text": {"text": "t"}}[fmt]
+    path = _jsonl(tmp_path / "d.jsonl", [good, row])
+    with pytest.raises(ConfigError) as exc:
+        formats.READERS[fmt](path)
+    assert str(exc.value).startswith(f"{path}:2: "), exc.value
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_documented_value_forms_still_read(tmp_path: Path) -> None:
+    """HF HellaSwag rows carry ``label`` as a digit string; MMLU JSONL answers are an index or a letter."""
+    hs = formats.read_hellaswag(_jsonl(tmp_path / "h.jsonl", [{**_HS, "label": "3"}]))
+    assert hs[0]["label"] == 3 and formats.MC_TEMPLATES["hellaswag"](hs[0], 0).gold == 3
+    mm = formats.read_mmlu(_jsonl(tmp_path / "m.jsonl", [{**_MMLU, "answer": "D"}, {**_MMLU, "answer": 2}]))
+    assert [d["answer"] for d in mm] == [3, 2]
+    bq = formats.read_boolq(_jsonl(tmp_path / "b.jsonl", [{"question": "q", "passage": "p", "answer": False}]))
+    assert bq[0]["label"] == 0
+
+
+@pytest.mark.parametrize(("squad", "message"), [
+    ({"data": [{"title": "t", "paragraphs": [{"context": "c"}]}]}, "data[0].paragraphs[0]: no field 'qas'"),
+    ({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "1", "question": "q"}]}]}]},
+     "data[0].paragraphs[0].qas[0]: no field 'answers'"),
+    ({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "1", "question": "q", "is_impossible": "no"}]}]}]},
+     "field 'is_impossible': expected true or false"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [
+        {"id": "1", "question": "q", "answers": [{"text": "b", "answer_start": 9}]}]}]}]},
+     "field 'answers[0].answer_start': 9 is not an index into 4 characters of the context"),
+    ({"data": {"paragraphs": []}}, "field 'data': expected a list"),
+])
+def test_squad_structure_errors_name_the_place(tmp_path: Path, squad: dict, message: str) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(squad))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        formats.read_squad(path)
+
+
+def test_an_empty_text_file_has_nothing_to_score(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ConfigError, match=r"empty\.txt: empty: there is no text to score"):
+        formats.read_texts(tmp_path / "empty.txt")
+
+
+def test_task_options_for_a_task_not_given_is_an_error_with_the_closest_name(tmp_path: Path) -> None:
+    """A misspelt key used to be ignored: the bundled made-up items were scored and labelled 'hellaswag'."""
+    with pytest.raises(UnknownOptionError, match=r"task_options names 'hellaswg'.*Did you mean 'hellaswag'\?") as err:
+        llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswg": {"limit": 2}})
+    assert err.value.field == "hellaswg"
+    task = llmtune.get_task("boolq")
+    with pytest.raises(UnknownOptionError, match=r"task_options names 'boolq'.*get_task"):
+        llmtune.evaluate("no-model-is-loaded", [task], task_options={"boolq": {"limit": 2}})
+
+
+def test_evaluate_checks_data_and_output_before_the_model_loads(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "hellaswag.jsonl", [_HS])
+    with pytest.raises(ConfigError, match=r"output_dir .* contains the input .*hellaswag\.jsonl"):
+        llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswag": {"data": str(data)}},
+                         output_dir=tmp_path)
+    assert data.read_text() == json.dumps(_HS) + "\n"
+    bad = _jsonl(tmp_path / "bad.jsonl", [{**_HS, "label": 4}])
+    with pytest.raises(ConfigError, match="field 'label': 4 is not an index into 4 endings"):
+        llmtune.evaluate("no-model-is-loaded", ["hellaswag"], task_options={"hellaswag": {"data": str(bad)}})
+
+
+def test_task_option_values_are_checked() -> None:
+    with pytest.raises(InvalidOptionError, match="option data=123 must be a file path") as err:
+        llmtune.get_task("hellaswag", data=123)
+    assert err.value.field == "data"
+    with pytest.raises(InvalidOptionError, match=r"option until=\[1\] must be a stop string"):
+        llmtune.get_task("generation", until=[1])
+    # one string is one stop string (as the harness takes it), never one stop per character
+    assert llmtune.get_task("generation", until="Question:").options.until == ("Question:",)
+    with pytest.raises(InvalidOptionError, match=r"template='llama4' is not one of.*Did you mean 'llama3'"):
+        llmtune.get_task("kopitiam-mc", template="llama4")  # was found only when the first item was rendered
+
+
+@pytest.mark.parametrize("tasks", [123, [], None])
+def test_evaluate_needs_tasks(tasks) -> None:
+    from llmtune.core.errors import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match="tasks must be a task name, a Task, or a non-empty list"):
+        llmtune.evaluate("no-model-is-loaded", tasks)
