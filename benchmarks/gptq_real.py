@@ -119,7 +119,8 @@ def run_side(args: argparse.Namespace) -> None:
         tok.save_pretrained(out)
         version = llmtune.__version__
     else:
-        from gptqmodel import GPTQModel, QuantizeConfig, __version__ as version
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from gptqmodel import __version__ as version
 
         cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=False, sym=True,
                              damp_percent=args.damp, true_sequential=True, act_group_aware=False,

@@ -113,20 +113,22 @@ def _require(module: str, why: str) -> None:
         pytest.skip(f"{module} is not installed ({why}); run `nox -s interop`")
 
 
-@pytest.fixture(scope="module", params=["sym-v1", "asym-v2", "partial-g48"])
+@pytest.fixture(scope="module", params=["sym-v1", "asym-v2", "partial-g64"])
 def written(request, tmp_path_factory):
     """A tiny Llama with a tokenizer, quantized by our GPTQ (4-bit, g32, act-order) and saved: symmetric
     (checkpoint_format "gptq", v1) and asymmetric ("gptq_v2", the default for asymmetric grids); and
-    "partial-g48": symmetric, no act-order, group 48 on widths 64 and 128 (a partial last group)."""
+    "partial-g64": symmetric, no act-order, group 64 on widths 96 and 160 (partial last groups of 32; GPTQModel
+    kernels accept only group sizes -1 and 16..1024 powers of two, so 64 it is)."""
     _require("gptqmodel", "GPTQModel/transformers reading our checkpoint")
     from llmtune.models.tiny import build_tiny_model, train_tiny_tokenizer
 
     tok = train_tiny_tokenizer()
-    model = build_tiny_model(tok, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    partial = request.param == "partial-g64"
+    widths = {"hidden_size": 96, "intermediate_size": 160} if partial else {"hidden_size": 64, "intermediate_size": 128}
+    model = build_tiny_model(tok, seed=0, num_hidden_layers=2, **widths)
     g = torch.Generator().manual_seed(5)
     calibration = [torch.randint(0, len(tok), (4, 32), generator=g) for _ in range(4)]
-    partial = request.param == "partial-g48"
-    q = llmtune.get_quantizer("gptq", bits=4, group_size=48 if partial else 32, act_order=not partial,
+    q = llmtune.get_quantizer("gptq", bits=4, group_size=64 if partial else 32, act_order=not partial,
                               sym=request.param != "asym-v2", quiet=True)
     qmodel = q.quantize(copy.deepcopy(model), calibration=calibration)
     out = q.save(qmodel, tmp_path_factory.mktemp(request.param))

@@ -263,24 +263,26 @@ def _group_hessians(block: nn.Module, group: dict[str, nn.Linear], batches: list
     """One pass of the calibration batches through ``block``, stopped once every linear of ``group`` has seen
     its input (the rest of the block cannot change those inputs)."""
     hessians = _SharedHessians(group)
-    for batch in batches:
-        seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], name: str) -> None:
-            seen[name] = args[0]  # the tensor itself: linears sharing an input are found by identity
-            if len(seen) == len(group):
-                raise _StopForward
+    def hook(name: str, args: tuple[Any, ...]) -> None:
+        seen[name] = args[0]  # the tensor itself: linears sharing an input are found by identity
+        if len(seen) == len(group):
+            raise _StopForward
 
-        handles = [lin.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, lin in group.items()]
-        try:
-            with torch.no_grad():
-                _forward(block, batch)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        hessians.add(seen, batch.tokens)
+    handles = [lin.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a)) for n, lin in group.items()]
+    try:
+        for batch in batches:
+            seen.clear()
+            try:
+                with torch.no_grad():
+                    _forward(block, batch)
+            except _StopForward:
+                pass
+            hessians.add(dict(seen), batch.tokens)
+    finally:
+        for h in handles:
+            h.remove()
     return hessians
 
 
