@@ -117,10 +117,12 @@ def run_side(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         q.save(qmodel, out)
         tok.save_pretrained(out)
-        version = llmtune.__version__
+        version: str = llmtune.__version__
     else:
+        import gptqmodel
         from gptqmodel import GPTQModel, QuantizeConfig
-        from gptqmodel import __version__ as version
+
+        version = str(gptqmodel.__version__)
 
         cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=False, sym=True,
                              damp_percent=args.damp, true_sequential=True, act_group_aware=False,

@@ -92,6 +92,7 @@ def test_save_load_round_trip_is_identical(quantized, data, tmp_path: Path, key:
     assert (qc["bits"], qc["group_size"], qc["checkpoint_format"], qc["quant_method"]) == (4, 32, fmt, "gptq")
     assert qc["desc_act"] is (key == "gptq-act-asym") and qc["sym"] is (key != "gptq-act-asym")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "backend" not in cfg  # groups divide every width: transformers picks its kernel freely
     assert cfg["bits"] == 4 and cfg["desc_act"] == qc["desc_act"]
     from safetensors import safe_open
 
@@ -117,6 +118,8 @@ def test_group_size_not_dividing_the_width_gives_a_partial_last_group(base, data
     assert _rel_err(_logits(model, held_out), _logits(base, held_out)) < 0.05
     out = q.save(model, tmp_path)
     assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 48
+    # transformers is pointed at GPTQModel's torch kernel (its CPU ATen int4 kernel refuses partial groups)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["backend"] == "gptq_torch"
     assert torch.equal(_logits(q.load(out), held_out), _logits(model, held_out))
 
 
