@@ -2,7 +2,7 @@
 
 Each side runs in its own process (one after the other, same machine): load the fp32 model, cut the
 calibration windows (`llmtune.quantizers.calibration.text_calibration`: the same token windows for both), time
-the ``quantize`` call alone, save the checkpoint, then measure held-out perplexity of the *saved checkpoint*
+the ``quantize`` call alone (wall clock, and the process's CPU time over all its threads), save the checkpoint, then measure held-out perplexity of the *saved checkpoint*
 read back by llmtune's loader and dequantized to fp32 (the same evaluation code for both sides, so the
 number compares the quantization, not the kernels). One JSON line per side, plus the fp32 reference; with
 ``--check-load``, our checkpoint is also loaded by transformers (``from_pretrained``, GPTQModel's kernels)
@@ -112,9 +112,9 @@ def run_side(args: argparse.Namespace) -> None:
         import llmtune
 
         q = llmtune.get_quantizer("gptq", bits=args.bits, group_size=args.group_size, damp_percent=args.damp)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         qmodel = q.quantize(model, calibration=calibration)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         q.save(qmodel, out)
         tok.save_pretrained(out)
         version: str = llmtune.__version__
@@ -129,11 +129,11 @@ def run_side(args: argparse.Namespace) -> None:
                              offload_to_disk=False)
         wrapper = GPTQModel.load(args.model, cfg)
         examples = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in calibration]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         wrapper.quantize(examples, batch_size=args.gptqmodel_batch)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         wrapper.save(str(out))
-    _emit({"side": args.side, "version": version, "seconds": round(seconds, 1),
+    _emit({"side": args.side, "version": version, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "perplexity": _checkpoint_perplexity(out, windows), "eval_tokens": windows.numel(),
            "checkpoint": str(out), **_common(args)})
 

@@ -76,6 +76,9 @@ def _reference_gptq(model: nn.Module, samples: list[torch.Tensor], spec: GPTQOpt
                     linears[n].weight.copy_(res.dequantize().to(linears[n].weight.dtype))
                 out[f"{prefix}.{i}.{n}"] = res.dequantize()
         with torch.no_grad():
+            for lin in linears.values():  # the packed layer keeps its bias in float16, as GPTQ checkpoints do
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias.half().to(lin.bias.dtype))
             inputs = [(_first(block(x, **kw)), kw) for x, kw in inputs]
     return out
 
@@ -126,6 +129,31 @@ def test_padded_batches_of_unequal_samples_equal_samples_run_alone(monkeypatch) 
     _agree(ours, alone)
 
 
+def test_post_norm_blocks_take_the_extra_output_pass(monkeypatch) -> None:
+    """OPT with do_layer_norm_before=False normalises after the residual add: fc2's output does not add straight
+    into the block's, so the block is re-run for the next inputs, and the result is still the reference's."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    def opt():
+        torch.manual_seed(0)
+        return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                        do_layer_norm_before=False)).eval().double()
+
+    g = torch.Generator().manual_seed(6)
+    samples = [torch.randint(0, VOCAB, (16,), generator=g) for _ in range(4)]
+    model = opt()
+    blocks = driver.find_blocks(model)[1]
+    batch = driver.capture_block_inputs(model, blocks, [torch.stack(samples)])[0]
+    assert not driver.adds_to_output(blocks[0], blocks[0].fc2, batch)
+    runs: list[int] = []
+    run_block = driver._run_block
+    monkeypatch.setattr(driver, "_run_block", lambda block, b: (runs.append(1), run_block(block, b))[1])
+    ours = _ours(opt(), [torch.stack(samples)], group_size=32)
+    assert len(runs) == 1  # between the two blocks
+    _agree(ours, _reference_gptq(opt(), samples, GPTQOptions(bits=4, group_size=32)))
+
+
 def test_stack_calibration_respects_the_token_budget_and_order() -> None:
     rows = [torch.arange(n) for n in (4, 4, 4, 8, 2)]
     batches = driver.stack_calibration(rows, batch_tokens=12)
@@ -136,8 +164,9 @@ def test_stack_calibration_respects_the_token_budget_and_order() -> None:
 
 
 def test_one_pass_per_group_stopped_early_and_shared_hessians(monkeypatch) -> None:
-    """Per block: one (partial) pass per true-sequential group plus one full pass for the next block's inputs
-    (none after the last block); q/k/v and up/gate each share one Hessian and one solve."""
+    """Per block: one pass per true-sequential group (stopped early but for the last, whose full pass also
+    gives the next block's inputs: down_proj adds straight into the output, checked once by two passes of
+    block 0); q/k/v and up/gate each share one Hessian and one solve."""
     calls: list[str] = []
     solves: list[int] = []
     forward, quantize = driver._forward, GPTQ.quantize
@@ -146,7 +175,7 @@ def test_one_pass_per_group_stopped_early_and_shared_hessians(monkeypatch) -> No
     monkeypatch.setattr(GPTQ, "quantize", lambda self, w, **kw: (solves.append(w.shape[0]), quantize(self, w, **kw))[1])
     g = torch.Generator().manual_seed(3)
     _ours(_tiny_llama(), [torch.randint(0, VOCAB, (3, 16), generator=g)], group_size=32)
-    assert len(calls) == 2 * 4 + 1  # 4 group passes per block, one output pass between the 2 blocks
+    assert len(calls) == 2 + 2 * 4  # the additivity check, then 4 group passes per block
     # per block: q+k+v stacked (64+32+32 rows), o (64), up+gate stacked (128+128), down (64)
     assert solves == [128, 64, 256, 64] * 2
 

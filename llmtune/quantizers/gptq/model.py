@@ -259,24 +259,48 @@ class _SharedHessians:
         return list(seen.values())
 
 
-def _group_hessians(block: nn.Module, group: dict[str, nn.Linear], batches: list[_Batch]) -> _SharedHessians:
+@dataclasses.dataclass
+class _Tail:
+    """What the last group's full pass keeps, per batch, so that the block's outputs need no further pass:
+    the block output, and the last linear's input and (unquantized) output."""
+
+    outputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    produced: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def next_inputs(self, layer: nn.Module, batches: list[_Batch]) -> list[_Batch]:
+        """The block's outputs with ``layer`` (the quantized last linear) in place: output + layer(x) - old."""
+        with torch.no_grad():
+            return [dataclasses.replace(b, hidden=y + (layer(x) - o))
+                    for b, y, x, o in zip(batches, self.outputs, self.inputs, self.produced)]
+
+
+def _group_hessians(block: nn.Module, group: dict[str, nn.Linear], batches: list[_Batch],
+                    tail: _Tail | None = None) -> _SharedHessians:
     """One pass of the calibration batches through ``block``, stopped once every linear of ``group`` has seen
-    its input (the rest of the block cannot change those inputs)."""
+    its input (the rest of the block cannot change those inputs); with ``tail`` (a group of one linear whose
+    output adds straight into the block's), the pass runs to the end and fills ``tail``."""
     hessians = _SharedHessians(group)
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str, args: tuple[Any, ...]) -> None:
         seen[name] = args[0]  # the tensor itself: linears sharing an input are found by identity
-        if len(seen) == len(group):
+        if tail is None and len(seen) == len(group):
             raise _StopForward
 
     handles = [lin.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a)) for n, lin in group.items()]
+    if tail is not None:
+        (name, lin), = group.items()
+        handles.append(lin.register_forward_hook(lambda _m, a, out: tail.produced.append(out)))
     try:
         for batch in batches:
             seen.clear()
             try:
                 with torch.no_grad():
-                    _forward(block, batch)
+                    y = _forward(block, batch)
+                if tail is not None:
+                    tail.outputs.append(y)
+                    tail.inputs.append(seen[name])
             except _StopForward:
                 pass
             hessians.add(dict(seen), batch.tokens)
@@ -286,17 +310,46 @@ def _group_hessians(block: nn.Module, group: dict[str, nn.Linear], batches: list
     return hessians
 
 
+def adds_to_output(block: nn.Module, linear: nn.Module, batch: _Batch) -> bool:
+    """Whether ``block``'s output moves by exactly what ``linear``'s output moves (a residual add, as the last
+    linear of a pre-norm block): then the block's outputs after quantizing ``linear`` need no new pass."""
+    g = torch.Generator().manual_seed(0)
+    shift: list[torch.Tensor] = []
+
+    def nudge(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor:
+        d = torch.randn(out.shape, generator=g).to(out) * out.abs().mean().clamp_min(1e-3)
+        shift.append(d)
+        return out + d
+
+    with torch.no_grad():
+        y0 = _forward(block, batch)
+        handle = linear.register_forward_hook(nudge)
+        try:
+            y1 = _forward(block, batch)
+        finally:
+            handle.remove()
+    if len(shift) != 1 or y1.shape != shift[0].shape:
+        return False
+    scale = torch.maximum(y0.abs().max(), shift[0].abs().max())
+    return bool((y1 - y0 - shift[0]).abs().max() <= 1e-4 * scale)
+
+
 def _solve_block(block: nn.Module, linears: dict[str, nn.Linear], batches: list[_Batch],
-                 spec: GridOptions) -> dict[str, QuantResult]:
+                 spec: GridOptions, additive_tail: bool = False) -> tuple[dict[str, QuantResult], _Tail | None]:
     """GPTQ on one block's linears, group by group (`sequential_groups`), one (partial) pass per group; each
     solved weight is written back dequantized, so later groups (and the next block) see the quantized layer.
 
     Linears with one shared Hessian (same input) are solved as one stacked weight: GPTQ treats every output
-    row alone given the Hessian, so this is the same computation with fewer, larger operations.
+    row alone given the Hessian, so this is the same computation with fewer, larger operations. With
+    ``additive_tail`` (see `adds_to_output`) a last group of one linear is collected by a full pass whose
+    `_Tail` gives the block's outputs afterwards.
     """
     results: dict[str, QuantResult] = {}
-    for group in sequential_groups(linears, spec.true_sequential):
-        hessians = _group_hessians(block, {n: linears[n] for n in group}, batches)
+    groups = sequential_groups(linears, spec.true_sequential)
+    tail = _Tail() if additive_tail and len(groups) > 1 and len(groups[-1]) == 1 else None
+    for k, group in enumerate(groups):
+        hessians = _group_hessians(block, {n: linears[n] for n in group}, batches,
+                                   tail if k == len(groups) - 1 else None)
         for names, solver in hessians.groups():
             weights = [linears[n].weight for n in names]
             stacked = solver.quantize(
@@ -307,7 +360,7 @@ def _solve_block(block: nn.Module, linears: dict[str, nn.Linear], batches: list[
                 results[n] = res
                 with torch.no_grad():
                     linears[n].weight.copy_(res.dequantize().to(linears[n].weight.dtype))
-    return results
+    return results, tail
 
 
 def quantize_model(
@@ -364,23 +417,35 @@ def _quantize_model(
     model.eval()
     try:
         batches = capture_block_inputs(model, blocks, calibration)
+        additive = _tail_is_additive(blocks[0], block_linears(blocks[0], f"{prefix}.0", skip_modules), batches, spec)
         for i, block in enumerate(blocks):
             full = f"{prefix}.{i}"
             linears = block_linears(block, full, skip_modules)
-            results = _solve_block(block, linears, batches, spec)
+            results, tail = _solve_block(block, linears, batches, spec, additive)
             for n, res in results.items():
                 losses[f"{full}.{n}"] = res.loss
                 damps[f"{full}.{n}"] = res.damp_percent
                 _set_module(block, n, QuantLinear.from_result(linears[n], res, spec.layout))
                 quantized.append(f"{full}.{n}")
             if i + 1 < len(blocks):  # the last block's outputs feed nothing
-                batches = _run_block(block, batches)
+                last = sequential_groups(linears, spec.true_sequential)[-1][0]
+                batches = tail.next_inputs(block.get_submodule(last), batches) if tail else _run_block(block, batches)
             if progress:
                 progress(full, i + 1, len(blocks))
     finally:
         model.train(was_training)
     return {"modules": quantized, "losses": losses, "damp_percent_used": damps,
             "seconds": time.perf_counter() - start}
+
+
+def _tail_is_additive(block: nn.Module, linears: dict[str, nn.Linear], batches: list[_Batch],
+                      spec: GridOptions) -> bool:
+    """`adds_to_output` for the last true-sequential group of the first block, when it is one linear (checked
+    once: the blocks are identical modules)."""
+    groups = sequential_groups(linears, spec.true_sequential)
+    if len(groups) < 2 or len(groups[-1]) != 1:
+        return False
+    return adds_to_output(block, linears[groups[-1][0]], batches[0])
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
