@@ -110,6 +110,9 @@ def run_side(args: argparse.Namespace) -> None:
         return
     if args.side == "llmtune":
         import llmtune
+        from llmtune.quantizers.gptq import model as driver
+
+        driver.BATCH_TOKENS = args.batch_tokens
 
         q = llmtune.get_quantizer("gptq", bits=args.bits, group_size=args.group_size, damp_percent=args.damp)
         start, cpu = time.perf_counter(), time.process_time()
@@ -133,7 +136,8 @@ def run_side(args: argparse.Namespace) -> None:
         wrapper.quantize(examples, batch_size=args.gptqmodel_batch)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         wrapper.save(str(out))
-    _emit({"side": args.side, "version": version, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+    extra = {"batch_tokens": args.batch_tokens} if args.side == "llmtune" else {"batch_size": args.gptqmodel_batch}
+    _emit({"side": args.side, "version": version, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), **extra,
            "perplexity": _checkpoint_perplexity(out, windows), "eval_tokens": windows.numel(),
            "checkpoint": str(out), **_common(args)})
 
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gptqmodel-batch", type=int, default=1, help="GPTQModel's quantize(batch_size=)")
+    parser.add_argument("--batch-tokens", type=int, default=8192,
+                        help="llmtune's calibration tokens per stacked batch (seq-len: one sample at a time)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--calibration-file", type=Path, action="append")
