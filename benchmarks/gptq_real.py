@@ -102,7 +102,8 @@ def run_side(args: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     calibration = _calibration(tok, args)
     windows = _held_out(tok, args)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     out = Path(args.out) / args.side
     if args.side == "fp32":
         _emit({"side": "fp32", "perplexity": perplexity(model, windows), "eval_tokens": windows.numel(),
@@ -130,13 +131,15 @@ def run_side(args: argparse.Namespace) -> None:
         cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=False, sym=True,
                              damp_percent=args.damp, true_sequential=True, act_group_aware=False,
                              offload_to_disk=False)
-        wrapper = GPTQModel.load(args.model, cfg)
+        wrapper = GPTQModel.load(args.model, cfg, **({} if args.dtype == "auto" else {"dtype": dtype}))
         examples = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in calibration]
         start, cpu = time.perf_counter(), time.process_time()
         wrapper.quantize(examples, batch_size=args.gptqmodel_batch)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         wrapper.save(str(out))
     extra = {"batch_tokens": args.batch_tokens} if args.side == "llmtune" else {"batch_size": args.gptqmodel_batch}
+    extra["dtype"] = str(getattr(getattr(wrapper, "model", None), "dtype", None) if args.side == "gptqmodel"
+                         else model.dtype).replace("torch.", "")
     _emit({"side": args.side, "version": version, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), **extra,
            "perplexity": _checkpoint_perplexity(out, windows), "eval_tokens": windows.numel(),
            "checkpoint": str(out), **_common(args)})
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gptqmodel-batch", type=int, default=1, help="GPTQModel's quantize(batch_size=)")
     parser.add_argument("--batch-tokens", type=int, default=8192,
                         help="llmtune's calibration tokens per stacked batch (seq-len: one sample at a time)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model dtype while quantizing; auto: float32 for llmtune, GPTQModel's own choice "
+                             "(bfloat16 on CPU)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--calibration-file", type=Path, action="append")
