@@ -113,24 +113,28 @@ def _require(module: str, why: str) -> None:
         pytest.skip(f"{module} is not installed ({why}); run `nox -s interop`")
 
 
-@pytest.fixture(scope="module", params=["sym-v1", "asym-v2"])
+@pytest.fixture(scope="module", params=["sym-v1", "asym-v2", "partial-g64"])
 def written(request, tmp_path_factory):
     """A tiny Llama with a tokenizer, quantized by our GPTQ (4-bit, g32, act-order) and saved: symmetric
-    (checkpoint_format "gptq", v1) and asymmetric ("gptq_v2", the default for asymmetric grids)."""
+    (checkpoint_format "gptq", v1) and asymmetric ("gptq_v2", the default for asymmetric grids); and
+    "partial-g64": symmetric, no act-order, group 64 on widths 96 and 160 (partial last groups of 32; GPTQModel
+    kernels accept only group sizes -1 and 16..1024 powers of two, so 64 it is)."""
     _require("gptqmodel", "GPTQModel/transformers reading our checkpoint")
     from llmtune.models.tiny import build_tiny_model, train_tiny_tokenizer
 
     tok = train_tiny_tokenizer()
-    model = build_tiny_model(tok, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    partial = request.param == "partial-g64"
+    widths = {"hidden_size": 96, "intermediate_size": 160} if partial else {"hidden_size": 64, "intermediate_size": 128}
+    model = build_tiny_model(tok, seed=0, num_hidden_layers=2, **widths)
     g = torch.Generator().manual_seed(5)
     calibration = [torch.randint(0, len(tok), (4, 32), generator=g) for _ in range(4)]
-    q = llmtune.get_quantizer("gptq", bits=4, group_size=32, act_order=True, sym=request.param == "sym-v1",
-                              quiet=True)
+    q = llmtune.get_quantizer("gptq", bits=4, group_size=64 if partial else 32, act_order=not partial,
+                              sym=request.param != "asym-v2", quiet=True)
     qmodel = q.quantize(copy.deepcopy(model), calibration=calibration)
     out = q.save(qmodel, tmp_path_factory.mktemp(request.param))
     tok.save_pretrained(out)
     assert json.loads((out / "quantize_config.json").read_text())["checkpoint_format"] == (
-        "gptq" if request.param == "sym-v1" else "gptq_v2")
+        "gptq_v2" if request.param == "asym-v2" else "gptq")
     ids = torch.randint(0, len(tok), (2, 16), generator=g)
     with torch.no_grad():
         ref = qmodel(ids).logits

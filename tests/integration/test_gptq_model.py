@@ -92,6 +92,7 @@ def test_save_load_round_trip_is_identical(quantized, data, tmp_path: Path, key:
     assert (qc["bits"], qc["group_size"], qc["checkpoint_format"], qc["quant_method"]) == (4, 32, fmt, "gptq")
     assert qc["desc_act"] is (key == "gptq-act-asym") and qc["sym"] is (key != "gptq-act-asym")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "backend" not in cfg  # groups divide every width: transformers picks its kernel freely
     assert cfg["bits"] == 4 and cfg["desc_act"] == qc["desc_act"]
     from safetensors import safe_open
 
@@ -105,12 +106,26 @@ def test_save_load_round_trip_is_identical(quantized, data, tmp_path: Path, key:
     assert torch.equal(_logits(loaded, held_out), _logits(model, held_out))
 
 
-def test_group_size_not_dividing_the_width_is_a_clear_error(base, data) -> None:
-    q = llmtune.get_quantizer("gptq", bits=4, group_size=48, quiet=True)
-    with pytest.raises(InvalidOptionError, match=r"model\.layers\.0\..*group_size=48 does not divide in_features=64"):
-        q.quantize(copy.deepcopy(base), calibration=data[0])
-    with pytest.raises(InvalidOptionError, match="group_size=48"):
-        llmtune.get_quantizer("rtn", group_size=48, quiet=True).quantize(copy.deepcopy(base))
+@pytest.mark.parametrize("name", ["gptq", "rtn"])
+def test_group_size_not_dividing_the_width_gives_a_partial_last_group(base, data, tmp_path: Path, name: str) -> None:
+    """group 48 on widths 64 and 128: ceil(in/48) groups (the last one partial), saved and loaded exactly."""
+    calibration, held_out = data
+    q = llmtune.get_quantizer(name, bits=4, group_size=48, quiet=True)
+    model = q.quantize(copy.deepcopy(base), calibration=calibration[:2] if name == "gptq" else None)
+    down = model.get_submodule("model.layers.0.mlp.down_proj")  # in_features 128: groups 48 + 48 + 32
+    assert tuple(down.scales.shape) == (3, 64) and tuple(down.qzeros.shape) == (3, 64 * 4 // 32)
+    assert torch.equal(down.g_idx.long(), torch.arange(128) // 48)
+    assert _rel_err(_logits(model, held_out), _logits(base, held_out)) < 0.05
+    out = q.save(model, tmp_path)
+    assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 48
+    # transformers is pointed at GPTQModel's torch kernel (its CPU ATen int4 kernel refuses partial groups)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["backend"] == "gptq_torch"
+    assert torch.equal(_logits(q.load(out), held_out), _logits(model, held_out))
+
+
+def test_group_size_zero_is_a_clear_error(base) -> None:
+    with pytest.raises(InvalidOptionError, match="group_size=0"):
+        llmtune.get_quantizer("rtn", group_size=0, quiet=True).quantize(copy.deepcopy(base))
 
 
 @pytest.mark.parametrize("calibration", [[], None, [torch.zeros(0, 8, dtype=torch.long)], [torch.randn(2, 8)]])

@@ -89,8 +89,8 @@ def test_solver_errors() -> None:
     with pytest.raises(ValueError, match="calibration"):
         solver.quantize(torch.randn(8, 64))
     solver.add_batch(torch.randn(16, 64))
-    with pytest.raises(ValueError, match="group_size=48 does not divide in_features=64"):
-        solver.quantize(torch.randn(8, 64), group_size=48)
+    with pytest.raises(ValueError, match="group_size=0 must be positive"):
+        solver.quantize(torch.randn(8, 64), group_size=0)
     with pytest.raises(ValueError, match="bits=5"):
         solver.quantize(torch.randn(8, 64), bits=5)
 
@@ -154,3 +154,62 @@ def test_gptqmodel_reason_is_cheap_and_specific() -> None:
         importlib.metadata.version("gptqmodel")
     except importlib.metadata.PackageNotFoundError:
         assert reason is not None and "pip install" in reason
+
+
+# ---- group sizes that do not divide the width: a partial last group ---------------------------------------
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize(("in_f", "gs"), [(80, 32), (96, 64), (64, 48)])
+def test_partial_last_group_layout(method: str, in_f: int, gs: int) -> None:
+    """ceil(in / gs) groups: g_idx is i // gs, the last group holds the remaining in % gs columns."""
+    x, w = _layer_problem(6, d_in=in_f, d_out=32)
+    if method == "rtn":
+        res = rtn(w, bits=4, group_size=gs)
+    else:
+        solver = GPTQ(in_f)
+        solver.add_batch(x)
+        res = solver.quantize(w, bits=4, group_size=gs)
+    groups = -(-in_f // gs)
+    assert res.scales.shape == res.zeros.shape == (32, groups)
+    assert torch.equal(res.g_idx.long(), torch.arange(in_f) // gs)
+    assert torch.bincount(res.g_idx.long()).tolist() == [gs] * (in_f // gs) + [in_f % gs]
+
+
+def test_rtn_partial_group_is_rtn_of_its_own_columns() -> None:
+    """The last group's grid comes from its own columns only (the padding never shows)."""
+    _, w = _layer_problem(7, d_in=80, d_out=16)
+    for sym in (True, False):
+        res = rtn(w, bits=3, group_size=32, sym=sym)
+        for g, cols in enumerate((slice(0, 32), slice(32, 64), slice(64, 80))):
+            alone = rtn(w[:, cols], bits=3, group_size=-1, sym=sym)
+            assert torch.equal(res.codes[:, cols], alone.codes)
+            assert torch.equal(res.scales[:, g], alone.scales[:, 0])
+            assert torch.equal(res.zeros[:, g], alone.zeros[:, 0])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"act_order": True, "static_groups": True}, {"sym": False}])
+def test_partial_groups_pack_and_unpack_to_the_solver_weights(bits: int, opts: dict) -> None:
+    """QuantLinear (qweight/qzeros/scales/g_idx with ceil(in/gs) rows) dequantizes to exactly the solver's
+    fake-quantized weight, and a fresh layer loading its state dict gives the same again."""
+    x, w = _layer_problem(8, d_in=96, d_out=64)
+    solver = GPTQ(96)
+    solver.add_batch(x)
+    res = solver.quantize(w, bits=bits, group_size=64, **opts)
+    lin = torch.nn.Linear(96, 64, bias=False)
+    fmt = "gptq" if opts.get("sym", True) else "gptq_v2"
+    layer = QuantLinear.from_result(lin, res, fmt)
+    assert tuple(layer.scales.shape) == (2, 64) and tuple(layer.qzeros.shape) == (2, 64 * bits // 32)
+    assert torch.equal(layer.dequantize(), res.dequantize())
+    fresh = QuantLinear(96, 64, bits=bits, group_size=64, bias=False, checkpoint_format=fmt)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.dequantize(), res.dequantize())
+    assert torch.equal(fresh(x[:4]), torch.nn.functional.linear(x[:4], res.dequantize()))
+
+
+def test_gptq_with_a_partial_group_still_beats_rtn() -> None:
+    x, w = _layer_problem(9, d_in=96)
+    solver = GPTQ(96)
+    solver.add_batch(x[:768])
+    e_gptq = _rel_err(x[768:], w, solver.quantize(w, bits=4, group_size=64).dequantize())
+    e_rtn = _rel_err(x[768:], w, rtn(w, bits=4, group_size=64).dequantize())
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)

@@ -185,6 +185,9 @@ def quantization_config_dict(options: GridOptions, *, method: str, block_prefix:
     modules_in_block = None if len(modules) == len(block_linears) else [in_block]
     solver = {"damp_percent": options.damp_percent, "static_groups": options.static_groups,
               "true_sequential": options.true_sequential}
+    # A partial last group: transformers (through GPTQModel) would pick the CPU ATen int4 kernel, which claims
+    # to pad but whose torch op refuses K % group != 0; name GPTQModel's plain torch kernel, which reads it.
+    kernel = {"backend": PARTIAL_GROUP_BACKEND} if _has_partial_group(model, modules, options.group_size) else {}
     return {
         "quant_method": "gptq",
         "bits": options.bits,
@@ -201,7 +204,17 @@ def quantization_config_dict(options: GridOptions, *, method: str, block_prefix:
         "modules_in_block_to_quantize": modules_in_block,
         "meta": {"quantizer": [f"llmtune:{__version__}"], "method": method, **solver,
                  "block_size": options.block_size},
+        **kernel,
     }
+
+
+#: The kernel transformers' GPTQ integration is told to use for checkpoints with a partial last group.
+PARTIAL_GROUP_BACKEND = "gptq_torch"
+
+
+def _has_partial_group(model: Any, modules: list[str], group_size: int) -> bool:
+    """Whether ``group_size`` leaves a partial last group in any of the quantized ``modules``."""
+    return group_size != -1 and any(model.get_submodule(m).in_features % group_size for m in modules)
 
 
 def _all_block_linears(model: Any, block_prefix: str) -> list[str]:

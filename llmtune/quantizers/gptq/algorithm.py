@@ -30,22 +30,42 @@ class QuantResult:
     group_size: int
     loss: float = 0.0  # GPTQ's objective sum (w-q)^2 / Hinv_ii^2 / 2 (0 for RTN)
     damp_percent: float = 0.0  # the damping finally used (raised when Cholesky failed)
+    #: float32 [out]: each row's share of ``loss`` (GPTQ only; what `split_rows` divides ``loss`` by).
+    row_loss: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``[out, in]`` the codes stand for."""
         g = self.g_idx.long()
         return self.scales[:, g] * (self.codes - self.zeros[:, g]).to(self.scales.dtype)
 
+    def split_rows(self, sizes: list[int]) -> list[QuantResult]:
+        """The results of weights stacked along the output dim (one solve shared a Hessian), one per weight."""
+        out, start = [], 0
+        for n in sizes:
+            rows = slice(start, start + n)
+            row_loss = self.row_loss[rows] if self.row_loss is not None else None
+            out.append(dataclasses.replace(
+                self, codes=self.codes[rows], scales=self.scales[rows], zeros=self.zeros[rows],
+                loss=float(row_loss.sum()) if row_loss is not None else 0.0, row_loss=row_loss))
+            start += n
+        return out
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Groups of one row: ``ceil(in_features / group_size)`` (the last one partial when it does not divide)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
 
 def check_bits_and_group(bits: int, group_size: int, in_features: int, where: str = "weight") -> None:
-    """Raise ValueError when ``bits`` or ``group_size`` cannot be used for a layer with ``in_features`` inputs."""
+    """Raise `InvalidOptionError` when ``bits`` or ``group_size`` cannot be used for a layer.
+
+    A ``group_size`` that does not divide ``in_features`` is allowed: the last group is partial (what the GPTQ
+    format's ``g_idx`` and ``ceil(in / group_size)`` rows of ``scales``/``qzeros`` express).
+    """
     if bits not in SUPPORTED_BITS:
         raise InvalidOptionError(f"{where}: bits={bits} is not one of {SUPPORTED_BITS}")
-    if group_size != -1 and (group_size <= 0 or in_features % group_size):
-        raise InvalidOptionError(
-            f"{where}: group_size={group_size} does not divide in_features={in_features} "
-            f"(use a divisor of {in_features}, or -1 for one group per output channel)"
-        )
+    if group_size != -1 and group_size <= 0:
+        raise InvalidOptionError(f"{where}: group_size={group_size} must be positive, or -1 (one group per row)")
 
 
 def grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,15 +102,17 @@ def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = 
     out_f, in_f = w.shape
     check_bits_and_group(bits, group_size, in_f)
     gs = in_f if group_size == -1 else group_size
-    n_groups = in_f // gs
-    wg = w.reshape(out_f, n_groups, gs).permute(1, 0, 2).reshape(n_groups * out_f, gs)
+    groups = n_groups(in_f, group_size)
+    # A partial last group is padded with zeros, which leave the grid alone (its range always contains 0).
+    wp = torch.nn.functional.pad(w, (0, groups * gs - in_f))
+    wg = wp.reshape(out_f, groups, gs).permute(1, 0, 2).reshape(groups * out_f, gs)
     scale, zero = grid(wg, bits, sym)
     codes = quantize_codes(wg, scale[:, None], zero[:, None], bits)
-    codes = codes.reshape(n_groups, out_f, gs).permute(1, 0, 2).reshape(out_f, in_f)
+    codes = codes.reshape(groups, out_f, gs).permute(1, 0, 2).reshape(out_f, groups * gs)[:, :in_f]
     return QuantResult(
-        codes=codes.to(torch.int32),
-        scales=scale.reshape(n_groups, out_f).t().contiguous(),
-        zeros=zero.reshape(n_groups, out_f).t().contiguous().to(torch.int32),
+        codes=codes.contiguous().to(torch.int32),
+        scales=scale.reshape(groups, out_f).t().contiguous(),
+        zeros=zero.reshape(groups, out_f).t().contiguous().to(torch.int32),
         g_idx=(torch.arange(in_f, device=w.device) // gs).to(torch.int32),
         bits=bits,
         group_size=group_size,
@@ -230,6 +252,7 @@ class GPTQ:
             group_size=group_size,
             loss=float(losses.sum()),
             damp_percent=used_damp,
+            row_loss=losses,
         )
 
 

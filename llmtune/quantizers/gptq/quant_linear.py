@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from llmtune.core.errors import InvalidOptionError
-from llmtune.quantizers.gptq.algorithm import QuantResult
+from llmtune.quantizers.gptq.algorithm import QuantResult, n_groups
 from llmtune.quantizers.gptq.packing import (
     CHECKPOINT_FORMATS,
     SUPPORTED_BITS,
@@ -51,15 +51,15 @@ class QuantLinear(nn.Module):
                 f"QuantLinear: in_features*bits={in_features * bits} and out_features*bits="
                 f"{out_features * bits} must be multiples of 32 for the GPTQ int32 layout"
             )
+        if group_size != -1 and group_size <= 0:
+            raise InvalidOptionError(f"QuantLinear: group_size={group_size} must be positive, or -1")
         gs = in_features if group_size == -1 else group_size
-        if in_features % gs:
-            raise InvalidOptionError(f"QuantLinear: group_size={group_size} does not divide in_features={in_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
         self.checkpoint_format = checkpoint_format
-        groups = in_features // gs
+        groups = n_groups(in_features, group_size)  # ceil: a partial last group when gs does not divide
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32,
                                                     device=device))
         self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32,
