@@ -47,7 +47,8 @@ MAPPED: dict[str, dict[str, str]] = {
     },
     "DpoTrainOptions": {"reference": "dpo_reference (adapter_off; precomputed: no copy, the pass runs once)"},
     "RewardTrainOptions": {},
-    "OnlineTrainOptions": {"samples": "rl_samples"},
+    "OnlineTrainOptions": {"samples": "rl_samples", "generator": "generator (hf: generate on the policy; vllm: a colocated engine)",
+                           "vllm": "vllm (the colocated engine: gpu_memory_utilization, max_model_len, ...)"},
     "Int8Options": {
         "has_fp16_weights": "weight_format (True keeps 16-bit weights)",
         "skip_modules": "checked: a list other than ('lm_head',) is reported as not modelled",
@@ -94,13 +95,18 @@ IRRELEVANT: dict[str, dict[str, str]] = {
     # the preference / online-RL options classes = TrainOptions' fields plus these
     "DpoTrainOptions": {"beta": "a scalar in the loss", "label_smoothing": "a scalar in the loss",
                         "simpo_gamma": "a scalar in the loss",
+                        "ranking_loss": "pairwise or listwise: the same rows scored, another loss over them",
                         "loss_type": "every loss type scores the same chosen + rejected rows (SimPO/ORPO skip the "
                                      "reference pass: the estimate keeps it, an over-estimate of its phase only)"},
     "RewardTrainOptions": {"use_margin": "a scalar per pair",
-                           "center_rewards_coefficient": "a scalar penalty on the scores"},
+                           "center_rewards_coefficient": "a scalar penalty on the scores",
+                           "ranking_loss": "pairwise or listwise: the same rows scored, another loss over them"},
     "OnlineTrainOptions": {"reward_model": "scored with no grad after generation, before the policy step (its "
                                            "weights are not counted: an under-estimate by the reward model's size)",
-                           "kl_coef": "a scalar in the loss", "temperature": "sampling, not how much"},
+                           "kl_coef": "a scalar in the loss", "temperature": "sampling, not how much",
+                           "reward_model_weight": "a scalar on the scores",
+                           "reward_funcs": "Python functions of the decoded texts, on the CPU",
+                           "loss_type": "how per-token losses are averaged: the same logits and log-probs"},
 }
 
 
