@@ -19,7 +19,8 @@ Three things can fail, and the plan names each (`Estimate.blockers`):
 3. the training step's peak plus the engine's weights and pool exceeds the device (the OOM of trl#2688/#3523).
 
 Defaults are TRL 1.16's colocate settings: ``gpu_memory_utilization=0.3``, ``max_num_batched_tokens=4096``,
-``max_num_seqs`` = the prompts per step (TRL: ``per_device_train_batch_size x steps_per_generation``) and
+``max_num_seqs`` = the sequences generated per step, prompts x K (TRL: ``per_device_train_batch_size x
+steps_per_generation`` completions) and
 ``max_model_len`` = the training sequence length (TRL passes ``vllm_max_model_length``; left unset, vLLM takes
 the model's full context, which rarely fits a colocated pool).
 """
@@ -51,7 +52,7 @@ def colocated_engine(spec: ModelSpec, *, gpu: str | int | None, options: Mapping
     if gpu is None:
         raise InvalidOptionError("generator='vllm' sizes the engine as a fraction of the device: pass gpu= (a name "
                                  "such as 'H100-80GB' or a byte count)", field="gpu")
-    opts = {**TRL_COLOCATE_DEFAULTS, "max_model_len": seq_len, "max_num_seqs": max(1, prompts), **dict(options or {})}
+    opts = {**TRL_COLOCATE_DEFAULTS, "max_model_len": seq_len, "max_num_seqs": max(1, prompts * samples), **dict(options or {})}
     bad = sorted(set(opts) - set(VLLM_OPTIONS))
     if bad:
         raise InvalidOptionError(f"vllm option {bad[0]!r} is not one of {', '.join(VLLM_OPTIONS)}", field="vllm")

@@ -14,7 +14,7 @@ RUN = {"batch_size": 2, "seq_len": 1024, "objective": "online_rl", "rl_samples":
 
 
 def test_engine_is_the_serving_estimate_and_is_added_to_every_training_phase() -> None:
-    engine = {"gpu_memory_utilization": 0.3, "max_model_len": 1024, "max_num_seqs": 2, "max_num_batched_tokens": 4096}
+    engine = {"gpu_memory_utilization": 0.3, "max_model_len": 1024, "max_num_seqs": 16, "max_num_batched_tokens": 4096}
     plan = estimate_training(SPEC, "lora", generator="vllm", gpu="H100-80GB", vllm={"gpu_memory_utilization": 0.3},
                              **RUN)
     served = estimate_serving(SPEC, 16, engine="vllm", gpu="H100-80GB", vllm=engine)
