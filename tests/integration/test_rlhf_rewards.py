@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 pytest.importorskip("peft")
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from llmtune.cli.main import app  # noqa: E402
+from llmtune.cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -21,7 +21,7 @@ def test_numeric_answer_follows_gsm8k_hash_convention() -> None:
     last = llmtune.get_reward("numeric_answer", extract="last")
     assert last(["q"] * 3, ["so 3 + 4 = 7.", "-2 degrees", "no number"], answer=[7, "-2", 1]) == [1.0, 1.0, 0.0]
     assert r(["q"], ["#### 7"], answer=[None]) == [None]  # no reference: does not apply
-    with pytest.raises(llmtune.ConfigError, match="field 'answer'.*their fields: solution"):
+    with pytest.raises(llmtune.ConfigError, match=r"field 'answer'.*their fields: solution"):
         r(["q"], ["#### 7"], solution=["7"])
     with pytest.raises(InvalidOptionError, match="extract"):
         llmtune.get_reward("numeric_answer", extract="first")

@@ -122,7 +122,7 @@ def _prompts(data: Any, tokenizer: Any, options: Any, what: str) -> tuple[list[l
     if isinstance(data, (str, os.PathLike)):
         from llmtune.data import read_records
 
-        records: Any = read_records(data)
+        records: Any = read_records(os.fspath(data))
     else:
         records = load_records(data, what)
     where = getattr(records, "where", lambda i: f"{what}[{i}]")
