@@ -14,7 +14,8 @@ nox.options.default_venv_backend = "venv"
 #: The torch build for CPU sessions. `torch==2.13.0` is the CPU wheel on our machines; set LLMTUNE_TORCH
 #: (e.g. "torch==2.13.0+cpu") elsewhere. A bare `torch` would pull a multi-GB CUDA build.
 TORCH_CPU = os.environ.get("LLMTUNE_TORCH", "torch==2.13.0")
-PLUGINS = ["tests/plugins/example_plugin", "tests/plugins/broken_plugin", "tests/plugins/trainer_plugin"]
+PLUGINS = ["tests/plugins/example_plugin", "tests/plugins/broken_plugin", "tests/plugins/trainer_plugin",
+           "tests/plugins/reward_plugin"]
 
 
 def _install(session: nox.Session, extras: str) -> None:

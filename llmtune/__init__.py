@@ -49,6 +49,11 @@ __all__ = [
 _LAZY_SUBPACKAGES = frozenset({"memory", "metrics", "quantizers", "trainers", "data", "models", "export", "tasks"})
 __all__ += ["Task", "TaskResult", "evaluate", "get_task", "register_task"]
 
+from llmtune.core import Reward, get_reward, register_reward  # noqa: E402 - the fifth kind (reward functions)
+
+__all__ += ["Reward", "get_reward", "register_reward"]
+_LAZY_SUBPACKAGES = _LAZY_SUBPACKAGES | {"rewards"}
+
 
 def evaluate(model: object, tasks: object, **kwargs: object) -> dict[str, TaskResult]:
     """Run benchmark tasks on a model; see `llmtune.tasks.run.evaluate` (torch is imported on call)."""

@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("backends")
     def backends(
-        kind: str = typer.Option(None, "--kind", help="Only this kind: metric, quantizer, trainer or task."),
+        kind: str = typer.Option(None, "--kind", help="Only this kind: metric, quantizer, trainer, task or reward."),
         as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
     ) -> None:
         """List every registered backend and whether it can run on this machine."""

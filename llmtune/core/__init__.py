@@ -36,3 +36,8 @@ __all__ = [
     "register_trainer",
 ]
 __all__ += ["Task", "TaskResult", "get_task", "register_task"]
+
+from llmtune.core.interfaces import Reward  # noqa: E402 - the fifth kind, added after the four
+from llmtune.core.registry import get_reward, register_reward  # noqa: E402
+
+__all__ += ["Reward", "get_reward", "register_reward"]

@@ -113,4 +113,22 @@ class Task(Backend):
         for every task before the model loads."""
 
 
+class Reward(Backend):
+    """A reward function for online RL: one float per completion (higher is better).
+
+    Called with the prompts (one per completion, rendered text), the completions (decoded text) and the
+    training record's other fields as keyword arguments (one value per completion, e.g. ``answer=[...]``), as
+    TRL's ``GRPOTrainer`` calls its reward functions. ``None`` for a completion means "does not apply" (it counts
+    0 in a weighted sum and is left out of this function's statistics).
+    """
+
+    kind: ClassVar[str] = "reward"
+
+    @abc.abstractmethod
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 **fields: Sequence[Any]) -> list[float | None]:
+        """One reward per completion."""
+
+
 KINDS: dict[str, type[Backend]] = {"metric": Metric, "quantizer": Quantizer, "trainer": Trainer, "task": Task}
+KINDS["reward"] = Reward

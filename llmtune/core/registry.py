@@ -30,16 +30,18 @@ from llmtune.core.errors import (
     UnknownBackendError,
     did_you_mean,
 )
-from llmtune.core.interfaces import KINDS, Backend, Metric, Quantizer, Task, Trainer
+from llmtune.core.interfaces import KINDS, Backend, Metric, Quantizer, Reward, Task, Trainer
 
 B = TypeVar("B", bound=type[Backend])
 
 #: Entry-point group of each kind.
 ENTRY_POINT_GROUPS = {"metric": "llmtune.metrics", "quantizer": "llmtune.quantizers", "trainer": "llmtune.trainers"}
 ENTRY_POINT_GROUPS["task"] = "llmtune.tasks"
+ENTRY_POINT_GROUPS["reward"] = "llmtune.rewards"
 #: The package that declares each kind's built-in backends (imported lazily; it imports no heavy library).
 _BUILTIN_PACKAGES = {"metric": "llmtune.metrics", "quantizer": "llmtune.quantizers", "trainer": "llmtune.trainers"}
 _BUILTIN_PACKAGES["task"] = "llmtune.tasks"
+_BUILTIN_PACKAGES["reward"] = "llmtune.rewards"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +308,7 @@ register_metric = _decorator("metric")
 register_quantizer = _decorator("quantizer")
 register_trainer = _decorator("trainer")
 register_task = _decorator("task")
+register_reward = _decorator("reward")
 
 
 def get_metric(name: str, backend: str | None = None, **options: Any) -> Metric:
@@ -336,6 +339,13 @@ def get_task(name: str, backend: str | None = None, **options: Any) -> Task:
     return obj
 
 
+def get_reward(name: str, backend: str | None = None, **options: Any) -> Reward:
+    """A configured reward function, e.g. ``get_reward("numeric_answer", field="answer")``."""
+    obj = REGISTRY.create("reward", name, backend, **options)
+    assert isinstance(obj, Reward)
+    return obj
+
+
 def list_backends(kind: str | None = None) -> list[BackendInfo]:
     """Every registered backend (of one kind, or all), with whether it can run here and why not."""
     return REGISTRY.list(kind)
@@ -346,3 +356,4 @@ __all__ = [
     "list_backends", "register_metric", "register_quantizer", "register_trainer", "LlmtuneError",
 ]
 __all__ += ["get_task", "register_task"]
+__all__ += ["get_reward", "register_reward"]

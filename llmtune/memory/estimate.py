@@ -65,6 +65,8 @@ class Estimate:
     phase_breakdowns: dict[str, dict[str, int]]
     assumptions: tuple[str, ...] = ()
     capacity: ServingCapacity | None = None  # serving with engine="vllm": the KV block pool
+    #: why the run cannot start or run whatever the memory total says (e.g. a colocated vLLM engine refusing)
+    blockers: tuple[str, ...] = ()
 
     @property
     def peak_gib(self) -> float:
@@ -77,8 +79,8 @@ class Estimate:
         return self.device_bytes / 2**30
 
     def fits(self, gpu: str | int) -> bool:
-        """True when ``device_bytes`` fits in ``gpu`` (a name from GPUS or a byte count)."""
-        return self.device_bytes <= gpu_bytes(gpu)
+        """True when ``device_bytes`` fits in ``gpu`` (a name from GPUS or a byte count) and nothing blocks the run."""
+        return self.device_bytes <= gpu_bytes(gpu) and not self.blockers
 
     def fitting_gpus(self) -> dict[str, bool]:
         """For each common GPU, whether this estimate fits on one of it."""
@@ -86,7 +88,7 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (bytes as ints)."""
-        out = dataclasses.asdict(self) | {"assumptions": list(self.assumptions)}
+        out = dataclasses.asdict(self) | {"assumptions": list(self.assumptions), "blockers": list(self.blockers)}
         out["capacity"] = self.capacity.to_dict() if self.capacity else None
         return out
 
@@ -610,6 +612,9 @@ def estimate_training(
     dpo_reference: str = "adapter_off",
     rl_samples: int = 4,
     responses: int = 2,
+    generator: str = "hf",
+    gpu: str | int | None = None,
+    vllm: Mapping[str, Any] | None = None,
 ) -> Estimate:
     """Peak GPU memory of fine-tuning ``spec`` (per GPU), as the max over forward, backward and optimizer step.
 
@@ -620,7 +625,10 @@ def estimate_training(
     runs that pass once before training, over the starting model, and holds no copy); ``online_rl``
     (``rl_samples`` completions per prompt generated with a KV cache, then trained on, with a KL reference
     pass). ``responses``: answers per example of ``dpo`` / ``reward`` (2 for a pair; a ranking of K answers puts
-    K rows through the model, each answer once, and scores its K(K-1)/2 pairs). ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
+    K rows through the model, each answer once, and scores its K(K-1)/2 pairs). ``generator="hf"`` generates
+    online RL's samples with the policy itself, ``generator="vllm"`` with a colocated vLLM engine
+    sized on ``gpu`` by its ``vllm`` engine options, `llmtune.memory.colocate`: its weights and KV pool are held
+    through every phase, ``blockers`` says when vLLM would refuse to start. ``packing`` with SDPA: transformers builds a block-diagonal mask, so every layer gets an explicit
     mask (K/V repeated, float bias saved); with ``attention="flash"`` packing runs varlen, maskless.
 
     ``recipe``: ``"hf"`` = plain transformers + PEFT + bitsandbytes (../shared/memory/reference_recipe.py:
@@ -759,8 +767,35 @@ def estimate_training(
         terms.update(every, **(at_loss if name.startswith("loss_") else {}))
     if quant:
         notes.append("bitsandbytes dequantizes one weight at a time to bf16 in forward and backward")
+    generator = _check_choice("generator", generator, ("hf", "vllm"))
+    if generator == "vllm":
+        if objective != "online_rl":
+            raise InvalidOptionError(f"generator='vllm' is online RL's sample generator; objective={objective!r} "
+                                     "generates nothing", field="generator")
+        return _with_colocated_vllm(phases, static, {**wterms, **ref_w}, spec, gpu=gpu, options=vllm, seq_len=s,
+                                    prompts=b_ex, samples=b // b_ex, workspace=ws, context=context, frac=frac,
+                                    notes=notes, weight_format=fmt if fmt in ("nf4", "fp4") else "bf16")
     statics = set(static)
     return _finish(phases, statics, context, frac, notes)
+
+
+def _with_colocated_vllm(phases: dict[str, dict[str, int]], static: dict[str, int], loaded: dict[str, int],
+                         spec: ModelSpec, *, gpu: str | int | None, options: Mapping[str, Any] | None, seq_len: int,
+                         prompts: int, samples: int, workspace: int, context: int, frac: float,
+                         notes: list[str], weight_format: str) -> Estimate:
+    """The training phases with a colocated vLLM engine's weights and pool held throughout; its generation replaces
+    the policy's own (`llmtune.memory.colocate`)."""
+    from llmtune.memory.colocate import colocated_engine, startup_blocker
+
+    cap, held, temps, requested, engine_notes, blockers = colocated_engine(
+        spec, gpu=gpu, options=options, seq_len=seq_len, prompts=prompts, samples=samples, workspace_bytes=workspace,
+        weight_format=weight_format)
+    phases = {name: {**terms, **held} for name, terms in phases.items() if name != "generation"}
+    phases["vllm_generation"] = {**static, **held, **temps}
+    assert gpu is not None  # colocated_engine checked it
+    start = startup_blocker(requested, sum(loaded.values()), context, gpu)
+    est = _finish(phases, set(static) | set(held), context, frac, [*notes, *engine_notes])
+    return dataclasses.replace(est, capacity=cap, blockers=tuple(([start] if start else []) + blockers))
 
 
 def estimate_serving(

@@ -47,7 +47,8 @@ MAPPED: dict[str, dict[str, str]] = {
     },
     "DpoTrainOptions": {"reference": "dpo_reference (adapter_off; precomputed: no copy, the pass runs once)"},
     "RewardTrainOptions": {},
-    "OnlineTrainOptions": {"samples": "rl_samples"},
+    "OnlineTrainOptions": {"samples": "rl_samples", "generator": "generator (hf: generate on the policy; vllm: a colocated engine)",
+                           "vllm": "vllm (the colocated engine: gpu_memory_utilization, max_model_len, ...)"},
     "Int8Options": {
         "has_fp16_weights": "weight_format (True keeps 16-bit weights)",
         "skip_modules": "checked: a list other than ('lm_head',) is reported as not modelled",
@@ -94,14 +95,20 @@ IRRELEVANT: dict[str, dict[str, str]] = {
     # the preference / online-RL options classes = TrainOptions' fields plus these
     "DpoTrainOptions": {"beta": "a scalar in the loss", "label_smoothing": "a scalar in the loss",
                         "simpo_gamma": "a scalar in the loss",
+                        "ranking_loss": "pairwise or listwise: the same rows scored, another loss over them",
                         "loss_type": "every loss type scores the same chosen + rejected rows (SimPO/ORPO skip the "
                                      "reference pass: the estimate keeps it, an over-estimate of its phase only)"},
     "RewardTrainOptions": {"use_margin": "a scalar per pair",
                            "center_rewards_coefficient": "a scalar penalty on the scores",
-                           "add_score_head": "the score head is h x 1 either way (counted)"},
+                           "add_score_head": "the score head is h x 1 either way (counted)",
+
+                           "ranking_loss": "pairwise or listwise: the same rows scored, another loss over them"},
     "OnlineTrainOptions": {"reward_model": "scored with no grad after generation, before the policy step (its "
                                            "weights are not counted: an under-estimate by the reward model's size)",
-                           "kl_coef": "a scalar in the loss", "temperature": "sampling, not how much"},
+                           "kl_coef": "a scalar in the loss", "temperature": "sampling, not how much",
+                           "reward_model_weight": "a scalar on the scores",
+                           "reward_funcs": "Python functions of the decoded texts, on the CPU",
+                           "loss_type": "how per-token losses are averaged: the same logits and log-probs"},
 }
 
 
@@ -174,6 +181,10 @@ def training_arguments(options: Any, backend: str) -> tuple[dict[str, Any], list
     return kw, notes
 
 
+#: the engine options of ``vllm:`` that `llmtune.memory.colocate` models (the others go to vllm.LLM unmodelled)
+_ESTIMATED_VLLM_OPTIONS = ("gpu_memory_utilization", "block_size", "max_num_seqs", "max_model_len",
+                           "max_num_batched_tokens")
+
 #: methods the estimator models on a 16/32-bit base only
 _UNQUANTIZED_ONLY = ("prompt_tuning", "prefix_tuning", "ia3", "bottleneck")
 
@@ -219,8 +230,14 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
             kw["dpo_reference"] = trainer.options.reference
     elif objective in ("rloo", "grpo"):  # K sampled answers per prompt (KV cache), the adapter-off reference
         kw.update(objective="online_rl", rl_samples=trainer.options.samples)
-    est = estimate_training(spec, gpus=processes, **kw)
     o = trainer.options
+    targets = {str(gpu): gpu_bytes(gpu)} if gpu is not None else dict(GPUS)
+    if kw.get("objective") == "online_rl" and getattr(o, "generator", "hf") == "vllm":
+        engine = {k: v for k, v in dict(o.vllm or {}).items() if k != "model"}
+        notes += [f"vllm option {k!r}: not modelled" for k in engine if k not in _ESTIMATED_VLLM_OPTIONS]
+        modelled = {k: v for k, v in engine.items() if k in _ESTIMATED_VLLM_OPTIONS}
+        return _colocated_rows(spec, kw, modelled, processes, targets, notes)
+    est = estimate_training(spec, gpus=processes, **kw)
     q = o.quantizer
     bits = {"nf4": 4, "fp4": 4, "int8": 8}.get(q.name, 16) if q is not None else 16
     serve = estimate_serving(spec, bits, batch_size=o.eval_batch_size, seq_len=o.max_length + o.max_new_tokens,
@@ -233,7 +250,22 @@ def estimate_for_config(config: Any, gpu: str | int | None = None, *, spec: Any 
                      "needs more than the training step")
     if getattr(config, "eval_tasks", None):
         notes.append("eval_tasks: task scoring during training (no-grad forwards) is not modelled")
-    targets = {str(gpu): gpu_bytes(gpu)} if gpu is not None else dict(GPUS)
     rows = [{"gpu": name, "capacity_bytes": cap, "device_bytes": device, "fits": device <= cap,
              "headroom_bytes": cap - device, "notes": list(notes)} for name, cap in targets.items()]
     return est, rows
+
+
+def _colocated_rows(spec: Any, kw: dict[str, Any], engine: dict[str, Any], processes: int, targets: dict[str, int],
+                    notes: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+    """Online RL with ``generator: vllm``: the engine is a fraction of each GPU, so one estimate per GPU; a row
+    fits when the total does and vLLM would start (its blockers are the row's first notes)."""
+    from llmtune.memory import estimate_training
+
+    rows, first = [], None
+    for name, cap in targets.items():
+        est = estimate_training(spec, gpus=processes, generator="vllm", gpu=cap if name.isdigit() else name,
+                                vllm=engine, **kw)
+        first = first or est
+        rows.append({"gpu": name, "capacity_bytes": cap, "device_bytes": est.device_bytes, "fits": est.fits(cap),
+                     "headroom_bytes": cap - est.device_bytes, "notes": [*est.blockers, *notes]})
+    return first, rows

@@ -35,14 +35,17 @@ class DpoTrainOptions(TrainOptions):
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     reference: str = "adapter_off"  #: "adapter_off" (a no-grad pass per step) or "precomputed" (once, at setup)
+    ranking_loss: str = "pairwise"  #: "pairwise" (mean over pairs) or "listwise" (Plackett-Luce, mean over stages)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from llmtune.core.options import check_choice
         from llmtune.trainers.rlhf.dpo import REFERENCES
+        from llmtune.trainers.rlhf.listwise import check_ranking_loss
         from llmtune.trainers.rlhf.losses import NEEDS_REFERENCE, check_preference_options
 
         check_preference_options(self.loss_type, self.beta, self.label_smoothing)
+        check_ranking_loss(self.ranking_loss, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
         check_choice("reference", self.reference, REFERENCES)
         if self.method == "full" and self.loss_type in NEEDS_REFERENCE and self.reference != "precomputed":
             raise InvalidOptionError(f"option reference={self.reference!r}: method 'full' has no adapter to switch "
@@ -136,11 +139,19 @@ def _record(objective: Objective, batch: Mapping[str, Any], stats: Mapping[str, 
                                                        if k not in ("pairs", "sequences")}))
 
 
+def _units(batch: Mapping[str, Any], ranking_loss: str) -> int:
+    """The loss's units in a batch: its pairs, or (listwise) its Plackett-Luce stages (answers that beat another)."""
+    chosen = batch["chosen"]
+    return int(chosen.unique().numel()) if ranking_loss == "listwise" else int(chosen.numel())
+
+
 class Dpo(Objective):
-    """The DPO-family loss summed over the pairs of a batch of groups."""
+    """The DPO-family loss summed over the pairs (listwise: the Plackett-Luce stages) of a batch of groups."""
 
     name: ClassVar[str] = "dpo"
     Options: ClassVar[type] = DpoTrainOptions
+    #: the run's ``ranking_loss`` (set with the data): what `scored_tokens` counts
+    ranking_loss: str = "pairwise"
 
     def check_data(self, data: Any, what: str) -> str:
         """Every preference record parsed as training parses it; the rankings' sizes and pairs."""
@@ -155,9 +166,11 @@ class Dpo(Objective):
                 f"{pairs} pairs; largest ranking {max(sizes)} answers")
 
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> GroupData:
+        self.ranking_loss = options.ranking_loss
         return GroupData(_groups(data, tokenizer, options, "data"), options.seed)
 
     def eval_data(self, data: Any, tokenizer: Any, options: Any) -> EvalData:
+        self.ranking_loss = options.ranking_loss
         groups = _groups(data, tokenizer, options, "eval_data")
         n = options.eval_examples
         return EvalData(examples=groups if n == 0 else groups[:n])
@@ -198,7 +211,9 @@ class Dpo(Objective):
         return collate_groups(examples, pad_id)
 
     def scored_tokens(self, example: Any) -> int:
-        return len(example.pairs)
+        from llmtune.trainers.rlhf.listwise import stages
+
+        return stages(example.pairs) if self.ranking_loss == "listwise" else len(example.pairs)
 
     def loss(self, backend: Any, model: Any, batch: Mapping[str, Any], ctx: Any) -> Any:
         from llmtune.trainers.rlhf.dpo import DpoOptions, dpo_loss
@@ -210,9 +225,10 @@ class Dpo(Objective):
                                      f"'dora', or reference='precomputed' (got method {o.method!r})", field="reference")
         out, stats = dpo_loss(model, dict(batch), DpoOptions(loss_type=o.loss_type, beta=o.beta,
                                                               label_smoothing=o.label_smoothing,
-                                                              simpo_gamma=o.simpo_gamma))
+                                                              simpo_gamma=o.simpo_gamma,
+                                                              ranking_loss=o.ranking_loss))
         _record(self, batch, stats)
-        return out.loss * batch["chosen"].numel()
+        return out.loss * _units(batch, o.ranking_loss)
 
     def pop_metric_sums(self) -> tuple[float, dict[str, float]]:
         from llmtune.trainers.objectives.online import pop_weighted
@@ -238,14 +254,17 @@ class RewardTrainOptions(TrainOptions):
     lr: float = 1e-4
     use_margin: bool = False
     center_rewards_coefficient: float | None = None
+    ranking_loss: str = "pairwise"  #: "pairwise" (Bradley-Terry, mean over pairs) or "listwise" (Plackett-Luce)
     #: start a fresh (seeded) score head on a causal LM's backbone; without it a causal LM is refused
     add_score_head: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from llmtune.core.options import check_type
+        from llmtune.trainers.rlhf.listwise import check_ranking_loss
 
         check_type("add_score_head", self.add_score_head, bool)
+        check_ranking_loss(self.ranking_loss, use_margin=self.use_margin)
 
 
 class Reward(Objective):
@@ -255,6 +274,7 @@ class Reward(Objective):
     name: ClassVar[str] = "reward"
     Options: ClassVar[type] = RewardTrainOptions
     check_data = Dpo.check_data
+    ranking_loss: str = "pairwise"
     train_data = Dpo.train_data
     eval_data = Dpo.eval_data
     collate = Dpo.collate
@@ -267,8 +287,9 @@ class Reward(Objective):
             raise InvalidOptionError("objective 'reward' trains a 1-label sequence-classification model: pass "
                                      "reward_model_from_causal_lm(model, tokenizer) as the model")
         loss, stats = reward_loss(model, dict(batch), use_margin=ctx.options.use_margin,
-                                  center_rewards_coefficient=ctx.options.center_rewards_coefficient)
+                                  center_rewards_coefficient=ctx.options.center_rewards_coefficient,
+                                  ranking_loss=ctx.options.ranking_loss)
         _record(self, batch, stats)
-        return loss * batch["chosen"].numel()
+        return loss * _units(batch, ctx.options.ranking_loss)
 
     pop_metric_sums = Dpo.pop_metric_sums

@@ -23,6 +23,7 @@ import torch
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.options import check_choice
 from llmtune.trainers.rlhf import _loop
+from llmtune.trainers.rlhf.listwise import check_backend, check_ranking_loss, plackett_luce_loss
 from llmtune.trainers.rlhf.losses import (
     NEEDS_REFERENCE,
     PreferenceOutput,
@@ -44,6 +45,7 @@ class DpoOptions:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     reference: str = "adapter_off"
+    ranking_loss: str = "pairwise"  # "pairwise" (one term per pair) or "listwise" (Plackett-Luce, loss_type dpo)
     lr: float = 5e-4
     steps: int = 100
     batch_size: int = 8  # groups per step
@@ -52,6 +54,7 @@ class DpoOptions:
     def __post_init__(self) -> None:
         check_preference_options(self.loss_type, self.beta, self.label_smoothing)
         check_choice("reference", self.reference, REFERENCES)
+        check_ranking_loss(self.ranking_loss, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -138,6 +141,9 @@ def dpo_loss(model: Any, batch: dict[str, torch.Tensor], options: DpoOptions,
                           chosen_tokens=tokens[c], rejected_tokens=tokens[r], loss_type=options.loss_type,
                           beta=options.beta, label_smoothing=options.label_smoothing,
                           simpo_gamma=options.simpo_gamma)
+    if options.ranking_loss == "listwise":
+        assert ref is not None  # check_ranking_loss: listwise is loss_type dpo, which has a reference
+        out.loss = plackett_luce_loss(options.beta * (logps - ref), c, r)
     lp = logps.detach()
     stats = {"logps_chosen": float(lp[c].mean()), "logps_rejected": float(lp[r].mean()),
              "rewards_chosen": float(out.chosen_rewards.mean()), "rewards_rejected": float(out.rejected_rewards.mean()),
@@ -160,6 +166,7 @@ def train_dpo(model: Any, tokenizer: Any, groups: Sequence[Group], *, options: D
     """
     options = options or DpoOptions()
     check_choice("backend", backend, ("llmtune", "trl"))
+    check_backend(options.ranking_loss, backend)
     if backend == "trl":
         return _train_dpo_trl(model, tokenizer, groups, options, output_dir)
     torch.manual_seed(options.seed)

@@ -22,9 +22,10 @@ import torch
 from llmtune.core.errors import InvalidOptionError
 from llmtune.core.options import check_choice
 from llmtune.trainers.rlhf import _loop
-from llmtune.trainers.rlhf.dpo import adapter_off, row_logps
+from llmtune.trainers.rlhf.dpo import adapter_off
 from llmtune.trainers.rlhf.losses import grpo_advantages, rloo_advantages
 from llmtune.trainers.rlhf.pairs import Group, collate_groups
+from llmtune.trainers.rlhf.policy_loss import check_policy_loss, token_logps, token_policy_loss
 
 RewardFn = Callable[[list[list[int]]], list[float]]
 
@@ -34,6 +35,9 @@ class OnlineOptions:
     """Options of objectives ``rloo`` / ``grpo``."""
 
     algorithm: str = "rloo"
+    #: "sequence" (REINFORCE on the summed log-prob, KL in the reward) or TRL's token-level aggregations
+    #: "dapo", "grpo", "bnpo", "dr_grpo" (clipped ratio, k3 KL per token x kl_coef): `policy_loss`
+    loss_type: str = "sequence"
     samples: int = 4  # K answers per prompt
     kl_coef: float = 0.05
     temperature: float = 1.0
@@ -45,6 +49,7 @@ class OnlineOptions:
 
     def __post_init__(self) -> None:
         check_choice("algorithm", self.algorithm, ("rloo", "grpo"))
+        check_policy_loss(self.loss_type)
         if not isinstance(self.samples, int) or self.samples < 2:
             raise InvalidOptionError(f"OnlineOptions.samples must be an int >= 2 (K answers per prompt), "
                                      f"got {self.samples!r}")
@@ -91,19 +96,35 @@ def sample(model: Any, prompts: Sequence[Sequence[int]], *, k: int, pad_id: int,
 
 def online_step_loss(model: Any, prompts: Sequence[Sequence[int]], completions: Sequence[list[int]],
                      scores: torch.Tensor, options: OnlineOptions, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy-gradient loss of K completions per prompt with KL-penalised, leave-one-out/group advantages."""
+    """Policy-gradient loss of K completions per prompt with leave-one-out / group advantages.
+
+    ``loss_type="sequence"``: ``-mean(A * log pi(y))`` with the advantages of the KL-penalised rewards; TRL's
+    token-level types: `policy_loss.token_policy_loss` on the rewards' advantages, KL per token x ``kl_coef``.
+    """
     k = options.samples
     groups = [Group(list(p), [list(c) for c in completions[i * k:(i + 1) * k]], []) for i, p in enumerate(prompts)]
     batch = collate_groups(groups, pad_id)
-    logps, tokens = row_logps(model, batch)
+    device = next(model.parameters()).device
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    mask = batch["completion_mask"].to(device)[:, 1:].float()
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    per_token = token_logps(logits, ids)
     with adapter_off(model):
-        ref = row_logps(model, batch)[0]
-    kl = (logps.detach() - ref).float()
-    total = scores.to(logps.device).float() - options.kl_coef * kl
+        ref_token = token_logps(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids)
+    logps, tokens = (per_token * mask).sum(-1), mask.sum(-1)
+    kl = ((per_token.detach() - ref_token) * mask).sum(-1)
+    scores = scores.to(device).float()
     adv_fn = rloo_advantages if options.algorithm == "rloo" else grpo_advantages
-    advantages = adv_fn(total.view(len(prompts), k)).view(-1)
-    loss = -(advantages.detach() * logps).mean()
-    stats = {"reward": float(scores.mean()), "kl": float(kl.mean()), "reward_with_kl": float(total.mean()),
+    if options.loss_type == "sequence":
+        advantages = adv_fn((scores - options.kl_coef * kl).view(len(prompts), k)).view(-1)
+        loss = -(advantages.detach() * logps).mean()
+    else:
+        advantages = adv_fn(scores.view(len(prompts), k)).view(-1)
+        loss = token_policy_loss(per_token, advantages.detach(), mask, loss_type=options.loss_type,
+                                 ref_logps=ref_token, beta=options.kl_coef,
+                                 max_completion_length=options.max_new_tokens)
+    with_kl = scores - options.kl_coef * kl
+    stats = {"reward": float(scores.mean()), "kl": float(kl.mean()), "reward_with_kl": float(with_kl.mean()),
              "advantage_std": float(advantages.std()), "completion_tokens": float(tokens.mean())}
     return loss, stats
 

@@ -23,6 +23,7 @@ import torch
 from llmtune.core.errors import ConfigError, InvalidOptionError
 from llmtune.core.options import check_choice
 from llmtune.trainers.rlhf import _loop
+from llmtune.trainers.rlhf.listwise import check_backend, check_ranking_loss, plackett_luce_loss
 from llmtune.trainers.rlhf.losses import bradley_terry_loss
 from llmtune.trainers.rlhf.pairs import Group, collate_groups
 
@@ -38,6 +39,7 @@ class RewardOptions:
     steps: int = 100
     batch_size: int = 8  # groups (prompts) per step
     use_margin: bool = False  # subtract each pair's margin inside the sigmoid
+    ranking_loss: str = "pairwise"  # "pairwise" (Bradley-Terry over the pairs) or "listwise" (Plackett-Luce)
     center_rewards_coefficient: float | None = None  # + c * mean((r_c + r_r)^2), as TRL's RewardConfig
     eval_every: int = 25
     eval_batch_size: int = 16
@@ -51,6 +53,7 @@ class RewardOptions:
                 raise InvalidOptionError(f"RewardOptions.{name} must be an int >= 1, got {value!r}")
         if not self.lr > 0:
             raise InvalidOptionError(f"RewardOptions.lr must be > 0, got {self.lr!r}")
+        check_ranking_loss(self.ranking_loss, use_margin=self.use_margin)
 
 
 def reward_model_from_causal_lm(model: Any, tokenizer: Any, *, seed: int = 0) -> Any:
@@ -97,11 +100,18 @@ def row_rewards(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def reward_loss(model: Any, batch: dict[str, torch.Tensor], *, use_margin: bool = False,
-                center_rewards_coefficient: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Bradley-Terry loss over every pair of the batch (each answer scored once), and its accuracy / margin."""
+                center_rewards_coefficient: float | None = None, ranking_loss: str = "pairwise"
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry loss over every pair of the batch (each answer scored once), or with ``ranking_loss=
+    "listwise"`` the Plackett-Luce loss over each ranking's stages; and the pairwise accuracy / margin."""
     rewards = row_rewards(model, batch)
-    chosen, rejected = rewards[batch["chosen"].to(rewards.device)], rewards[batch["rejected"].to(rewards.device)]
-    loss = bradley_terry_loss(chosen, rejected, batch["margin"].to(rewards.device) if use_margin else None)
+    c, r = batch["chosen"].to(rewards.device), batch["rejected"].to(rewards.device)
+    chosen, rejected = rewards[c], rewards[r]
+    if ranking_loss == "listwise":
+        check_ranking_loss(ranking_loss, use_margin=use_margin)
+        loss = plackett_luce_loss(rewards, c, r)
+    else:
+        loss = bradley_terry_loss(chosen, rejected, batch["margin"].to(rewards.device) if use_margin else None)
     if center_rewards_coefficient is not None:
         loss = loss + center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
     diff = (chosen - rejected).detach()
@@ -200,6 +210,7 @@ def train_reward(model: Any, tokenizer: Any, groups: Sequence[Group], *, eval_gr
     """
     options = options or RewardOptions()
     check_choice("backend", backend, ("llmtune", "trl"))
+    check_backend(options.ranking_loss, backend)
     if backend == "trl":
         return _train_reward_trl(model, tokenizer, groups, eval_groups, options, output_dir)
     torch.manual_seed(options.seed)
@@ -213,7 +224,8 @@ def train_reward(model: Any, tokenizer: Any, groups: Sequence[Group], *, eval_gr
     for step in range(options.steps):
         batch = collate_groups(next(batches), tokenizer.pad_token_id)
         loss, stats = reward_loss(model, batch, use_margin=options.use_margin,
-                                  center_rewards_coefficient=options.center_rewards_coefficient)
+                                  center_rewards_coefficient=options.center_rewards_coefficient,
+                                  ranking_loss=options.ranking_loss)
         grad_norm = _loop.step(model, opt, sched, loss, f"reward step {step}")
         log({"objective": "reward", "step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm,
              "lr": sched.get_last_lr()[0], **stats})
