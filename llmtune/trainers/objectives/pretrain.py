@@ -77,6 +77,10 @@ class Pretrain(Objective):
         from llmtune.data import text_sources
 
         sources = text_sources(data, "data")
+        if any(s.dataset is not None for s in sources):   # dataset sources: their identity, not a full read
+            from llmtune.data.sources import DataSpec
+
+            return DataSpec(tuple(s.dataset for s in sources)).digest()
         return super().data_digest([s.path if s.path is not None else list(s.texts) for s in sources])
 
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> StreamData:

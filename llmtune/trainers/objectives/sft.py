@@ -8,14 +8,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtune.core.errors import ConfigError
+from llmtune.data.formats import detect_format
 from llmtune.trainers.objectives.base import EvalData, ExampleData, Objective
 from llmtune.trainers.options import TrainOptions
 
 
-def load_records(data: Any, what: str) -> list[dict[str, Any]]:
-    """Records from a path (.jsonl/.json/.csv) or a list of dicts."""
+def load_records(data: Any, what: str, seed: int = 0) -> list[dict[str, Any]]:
+    """Records from a path (.jsonl/.json/.csv), a dataset source or mixture (`llmtune.data.sources`, mixed by
+    ``seed``), or a list of dicts."""
     from llmtune.data import load_records as load
+    from llmtune.data.sources import as_spec
 
+    spec = as_spec(data, seed)
+    if spec is not None:
+        records = spec.records(what)
+        for i, record in enumerate(records):
+            detect_format(record, records.where(i))
+        return records
     if isinstance(data, (str, os.PathLike)):
         return load(Path(data))
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
@@ -51,6 +60,11 @@ class Sft(Objective):
 
         if is_tokenized(data):
             return super().data_digest(data)
+        from llmtune.data.sources import as_spec
+
+        spec = as_spec(data)
+        if spec is not None and spec.streaming:   # not read in full: the sources' identity (files by size, ends)
+            return spec.digest()
         records = load_records(data, "data")
         return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -60,9 +74,16 @@ class Sft(Objective):
         if is_tokenized(data):
             examples = tokenized_examples(data, source=what)
         else:
-            examples = build_examples(load_records(data, what), tokenizer, template=options.template,
-                                      max_length=options.max_length, train_on_prompt=options.train_on_prompt,
-                                      source=what, **_turn_options(options))
+            from llmtune.data.sources import as_spec
+
+            def build(records: Any, overrides: dict[str, str]) -> list[Any]:
+                return build_examples(records, tokenizer, max_length=options.max_length,
+                                      train_on_prompt=options.train_on_prompt, source=what,
+                                      **{"template": options.template, **_turn_options(options), **overrides})
+
+            records = load_records(data, what, options.seed)
+            spec = as_spec(data, options.seed)
+            examples = spec.examples(records, build) if spec is not None else build(records, {})
         if options.packing:
             examples = pack_examples(examples, options.max_length)
         return list(examples)
@@ -80,7 +101,7 @@ class Sft(Objective):
         if is_tokenized(data):
             examples = tokenized_examples(data, source="eval_data")
             return EvalData(examples=examples if n == 0 else examples[:n])
-        records = load_records(data, "eval_data")
+        records = load_records(data, "eval_data", options.seed)
         chosen = records if n == 0 else records[:n]
         prompts, refs = [], []
         for rec in chosen:
