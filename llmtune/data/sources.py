@@ -420,6 +420,77 @@ class DataSpec:
         return out
 
 
+class ExampleStream:
+    """Examples of a streamed `DataSpec`, built ``chunk`` records at a time (memory stays flat), restartable: each
+    ``iter`` starts over. One source, or sources without weights: their rows in order, once. A weighted mixture
+    (``weight``/``samples``): endless, each next record's source drawn by the seed with probability proportional
+    to its weight (``samples`` counts as a weight), a source starting over when it runs out."""
+
+    empty = "data: the streamed sources give no examples"
+
+    def __init__(self, spec: DataSpec, build: Callable[[Records, dict[str, str]], list[Any]], *, chunk: int = 256,
+                 what: str = "data") -> None:
+        if spec.val_size is not None or spec.dedup:
+            raise ConfigError(f"{what}: val_size and dedup need the whole data; they do not work with streaming: true "
+                              "(carve the held-out set into its own file, or stream without them)")
+        self.spec, self.build, self.chunk, self.what = spec, build, chunk, what
+
+    @property
+    def endless(self) -> bool:
+        return len(self.spec.sources) > 1 and any(s.weight or s.samples for s in self.spec.sources)
+
+    def rows(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """``(source index, where, record)`` in stream order."""
+        sources = self.spec.sources
+        if not self.endless:
+            for k, src in enumerate(sources):
+                for where, record in iter_source(src, self.what):
+                    yield k, where, record
+            return
+        weights = [float(s.weight if s.weight is not None else s.samples or 0) for s in sources]
+        probs = [w / sum(weights) for w in weights]
+        rng = _rng(self.spec.seed, 4)
+        its: list[Iterator[tuple[str, dict[str, Any]]] | None] = [None] * len(sources)
+        while True:
+            for k in rng.choice(len(sources), size=1024, p=probs).tolist():
+                row = next(its[k], None) if its[k] is not None else None  # type: ignore[arg-type]
+                if row is None:
+                    its[k] = iter_source(sources[k], self.what)
+                    row = next(its[k], None)  # type: ignore[arg-type]
+                    if row is None:
+                        raise ConfigError(f"{self.what}: {sources[k].name}: no records")
+                yield k, row[0], row[1]
+
+    def _examples(self, chunk: list[tuple[int, str, dict[str, Any]]]) -> list[Any]:
+        from llmtune.data.formats import detect_format
+
+        records = Records([r for _, _, r in chunk], source=self.what, wheres=[w for _, w, _ in chunk])
+        records.origins = [k for k, _, _ in chunk]
+        for i, record in enumerate(records):
+            detect_format(record, records.where(i))
+        return self.spec.examples(records, self.build)
+
+    def __iter__(self) -> Iterator[Any]:
+        chunk: list[tuple[int, str, dict[str, Any]]] = []
+        for row in self.rows():
+            chunk.append(row)
+            if len(chunk) == self.chunk:
+                yield from self._examples(chunk)
+                chunk = []
+        if chunk:
+            yield from self._examples(chunk)
+
+    def count(self) -> int:
+        """How many examples one pass gives (a full pass, streamed)."""
+        if self.endless:
+            raise ConfigError(f"{self.what}: a weighted mixture of streamed sources has no end; set the trainer's "
+                              "max_steps")
+        return sum(1 for _ in self)
+
+    def fingerprint(self) -> str:
+        return self.spec.digest()
+
+
 def _dedup(records: Records) -> Records:
     seen: set[str] = set()
     keep = []

@@ -47,7 +47,7 @@ def text_sources(data: Any, what: str = "data") -> list[TextSource]:
     from llmtune.data.sources import DataSpec, as_spec
 
     spec = data if isinstance(data, DataSpec) else None
-    if spec is None and isinstance(data, (str, os.PathLike)) or (isinstance(data, Sequence) and data
+    if (spec is None and isinstance(data, (str, os.PathLike))) or (isinstance(data, Sequence) and data
                                                                and not all(isinstance(t, str) for t in data)):
         spec = as_spec(data)
     if spec is not None:

@@ -259,3 +259,20 @@ trainer: {name: sft}
     assert checks["data"].ok and checks["data"].detail == "a.parquet: 100 records (100 instruction)"
     assert not checks["eval_data"].ok
     assert checks["eval_data"].detail == "eval_data: qa.parquet: no column 'response' (from 'columns'); it has question, answer"
+
+
+def test_a_streamed_weighted_mixture_draws_sources_in_proportion_and_has_no_end(tmp_path: Path) -> None:
+    from itertools import islice
+
+    from llmtune.data.sources import ExampleStream
+
+    base = mixture(tmp_path, (1.0, 3.0), sizes=(50, 70))
+    spec = DataSpec(tuple(Source(s.path, weight=s.weight, streaming=True) for s in base.sources), seed=2)
+    stream = ExampleStream(spec, lambda records, overrides: list(records))
+    picked = [k for k, _, _ in islice(stream.rows(), 2000)]
+    assert 0.22 < picked.count(0) / 2000 < 0.28                     # weight 1 of 4, within tolerance
+    assert picked == [k for k, _, _ in islice(stream.rows(), 2000)]  # a function of the seed
+    with pytest.raises(ConfigError, match="has no end; set the trainer's max_steps"):
+        stream.count()
+    with pytest.raises(ConfigError, match="do not work with streaming: true"):
+        ExampleStream(DataSpec(spec.sources, val_size=0.1), lambda r, o: list(r))

@@ -76,9 +76,8 @@ def _groups(data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
     import os
 
     from llmtune.data.preference import load_preference_records
-    from llmtune.trainers.rlhf.pairs import preference_groups
-
     from llmtune.data.sources import DataSpec
+    from llmtune.trainers.rlhf.pairs import preference_groups
 
     if isinstance(data, DataSpec):
         records = load_preference_records(data, source=what)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from llmtune.core.errors import ConfigError
 from llmtune.data.formats import detect_format
-from llmtune.trainers.objectives.base import EvalData, ExampleData, Objective
+from llmtune.trainers.objectives.base import EvalData, ExampleData, Objective, TrainData
 from llmtune.trainers.options import TrainOptions
 
 
@@ -69,18 +69,14 @@ class Sft(Objective):
         return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _examples(self, data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
-        from llmtune.data import build_examples, is_tokenized, pack_examples, tokenized_examples
+        from llmtune.data import is_tokenized, pack_examples, tokenized_examples
 
         if is_tokenized(data):
             examples = tokenized_examples(data, source=what)
         else:
             from llmtune.data.sources import as_spec
 
-            def build(records: Any, overrides: dict[str, str]) -> list[Any]:
-                return build_examples(records, tokenizer, max_length=options.max_length,
-                                      train_on_prompt=options.train_on_prompt, source=what,
-                                      **{"template": options.template, **_turn_options(options), **overrides})
-
+            build = self._builder(tokenizer, options, what)
             records = load_records(data, what, options.seed)
             spec = as_spec(data, options.seed)
             examples = spec.examples(records, build) if spec is not None else build(records, {})
@@ -88,7 +84,28 @@ class Sft(Objective):
             examples = pack_examples(examples, options.max_length)
         return list(examples)
 
-    def train_data(self, data: Any, tokenizer: Any, options: Any) -> ExampleData:
+    def _builder(self, tokenizer: Any, options: Any, what: str) -> Any:
+        """``build(records, overrides)``: examples of records, a source's template options over the trainer's."""
+        from llmtune.data import build_examples
+
+        def build(records: Any, overrides: dict[str, str]) -> list[Any]:
+            return build_examples(records, tokenizer, max_length=options.max_length,
+                                  train_on_prompt=options.train_on_prompt, source=what,
+                                  **{"template": options.template, **_turn_options(options), **overrides})
+
+        return build
+
+    def train_data(self, data: Any, tokenizer: Any, options: Any) -> TrainData:
+        from llmtune.data.sources import ExampleStream, as_spec
+
+        spec = as_spec(data, options.seed)
+        if spec is not None and spec.streaming:   # examples built as the stream is read, in stream order
+            from llmtune.trainers.objectives.pretrain import StreamData
+
+            if options.packing:
+                raise ConfigError("data: packing needs the whole data; it does not work with streaming: true")
+            stream = ExampleStream(spec, self._builder(tokenizer, options, "data"))
+            return StreamData(stream, count=options.max_steps is None)
         examples = self._examples(data, tokenizer, options, "data")
         if not examples:
             raise ConfigError("data: no training examples")
