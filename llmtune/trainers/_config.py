@@ -40,10 +40,10 @@ TOP_LEVEL: dict[str, tuple[bool, str]] = {
     "resume": (False, "false, true/'auto' (newest checkpoint in output_dir), or a checkpoint path"),
     "trainer": (False, "the trainer: name, backend, and that backend's options"),
     "quantizer": (False, "quantize the base model (QLoRA): a name like nf4, or name/backend/options"),
-    "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow"),
+    "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow, wandb"),
     "eval_tasks": (False, "llmtune tasks run during training: names or {name, every, batch_size, task options}"),
 }
-LOGGERS = ("tensorboard", "mlflow")
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 _PATH_KEYS = ("data", "eval_data", "output_dir")
 
 
