@@ -7,7 +7,7 @@ memory)? The script writes the same seeded alpaca-style records (instruction / i
 the bundled corpus) as a ``--size-mb`` MB JSONL file and as a parquet file (written a batch at a time), then
 reads each in a fresh Python process and counts the records. Each line gives records/s (overall, and after the
 first record: the fixed cost of opening the source, ``first_record_s``, is separate), the file size, and the
-process's RSS before reading, at the first record and at its peak (``ru_maxrss``). ``--in-memory`` adds a third line: the parquet
+process's RSS before reading, at the first record, every 50,000 records, and at its peak (``ru_maxrss``). ``--in-memory`` adds a third line: the parquet
 file read in full into `Records` (``streaming: false``).
 
     python benchmarks/data_readers.py                    # 256 MB of JSONL (the issue's 1 GB: --size-mb 1024)
@@ -46,11 +46,15 @@ else:
     rows = iter(read_source(Source(path)))
 next(rows)
 first, at_first = time.perf_counter() - t0, rss()
-n = 1 + sum(1 for _ in rows)
+n, trace = 1, []
+for _ in rows:
+    n += 1
+    if n % 50000 == 0:
+        trace.append(round(rss() / 2**20, 1))
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"records": n, "seconds": seconds, "first": first, "rss_before": before, "rss_first": at_first,
-                  "rss_peak": peak}))
+                  "rss_peak": peak, "trace": trace}))
 """
 
 
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_at_first_record_MiB": round(got["rss_first"] / 2**20, 1),
                 "rss_before_MiB": round(got["rss_before"] / 2**20, 1), "rss_peak_MiB": round(got["rss_peak"] / 2**20, 1),
                 "rss_growth_MiB": round((got["rss_peak"] - got["rss_before"]) / 2**20, 1), "write_s": round(write_s, 1),
+                "rss_every_50k_records_MiB": got["trace"],
                 "cpu": f"{os.cpu_count()} cores", "load": round(os.getloadavg()[0], 2),
             }), flush=True)
     finally:

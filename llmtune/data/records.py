@@ -30,6 +30,8 @@ class Records(list):  # type: ignore[type-arg]
         self.source = source
         self.lines = lines
         self.wheres = wheres
+        #: the index of the source each record came from, for records of a mixture (`llmtune.data.sources`)
+        self.origins: list[int] | None = None
 
     def where(self, index: int) -> str:
         """``"source:line"`` for records read from a file, ``"source[index]"`` otherwise."""

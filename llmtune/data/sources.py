@@ -246,10 +246,11 @@ def iter_source(source: Source, what: str = "data") -> Iterator[tuple[str, dict[
     names = _column_names(dataset)
     if names is not None and source.columns:
         _check_columns(source, names, what)
+    name = source.name   # (a property that looks at the file system: once, not per row)
     for i, row in enumerate(_rows(dataset)):
         if i == 0 and names is None and source.columns:
             _check_columns(source, list(row), what)
-        yield f"{source.name}:row {i}", _mapped(row, source.columns)
+        yield f"{name}:row {i}", _mapped(row, source.columns)
 
 
 def read_source(source: Source, what: str = "data") -> Records:
@@ -405,7 +406,7 @@ class DataSpec:
     def examples(self, records: Records, build: Callable[[Records, dict[str, str]], list[Any]]) -> list[Any]:
         """Examples of `records` (from `records`), each source's built with its own template options by
         ``build(records, overrides)``, in the records' order (an example ``build`` leaves out stays out)."""
-        origins: list[int] = getattr(records, "origins", [0] * len(records))
+        origins = records.origins or [0] * len(records)
         groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
         for i, s in enumerate(origins):
             groups.setdefault(tuple(sorted(self.overrides(s).items())), []).append(i)

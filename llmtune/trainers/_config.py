@@ -70,8 +70,9 @@ def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], 
 
     if isinstance(node, yaml.SequenceNode):  # list items by index: data[1].weight is ("data", "1", "weight")
         for i, item in enumerate(node.value):
-            out[(*prefix, str(i))] = item.start_mark.line + 1
-            _marks(item, (*prefix, str(i)), out, where)
+            at_item = (*prefix, str(i))
+            out[at_item] = item.start_mark.line + 1
+            _marks(item, at_item, out, where)
         return
     if not isinstance(node, yaml.MappingNode):
         return

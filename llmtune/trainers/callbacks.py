@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class Callback:
@@ -294,7 +294,7 @@ class WandbLogger(Callback):
     started."""
 
     def __init__(self, project: str = "llmtune", name: str | None = None, dir: str | Path | None = None,
-                 mode: str | None = None) -> None:
+                 mode: Literal["online", "offline", "disabled"] | None = None) -> None:
         self.project, self.name, self.dir, self.mode = project, name, dir, mode
         self.run_id: str | None = None
         self.run_dir: Path | None = None

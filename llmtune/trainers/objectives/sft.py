@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from llmtune.core.errors import ConfigError
 from llmtune.data.formats import detect_format
+from llmtune.data.records import Records
 from llmtune.trainers.objectives.base import EvalData, ExampleData, Objective, TrainData
 from llmtune.trainers.options import TrainOptions
 
@@ -21,10 +22,10 @@ def load_records(data: Any, what: str, seed: int = 0) -> list[dict[str, Any]]:
 
     spec = as_spec(data, seed)
     if spec is not None:
-        records = spec.records(what)
-        for i, record in enumerate(records):
-            detect_format(record, records.where(i))
-        return records
+        mixed = spec.records(what)
+        for i, record in enumerate(mixed):
+            detect_format(record, mixed.where(i))
+        return mixed
     if isinstance(data, (str, os.PathLike)):
         return load(Path(data))
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
@@ -79,7 +80,7 @@ class Sft(Objective):
             build = self._builder(tokenizer, options, what)
             records = load_records(data, what, options.seed)
             spec = as_spec(data, options.seed)
-            examples = spec.examples(records, build) if spec is not None else build(records, {})
+            examples = spec.examples(cast(Records, records), build) if spec is not None else build(records, {})
         if options.packing:
             examples = pack_examples(examples, options.max_length)
         return list(examples)
