@@ -12,6 +12,7 @@ file read in full into `Records` (``streaming: false``).
 
     python benchmarks/data_readers.py                    # 256 MB of JSONL (the issue's 1 GB: --size-mb 1024)
     python benchmarks/data_readers.py --size-mb 16       # quick
+    python benchmarks/data_readers.py --size-mb 1024 --sides parquet-streamed   # the streamed side alone
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mb", type=int, default=256, help="size of the JSONL file (the parquet file is smaller)")
     p.add_argument("--dir", default=None, help="where the generated files go (default: the temp dir)")
     p.add_argument("--in-memory", action="store_true", help="also read the parquet file in full (streaming: false)")
+    p.add_argument("--sides", default="jsonl,parquet-streamed",
+                   help="comma-separated: jsonl, parquet-streamed, parquet-in-memory")
     p.add_argument("--keep", action="store_true")
     a = p.parse_args(argv)
 
@@ -109,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     count = write_files(jsonl, parquet, a.size_mb, seed=0)
     write_s = time.perf_counter() - t0
-    sides = [("jsonl", jsonl), ("parquet-streamed", parquet)] + ([("parquet-in-memory", parquet)] if a.in_memory
-                                                                 else [])
+    names = a.sides.split(",") + (["parquet-in-memory"] if a.in_memory else [])
+    sides = [(n, jsonl if n == "jsonl" else parquet) for n in dict.fromkeys(names)]
     try:
         for side, path in sides:
             got = read(side, path)

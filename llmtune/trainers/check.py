@@ -108,7 +108,7 @@ STREAM_CHECK_ROWS = 100
 
 def _check_sources(spec: Any, what: str, objective: str) -> tuple[str, None]:
     """Each source of a `DataSpec`: its first rows read and validated (missing columns named), its records
-    counted (a streamed source: only the rows read), and, for a mixture, what each gives one epoch."""
+    counted (a streamed or hub source: only the rows read), and, for a mixture, what each gives one epoch."""
     from collections import Counter
     from itertools import islice
 
@@ -118,6 +118,8 @@ def _check_sources(spec: Any, what: str, objective: str) -> tuple[str, None]:
 
     parts, sizes = [], []
     for src in spec.sources:
+        if src.kind == "hub":   # a hub source is peeked at, never downloaded in full by a check
+            src = dataclasses.replace(src, streaming=True)
         rows = iter_source(src, what)
         if src.streaming:
             rows = islice(rows, STREAM_CHECK_ROWS)
@@ -138,7 +140,8 @@ def _check_sources(spec: Any, what: str, objective: str) -> tuple[str, None]:
         sizes.append(n)
         kinds = f" ({', '.join(f'{c} {k}' for k, c in formats.items())})" if formats else ""
         parts.append(f"{src.name}: {'first ' if src.streaming else ''}{n} records{kinds}")
-    if len(spec.sources) > 1 and objective != "pretrain" and not spec.streaming:
+    if len(spec.sources) > 1 and objective != "pretrain" and not spec.streaming and \
+            all(s.kind != "hub" for s in spec.sources):
         counts = mixture_counts(sizes, spec.sources)
         parts.append("mixture per epoch: " + ", ".join(f"{s.name} {c}" for s, c in zip(spec.sources, counts)))
     if spec.val_size is not None:
