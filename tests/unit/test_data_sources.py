@@ -276,3 +276,27 @@ def test_a_streamed_weighted_mixture_draws_sources_in_proportion_and_has_no_end(
         stream.count()
     with pytest.raises(ConfigError, match="do not work with streaming: true"):
         ExampleStream(DataSpec(spec.sources, val_size=0.1), lambda r, o: list(r))
+
+
+def test_check_names_the_offline_hub_id_in_one_line(tmp_path: Path) -> None:
+    from llmtune.trainers._config import load_config
+    from llmtune.trainers.check import check_config
+
+    cfg = load_config(write_config(tmp_path, "data: tatsu-lab/alpaca\n"))
+    assert cfg.data == "tatsu-lab/alpaca"
+    data = next(c for c in check_config(cfg).checks if c.name == "data")
+    assert not data.ok and data.detail.startswith("data: 'tatsu-lab/alpaca' is a hub dataset id and the hub is offline")
+
+
+def test_preference_records_from_parquet_name_the_row(tmp_path: Path) -> None:
+    from llmtune.data import load_preference_records
+
+    pairs = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    pairs[2]["rejected"] = None
+    datasets.Dataset.from_list(pairs).to_parquet(str(tmp_path / "prefs.parquet"))
+    spec = DataSpec((Source(str(tmp_path / "prefs.parquet")),))
+    with pytest.raises(ConfigError, match=r"^prefs\.parquet:row 2: "):
+        load_preference_records(spec)
+    datasets.Dataset.from_list(pairs[:2]).to_parquet(str(tmp_path / "ok.parquet"))
+    got = load_preference_records(str(tmp_path / "ok.parquet"))
+    assert [p.where for p in got] == ["ok.parquet:row 0", "ok.parquet:row 1"]
