@@ -89,17 +89,17 @@ def _run_check(cfg: Any, config: Path, gpu: str | None, processes: int, as_json:
 
 def _callbacks(options: object, loggers: tuple[str, ...] = ()) -> list[object]:
     """What the CLI attaches to a run: a progress bar (unless the options say progress: false), one-line
-    messages for Ctrl-C and guard stops (stderr), and the config's ``loggers`` (tensorboard, mlflow)."""
+    messages for Ctrl-C and guard stops (stderr), and the config's ``loggers`` (tensorboard, mlflow, wandb)."""
     from rich.console import Console
 
-    from llmtune.trainers.callbacks import ConsoleReporter, MLflowLogger, ProgressBar, TensorBoardLogger
+    from llmtune.trainers.callbacks import ConsoleReporter, MLflowLogger, ProgressBar, TensorBoardLogger, WandbLogger
 
     err = Console(stderr=True)
     # the interrupt message is the command's own (it also covers a Ctrl-C before training started)
     out: list[object] = [ConsoleReporter(lambda line: err.print(line, highlight=False), interrupts=False)]
     if getattr(options, "progress", False):
         out.append(ProgressBar(every=int(getattr(options, "log_every", 1))))
-    makers = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+    makers = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger, "wandb": WandbLogger}
     out.extend(makers[name]() for name in loggers)
     return out
 

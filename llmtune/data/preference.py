@@ -189,11 +189,19 @@ def preference_format(record: Any, where: str = "record") -> str:
     return "ranked" if isinstance(parse_preference(record, where), RankedRecord) else "pairwise"
 
 
-def load_preference_records(data: str | Path | Iterable[dict[str, Any]],
+def load_preference_records(data: Any,
                             source: str | None = None) -> list[PreferencePair | RankedRecord]:
-    """Preference records from a file (.jsonl/.json/.csv) or dicts; errors name file:line:field."""
-    if isinstance(data, (str, Path)):
+    """Preference records from a file (.jsonl/.json/.csv), a dataset source or mixture (`llmtune.data.sources`)
+    or dicts; errors name file:line:field (``name:row i`` for dataset rows)."""
+    from llmtune.data.sources import as_spec
+
+    spec = as_spec(data)
+    if spec is not None:
+        records = spec.records(source or "data")
+    elif isinstance(data, (str, Path)):
         records = read_records(data)
+    elif isinstance(data, Records):
+        records = data
     else:
         records = Records(list(data), source=source or "records")
         if not records:

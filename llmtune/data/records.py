@@ -21,16 +21,22 @@ JSON_CELLS = ("messages", "conversations", "tools")
 
 
 class Records(list):  # type: ignore[type-arg]
-    """A list of record dicts that remembers its source and the line each record started on."""
+    """A list of record dicts that remembers its source and the line each record started on (or, for records
+    read through `llmtune.data.sources`, each record's own place: ``"alpaca.parquet:row 1234"``)."""
 
     def __init__(self, items: Iterable[dict[str, Any]] = (), *, source: str = "records",
-                 lines: list[int] | None = None) -> None:
+                 lines: list[int] | None = None, wheres: list[str] | None = None) -> None:
         super().__init__(items)
         self.source = source
         self.lines = lines
+        self.wheres = wheres
+        #: the index of the source each record came from, for records of a mixture (`llmtune.data.sources`)
+        self.origins: list[int] | None = None
 
     def where(self, index: int) -> str:
         """``"source:line"`` for records read from a file, ``"source[index]"`` otherwise."""
+        if self.wheres is not None and 0 <= index < len(self.wheres):
+            return self.wheres[index]
         if self.lines is not None and 0 <= index < len(self.lines):
             return f"{self.source}:{self.lines[index]}"
         return f"{self.source}[{index}]"

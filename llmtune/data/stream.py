@@ -5,7 +5,9 @@
         ...
 
 A source is a ``.txt`` file (one document), a ``.jsonl`` file (one document per line's ``text_field``), a
-directory (its ``.txt``/``.jsonl`` files, sorted), or an in-memory list of strings. Documents are joined with
+directory (its ``.txt``/``.jsonl`` files, sorted), an in-memory list of strings, or a dataset source read through
+``datasets`` (a parquet/arrow file or folder, a ``save_to_disk`` folder, a hub id: `llmtune.data.sources`), whose
+``text_field`` column is read row by row, streamed. Documents are joined with
 the tokenizer's eos token. A ``.txt`` file is read ``chunk_bytes`` characters at a time and cut after the
 last newline of each chunk (or before its last space), so no token is split. Imports no torch.
 """
@@ -28,17 +30,31 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 @dataclass(frozen=True)
 class TextSource:
-    """One document source: a file path, or an in-memory list of texts."""
+    """One document source: a file path, an in-memory list of texts, or a dataset source (`Source`)."""
 
     path: Path | None = None
     texts: tuple[str, ...] = ()
+    dataset: Any = None
 
     def describe(self) -> str:
+        if self.dataset is not None:
+            return str(self.dataset.name)
         return str(self.path) if self.path is not None else f"{len(self.texts)} texts"
 
 
 def text_sources(data: Any, what: str = "data") -> list[TextSource]:
     """Turn paths, directories or lists of strings into `TextSource`s (checking that they exist)."""
+    from llmtune.data.sources import DataSpec, as_spec
+
+    spec = data if isinstance(data, DataSpec) else None
+    if (spec is None and isinstance(data, (str, os.PathLike))) or (isinstance(data, Sequence) and data
+                                                               and not all(isinstance(t, str) for t in data)):
+        spec = as_spec(data)
+    if spec is not None:
+        if spec.val_size is not None or spec.dedup or any(s.weight or s.samples for s in spec.sources):
+            raise ConfigError(f"{what}: pretraining reads its sources in order; weight, samples, val_size and "
+                              "dedup apply to record data (sft, dpo, ...)")
+        return [TextSource(dataset=s) for s in spec.sources]
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     if not isinstance(data, Sequence) or not data:
@@ -110,6 +126,16 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
             yield text
 
 
+def _dataset_texts(source: Any, field: str) -> Iterator[str]:
+    from llmtune.data.sources import iter_source
+
+    for where, record in iter_source(source):
+        text = record.get(field)
+        if not isinstance(text, str):
+            raise ConfigError(f"{where}: no string field {field!r} (name the text column with text_field)")
+        yield text
+
+
 class BlockStream:
     """An iterable over fixed-length token blocks of the sources (restartable: each ``iter`` starts over)."""
 
@@ -126,7 +152,10 @@ class BlockStream:
     def _documents(self) -> Iterator[Iterator[str]]:
         """Each document as an iterator of text pieces."""
         for src in self.sources:
-            if src.path is None:
+            if src.dataset is not None:
+                for text in _dataset_texts(src.dataset, src.dataset.text_field or self.text_field):
+                    yield iter((text,))
+            elif src.path is None:
                 for text in src.texts:
                     yield iter((text,))
             elif src.path.suffix in JSONL_SUFFIXES:
@@ -172,6 +201,11 @@ class BlockStream:
         """A cheap identity of the data: names, sizes, the first and last 64 KiB of files, the block size."""
         h = hashlib.sha256(f"{self.block_size}|{len(self.tokenizer)}|{self.text_field}".encode())
         for src in self.sources:
+            if src.dataset is not None:
+                from llmtune.data.sources import DataSpec
+
+                h.update(DataSpec((src.dataset,)).digest().encode())
+                continue
             if src.path is None:
                 for text in src.texts:
                     h.update(text.encode())

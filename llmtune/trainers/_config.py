@@ -31,16 +31,19 @@ from llmtune.core.errors import ConfigError, InvalidOptionError, LlmtuneError, U
 TOP_LEVEL: dict[str, tuple[bool, str]] = {
     "model": (True, "base model: a local directory or a hub id"),
     "tokenizer": (False, "tokenizer directory or hub id (default: the model's)"),
-    "data": (True, "training data: .jsonl, .json or .csv (instruction, chat or text records)"),
+    "data": (True, "training data: .jsonl/.json/.csv, parquet/arrow file or folder, save_to_disk folder, hub id, "
+                   "a source mapping (path, split, columns, ...) or a list of sources (a mixture, with weights)"),
     "eval_data": (False, "held-out data answered and scored with ROUGE/BLEU before, during and after training"),
+    "val_size": (False, "carve a held-out set from data (a fraction in (0, 1) or a count) as eval_data, by the seed"),
+    "dedup": (False, "drop exact repeats of a record within each data source (true/false)"),
     "output_dir": (False, "where the adapter, checkpoints and log.jsonl go (default: the trainer's output_dir)"),
     "resume": (False, "false, true/'auto' (newest checkpoint in output_dir), or a checkpoint path"),
     "trainer": (False, "the trainer: name, backend, and that backend's options"),
     "quantizer": (False, "quantize the base model (QLoRA): a name like nf4, or name/backend/options"),
-    "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow"),
+    "loggers": (False, "extra training loggers the CLI attaches: a list of tensorboard, mlflow, wandb"),
     "eval_tasks": (False, "llmtune tasks run during training: names or {name, every, batch_size, task options}"),
 }
-LOGGERS = ("tensorboard", "mlflow")
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 _PATH_KEYS = ("data", "eval_data", "output_dir")
 
 
@@ -50,10 +53,10 @@ class TrainConfig:
 
     path: Path
     model: str
-    data: str
+    data: Any                       # a path, or a `llmtune.data.sources.DataSpec`
     trainer: Any                    # a llmtune Trainer instance
     tokenizer: str | None = None
-    eval_data: str | None = None
+    eval_data: Any = None
     output_dir: str | None = None
     resume: bool | str = False
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -65,6 +68,12 @@ def _marks(node: Any, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], 
     """Record the line of every mapping key (1-based), rejecting duplicate keys."""
     import yaml
 
+    if isinstance(node, yaml.SequenceNode):  # list items by index: data[1].weight is ("data", "1", "weight")
+        for i, item in enumerate(node.value):
+            at_item = (*prefix, str(i))
+            out[at_item] = item.start_mark.line + 1
+            _marks(item, at_item, out, where)
+        return
     if not isinstance(node, yaml.MappingNode):
         return
     seen: set[str] = set()
@@ -125,7 +134,7 @@ def load_config(path: str | Path) -> TrainConfig:
     for key, (required, _doc) in TOP_LEVEL.items():
         if required and key not in data:
             raise ConfigError(f"{where}: missing required key {key!r} ({TOP_LEVEL[key][1]})")
-    for key in ("model", "tokenizer", "data", "eval_data", "output_dir"):
+    for key in ("model", "tokenizer", "output_dir"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{at(key)}: {key!r} must be a string (a path or hub id), not {data[key]!r}")
     resume = data.get("resume", False)
@@ -169,16 +178,82 @@ def load_config(path: str | Path) -> TrainConfig:
         from llmtune.trainers.callbacks_tasks import config_task_evaluators
 
         eval_tasks = config_task_evaluators(data["eval_tasks"], at("eval_tasks"))
+    seed = getattr(trainer.options, "seed", 0)
+    train_data, eval_data = _data_keys(data, at, base, seed)
     resume_value: bool | str = resume
     if isinstance(resume, str) and resume != "auto":
         resume_value = resolve(resume)
     return TrainConfig(
-        path=path, model=local_or_hub(data["model"]), data=resolve(data["data"]), trainer=trainer,
+        path=path, model=local_or_hub(data["model"]), data=train_data, trainer=trainer,
         tokenizer=local_or_hub(data["tokenizer"]) if data.get("tokenizer") else None,
-        eval_data=resolve(data["eval_data"]) if data.get("eval_data") else None,
+        eval_data=eval_data,
         output_dir=resolve(data["output_dir"]) if data.get("output_dir") else None,
         resume=resume_value, raw=data, loggers=loggers, eval_tasks=eval_tasks,
     )
+
+
+def _source_path(value: str, base: Path) -> str:
+    """A source path relative to the config's directory; a hub id (``owner/name``, not a local path) as is."""
+    from llmtune.data.sources import Source
+
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if (base / p).exists() or Source(value).kind != "hub":
+        return str(base / p)
+    return value
+
+
+def _data_value(value: Any, key: str, at: Any, base: Path) -> Any:
+    """``data``/``eval_data``: a path string, or the `Source`s of a source mapping or a list of them."""
+    from llmtune.data.sources import Source
+
+    if isinstance(value, str):
+        return _source_path(value, base)
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{at(key)}: {key!r} must be a path, a hub id, a source mapping (path, split, ...) or a "
+                          f"list of source mappings, not {value!r}")
+    sources = []
+    for n, item in enumerate(items):
+        place = (key, str(n)) if isinstance(value, list) else (key,)
+        try:
+            src = Source.from_mapping(item)
+        except InvalidOptionError as exc:
+            raise ConfigError(f"{at(*place, exc.field or '')}: {key}: {exc}") from None
+        files = src.data_files
+        if isinstance(files, str):
+            files = str(base / files)
+        elif isinstance(files, tuple):
+            files = tuple(str(base / f) for f in files)
+        sources.append(dataclasses.replace(src, path=_source_path(src.path, base), data_files=files))
+    return tuple(sources)
+
+
+def _data_keys(data: dict[str, Any], at: Any, base: Path, seed: int) -> tuple[Any, Any]:
+    """The training and evaluation data of a config: paths, or `DataSpec`s (sources, mixtures, ``val_size``)."""
+    from llmtune.data.sources import DataSpec
+
+    val_size, dedup = data.get("val_size"), data.get("dedup", False)
+    if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, (int, float))
+                                 or not (0 < val_size < 1 if isinstance(val_size, float) else val_size >= 1)):
+        raise ConfigError(f"{at('val_size')}: 'val_size' must be a fraction in (0, 1) or a count >= 1, "
+                          f"not {val_size!r}")
+    if val_size is not None and data.get("eval_data") is not None:
+        raise ConfigError(f"{at('val_size')}: give 'eval_data' or 'val_size' (which carves it from data), not both")
+    if not isinstance(dedup, bool):
+        raise ConfigError(f"{at('dedup')}: 'dedup' must be true or false, not {dedup!r}")
+    train = _data_value(data["data"], "data", at, base)
+    evaluation = _data_value(data["eval_data"], "eval_data", at, base) if data.get("eval_data") is not None else None
+    if val_size is None and not dedup:
+        return (DataSpec(train, seed=seed) if isinstance(train, tuple) else train,
+                DataSpec(evaluation, seed=seed) if isinstance(evaluation, tuple) else evaluation)
+    from llmtune.data.sources import Source
+
+    spec = DataSpec(train if isinstance(train, tuple) else (Source(train),), seed=seed, val_size=val_size, dedup=dedup)
+    if val_size is None:
+        return spec, DataSpec(evaluation, seed=seed) if isinstance(evaluation, tuple) else evaluation
+    return spec.train(), spec.heldout()
 
 
 def _loggers(value: Any, where: str) -> tuple[str, ...]:

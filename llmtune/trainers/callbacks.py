@@ -13,7 +13,7 @@ The loop calls every callback on every process (``state.is_main_process`` says w
 ``state`` is the run's `RunState` (read it, do not change it); a callback may raise ``KeyboardInterrupt``
 in ``on_step_end`` to stop the run as Ctrl-C would. `JsonlLogger` (``OUT/log.jsonl``) and `VllmCheck`
 (`llmtune.trainers.callbacks_tasks`: the vLLM check of the saved adapter) are always attached;
-the CLI adds `ProgressBar` and `ConsoleReporter`. `TensorBoardLogger`/`MLflowLogger` are optional extras.
+the CLI adds `ProgressBar` and `ConsoleReporter`. `TensorBoardLogger`/`MLflowLogger`/`WandbLogger` are optional extras.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class Callback:
@@ -284,3 +284,58 @@ class MLflowLogger(Callback):
 
     def on_train_end(self, state: Any, result: Any) -> None:
         self._end("FINISHED")
+
+
+class WandbLogger(Callback):
+    """A Weights & Biases run (``pip install 'llmtune[wandb]'``): options as its config, ``train/<field>`` every step
+    and ``eval/<metric>`` at every evaluation, files under ``dir`` (default ``OUT``, wandb adds ``wandb/``). The mode
+    is wandb's own (``WANDB_MODE=offline`` writes only local files, for ``wandb sync`` later); nothing is printed.
+    The run finishes with exit code 0, 255 (Ctrl-C) or 1 (guard stop). ``run_id`` and ``run_dir`` are set once it
+    started."""
+
+    def __init__(self, project: str = "llmtune", name: str | None = None, dir: str | Path | None = None,
+                 mode: Literal["online", "offline", "disabled"] | None = None) -> None:
+        self.project, self.name, self.dir, self.mode = project, name, dir, mode
+        self.run_id: str | None = None
+        self.run_dir: Path | None = None
+        self._run: Any = None
+
+    def on_train_start(self, state: Any) -> None:
+        if not state.is_main_process:
+            return
+        try:
+            import wandb
+        except ImportError as exc:
+            from llmtune.core.errors import MissingDependencyError
+
+            raise MissingDependencyError("WandbLogger needs wandb: pip install 'llmtune[wandb]'") from exc
+        directory = Path(self.dir or state.out)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                  for k, v in state.options.to_dict().items()}
+        self._run = wandb.init(project=self.project, name=self.name, dir=str(directory), config=config,
+                               mode=self.mode, settings=wandb.Settings(silent=True, console="off"))
+        self.run_id = self._run.id
+        self.run_dir = Path(self._run.dir).parent
+
+    def on_step_end(self, state: Any, record: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=record["step"])
+
+    def on_evaluate(self, state: Any, tag: str, scores: dict[str, float]) -> None:
+        if self._run is not None:
+            self._run.log({f"eval/{k}": float(v) for k, v in scores.items()}, step=state.step)
+
+    def _finish(self, code: int) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=code)
+            self._run = None
+
+    def on_stop(self, state: Any, reason: str, last_good: Path | None) -> None:
+        self._finish(1)
+
+    def on_interrupt(self, state: Any, path: Path) -> None:
+        self._finish(255)
+
+    def on_train_end(self, state: Any, result: Any) -> None:
+        self._finish(0)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmtune.core.errors import LlmtuneError
+from llmtune.core.errors import ConfigError, LlmtuneError
 
 
 @dataclasses.dataclass
@@ -111,10 +111,62 @@ def _check_tokenizer(directory: str | None, template: str) -> tuple[str, None]:
     return f"{d}: {', '.join(present)}; template {template!r}", None
 
 
-def _check_records(path: str, what: str, objective: str) -> tuple[str, None]:
+#: rows of a streamed source that ``--check`` reads (a streamed source is not read in full before training)
+STREAM_CHECK_ROWS = 100
+
+
+def _check_sources(spec: Any, what: str, objective: str) -> tuple[str, None]:
+    """Each source of a `DataSpec`: its first rows read and validated (missing columns named), its records
+    counted (a streamed or hub source: only the rows read), and, for a mixture, what each gives one epoch."""
+    from collections import Counter
+    from itertools import islice
+
+    from llmtune.data.formats import detect_format
+    from llmtune.data.preference import parse_preference
+    from llmtune.data.sources import iter_source, mixture_counts
+
+    parts, sizes = [], []
+    for src in spec.sources:
+        if src.kind == "hub":   # a hub source is peeked at, never downloaded in full by a check
+            src = dataclasses.replace(src, streaming=True)
+        rows = iter_source(src, what)
+        if src.streaming:
+            rows = islice(rows, STREAM_CHECK_ROWS)
+        formats: Counter[str] = Counter()
+        n = 0
+        for where, record in rows:
+            n += 1
+            if objective == "pretrain":
+                field = src.text_field or "text"
+                if not isinstance(record.get(field), str):
+                    raise ConfigError(f"{where}: no string field {field!r} (name the text column with text_field)")
+            elif objective == "sft":
+                formats[detect_format(record, where)] += 1
+            elif objective in ("dpo", "reward"):
+                formats[type(parse_preference(record, where)).__name__] += 1
+        if n == 0:
+            raise ConfigError(f"{what}: {src.name}: no records")
+        sizes.append(n)
+        kinds = f" ({', '.join(f'{c} {k}' for k, c in formats.items())})" if formats else ""
+        parts.append(f"{src.name}: {'first ' if src.streaming else ''}{n} records{kinds}")
+    if len(spec.sources) > 1 and objective != "pretrain" and not spec.streaming and \
+            all(s.kind != "hub" for s in spec.sources):
+        counts = mixture_counts(sizes, spec.sources)
+        parts.append("mixture per epoch: " + ", ".join(f"{s.name} {c}" for s, c in zip(spec.sources, counts)))
+    if spec.val_size is not None:
+        parts.append(f"val_size {spec.val_size} ({'held out' if spec.part == 'val' else 'carved from data'})")
+    return "; ".join(parts), None
+
+
+def _check_records(path: Any, what: str, objective: str) -> tuple[str, None]:
     """Parse ``path`` as the objective reads it (sft: every record validated, its format named)."""
     from collections import Counter
 
+    from llmtune.data.sources import as_spec
+
+    spec = as_spec(path)
+    if spec is not None:
+        return _check_sources(spec, what, objective)
     if objective == "pretrain":
         from llmtune.data import text_sources
 

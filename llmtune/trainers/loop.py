@@ -327,6 +327,11 @@ def model_identity(model: Any) -> str:
 def _claim(state: RunState, trainer: Any, model: Any, data: Any, resume: Any, overwrite: bool) -> None:
     """Claim ``state.out`` for this run (`_checkpoint.claim_output_dir`) and find the checkpoint to resume."""
     config = {k: v for k, v in state.options.to_dict().items() if k not in NOT_RUN_IDENTITY}
+    from llmtune.data.sources import as_spec
+
+    spec = as_spec(data, getattr(state.options, "seed", 0))
+    if spec is not None:  # the sources, their weights and the seed that mixes them, recorded in run.json
+        config["data_sources"] = spec.to_dict()
     state.run_fingerprint = ckpt.Fingerprint(
         config={"trainer": f"{trainer.name}/{trainer.backend}", "model": model_identity(model), **config},
         data=state.objective.data_digest(data))

@@ -386,6 +386,6 @@ def test_cli_pretrains_from_a_config_only_directory(tok: Any, tmp_path: Path) ->
     out = tmp_path / "runs" / "pre"
     assert (out / "model" / "model.safetensors").is_file() and list((out / "tensorboard").iterdir())
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: scratch\ndata: train.txt\nloggers: [wandb]\n")
+    bad.write_text("model: scratch\ndata: train.txt\nloggers: [comet]\n")
     failed = CliRunner().invoke(app, ["train", str(bad)])
     assert "loggers" in str(failed.exception) and f"{bad}:3" in str(failed.exception)

@@ -67,7 +67,7 @@ def test_hub_ids_are_left_alone_and_trainer_defaults_to_lora(tmp_path: Path) -> 
         ("model: m\ndata: d.jsonl\ntrainer:\n  scheduler: cosin\n", 4, r"Did you mean 'cosine'"),
         ("model: m\ndata: d.jsonl\ntrainer:\n  backend: nope\n", 4, r"nope"),
         ("model: m\ndata: d.jsonl\ntrainer:\n  name: lora\n  name: lora\n", 5, r"duplicate key 'trainer.name'"),
-        ("model: m\ndata: [a, b]\n", 2, r"'data' must be a string"),
+        ("model: m\ndata: [a, b]\n", 2, r"'data' must be a path, a hub id, a source mapping"),
         ("model: m\ndata: d.jsonl\nresume: 3\n", 3, r"'resume' must be"),
         ("model: m\ndata: d.jsonl\nquantizer:\n  name: nf4\n  double_qant: true\n", 5, r"double_qant"),
         ("model: m\ndata: d.jsonl\nquantizer: nf5\n", 3, r"nf5"),

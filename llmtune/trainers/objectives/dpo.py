@@ -79,9 +79,12 @@ def _groups(data: Any, tokenizer: Any, options: Any, what: str) -> list[Any]:
     import os
 
     from llmtune.data.preference import load_preference_records
+    from llmtune.data.sources import DataSpec
     from llmtune.trainers.rlhf.pairs import preference_groups
 
-    if isinstance(data, (str, os.PathLike)):
+    if isinstance(data, DataSpec):
+        records = load_preference_records(data, source=what)
+    elif isinstance(data, (str, os.PathLike)):
         records = load_preference_records(str(data))
     elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         records = load_preference_records(list(data), source=what)

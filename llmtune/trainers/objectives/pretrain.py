@@ -15,7 +15,8 @@ from llmtune.trainers.options import PretrainOptions
 
 
 class StreamData(TrainData):
-    """The blocks of a `BlockStream`, read forward; a step behind the read position restarts the stream."""
+    """The blocks of a `BlockStream` (or the examples of a streamed `llmtune.data.sources.ExampleStream`), read
+    forward; a step behind the read position restarts the stream."""
 
     def __init__(self, stream: Any, *, count: bool) -> None:
         self.stream = stream
@@ -34,13 +35,14 @@ class StreamData(TrainData):
             block = next(self._it, None)
             if block is not None:
                 self._pos += 1
-                return list(block)
+                return block
         self._it = iter(self.stream)          # (re)start a pass over the corpus
         block = next(self._it, None)
         if block is None:
-            raise ConfigError(f"data: the text gives fewer than {self.stream.block_size} tokens (one block)")
+            raise ConfigError(getattr(self.stream, "empty", None)
+                              or f"data: the text gives fewer than {self.stream.block_size} tokens (one block)")
         self._pos += 1
-        return list(block)
+        return block
 
     def step_examples(self, step: int, global_batch: int) -> list[Any]:
         from llmtune.data import Example
@@ -57,7 +59,7 @@ class StreamData(TrainData):
             for _ in range(want):
                 self._next_block()
         blocks = [self._next_block() for _ in range(global_batch)]
-        return [Example(b, list(b)) for b in blocks]
+        return [b if isinstance(b, Example) else Example(b, list(b)) for b in blocks]
 
 
 class Pretrain(Objective):
@@ -77,6 +79,10 @@ class Pretrain(Objective):
         from llmtune.data import text_sources
 
         sources = text_sources(data, "data")
+        if any(s.dataset is not None for s in sources):   # dataset sources: their identity, not a full read
+            from llmtune.data.sources import DataSpec
+
+            return DataSpec(tuple(s.dataset for s in sources)).digest()
         return super().data_digest([s.path if s.path is not None else list(s.texts) for s in sources])
 
     def train_data(self, data: Any, tokenizer: Any, options: Any) -> StreamData:
