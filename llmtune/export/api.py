@@ -3,6 +3,11 @@
 Every export writes ``export.json`` (what was exported, from what, and which base the merged numbers match)
 and, last, ``manifest.json`` (`llmtune.core.manifest`: size and SHA-256 of every file) into the output
 directory. The output may not be, contain, or lie inside the run, the adapter or the base model directory.
+
+The output is written atomically (`llmtune.core.atomic.atomic_dir`): into a hidden sibling ``.tmp-NAME``, renamed
+into place at the end; with ``overwrite`` the previous export stays whole until that rename (files of the
+directory that no export wrote are kept). A second export to the same output at the same time is refused
+(`llmtune.core.lock`). A kill, a full disk or SIGTERM leaves nothing complete-looking under the final name.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from llmtune._version import __version__
+from llmtune.core.atomic import atomic_dir
 from llmtune.core.errors import InvalidOptionError
+from llmtune.core.lock import lock_output
+from llmtune.core.manifest import write_manifest
 from llmtune.export.source import ExportError, Source, check_output, resolve_source
 
 Progress = Callable[[str, int, int], None]
@@ -32,6 +40,7 @@ class ExportResult:
     format: str
     files: dict[str, str]
     info: dict[str, Any]
+    notes: tuple[str, ...] = ()     #: what the caller may want to report (a stale lock taken over)
 
 
 def _check_args(fmt: str, dtype: str, out: Path, overwrite: bool) -> None:
@@ -115,22 +124,23 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
         raise InvalidOptionError(f"template={template!r} is not one of llama3, llama3.1, chatml, alpaca, tokenizer")
     if requantize and format != "hf":
         raise InvalidOptionError(f"requantize={requantize!r} applies to format 'hf' only (GGUF has its own dtypes)")
-    merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
-    target.mkdir(parents=True, exist_ok=True)
-    if format == "hf":
-        details = _write_hf(merged, source, target, dtype, requantize, progress)
-    else:
-        details = _write_gguf(merged, source, target, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
-                              progress=progress)
-    info = {"format": format, "dtype": dtype, "source": str(source.path.resolve()),
-            "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "base": source.base,
-            "merged_into": merged.merged_into, "template": source.template, "quantizer": source.quantizer,
-            "llmtune_version": __version__, **details}
-    (target / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
-    from llmtune.core.manifest import write_manifest
-
-    manifest = json.loads(write_manifest(target).read_text())
+    with lock_output(target) as lock:
+        _check_args(format, dtype, target, overwrite)  # again, now that no other export can write there
+        merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+        with atomic_dir(target, keep_others=True) as tmp:
+            if format == "hf":
+                details = _write_hf(merged, source, tmp, dtype, requantize, progress)
+            else:
+                details = _write_gguf(merged, source, tmp, dtype, ollama=format == "ollama",
+                                      pre_tokenizer=pre_tokenizer, progress=progress)
+            info = {"format": format, "dtype": dtype, "source": str(source.path.resolve()),
+                    "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "base": source.base,
+                    "merged_into": merged.merged_into, "template": source.template, "quantizer": source.quantizer,
+                    "llmtune_version": __version__, **details}
+            (tmp / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
+            manifest = json.loads(write_manifest(tmp).read_text())  # the markers last, then the rename
     files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     if progress:
         progress("manifest", 1, 1)
-    return ExportResult(out_dir=target, format=format, files=files, info=info)
+    notes = (f"took over the stale lock of {lock.taken_over}",) if lock.taken_over else ()
+    return ExportResult(out_dir=target, format=format, files=files, info=info, notes=notes)
