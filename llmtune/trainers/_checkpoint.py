@@ -312,7 +312,8 @@ def claim_output_dir(output_dir: Path, fingerprint: Fingerprint, *, overwrite: b
 
 def _resume_error(where: Path, changes: Mapping[str, tuple[Any, Any]], allowed: set[str]) -> OutputDirError:
     bad = {k: v for k, v in changes.items() if k not in allowed}
-    return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}); restore the settings, or "
+    base = "; the base model's config.json or weight contents differ from the run's" if "model" in bad else ""
+    return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}{base}); restore the settings, or "
                           f"allow it with allow_changes={sorted(bad)!r} (CLI: "
                           + " ".join(f"--allow-change {k}" for k in bad) + ")")
 
