@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +121,14 @@ def test_two_runs_on_one_output_dir_one_wins_the_other_is_refused_at_once(projec
     try:
         log = project / "runs" / "c" / "log.jsonl"
         for _ in range(6000):   # until the first run has logged step 1 (it then waits for go-on)
-            if log.is_file() and '"step": 1' in log.read_text() or first.poll() is not None:
+            if (log.is_file() and '"step": 1' in log.read_text()) or first.poll() is not None:
                 break
-            import time
-
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()[1][-3000:]
         second = cli("train", config, cwd=project)
     finally:
         (project / "go-on").touch()
-        out, err = first.communicate(timeout=600)
+        _out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
     message = last_line(second)
