@@ -179,6 +179,8 @@ def atomic_dir(final: str | os.PathLike[str], *, keep_others: bool = False) -> I
     out-of-space failure is a `DiskFullError` naming ``final``.
     """
     target = Path(final)
+    if target.name in ("", ".", ".."):
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_leftovers(target.parent, only=target.name)
     tmp = tmp_sibling(target)

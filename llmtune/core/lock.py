@@ -123,7 +123,8 @@ def lock_output_dir(output_dir: Path, *, what: str = "output_dir") -> OutputLock
 @contextlib.contextmanager
 def lock_output(output: Path, *, what: str = "--out") -> Iterator[OutputLock]:
     """Hold the lock of an output that is replaced as a whole (export, quantize, merge): ``PARENT/.NAME.lock``."""
-    lock = acquire(output.parent / f".{output.name}.lock", output, what=what)
+    named = output.resolve() if output.name in ("", ".", "..") else output
+    lock = acquire(named.parent / f".{named.name}.lock", output, what=what)
     try:
         yield lock
     finally:

@@ -27,7 +27,9 @@ The API a training loop uses (all paths are `pathlib.Path`):
 
 Crash safety: a checkpoint is assembled in ``.tmp-step-N`` and renamed into place; a replaced or pruned one
 is first renamed to ``.old-``/``.trash-`` and then deleted. A kill -9 at any point leaves every ``step-N``
-either complete or absent, and the next `claim_output_dir` finishes or removes the leftovers.
+either complete or absent, and the next `claim_output_dir` finishes or removes the leftovers. The mechanism
+(temporary sibling, rename, recovery, out-of-space errors) is `llmtune.core.atomic`, shared with export, quantize
+and merge; the training loop holds `llmtune.core.lock` on the output directory while it writes.
 """
 
 from __future__ import annotations

@@ -255,6 +255,7 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
         resume: Any, callbacks: list[Any], overwrite: bool = False, allow_changes: tuple[str, ...] = ()
         ) -> TrainResult:
     """One training run of ``trainer`` (a `RecipeTrainer`) with ``options``; see the module doc."""
+    from llmtune.core.atomic import translating_disk_full
     from llmtune.trainers._threads import choose_threads, resumed_threads, thread_scope
 
     threads, why = choose_threads(options.num_threads, cuda=torch.cuda.is_available())
@@ -262,7 +263,8 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
         threads, why = resumed_threads(output_dir, threads, why)
     backend = trainer.make_backend()
     try:
-        with thread_scope(threads), contextlib.ExitStack() as held:
+        # out of space anywhere in the run (log, config, result): one line naming the output directory
+        with thread_scope(threads), contextlib.ExitStack() as held, translating_disk_full(output_dir):
             state = setup(trainer, options, backend, model, data, eval_data=eval_data, tokenizer=tokenizer,
                           output_dir=output_dir, resume=resume, callbacks=callbacks, threads=(threads, why),
                           overwrite=overwrite, allow_changes=allow_changes, held=held)
