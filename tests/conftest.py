@@ -63,3 +63,16 @@ def tok() -> Any:
     from llmtune.models.tiny import train_tiny_tokenizer
 
     return train_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _llmtune_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """llmtune's user cache (content hashes of base models) in a temporary directory, for this process and the
+    processes tests start, never in the user's home."""
+    before = os.environ.get("LLMTUNE_CACHE_DIR")
+    os.environ["LLMTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("llmtune-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LLMTUNE_CACHE_DIR", None)
+    else:
+        os.environ["LLMTUNE_CACHE_DIR"] = before

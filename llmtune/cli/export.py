@@ -56,6 +56,8 @@ def _export(path: Path, out: Path, options: dict[str, Any], quiet: bool, as_json
         typer.echo(json.dumps({**result.info, "out_dir": str(result.out_dir), "files": result.files}, default=str))
         return
     console = Console()
+    for note in result.notes:
+        Console(stderr=True).print(f"[yellow]note[/]: {note}", highlight=False)
     console.print(f"exported {path} -> {result.out_dir} ({result.format}, {result.info['dtype']}); "
                   f"merged into: {result.info['merged_into']}")
     for name, digest in result.files.items():

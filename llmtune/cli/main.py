@@ -65,8 +65,8 @@ def _report(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI. Any failure is one line on stderr (exit 2: fix the input; 1: anything else);
-    ``--debug`` (anywhere on the line, or ``LLMTUNE_DEBUG=1``) shows the traceback instead."""
+    """Run the CLI. Any failure is one line on stderr (exit 2: fix the input; 1: anything else; 130 Ctrl-C;
+    143 SIGTERM); ``--debug`` (anywhere on the line, or ``LLMTUNE_DEBUG=1``) shows the traceback instead."""
     import os
     import sys
 
@@ -75,15 +75,23 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars on every command
     quiet_third_party()
+    from llmtune.core.signals import EXIT_SIGINT, EXIT_SIGTERM, Terminated, exit_code, sigterm_raises
+
     try:
-        app(args=args, prog_name="llmtune")
+        with sigterm_raises() as term:  # SIGTERM is Ctrl-C: temporary outputs are removed, training saves a checkpoint
+            try:
+                app(args=args, prog_name="llmtune")
+            except SystemExit as done:  # typer turns a KeyboardInterrupt (ours: `Terminated`) into exit 130
+                if term.received and done.code == EXIT_SIGINT:
+                    raise SystemExit(EXIT_SIGTERM) from None
+                raise
     except SystemExit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         from rich.console import Console
 
-        Console(stderr=True).print("[yellow]interrupted[/]")
-        raise SystemExit(130) from None
+        Console(stderr=True).print("[yellow]terminated[/]" if isinstance(exc, Terminated) else "[yellow]interrupted[/]")
+        raise SystemExit(exit_code(exc)) from None
     except Exception as exc:
         if debug:
             raise

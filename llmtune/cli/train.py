@@ -145,15 +145,20 @@ def register(app: typer.Typer) -> None:
             result = run(cfg, resume=resume, overwrite=overwrite, allow_changes=tuple(allow_change or ()),
                          callbacks=_callbacks(cfg.trainer.options, cfg.loggers))
         except KeyboardInterrupt as exc:
-            # the trainer raises KeyboardInterrupt("interrupted after step N; checkpoint PATH") once it saved one
+            # the trainer raises KeyboardInterrupt("interrupted after step N; checkpoint PATH") once it saved one;
+            # SIGTERM: the same, as `Terminated` (exit 143)
+            from llmtune.core.signals import exit_code
+
             saved = "checkpoint" in str(exc)
             Console(stderr=True).print("[yellow]interrupted[/]: " + (
                 f"{exc}; rerun with --resume auto" if saved
                 else "before a checkpoint was saved; nothing to resume from this run"))
-            raise typer.Exit(130) from None
+            raise typer.Exit(exit_code(exc)) from None
+        said = {"checkpoint_skipped": "skipped damaged checkpoint", "fell_back": "resumed from",
+                "lock_taken_over": "took over"}
         for event in result.extra.get("checkpoint_events", []):
-            if event["event"] in ("checkpoint_skipped", "fell_back"):
-                what = "skipped damaged checkpoint" if event["event"] == "checkpoint_skipped" else "resumed from"
+            if event["event"] in said:
+                what = said[event["event"]]
                 Console(stderr=True).print(f"[yellow]{what}[/] {event['path']}: {event['reason']}",
                                            highlight=False, soft_wrap=True)
         _render_eval(result.eval)

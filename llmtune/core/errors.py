@@ -63,6 +63,17 @@ class OutputDirError(ConfigError):
     """An output directory that holds another run (or a resume whose settings changed); names what differs."""
 
 
+class OutputLockedError(OutputDirError):
+    """An output directory another live process is writing (its lock is held); names the directory and owner."""
+
+
+class DiskFullError(LlmtuneError, OSError):
+    """A write that ran out of space (``ENOSPC``, ``EDQUOT``, or a file-size limit, ``EFBIG``); names the path."""
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
 class PluginError(LlmtuneError):
     """A plugin that failed to load or registered something inconsistent."""
 

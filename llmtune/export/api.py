@@ -3,6 +3,11 @@
 Every export writes ``export.json`` (what was exported, from what, and which base the merged numbers match)
 and, last, ``manifest.json`` (`llmtune.core.manifest`: size and SHA-256 of every file) into the output
 directory. The output may not be, contain, or lie inside the run, the adapter or the base model directory.
+
+The output is written atomically (`llmtune.core.atomic.atomic_dir`): into a hidden sibling ``.tmp-NAME``, renamed
+into place at the end; with ``overwrite`` the previous export stays whole until that rename (files of the
+directory that no export wrote are kept). A second export to the same output at the same time is refused
+(`llmtune.core.lock`). A kill, a full disk or SIGTERM leaves nothing complete-looking under the final name.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from llmtune._version import __version__
+from llmtune.core.atomic import atomic_dir
 from llmtune.core.errors import InvalidOptionError
+from llmtune.core.lock import lock_output
+from llmtune.core.manifest import write_manifest
 from llmtune.export.kquants import KQUANTS
 from llmtune.export.source import ExportError, Source, check_output, resolve_source
 
@@ -33,6 +41,7 @@ class ExportResult:
     format: str
     files: dict[str, str]
     info: dict[str, Any]
+    notes: tuple[str, ...] = ()     #: what the caller may want to report (a stale lock taken over)
 
 
 def _check_args(fmt: str, dtype: str, out: Path, overwrite: bool) -> None:
@@ -143,6 +152,24 @@ def _write_hf(merged: Any, source: Source, out: Path, dtype: str, requantize: st
     return info
 
 
+def _write_format(source: Source, out: Path, format: str, dtype: str, *, requantize: str | None,
+                  pre_tokenizer: str | None, trust_remote_code: bool, progress: Progress | None) -> dict[str, Any]:
+    """Write ``format`` into ``out`` (the temporary sibling of the final directory); the details for export.json."""
+    from llmtune.export.merge import merge
+
+    if format == "gguf-lora":
+        from llmtune.export.to_gguf import write_lora_gguf
+
+        return {"merged_into": "not merged (the adapter alone, for the base GGUF)",
+                **write_lora_gguf(source, out / f"adapter-{dtype}.gguf", dtype=dtype, name=source.path.name,
+                                  progress=progress)}
+    if format == "hf":
+        merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
+        return {"merged_into": merged.merged_into, **_write_hf(merged, source, out, dtype, requantize, progress)}
+    return _write_gguf(source, out, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
+                       trust_remote_code=trust_remote_code, progress=progress)
+
+
 def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: str = "f16",
            base: str | Path | None = None, template: str | None = None, requantize: str | None = None,
            pre_tokenizer: str | None = None, overwrite: bool = False, trust_remote_code: bool = False,
@@ -155,7 +182,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
     the run recorded. ``requantize`` (hf only): a quantizer name (``nf4``, ``int8``...) applied to the merged
     model. ``progress(stage, done, total)`` is called as the export advances.
     """
-    from llmtune.export.merge import check_mergeable, merge, model_head
+    from llmtune.export.merge import check_mergeable, model_head
 
     source = resolve_source(path, base=base, template=template)
     target = check_output(out, source)
@@ -173,27 +200,19 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", dtype: st
         from llmtune.export.kquants import llama_cpp_quantizer
 
         llama_cpp_quantizer(dtype)   # before any work: says what to install
-    target.mkdir(parents=True, exist_ok=True)
-    if format == "gguf-lora":
-        from llmtune.export.to_gguf import write_lora_gguf
-
-        details = {"merged_into": "not merged (the adapter alone, for the base GGUF)",
-                   **write_lora_gguf(source, target / f"adapter-{dtype}.gguf", dtype=dtype, name=source.path.name,
-                                     progress=progress)}
-    elif format == "hf":
-        merged = merge(source, trust_remote_code=trust_remote_code, progress=progress)
-        details = {"merged_into": merged.merged_into, **_write_hf(merged, source, target, dtype, requantize, progress)}
-    else:
-        details = _write_gguf(source, target, dtype, ollama=format == "ollama", pre_tokenizer=pre_tokenizer,
-                              trust_remote_code=trust_remote_code, progress=progress)
-    info = {"format": format, "dtype": dtype, "source": str(source.path.resolve()),
-            "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "base": source.base,
-            "template": source.template, "quantizer": source.quantizer, "llmtune_version": __version__, **details}
-    (target / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
-    from llmtune.core.manifest import write_manifest
-
-    manifest = json.loads(write_manifest(target).read_text())
+    with lock_output(target) as lock:
+        _check_args(format, dtype, target, overwrite)  # again, now that no other export can write there
+        with atomic_dir(target, keep_others=True) as tmp:
+            details = _write_format(source, tmp, format, dtype, requantize=requantize, pre_tokenizer=pre_tokenizer,
+                                    trust_remote_code=trust_remote_code, progress=progress)
+            info = {"format": format, "dtype": dtype, "source": str(source.path.resolve()),
+                    "adapter": str(source.adapter_dir.resolve()) if source.adapter_dir else None, "base": source.base,
+                    "template": source.template, "quantizer": source.quantizer, "llmtune_version": __version__,
+                    **details}
+            (tmp / INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
+            manifest = json.loads(write_manifest(tmp).read_text())  # the markers last, then the rename
     files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     if progress:
         progress("manifest", 1, 1)
-    return ExportResult(out_dir=target, format=format, files=files, info=info)
+    notes = (f"took over the stale lock of {lock.taken_over}",) if lock.taken_over else ()
+    return ExportResult(out_dir=target, format=format, files=files, info=info, notes=notes)

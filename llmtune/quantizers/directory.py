@@ -1,7 +1,9 @@
 """Quantize a local model directory with any registered quantizer and save it: the flow ``llmtune quantize`` runs.
 
 Backend-agnostic: the quantizer is looked up in the registry by name/backend; text calibration
-(`llmtune.quantizers.calibration`) is cut only when a calibration file is given.
+(`llmtune.quantizers.calibration`) is cut only when a calibration file is given. The output is locked against a
+second writer (`llmtune.core.lock`) and written atomically (`llmtune.core.atomic`): a kill, a full disk or SIGTERM
+leaves nothing complete-looking under its name, and an existing output stays whole until the final rename.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmtune.core.atomic import atomic_dir
 from llmtune.core.errors import ConfigError
 from llmtune.core.interfaces import ProgressFn
+from llmtune.core.lock import lock_output
 from llmtune.core.paths import check_output_dir
 from llmtune.core.registry import get_quantizer
 from llmtune.quantizers.calibration import read_calibration_text, text_calibration
@@ -68,28 +72,33 @@ def quantize_directory(
         raise ConfigError(f"{src}: is a file, not a model directory")
     elif not (src / "config.json").is_file():
         raise ConfigError(f"{src}: not a model directory (no config.json)")
-    check_output_dir(out, [src, calibration_file])
+    target = check_output_dir(out, [src, calibration_file])
     quantizer = get_quantizer(method, backend=backend, **options)
     text = read_calibration_text(Path(calibration_file)) if calibration_file is not None else None
     if text is None and method in NEEDS_CALIBRATION:
         raise ConfigError(f"--calibration FILE is required for {method}: a text file in the model's domain "
                           "(it is tokenized and cut into fixed-length samples)")
-    if gguf is not None:
-        from llmtune.models.loading import load_gguf
+    with lock_output(target) as lock:  # one writer per output, taken before the model loads
+        if gguf is not None:
+            from llmtune.models.loading import load_gguf
 
-        model, tokenizer = load_gguf(gguf)
-    else:
-        model, tokenizer = _load_local(src)
-    calibration = None
-    if text is not None:
-        calibration = text_calibration(tokenizer, text, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                       source=str(calibration_file))
-    start = time.perf_counter()
-    qmodel = quantizer.quantize(model, calibration=calibration, **({"progress": progress} if progress else {}))
-    seconds = time.perf_counter() - start
-    dest = quantizer.save(qmodel, out)
-    tokenizer.save_pretrained(str(dest))
-    size = sum(f.stat().st_size for f in Path(dest).glob("*.safetensors"))
-    return {"method": method, "backend": quantizer.backend, "out": str(dest), "seconds": round(seconds, 3),
-            "safetensors_bytes": size,
-            "calibration_samples": sum(int(b.shape[0]) for b in calibration) if calibration else 0}
+            model, tokenizer = load_gguf(gguf)
+        else:
+            model, tokenizer = _load_local(src)
+        calibration = None
+        if text is not None:
+            calibration = text_calibration(tokenizer, text, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                           source=str(calibration_file))
+        start = time.perf_counter()
+        qmodel = quantizer.quantize(model, calibration=calibration, **({"progress": progress} if progress else {}))
+        seconds = time.perf_counter() - start
+        with atomic_dir(target, keep_others=True) as tmp:  # renamed into place only when complete
+            dest = Path(quantizer.save(qmodel, tmp))
+            tokenizer.save_pretrained(str(dest))
+    size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
+    summary = {"method": method, "backend": quantizer.backend, "out": str(target), "seconds": round(seconds, 3),
+               "safetensors_bytes": size,
+               "calibration_samples": sum(int(b.shape[0]) for b in calibration) if calibration else 0}
+    if lock.taken_over:
+        summary["note"] = f"took over the stale lock of {lock.taken_over}"
+    return summary

@@ -27,7 +27,9 @@ The API a training loop uses (all paths are `pathlib.Path`):
 
 Crash safety: a checkpoint is assembled in ``.tmp-step-N`` and renamed into place; a replaced or pruned one
 is first renamed to ``.old-``/``.trash-`` and then deleted. A kill -9 at any point leaves every ``step-N``
-either complete or absent, and the next `claim_output_dir` finishes or removes the leftovers.
+either complete or absent, and the next `claim_output_dir` finishes or removes the leftovers. The mechanism
+(temporary sibling, rename, recovery, out-of-space errors) is `llmtune.core.atomic`, shared with export, quantize
+and merge; the training loop holds `llmtune.core.lock` on the output directory while it writes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ from typing import Any
 
 import torch
 
+from llmtune.core.atomic import (
+    fsync_dir,
+    fsync_tree,
+    publish,
+    recover_leftovers,
+    remove_dir,
+    tmp_sibling,
+    translating_disk_full,
+    write_json_atomic,
+)
 from llmtune.core.errors import ConfigError, DamagedFileError, LlmtuneError, OutputDirError
 from llmtune.core.manifest import MANIFEST, manifest_problems, write_manifest
 
@@ -59,7 +71,6 @@ WEIGHTS = ("adapter", "model")
 RUN_ENTRIES = (CHECKPOINTS, "adapter", "model", "log.jsonl", "config.json", "result.json", RUN_FILE,
                "tensorboard", "mlflow.db")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_LEFTOVER = re.compile(r"^\.(tmp|old|trash)-(.+)$")
 _TREE_KEY = "llmtune_tree"
 
 
@@ -130,7 +141,7 @@ def step_dir(output_dir: Path, step: int) -> Path:
 
 def tmp_dir_for(final: Path) -> Path:
     """The temporary sibling a checkpoint is assembled in before the rename."""
-    return final.parent / f".tmp-{final.name}"
+    return tmp_sibling(final)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -224,31 +235,12 @@ def resolve_resume(resume: bool | str | os.PathLike[str] | None,
 # ---------------------------------------------------------------------------------------- claiming a directory
 def _remove(path: Path) -> None:
     """Delete a directory so that a crash never leaves it half-deleted under its own name."""
-    trash = path.parent / f".trash-{path.name}"
-    if trash.exists():
-        shutil.rmtree(trash)
-    os.replace(path, trash)
-    _fsync_dir(path.parent)
-    shutil.rmtree(trash)
+    remove_dir(path)
 
 
 def _recover(directory: Path) -> list[CheckpointEvent]:
     """Finish or undo what a crash left in ``directory``: ``.tmp-X`` / ``.old-X`` / ``.trash-X``."""
-    events: list[CheckpointEvent] = []
-    if not directory.is_dir():
-        return events
-    order = {"tmp": 0, "old": 1, "trash": 2}  # a finished new copy wins over the one it replaced
-    leftovers = [(m, c) for c in directory.iterdir() if (m := _LEFTOVER.match(c.name)) and c.is_dir()]
-    for m, child in sorted(leftovers, key=lambda mc: (order[mc[0].group(1)], mc[1].name)):
-        kind, name = m.groups()
-        final = directory / name
-        if kind in ("tmp", "old") and not final.exists() and not manifest_problems(child):
-            os.replace(child, final)  # an intact newer copy (tmp) or the copy being replaced (old)
-            events.append(CheckpointEvent("recovered", str(final), f"restored from {child.name} after a crash"))
-            continue
-        shutil.rmtree(child)
-        events.append(CheckpointEvent("recovered", str(child), f"removed an unfinished {kind} directory"))
-    return events
+    return [CheckpointEvent("recovered", path, what) for path, what in recover_leftovers(directory)]
 
 
 def _read_run(output_dir: Path) -> Fingerprint | None:
@@ -278,7 +270,7 @@ def _clear(output_dir: Path) -> list[CheckpointEvent]:
     trash.mkdir()
     for p in entries:
         os.replace(p, trash / p.name)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     shutil.rmtree(trash)
     return [CheckpointEvent("overwrote", str(output_dir), "removed " + ", ".join(p.name for p in entries))]
 
@@ -350,12 +342,13 @@ def check_allow_changes(allow_changes: Iterable[str], options: Any, free: Iterab
 
 def _resume_error(where: Path, changes: Mapping[str, tuple[Any, Any]], allowed: set[str]) -> OutputDirError:
     bad = {k: v for k, v in changes.items() if k not in allowed}
+    base = "; the base model's config.json or weight contents differ from the run's" if "model" in bad else ""
     fixed = [k for k in bad if k in FIXED_ON_RESUME]
     if fixed:
-        return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}); {', '.join(fixed)} cannot "
-                              "change on resume (the checkpoint's weights or optimizer state have another shape): "
-                              "restore the settings, or start a new run (another output_dir, or --overwrite)")
-    return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}); restore the settings, or "
+        return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}{base}); {', '.join(fixed)} "
+                              "cannot change on resume (the checkpoint's weights or optimizer state have another "
+                              "shape): restore the settings, or start a new run (another output_dir, or --overwrite)")
+    return OutputDirError(f"cannot resume {where}: the run changed ({_describe(bad)}{base}); restore the settings, or "
                           f"allow it with allow_changes={sorted(bad)!r} (CLI: "
                           + " ".join(f"--allow-change {k}" for k in bad) + ")")
 
@@ -372,38 +365,6 @@ def check_resumable(checkpoint: Path, fingerprint: Fingerprint, allow_changes: I
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` and the directories themselves to disk."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it over ``path`` (readers never see half)."""
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def begin(final: Path) -> Path:
     """Create (fresh) the temporary directory for ``final`` and return it."""
     tmp = tmp_dir_for(final)
@@ -416,21 +377,17 @@ def begin(final: Path) -> Path:
 def commit(final: Path, state: Mapping[str, Any] | None = None) -> Path:
     """Write ``state.json`` (if given) and the manifest, fsync, and rename the temporary directory to ``final``."""
     tmp = tmp_dir_for(final)
-    if state is not None:
-        write_json(tmp / STATE_FILE, json.loads(json.dumps(state, default=str)))
-    write_manifest(tmp)
-    _fsync_tree(tmp)
-    if final.exists():
-        old = final.parent / f".old-{final.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final
+    with translating_disk_full(final):
+        if state is not None:
+            write_json(tmp / STATE_FILE, json.loads(json.dumps(state, default=str)))
+        write_manifest(tmp)
+        fsync_tree(tmp)
+    return publish(tmp, final)
+
+
+def abort(final: Path) -> None:
+    """Remove the temporary directory of a checkpoint whose writing failed (frees the space at once)."""
+    shutil.rmtree(tmp_dir_for(final), ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -110,13 +110,19 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, model: str | None = N
     if cfg.get("peft_type") not in (None, "LORA", "IA3"):
         raise ConfigError(f"adapter {adapter} is a {cfg.get('peft_type')} adapter; only LoRA/DoRA and IA3 adapters "
                           "can be merged into the base weights")
+    from llmtune.core.atomic import atomic_dir
+    from llmtune.core.lock import lock_output
+    from llmtune.core.manifest import write_manifest
     from llmtune.core.paths import check_output_dir
 
     base = model if model is not None else (cfg.get("base_model_name_or_path") or None)
     out = check_output_dir(out, [adapter, base])
-    peft_model, tokenizer = load_for_inference(model, adapter, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    merged = peft_model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    with lock_output(out):  # one writer per output; written atomically, the manifest last
+        peft_model, tokenizer = load_for_inference(model, adapter, dtype=torch_dtype,
+                                                   trust_remote_code=trust_remote_code)
+        merged = peft_model.merge_and_unload()
+        with atomic_dir(out, keep_others=True) as tmp:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            write_manifest(tmp)
     return out

@@ -55,21 +55,28 @@ class _StopRequested(Exception):
 
 
 class Signals:
-    """Ctrl-C: the first press stops at the next step boundary; the second stops at once, except inside a
-    critical section (optimizer step .. step counter), which it waits for."""
+    """Ctrl-C (and SIGTERM, the same): the first press stops at the next step boundary; the second stops at once,
+    except inside a critical section (optimizer step .. step counter), which it waits for."""
 
     def __init__(self) -> None:
         self.requested = False
         self.critical = 0
         self.abort_pending = False
+        self.terminated = False     # the stop came from SIGTERM: re-raised as `Terminated` (exit 143)
+
+    def interrupt(self, message: str = "") -> KeyboardInterrupt:
+        from llmtune.core.signals import Terminated
+
+        return Terminated(message) if self.terminated else KeyboardInterrupt(message)
 
     def handler(self, signum: int, frame: Any) -> None:
+        self.terminated = self.terminated or signum == signal.SIGTERM
         if not self.requested:
             self.requested = True
         elif self.critical:
             self.abort_pending = True
         else:
-            raise KeyboardInterrupt
+            raise self.interrupt()
 
     @contextlib.contextmanager
     def critical_section(self) -> Iterator[None]:
@@ -80,7 +87,7 @@ class Signals:
             self.critical -= 1
         if self.abort_pending and not self.critical:
             self.abort_pending = False
-            raise KeyboardInterrupt
+            raise self.interrupt()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -89,11 +96,12 @@ class Signals:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self.handler)
+        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @dataclasses.dataclass
@@ -124,6 +132,7 @@ class RunState:
     resume_from: Path | None = None
     resumed: dict[str, Any] = dataclasses.field(default_factory=dict)
     run_fingerprint: Any = None     # `_checkpoint.Fingerprint`: what makes this run this run (run.json)
+    lock: Any = None                # `llmtune.core.lock.OutputLock` of ``out`` (main process)
     allow_changes: tuple[str, ...] = ()
     checkpoint_events: list[Any] = dataclasses.field(default_factory=list)   # `_checkpoint.CheckpointEvent`s
     step: int = 0
@@ -246,6 +255,7 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
         resume: Any, callbacks: list[Any], overwrite: bool = False, allow_changes: tuple[str, ...] = ()
         ) -> TrainResult:
     """One training run of ``trainer`` (a `RecipeTrainer`) with ``options``; see the module doc."""
+    from llmtune.core.atomic import translating_disk_full
     from llmtune.trainers._threads import choose_threads, resumed_threads, thread_scope
 
     threads, why = choose_threads(options.num_threads, cuda=torch.cuda.is_available())
@@ -253,10 +263,11 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
         threads, why = resumed_threads(output_dir, threads, why)
     backend = trainer.make_backend()
     try:
-        with thread_scope(threads):
+        # out of space anywhere in the run (log, config, result): one line naming the output directory
+        with thread_scope(threads), contextlib.ExitStack() as held, translating_disk_full(output_dir):
             state = setup(trainer, options, backend, model, data, eval_data=eval_data, tokenizer=tokenizer,
                           output_dir=output_dir, resume=resume, callbacks=callbacks, threads=(threads, why),
-                          overwrite=overwrite, allow_changes=allow_changes)
+                          overwrite=overwrite, allow_changes=allow_changes, held=held)
             train(state)
             return finish(state)
     finally:
@@ -266,8 +277,11 @@ def run(trainer: Any, options: Any, model: Any, data: Any, *, eval_data: Any, to
 # ====================================================================== setup
 def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data: Any, *, eval_data: Any,
           tokenizer: Any, output_dir: Path, resume: Any, callbacks: list[Any], threads: tuple[int, str],
-          overwrite: bool = False, allow_changes: tuple[str, ...] = ()) -> RunState:
-    """Everything before the first step: processes, model, data, method, optimizer, resumed state."""
+          overwrite: bool = False, allow_changes: tuple[str, ...] = (),
+          held: contextlib.ExitStack | None = None) -> RunState:
+    """Everything before the first step: processes, model, data, method, optimizer, resumed state.
+
+    The output directory's lock (`llmtune.core.lock`, in ``state.lock``) is released when ``held`` closes."""
     from accelerate.utils import set_seed
 
     from llmtune.trainers.methods import get_method
@@ -281,7 +295,7 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
                      out=output_dir, callbacks=CallbackList([JsonlLogger(output_dir / "log.jsonl"), VllmCheck(), *callbacks]),
                      num_threads=threads[0], threads_reason=threads[1], allow_changes=tuple(allow_changes))
     # the output directory first: a refused directory costs no model load
-    _claim(state, trainer, model, data, resume, overwrite)
+    _claim(state, trainer, model, data, resume, overwrite, held)
     set_seed(options.seed)
     base, state.tokenizer = backend.load(model, tokenizer, ctx)
     _setup_data(state, data, eval_data)
@@ -301,21 +315,24 @@ def setup(trainer: Any, options: Any, backend: TrainerBackend, model: Any, data:
 
 
 def model_identity(model: Any) -> str:
-    """What names the base model in the run fingerprint: a local directory by its config and weight-file sizes
-    (a moved project still resumes, a changed model does not), a hub id as is, a config by its content, a
-    module by its size."""
+    """What names the base model in the run fingerprint: a local directory by its config and the *contents* of
+    its weight files (a moved project still resumes, a changed model does not; each file is hashed once, then
+    cached by size and mtime: `llmtune.core.filecache`), a local file (GGUF) by its contents, a hub id as is, a
+    config by its content, a module by its size."""
     import hashlib
     import os
 
+    from llmtune.core.filecache import content_sha256
+
     if isinstance(model, (str, os.PathLike)):
         local = Path(model).expanduser()
-        if local.is_file():  # a GGUF file: its name and size
-            return f"file:{local.name}:{local.stat().st_size}"
+        if local.is_file():  # a GGUF file: its contents
+            return f"file:{local.name}:{content_sha256(local)[:16]}"
         if not (local / "config.json").is_file():
             return str(model)
         h = hashlib.sha256((local / "config.json").read_bytes())
         for f in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            h.update(f"{f.name}:{content_sha256(f)}".encode())
         return f"local:{h.hexdigest()[:16]}"
     if isinstance(model, nn.Module):
         return f"{type(model).__name__}({sum(p.numel() for p in model.parameters())} parameters)"
@@ -324,24 +341,33 @@ def model_identity(model: Any) -> str:
     return f"config:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def _claim(state: RunState, trainer: Any, model: Any, data: Any, resume: Any, overwrite: bool) -> None:
-    """Claim ``state.out`` for this run (`_checkpoint.claim_output_dir`) and find the checkpoint to resume."""
+def _claim(state: RunState, trainer: Any, model: Any, data: Any, resume: Any, overwrite: bool,
+           held: contextlib.ExitStack | None) -> None:
+    """Lock ``state.out`` and claim it for this run (`_checkpoint.claim_output_dir`); find the checkpoint to resume."""
+    from llmtune.core.lock import lock_output_dir
+
     config = {k: v for k, v in state.options.to_dict().items() if k not in NOT_RUN_IDENTITY}
     from llmtune.data.sources import as_spec
 
     spec = as_spec(data, getattr(state.options, "seed", 0))
     if spec is not None:  # the sources, their weights and the seed that mixes them, recorded in run.json
         config["data_sources"] = spec.to_dict()
+    identity = broadcast_from_main(state, model_identity(model) if state.is_main_process else None)
     state.run_fingerprint = ckpt.Fingerprint(
-        config={"trainer": f"{trainer.name}/{trainer.backend}", "model": model_identity(model), **config},
+        config={"trainer": f"{trainer.name}/{trainer.backend}", "model": identity, **config},
         data=state.objective.data_digest(data))
     outcome: dict[str, Any] = {"events": []}
     error: BaseException | None = None
     if state.is_main_process:
         try:
+            state.lock = lock_output_dir(state.out)  # before anything is written: one run per directory
+            if held is not None:
+                held.callback(state.lock.release)
             claimed = ckpt.claim_output_dir(state.out, state.run_fingerprint, overwrite=overwrite,
                                             resume=resume not in (False, None), allow_changes=state.allow_changes)
-            outcome["events"] = [e.to_dict() for e in claimed.events]
+            taken = [ckpt.CheckpointEvent("lock_taken_over", str(state.lock.path), f"a stale lock of "
+                                          f"{state.lock.taken_over}")] if state.lock.taken_over else []
+            outcome["events"] = [e.to_dict() for e in taken + claimed.events]
         except Exception as exc:  # every process must learn it, or the others wait at the next barrier forever
             error = exc
             outcome = {"error": type(exc).__name__, "message": str(exc)}
@@ -645,7 +671,8 @@ def _interrupted(state: RunState) -> None:
         ckpt.set_rng_state(state.rng)  # a partial step may have drawn from the RNGs
     path = save_checkpoint(state)
     state.callbacks.on_interrupt(state, path)
-    raise KeyboardInterrupt(f"interrupted after step {state.step}; checkpoint {path}") from None
+    what = "terminated (SIGTERM)" if state.signals.terminated else "interrupted"
+    raise state.signals.interrupt(f"{what} after step {state.step}; checkpoint {path}") from None
 
 
 # ====================================================================== evaluation
@@ -762,6 +789,20 @@ def _load_train_state(state: RunState, directory: Path) -> None:
     state.scheduler.load_state_dict(ckpt.load_state(directory, "scheduler"))
 
 
+@contextlib.contextmanager
+def _writing(final: Path) -> Iterator[None]:
+    """Writing ``final``'s temporary directory: a failure removes it (freeing the space); out of space is a
+    `DiskFullError` naming ``final``."""
+    from llmtune.core.atomic import translating_disk_full
+
+    try:
+        with translating_disk_full(final):
+            yield
+    except BaseException:
+        ckpt.abort(final)
+        raise
+
+
 def save_checkpoint(state: RunState) -> Path:
     """Write checkpoint ``state.step`` atomically (every process adds its RNG state)."""
     acc = state.acc
@@ -770,16 +811,18 @@ def save_checkpoint(state: RunState) -> Path:
         ckpt.begin(final)
     acc.wait_for_everyone()
     tmp = ckpt.tmp_dir_for(final)
-    ckpt.save_rng(tmp, acc.process_index)
-    model_sd, optimizer_sd = _gathered(state, optimizer=True)
-    if acc.is_main_process:
-        model = acc.unwrap_model(state.wrapped).model
-        state.backend.save(_savable(state, model, model_sd), None, tmp / state.ctx.method.output_name, state.ctx)
-        _write_train_state(state, tmp, optimizer_sd)
+    with _writing(final):
+        ckpt.save_rng(tmp, acc.process_index)
+        model_sd, optimizer_sd = _gathered(state, optimizer=True)
+        if acc.is_main_process:
+            model = acc.unwrap_model(state.wrapped).model
+            state.backend.save(_savable(state, model, model_sd), None, tmp / state.ctx.method.output_name, state.ctx)
+            _write_train_state(state, tmp, optimizer_sd)
     acc.wait_for_everyone()
     if acc.is_main_process:
         info = {**state.run_info, "step": state.step, "history": state.history, "eval": state.evals}
-        ckpt.commit(final, jsonable(info))
+        with _writing(final):
+            ckpt.commit(final, jsonable(info))
     acc.wait_for_everyone()
     state.callbacks.on_checkpoint(state, final)
     return final
@@ -790,8 +833,9 @@ def _save_final(state: RunState, model: nn.Module, final: Path) -> None:
     model_sd, _ = _gathered(state, optimizer=False)
     if state.is_main_process:
         tmp = ckpt.begin(final)
-        state.backend.save(_savable(state, model, model_sd), state.tokenizer, tmp, state.ctx)
-        ckpt.commit(final)
+        with _writing(final):
+            state.backend.save(_savable(state, model, model_sd), state.tokenizer, tmp, state.ctx)
+            ckpt.commit(final)
     state.acc.wait_for_everyone()
 
 
