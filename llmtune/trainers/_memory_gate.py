@@ -119,6 +119,9 @@ CONFIG_KEYS: dict[str, str] = {
     "output_dir": "irrelevant: a path", "resume": "irrelevant: the same run", "trainer": "mapped: its options",
     "quantizer": "mapped: its options", "loggers": "irrelevant: CPU-side logging",
     "eval_tasks": "not modelled: task scoring (no-grad forwards of batch_size sequences) is reported in notes",
+    "val_size": "irrelevant: which records are held out, not how long a batch is (the held-out set is evaluated "
+                "like eval_data)",
+    "dedup": "irrelevant: which records train, not how long a batch is",
 }
 
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def made(tok: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny Llama (a few pretraining steps) and its GGUF file (f16, ChatML template) in a folder of its own."""
     from llmtune.export.chat import jinja_template
+    from llmtune.export.tensors import ModelTensors
     from llmtune.export.to_gguf import write_gguf
     from llmtune.models.tiny import build_tiny_model, pretrain
 
@@ -44,7 +45,8 @@ def made(tok: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("gguf")
     (root / "m").mkdir()
     path = root / "m" / "tiny.gguf"
-    write_gguf(model, tok, path, dtype="f16", chat_template=jinja_template("chatml", tok))
+    write_gguf(ModelTensors(model, model.config.to_dict()), tok, path, dtype="f16",
+               chat_template=jinja_template("chatml", tok))
     return {"model": model, "path": path, "root": root}
 
 
