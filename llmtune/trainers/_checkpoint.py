@@ -313,8 +313,10 @@ def claim_output_dir(output_dir: Path, fingerprint: Fingerprint, *, overwrite: b
 
 
 #: Settings that shape the trained weights or the optimizer's state: a checkpoint's tensors do not load under
-#: other values, so no resume may change them (``allow_changes`` refuses them).
-FIXED_ON_RESUME = ("trainer", "model", "method", "rank", "targets", "num_virtual_tokens", "init", "bottleneck_size",
+#: other values, so no resume may change them (``allow_changes`` refuses them). ``model`` is not among them: a
+#: base re-saved in another format, or a run.json written before content hashing, resumes with
+#: ``--allow-change model`` (docs/checkpoints.md); the content check refuses it otherwise.
+FIXED_ON_RESUME = ("trainer", "method", "rank", "targets", "num_virtual_tokens", "init", "bottleneck_size",
                    "bottleneck_sites", "bottleneck_placement", "quantizer", "optimizer")
 
 
