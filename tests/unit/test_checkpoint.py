@@ -273,6 +273,8 @@ def test_allow_changes_names_a_changeable_setting(names: list[str], message: str
     assert err.value.field == "allow_changes" and "\n" not in str(err.value)
     assert ckpt.check_allow_changes(["lr", "data", "save_every"], TrainOptions(), free=["save_every"]) == (
         "lr", "data", "save_every")
+    # a base re-saved (or a run.json from before content hashing) may be allowed explicitly
+    assert ckpt.check_allow_changes(["model"], TrainOptions()) == ("model",)
 
 
 def test_prune_keeps_the_newest_and_never_the_current(tmp_path: Path) -> None:
