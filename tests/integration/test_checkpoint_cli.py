@@ -23,14 +23,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
+from projects import make_project  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from llmtune.cli.main import app  # noqa: E402
 from llmtune.core.errors import DamagedFileError, OutputDirError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 1}
 TRAINER = ("trainer:\n  rank: 4\n  alpha: 8\n  lr: {lr}\n  batch_size: 4\n  max_steps: {steps}\n  warmup: 1\n"
            "  dropout: 0.1\n  progress: false\n  save_every: 1\n  keep_checkpoints: {keep}\n")
 
@@ -48,16 +47,7 @@ def write_config(root: Path, name: str = "train.yaml", *, lr: str = "2.0e-2", st
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
     """A project (base model, data, config) with one finished 3-step run, a checkpoint after every step."""
-    from llmtune.data import split_instructions
-    from llmtune.models.tiny import build_tiny_model
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("project")
-    build_tiny_model(tok, seed=0, **SMALL).save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
-    (root / "data").mkdir()
-    train, _ = split_instructions()
-    (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[:16]))
+    root = make_project(tmp_path_factory.mktemp("project"), tok)
     result = CliRunner().invoke(app, ["train", str(write_config(root))])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return root

@@ -24,11 +24,11 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 pytest.importorskip("gguf")
 
+from projects import SMALL, make_project  # noqa: E402
+
 from llmtune.core.manifest import manifest_problems, verify_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 1}
 CONFIG = ("model: base\ndata: data/train.jsonl\noutput_dir: {out}\ntrainer:\n  rank: 4\n  alpha: 8\n  lr: 2.0e-2\n"
           "  batch_size: 4\n  max_steps: 3\n  warmup: 1\n  dropout: 0.1\n  progress: false\n  save_every: 1\n"
           "  template: llama3\n")
@@ -67,16 +67,7 @@ def cli(*args: str, cwd: Path, script: str | None = None, fsize: int | None = No
 def finished(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
     """A project (base model, data) with one finished 3-step run in runs/a (a checkpoint after every step) and
     its GGUF export in exports/a."""
-    from llmtune.data import split_instructions
-    from llmtune.models.tiny import build_tiny_model
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("project")
-    build_tiny_model(tok, seed=0, **SMALL).save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
-    (root / "data").mkdir()
-    train, _ = split_instructions()
-    (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[:16]))
+    root = make_project(tmp_path_factory.mktemp("project"), tok)
     proc = cli("train", write_config(root, "runs/a"), cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = cli("export", "runs/a", "--out", "exports/a", "--quiet", cwd=root)
